@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one-call GPU suite: build fastinpaint._C for sm_90, run the test suite on the
+# GPU (every backend, bfloat16 included), run the benchmarks against eager and
+# torch.compile(eager), and write JSON + markdown results (GPU, driver, versions, date
+# inside) to $RESULTS (default benchmarks/results/, or $OUT when that is set).
+#
+#   bash benchmarks/gpu_suite.sh            # about 5-8 minutes on one H100
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-${OUT:-benchmarks/results}}
+mkdir -p "$RESULTS"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTINPAINT_CUDA=1 PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+tag=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")_$(date -u +%Y%m%d)
+log="$RESULTS/gpu_suite_${tag}.log"
+status=0
+step() { echo; echo "== $* =="; }
+exec > >(tee "$log") 2>&1
+step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+step "build (sm_90)"; t0=$(date +%s)
+$PY setup.py build_ext --inplace >"$RESULTS/build.txt" 2>&1 || { tail -50 "$RESULTS/build.txt"; status=1; }
+echo "build took $(( $(date +%s) - t0 )) s"; rm -f "$RESULTS/build.txt"
+$PY -m fastinpaint.cli backends
+step "tests"
+timeout 240 $PY -m pytest tests -q -p no:cacheprovider --junitxml="$RESULTS/gpu_tests_${tag}.xml" || status=1
+step "benchmarks: bfloat16, channels_last, batch 8"
+timeout 240 $PY -m fastinpaint.cli bench --device cuda --dtype bfloat16 --batch 8 --min-time 0.3 \
+    --json "$RESULTS/gated_conv_bf16_${tag}.json" --markdown "$RESULTS/gated_conv_bf16_${tag}.md" || status=1
+step "benchmarks: float32, channels_last, batch 8"
+timeout 150 $PY -m fastinpaint.cli bench --device cuda --dtype float32 --batch 8 --min-time 0.2 --modes fwd+bwd \
+    --json "$RESULTS/gated_conv_fp32_${tag}.json" --markdown "$RESULTS/gated_conv_fp32_${tag}.md" || status=1
+echo; echo "gpu suite status: $status"
+exit $status

@@ -1,0 +1,58 @@
+"""pytest-benchmark suite: gated convolution on DeepFill v2's generator layers.
+
+    pytest benchmarks/ --benchmark-only                  # cpu float32 batch 1, or cuda bfloat16 batch 8
+    pytest benchmarks/ --benchmark-only --benchmark-group-by=param:case
+
+Every case is timed for the eager reference (the public ports' formulation),
+torch.compile of it, and each fastinpaint backend available on the device, in the
+same run; compare within a group. ``extra_info`` carries bytes saved for backward.
+"""
+
+import pytest
+import torch
+
+from fastinpaint import benchmark as B
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+BATCH = 8 if DEVICE == "cuda" else 1
+IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
+
+_impl_cache: dict = {}
+
+
+def _impls(case):
+    if case not in _impl_cache:
+        _impl_cache[case] = B.gated_conv_implementations(case, DEVICE)
+    return _impl_cache[case]
+
+
+@pytest.mark.parametrize("mode", ["fwd+bwd", "fwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", B.DEEPFILL_CASES, ids=[c.name for c in B.DEEPFILL_CASES])
+def test_gated_conv(benchmark, case, impl, mode):
+    impls = _impls(case)
+    if impl not in impls:
+        pytest.skip(f"{impl} is not available on {DEVICE}")
+    fn = impls[impl]
+    grad = mode == "fwd+bwd"
+    (x,), w, b = B._make_inputs(case, BATCH, DEVICE, DTYPE, True, grad)
+    benchmark.group = f"{case.name} {mode}"
+    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH)
+
+    if grad:
+        gy = torch.randn_like(fn(x, w, b).detach())
+        benchmark.extra_info["saved_MB"] = B.saved_bytes(lambda: fn(x, w, b), exclude=(x, w, b)) / 2**20
+
+        def run():
+            fn(x, w, b).backward(gy)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+    else:
+        def run():
+            with torch.no_grad():
+                fn(x, w, b)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)

@@ -1,0 +1,64 @@
+// Operator schemas of fastinpaint: one TORCH_LIBRARY block, one line per op.
+// Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta)
+// kernels and autograd formulas are registered from Python (fastinpaint/ops/*/op.py).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <atomic>
+#include <string>
+
+#include "common.h"
+
+namespace fastinpaint {
+
+namespace {
+std::atomic<bool> g_debug_poison{false};
+
+void set_debug_poison(bool enabled) { g_debug_poison.store(enabled); }
+
+#ifdef FASTINPAINT_WITH_CUDA
+#define FASTINPAINT_CUDA_FLAG "1"
+#else
+#define FASTINPAINT_CUDA_FLAG "0"
+#endif
+
+// The torch version this library was compiled against. The loader reads this marker
+// from the file's bytes *before* loading it, to refuse a prebuilt binary built
+// against another torch (fastinpaint/_extension.py).
+__attribute__((used)) const char kBuildInfo[] =
+    "fastinpaint-build-info:torch=" TORCH_VERSION ";cuda=" FASTINPAINT_CUDA_FLAG ";";
+
+std::string build_info() { return kBuildInfo; }
+
+bool has_cuda_kernels() {
+#ifdef FASTINPAINT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool debug_poison() { return g_debug_poison.load(std::memory_order_relaxed); }
+
+TORCH_LIBRARY(fastinpaint, m) {
+  // gated convolution's fused gating: y = act(pre[:, :C]) * sigmoid(pre[:, C:])
+  m.def("gated_act_forward(Tensor pre, int activation, float negative_slope) -> Tensor");
+  m.def(
+      "gated_act_backward(Tensor grad_out, Tensor pre, int activation, float negative_slope) "
+      "-> Tensor");
+
+  // housekeeping
+  m.def("_set_debug_poison(bool enabled) -> ()", &set_debug_poison);
+  m.def("_build_info() -> str", &build_info);
+  m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
+}
+
+}  // namespace fastinpaint
+
+// The extension is loaded with torch.ops.load_library; this entry point only lets
+// `import fastinpaint._C` succeed as well.
+static struct PyModuleDef fastinpaint_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                                  nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastinpaint_c_module); }

@@ -1,0 +1,144 @@
+"""Which implementations exist on this machine, and the rule that picks one.
+
+Backends:
+  reference  eager PyTorch, always available: the oracle of the tests
+  triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  cuda       the C++/CUDA extension's CUDA kernels: CUDA tensors
+  cpu        the C++ extension's CPU kernels: CPU tensors
+
+``auto`` (the default) picks per call by the tensor's device, in the order of
+``AUTO_ORDER``, among the backends the op implements and that are available.
+``use_backend(name)`` (a context manager) or ``FASTINPAINT_BACKEND=name`` forces
+one; a forced backend that is unavailable raises ``BackendUnavailableError``
+naming what is missing. There is never a silent fallback.
+
+Under ``torch.compile`` the choice is made once, at trace time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+_forced: list[str] = []  # use_backend() stack
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this op or this machine does not have."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force ``name`` for every fastinpaint op called inside the block ("auto" to undo)."""
+    _forced.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def requested() -> str:
+    """The backend asked for right now: use_backend() > FASTINPAINT_BACKEND > "auto"."""
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("FASTINPAINT_BACKEND", "auto").strip().lower() or "auto"
+    if env not in BACKENDS + ("auto",):
+        raise ValueError(f"FASTINPAINT_BACKEND must be one of {BACKENDS + ('auto',)}, got {env!r}")
+    return env
+
+
+_triton_import_error: list = []
+
+
+def _triton_missing() -> str | None:
+    """Why triton cannot be imported (cached), or None."""
+    if not _triton_import_error:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_import_error.append(f"triton cannot be imported: {exc}")
+        else:
+            _triton_import_error.append(None)
+    return _triton_import_error[0]
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None when ``backend`` can run on ``device_type`` here, else why not."""
+    _check_name(backend)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu":
+            return None if _triton_interpret() else "triton runs CPU tensors only with TRITON_INTERPRET=1"
+        return f"triton does not run on {device_type} tensors"
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {device_type} tensors"
+        if _extension.library() is None:
+            return f"the C++ extension fastinpaint._C is not available: {_extension.error()}"
+        return None
+    # cuda
+    if device_type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device_type} tensors"
+    if _extension.library() is None:
+        return f"the C++ extension fastinpaint._C is not available: {_extension.error()}"
+    if not _extension.has_cuda_kernels():
+        return "fastinpaint._C was built without CUDA kernels (rebuild with a CUDA toolkit, FASTINPAINT_CUDA=1)"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, implemented: tuple, device_type: str, name: str) -> str:
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("reference",)):
+            if candidate in implemented and unavailable_reason(candidate, device_type) is None:
+                return candidate
+        return "reference"
+    if name not in implemented:
+        raise BackendUnavailableError(f"{op} has no {name!r} backend; it has {implemented}")
+    why = unavailable_reason(name, device_type)
+    if why is not None:
+        raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable for {device_type} tensors: {why}")
+    return name
+
+
+def select(op: str, implemented: tuple, device: torch.device) -> str:
+    """The backend that runs ``op`` on tensors of ``device``."""
+    return _resolve(op, tuple(implemented), device.type, requested())
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """What is built and usable here: {backend: {"cpu": "ok" | reason, "cuda": "ok" | reason}}."""
+    devices = ["cpu", "cuda"]
+    report = {}
+    for name in BACKENDS:
+        report[name] = {d: (unavailable_reason(name, d) or "ok") for d in devices}
+        if name in ("cuda", "triton") and not torch.cuda.is_available():
+            if report[name]["cuda"] == "ok":
+                report[name]["cuda"] = "no CUDA device visible to torch"
+    return report

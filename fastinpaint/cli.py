@@ -1,0 +1,105 @@
+"""The ``fastinpaint`` command.
+
+  fastinpaint bench      time the kernels against eager and torch.compile(eager)
+  fastinpaint backends   show which backends are built and usable here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _cmd_backends(args) -> int:
+    from . import backends, _extension
+
+    report = backends()
+    print(json.dumps(report, indent=1) if args.json else "\n".join(
+        f"{name:10s} cpu: {v['cpu']}\n{'':10s} cuda: {v['cuda']}" for name, v in report.items()))
+    how = _extension.library(build=False)
+    print(f"extension: {how or 'not loaded'}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastinpaint bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    batch = args.batch or (8 if device == "cuda" else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = benchmark.DEEPFILL_CASES
+    if args.cases:
+        cases = [c for c in cases if any(s in c.name for s in args.cases)]
+        if not cases:
+            print(f"fastinpaint bench: no case matches {args.cases}", file=sys.stderr)
+            return 2
+    if args.quick:
+        cases = benchmark.quick_cases(cases)
+    env = benchmark.environment(device)
+    print(f"fastinpaint bench: gated convolution, DeepFill v2 generator layers{' (quick: maps 8x smaller)' if args.quick else ''}; "
+          f"{device}, {args.dtype or str(dtype).split('.')[-1]}, batch {batch}, "
+          f"{'channels_last' if args.layout == 'channels_last' else 'NCHW'}, {torch.get_num_threads()} threads",
+          flush=True)
+    ceilings = benchmark.measure_ceilings(device) if device == "cuda" else {}
+    rows = benchmark.bench_gated_conv(
+        cases, device=device, dtype=dtype, batch=batch, channels_last=args.layout == "channels_last",
+        modes=tuple(args.modes), compile_baseline=not args.no_compile, min_time_s=0.1 if args.quick else args.min_time,
+        progress=lambda msg: print(f"  done: {msg}", flush=True))
+    print()
+    print(benchmark.markdown_table(rows, env, ceilings))
+    benchmark.write_results(args.json, args.markdown, rows, env, ceilings)
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"wrote {path}")
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        print(f"ERROR {r['case']} {r['mode']} {r['impl']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastinpaint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="time the kernels against eager and torch.compile(eager)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    b.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
+    b.add_argument("--batch", type=int, help="default: 1 on cpu, 8 on cuda")
+    b.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last")
+    b.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these strings")
+    b.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
+    b.add_argument("--quick", action="store_true", help="maps 8x smaller, short timing: a smoke run")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) baseline")
+    b.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per implementation")
+    b.add_argument("--threads", type=int, help="torch CPU threads")
+    b.add_argument("--json", help="write the results as JSON here")
+    b.add_argument("--markdown", help="write the results as a markdown table here")
+    b.set_defaults(func=_cmd_bench)
+
+    k = sub.add_parser("backends", help="show which backends are built and usable here")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_cmd_backends)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch", None) is not None and args.batch < 1:
+        print("fastinpaint bench: --batch must be >= 1", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Triton kernels of the gated convolution.
+
+Plain launchers (no autograd, no ``torch.library`` registration):
+
+* ``gate_forward(pre, activation, negative_slope)``: ``act(f) * sigmoid(g)`` of a
+  (B, 2C, H, W) pre-activation.
+* ``gate_backward(grad_out, pre, activation, negative_slope)``: gradient with respect
+  to ``pre``, recomputed from ``pre``.
+* ``conv_forward(x, weight, bias, stride, padding, dilation, upsample, activation,
+  negative_slope)``: implicit-GEMM convolution whose epilogue applies the gate, so the
+  2*Cout pre-activation is never written. ``upsample=2`` convolves the nearest-x2
+  upsampled input without materialising it (DeepFill's gated "deconv").
+
+Activation codes follow ``reference.ACTIVATION_CODES``: 0 none, 1 relu,
+2 leaky_relu(negative_slope), 3 elu (alpha 1). All math is done in float32.
+
+Only long-standing ``triton.language`` APIs are used (``tl.dot(...,
+input_precision=...)``, masked ``tl.load``/``tl.store``, ``triton.autotune``).
+Under ``TRITON_INTERPRET=1`` a single small configuration is used instead of
+autotuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._debug import new_output
+
+__all__ = ["gate_forward", "gate_backward", "conv_forward"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device_ctx(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------
+# elementwise helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sigmoid(g):
+    return 1.0 / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _act(f, negative_slope, ACT: tl.constexpr):
+    if ACT == 1:
+        f = tl.where(f > 0.0, f, 0.0)
+    elif ACT == 2:
+        f = tl.where(f > 0.0, f, f * negative_slope)
+    elif ACT == 3:
+        f = tl.where(f > 0.0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
+    return f
+
+
+@triton.jit
+def _act_and_grad(f, negative_slope, ACT: tl.constexpr):
+    """(act(f), act'(f))."""
+    if ACT == 1:
+        pos = f > 0.0
+        a = tl.where(pos, f, 0.0)
+        da = tl.where(pos, 1.0, 0.0)
+    elif ACT == 2:
+        pos = f > 0.0
+        a = tl.where(pos, f, f * negative_slope)
+        da = tl.where(pos, 1.0, negative_slope)
+    elif ACT == 3:
+        pos = f > 0.0
+        e = tl.exp(tl.minimum(f, 0.0))
+        a = tl.where(pos, f, e - 1.0)
+        da = tl.where(pos, 1.0, e)
+    else:
+        a = f
+        da = tl.full(f.shape, 1.0, tl.float32)
+    return a, da
+
+
+# --------------------------------------------------------------------------------------
+# gate kernels: pre viewed as rows x {feature, gate} x inner
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_fwd_kernel(pre_ptr, y_ptr, rows, inner, negative_slope,
+                     ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid = tl.program_id(0)
+    n_ib = tl.cdiv(inner, BLOCK_I)
+    rb = pid // n_ib
+    ib = pid - rb * n_ib
+    r = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (r < rows)[:, None] & (i < inner)[None, :]
+    src = r[:, None] * (2 * inner) + i[None, :]
+    dst = r[:, None] * inner + i[None, :]
+    f = tl.load(pre_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(pre_ptr + src + inner, mask=mask, other=0.0).to(tl.float32)
+    y = _act(f, negative_slope, ACT) * _sigmoid(g)
+    tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(dy_ptr, pre_ptr, dpre_ptr, rows, inner, negative_slope,
+                     ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid = tl.program_id(0)
+    n_ib = tl.cdiv(inner, BLOCK_I)
+    rb = pid // n_ib
+    ib = pid - rb * n_ib
+    r = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = (r < rows)[:, None] & (i < inner)[None, :]
+    src = r[:, None] * (2 * inner) + i[None, :]
+    dst = r[:, None] * inner + i[None, :]
+    f = tl.load(pre_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(pre_ptr + src + inner, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid(g)
+    a, da = _act_and_grad(f, negative_slope, ACT)
+    df = dy * s * da
+    dg = dy * a * (s * (1.0 - s))
+    out_ty = dpre_ptr.dtype.element_ty
+    tl.store(dpre_ptr + src, df.to(out_ty), mask=mask)
+    tl.store(dpre_ptr + src + inner, dg.to(out_ty), mask=mask)
+
+
+def _gate_layout(pre: torch.Tensor):
+    """(pre in the chosen layout, channels_last?, rows, inner)."""
+    if pre.dim() != 4:
+        raise ValueError(f"pre must be 4-D (B, 2C, H, W), got shape {tuple(pre.shape)}")
+    B, C2, H, W = pre.shape
+    if C2 % 2:
+        raise ValueError(f"pre must have an even number of channels, got {C2}")
+    C = C2 // 2
+    channels_last = pre.is_contiguous(memory_format=torch.channels_last) and not pre.is_contiguous()
+    if channels_last:
+        rows, inner = B * H * W, C
+    else:
+        pre = pre.contiguous()
+        rows, inner = B, C * H * W
+    return pre, channels_last, rows, inner
+
+
+def _gate_blocks(inner: int):
+    block_i = min(triton.next_power_of_2(max(inner, 1)), 1024)
+    rows_per = max(1, 2048 // block_i)
+    return rows_per, block_i
+
+
+def _gate_grid(rows: int, inner: int, rows_per: int, block_i: int):
+    return (triton.cdiv(rows, rows_per) * triton.cdiv(inner, block_i),)
+
+
+def gate_forward(pre: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
+    """``act(pre[:, :C]) * sigmoid(pre[:, C:])`` for a (B, 2C, H, W) ``pre``."""
+    pre, channels_last, rows, inner = _gate_layout(pre)
+    B, C2, H, W = pre.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = new_output((B, C2 // 2, H, W), dtype=pre.dtype, device=pre.device, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    rows_per, block_i = _gate_blocks(inner)
+    with _device_ctx(pre):
+        _gate_fwd_kernel[_gate_grid(rows, inner, rows_per, block_i)](
+            pre, y, rows, inner, float(negative_slope),
+            ACT=int(activation), ROWS=rows_per, BLOCK_I=block_i, num_warps=4)
+    return y
+
+
+def gate_backward(grad_out: torch.Tensor, pre: torch.Tensor, activation: int,
+                  negative_slope: float) -> torch.Tensor:
+    """Gradient of ``gate_forward`` with respect to ``pre`` (same memory format as the
+    layout chosen for ``pre``)."""
+    pre, channels_last, rows, inner = _gate_layout(pre)
+    B, C2, H, W = pre.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if tuple(grad_out.shape) != (B, C2 // 2, H, W):
+        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected {(B, C2 // 2, H, W)}")
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    if channels_last and not grad_out.is_contiguous(memory_format=torch.channels_last):
+        grad_out = grad_out.clone(memory_format=torch.channels_last)
+    grad_pre = new_output((B, C2, H, W), dtype=pre.dtype, device=pre.device, memory_format=fmt)
+    if grad_pre.numel() == 0:
+        return grad_pre
+    rows_per, block_i = _gate_blocks(inner)
+    with _device_ctx(pre):
+        _gate_bwd_kernel[_gate_grid(rows, inner, rows_per, block_i)](
+            grad_out, pre, grad_pre, rows, inner, float(negative_slope),
+            ACT=int(activation), ROWS=rows_per, BLOCK_I=block_i, num_warps=4)
+    return grad_pre
+
+
+# --------------------------------------------------------------------------------------
+# implicit-GEMM gated convolution
+# --------------------------------------------------------------------------------------
+#
+# GEMM view: M = B*Ho*Wo output pixels (m = (b*Ho + oh)*Wo + ow), N = Cout,
+# K = KH*KW*Cin ordered (kh, kw) outer, Cin inner. The weight is pre-arranged on the
+# host as wt[2, K, NPAD] (wt[0]: feature filters, wt[1]: gate filters; NPAD = Cout
+# rounded up to 16 for aligned rows). The K loop is flattened into one loop of
+# KH*KW*cdiv(Cin, BLOCK_K) steps so the software pipeliner sees a single loop.
+
+
+@triton.jit
+def _gated_conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    Cin, H, W, Cout, Ho, Wo, M,
+    sxb, sxc, sxh, sxw,
+    syb, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    NPAD, W_GATE_OFF,
+    negative_slope,
+    KH: tl.constexpr, KW: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    # N is small for convolutions: N fastest, so consecutive programs share the A tile.
+    pid_m = pid // num_pid_n
+    pid_n = pid - pid_m * num_pid_n
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+
+    ow = offs_m % Wo
+    t = offs_m // Wo
+    oh = t % Ho
+    b = t // Ho
+    x_base = b.to(tl.int64) * sxb
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    Hu = H * UP
+    Wu = W * UP
+
+    w_f_ptrs = w_ptr + offs_n[None, :]
+    w_g_ptrs = w_ptr + W_GATE_OFF + offs_n[None, :]
+
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    n_cb = tl.cdiv(Cin, BLOCK_K)
+    for kk in range(0, KH * KW * n_cb):
+        r = kk // n_cb
+        cb = kk - r * n_cb
+        ki = r // KW
+        kj = r - ki * KW
+        ih_u = ih0 + ki * dil_h
+        iw_u = iw0 + kj * dil_w
+        pix_ok = m_ok & (ih_u >= 0) & (ih_u < Hu) & (iw_u >= 0) & (iw_u < Wu)
+        ih = tl.where(pix_ok, ih_u, 0)
+        iw = tl.where(pix_ok, iw_u, 0)
+        if UP > 1:
+            ih = ih // UP
+            iw = iw // UP
+        row_off = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        c = cb * BLOCK_K + offs_k
+        c_ok = c < Cin
+        a = tl.load(x_ptr + (row_off[:, None] + (c * sxc)[None, :]),
+                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+        k_row = (r * Cin + c) * NPAD
+        w_mask = c_ok[:, None] & n_ok[None, :]
+        wf = tl.load(w_f_ptrs + k_row[:, None], mask=w_mask, other=0.0)
+        wg = tl.load(w_g_ptrs + k_row[:, None], mask=w_mask, other=0.0)
+        acc_f = tl.dot(a, wf, acc_f, input_precision=PRECISION)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        bf = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
+        bg = tl.load(b_ptr + Cout + offs_n, mask=n_ok, other=0.0)
+        acc_f += bf[None, :]
+        acc_g += bg[None, :]
+    out = _act(acc_f, negative_slope, ACT) * _sigmoid(acc_g)
+
+    y_row = b.to(tl.int64) * syb + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
+    y_ptrs = y_ptr + (y_row[:, None] + (offs_n.to(tl.int64) * syc)[None, :])
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gpu_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in (
+        (128, 64, 64, 8, 3),
+        (128, 64, 32, 4, 4),
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (64, 64, 64, 4, 4),
+        (64, 128, 64, 8, 3),
+        (128, 32, 64, 4, 4),
+        (64, 32, 64, 4, 3),
+    ):
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+_SMEM_LIMIT = 220 * 1024  # H100: 227 KiB per block; keep a margin
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot fit in shared memory or whose N tile dwarfs Cout."""
+    esize = named_args["x_ptr"].element_size()
+    cout = named_args["Cout"]
+    max_bn = max(32, triton.next_power_of_2(cout))
+    kept = []
+    for cfg in configs:
+        kw = cfg.kwargs
+        smem = cfg.num_stages * esize * kw["BLOCK_K"] * (kw["BLOCK_M"] + 2 * kw["BLOCK_N"])
+        if smem <= _SMEM_LIMIT and kw["BLOCK_N"] <= max_bn:
+            kept.append(cfg)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_INTERPRET_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+
+if _INTERPRET:
+    _conv_launch = _gated_conv_fwd_kernel
+else:
+    _conv_launch = triton.autotune(configs=_gpu_configs(), key=["Cin", "Cout", "KH", "KW"],
+                                   prune_configs_by={"early_config_prune": _prune_configs})(
+        _gated_conv_fwd_kernel)
+
+
+def _prefers_channels_last(x: torch.Tensor) -> bool:
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    # Any other strided view: channels_last when the channel dimension is the innermost.
+    return x.shape[1] > 1 and x.stride(1) < min(x.stride(2), x.stride(3))
+
+
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return v if len(v) == 2 else (v[0], v[0])
+
+
+def _arrange_weight(weight: torch.Tensor, dtype: torch.dtype):
+    """(2*Cout, Cin, KH, KW) -> contiguous (2, KH*KW*Cin, NPAD) with rows ordered
+    (kh, kw, cin); NPAD = Cout rounded up to a multiple of 16."""
+    C2, Cin, KH, KW = weight.shape
+    Cout = C2 // 2
+    K = KH * KW * Cin
+    npad = (Cout + 15) // 16 * 16
+    w = weight.detach().to(dtype).reshape(2, Cout, Cin, KH, KW).permute(0, 3, 4, 2, 1)
+    w = w.reshape(2, K, Cout)
+    if npad == Cout:
+        return w.contiguous(), npad
+    wt = torch.zeros((2, K, npad), dtype=dtype, device=weight.device)
+    wt[:, :, :Cout] = w
+    return wt, npad
+
+
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation,
+                 upsample: int, activation: int, negative_slope: float) -> torch.Tensor:
+    """Gated convolution ``act(conv(U)[:, :Cout]) * sigmoid(conv(U)[:, Cout:])`` where
+    ``U`` is ``x`` (``upsample=1``) or its nearest-x2 upsampling (``upsample=2``)."""
+    B, Cin, H, W = x.shape
+    C2, wcin, KH, KW = weight.shape
+    Cout = C2 // 2
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    up = int(upsample)
+    if up not in (1, 2):
+        raise ValueError(f"upsample must be 1 or 2, got {upsample}")
+    Ho = (up * H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
+    Wo = (up * W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
+    fmt = torch.channels_last if _prefers_channels_last(x) else torch.contiguous_format
+    y = new_output((B, Cout, max(Ho, 0), max(Wo, 0)), dtype=x.dtype, device=x.device,
+                   memory_format=fmt)
+    M = B * max(Ho, 0) * max(Wo, 0)
+    if M == 0 or Cout == 0:
+        return y
+    if Cin == 0:
+        # Empty reduction: pre = bias (or 0).
+        pre = torch.zeros((B, C2, Ho, Wo), dtype=torch.float32, device=x.device)
+        if bias is not None:
+            pre += bias.float().view(1, C2, 1, 1)
+        y.copy_(gate_forward(pre, activation, negative_slope))
+        return y
+
+    wt, npad = _arrange_weight(weight, x.dtype)
+    K = KH * KW * Cin
+    has_bias = bias is not None
+    b_arg = bias.detach().to(torch.float32).contiguous() if has_bias else wt
+    if x.dtype == torch.float32:
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    else:
+        precision = "ieee"  # ignored by tl.dot for 16-bit inputs
+
+    args = (
+        x, wt, b_arg, y,
+        Cin, H, W, Cout, Ho, Wo, M,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        sh, sw, ph, pw, dh, dw,
+        npad, K * npad,
+        float(negative_slope),
+    )
+    consts = dict(KH=KH, KW=KW, UP=up, ACT=int(activation), HAS_BIAS=has_bias,
+                  PRECISION=precision)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cout, meta["BLOCK_N"]),)
+
+    with _device_ctx(x):
+        if _INTERPRET:
+            _conv_launch[grid](*args, **consts, **_INTERPRET_META, num_warps=4)
+        else:
+            _conv_launch[grid](*args, **consts)
+    return y

@@ -1,0 +1,136 @@
+"""Backend selection, the extension loader, and import without the extension."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastinpaint
+from fastinpaint import BackendUnavailableError, _backend, _extension, use_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_backends_report_lists_every_backend_and_device():
+    report = fastinpaint.backends()
+    assert set(report) == set(fastinpaint.BACKENDS)
+    for name, per_device in report.items():
+        assert set(per_device) == {"cpu", "cuda"}
+        assert all(isinstance(v, str) and v for v in per_device.values())
+    assert report["reference"]["cpu"] == "ok"
+    if not torch.cuda.is_available():
+        assert report["cuda"]["cuda"] != "ok" and report["triton"]["cuda"] != "ok"
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("FASTINPAINT_BACKEND", raising=False)
+    assert _backend.requested() == "auto"
+    with use_backend("reference"):
+        assert _backend.requested() == "reference"
+        with use_backend("triton"):
+            assert _backend.requested() == "triton"
+        assert _backend.requested() == "reference"
+    assert _backend.requested() == "auto"
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("cudnn"):
+            pass
+
+
+def test_environment_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("FASTINPAINT_BACKEND", "reference")
+    assert _backend.select("gated_conv2d", ("reference", "cpu"), torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTINPAINT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTINPAINT_BACKEND"):
+        _backend.requested()
+    monkeypatch.setenv("FASTINPAINT_BACKEND", "cuda")
+    with use_backend("reference"):  # the context manager wins over the environment
+        assert _backend.requested() == "reference"
+
+
+def test_auto_picks_by_device_and_never_falls_back_silently():
+    picked = _backend.select("gated_conv2d", ("reference", "triton", "cuda", "cpu"), torch.device("cpu"))
+    expected = "cpu" if _backend.unavailable_reason("cpu", "cpu") is None else "reference"
+    assert picked == expected
+    # an op that lacks the forced backend says so
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="has no 'cuda' backend"):
+        _backend.select("some_op", ("reference",), torch.device("cpu"))
+    # a forced backend that cannot run here says why
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="unavailable for cpu tensors"):
+        _backend.select("gated_conv2d", ("reference", "cuda"), torch.device("cpu"))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = _backend.unavailable_reason("triton", "cpu")
+    assert why is not None and ("TRITON_INTERPRET" in why or "triton" in why)
+
+
+def test_build_info_marker_is_read_without_loading(tmp_path):
+    fake = tmp_path / "_C.fake.so"
+    fake.write_bytes(b"\x7fELF junk\x00" + _extension._build.BUILD_INFO_MARKER + b"torch=1.2.3;cuda=1;\x00tail")
+    assert _extension.read_build_info(str(fake)) == {"torch": "1.2.3", "cuda": "1"}
+    assert not _extension._torch_version_matches("1.2.3")
+    assert _extension._torch_version_matches(torch.__version__.split("+")[0])
+    (tmp_path / "empty.so").write_bytes(b"no marker here")
+    assert _extension.read_build_info(str(tmp_path / "empty.so")) is None
+
+
+def test_prebuilt_extension_matches_running_torch():
+    path = _extension.prebuilt_path()
+    if path is None:
+        pytest.skip("no prebuilt extension (JIT or none)")
+    info = _extension.read_build_info(path)
+    assert info is not None and _extension._torch_version_matches(info["torch"])
+    assert _extension.library() == "prebuilt"
+    assert torch.ops.fastinpaint._build_info().startswith(_extension._build.BUILD_INFO_MARKER.decode())
+
+
+def test_cuda_kernels_compiled_when_asked():
+    """CI sets FASTINPAINT_CUDA=1 where nvcc exists: then the CUDA kernels must be in the build."""
+    if os.environ.get("FASTINPAINT_CUDA") != "1":
+        pytest.skip("FASTINPAINT_CUDA=1 not set for this run")
+    assert _extension.library() is not None, _extension.error()
+    assert _extension.has_cuda_kernels()
+
+
+def test_import_without_extension_or_triton(tmp_path):
+    """A copy of the package with no compiled module, no sources, no JIT and no triton:
+    import works, the reference runs, and forcing cpu names what is missing."""
+    pkg = tmp_path / "fastinpaint"
+    shutil.copytree(os.path.join(ROOT, "fastinpaint"), pkg,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    script = """
+import sys, warnings
+sys.modules['triton'] = None  # import triton -> ImportError
+import torch, fastinpaint
+from fastinpaint import functional as FI, use_backend, BackendUnavailableError
+x, w = torch.randn(1, 2, 5, 5), torch.randn(4, 2, 3, 3)
+y = FI.gated_conv2d(x, w, padding=1)          # auto -> reference
+assert y.shape == (1, 2, 5, 5)
+rep = fastinpaint.backends()
+assert rep['cpu']['cpu'] != 'ok' and rep['triton']['cpu'] != 'ok', rep
+for name in ('cpu', 'triton'):
+    try:
+        with use_backend(name):
+            FI.gated_conv2d(x, w, padding=1)
+    except BackendUnavailableError as e:
+        print(name, 'unavailable:', e)
+    else:
+        raise SystemExit('forced ' + name + ' did not raise')
+print('OK')
+"""
+    env = dict(os.environ, FASTINPAINT_JIT="0", PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1")
+    env.pop("FASTINPAINT_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+    assert re.search(r"cpu unavailable: .*fastinpaint\._C is not available", proc.stdout), proc.stdout
+    assert re.search(r"triton unavailable: .*triton cannot be imported", proc.stdout), proc.stdout

@@ -1,0 +1,364 @@
+"""Gated convolution: every backend against ``reference``, forward and backward."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastinpaint
+import fastinpaint.functional as FI
+from fastinpaint import BackendUnavailableError, use_backend
+from fastinpaint.ops.gated_conv import reference as ref
+
+from conftest import (assert_close_to_reference, backend_device_params, dtypes_for, gpu, requires_cuda,
+                      skip_unless_available)
+
+BACKENDS = ["cpu", "triton", "cuda", "reference"]
+
+# (B, Cin, Cout, H, W, kernel, stride, padding, dilation, activation, bias, scale_factor)
+CASES = [
+    dict(B=1, cin=5, cout=3, H=7, W=13, k=3, s=1, p=1, d=1, act="elu", bias=True),
+    dict(B=4, cin=5, cout=3, H=7, W=13, k=3, s=2, p=0, d=1, act="leaky_relu", bias=True),
+    dict(B=2, cin=4, cout=6, H=9, W=11, k=(3, 5), s=(1, 2), p=(2, 1), d=(2, 1), act="relu", bias=True),
+    dict(B=1, cin=3, cout=2, H=8, W=10, k=5, s=1, p=2, d=1, act="none", bias=False),
+    dict(B=3, cin=6, cout=5, H=11, W=9, k=3, s=1, p=3, d=3, act="elu", bias=True),
+    dict(B=4, cin=5, cout=3, H=7, W=13, k=1, s=1, p=0, d=1, act="elu", bias=False),
+    dict(B=2, cin=5, cout=3, H=5, W=6, k=3, s=1, p=1, d=1, act="elu", bias=True, up=2),
+    dict(B=1, cin=3, cout=4, H=4, W=7, k=3, s=2, p=1, d=2, act="leaky_relu", bias=True, up=2),
+]
+CASE_IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+def make_inputs(case, device, dtype, layout, requires_grad=True):
+    k = case["k"] if isinstance(case["k"], tuple) else (case["k"], case["k"])
+    shape = (case["B"], case["cin"], case["H"], case["W"])
+    if layout == "noncontig":
+        # a strided view: every other column of a wider tensor, permuted storage
+        x = torch.randn(shape[0], shape[2], 2 * shape[3], shape[1], device=device, dtype=dtype)
+        x = x.permute(0, 3, 1, 2)[..., ::2]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(2 * case["cout"], case["cin"], *k, device=device, dtype=dtype)
+         / math.sqrt(case["cin"] * k[0] * k[1]))
+    b = torch.randn(2 * case["cout"], device=device, dtype=dtype) if case["bias"] else None
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def call(case, x, w, b):
+    kwargs = dict(stride=case["s"], padding=case["p"], dilation=case["d"], activation=case["act"])
+    if case.get("up", 1) != 1:
+        return FI.gated_deconv2d(x, w, b, scale_factor=case["up"], **kwargs)
+    return FI.gated_conv2d(x, w, b, **kwargs)
+
+
+def reference_call(case, x, w, b):
+    with use_backend("reference"):
+        return call(case, x, w, b)
+
+
+def leaves(x, w, b):
+    return [t for t in (x, w, b) if t is not None]
+
+
+def to_fp64_cpu(tensors):
+    return [t.detach().double().cpu().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_forward_backward_matches_reference(backend, device, layout, case):
+    skip_unless_available(backend, device)
+    for dtype in dtypes_for(device):
+        x, w, b = make_inputs(case, device, dtype, layout)
+        with use_backend(backend):
+            y = call(case, x, w, b)
+        y_ref = reference_call(case, x, w, b)
+        x64, w64, b64 = to_fp64_cpu([x, w, b]) if b is not None else (*to_fp64_cpu([x, w]), None)
+        y64 = reference_call(case, x64, w64, b64)
+        assert_close_to_reference(y, y_ref, y64, f"{backend} forward {dtype}")
+
+        gy = torch.randn_like(y_ref)
+        grads = torch.autograd.grad(y, leaves(x, w, b), gy)
+        grads_ref = torch.autograd.grad(y_ref, leaves(x, w, b), gy)
+        grads64 = torch.autograd.grad(y64, leaves(x64, w64, b64), gy.double().cpu())
+        for name, g, g_ref, g64 in zip(["x", "weight", "bias"], grads, grads_ref, grads64):
+            assert_close_to_reference(g, g_ref, g64, f"{backend} grad {name} {dtype}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_inference_matches_reference(backend, device, layout, case):
+    """no_grad: the Triton backend takes its implicit-GEMM path here."""
+    skip_unless_available(backend, device)
+    for dtype in dtypes_for(device):
+        x, w, b = make_inputs(case, device, dtype, layout, requires_grad=False)
+        with torch.no_grad(), use_backend(backend):
+            y = call(case, x, w, b)
+        y_ref = reference_call(case, x, w, b)
+        x64, w64 = x.double().cpu(), w.double().cpu()
+        y64 = reference_call(case, x64, w64, None if b is None else b.double().cpu())
+        assert_close_to_reference(y, y_ref, y64, f"{backend} no-grad forward {dtype}")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("grad", [True, False])
+def test_output_keeps_memory_format(backend, device, grad):
+    skip_unless_available(backend, device)
+    case = CASES[0]
+    for layout, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        x, w, b = make_inputs(case, device, torch.float32, layout, requires_grad=grad)
+        with use_backend(backend), torch.set_grad_enabled(grad):
+            y = call(case, x, w, b)
+            y_up = call(dict(case, up=2), x, w, b)
+        assert y.is_contiguous(memory_format=fmt), (layout, y.stride())
+        assert y_up.is_contiguous(memory_format=fmt), (layout, y_up.stride())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("activation", ["elu", "leaky_relu", "relu", "none"])
+def test_gradcheck_float64(backend, activation):
+    skip_unless_available(backend, "cpu")
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        with use_backend(backend):
+            return FI.gated_conv2d(x, w, b, stride=1, padding=1, dilation=1, activation=activation)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (xcl, w, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["elu", "leaky_relu", "relu", "none"])
+def test_extreme_values_saturate_cleanly(activation):
+    """Large pre-activations: sigmoid saturates to 0/1 and elu to -1, with no NaN or inf."""
+    values = torch.tensor([-1e4, -100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 1e4])
+    pairs = torch.cartesian_prod(values, values)  # every (feature, gate) combination
+    pre = pairs.T.reshape(1, 2, 9, 9).contiguous()
+    expected = ref.gate(pre.double(), activation)
+    for backend in BACKENDS:
+        if unavailable(backend):
+            continue
+        with use_backend(backend):
+            out = _gate_through_op(pre, activation)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6, msg=backend)
+
+
+def _gate_through_op(pre, activation):
+    """Run the public op so that its convolution returns exactly ``pre`` (a 1x1 identity conv)."""
+    c2 = pre.shape[1]
+    w = torch.eye(c2).reshape(c2, c2, 1, 1)
+    return FI.gated_conv2d(pre, w, None, activation=activation)
+
+
+def unavailable(backend, device="cpu"):
+    from fastinpaint._backend import unavailable_reason
+
+    return unavailable_reason(backend, device) is not None
+
+
+# ----------------------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_module_matches_functional_and_keeps_format(backend):
+    skip_unless_available(backend, "cpu")
+    m = fastinpaint.nn.GatedConv2d(5, 3, 3, dilation=2)
+    assert m.padding == (2, 2) and m.weight.shape == (6, 5, 3, 3) and m.bias.shape == (6,)
+    x = torch.randn(2, 5, 9, 10).contiguous(memory_format=torch.channels_last)
+    with use_backend(backend):
+        y = m(x)
+    assert y.shape == (2, 3, 9, 10) and y.is_contiguous(memory_format=torch.channels_last)
+    y_ref = ref.gated_conv2d(x, m.weight, m.bias, 1, 2, 2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    up = fastinpaint.nn.GatedDeconv2d(5, 4)
+    with use_backend(backend):
+        assert up(x).shape == (2, 4, 18, 20)
+
+
+def test_module_loads_single_conv_port_layout():
+    """The common PyTorch ports keep one nn.Conv2d with 2*Cout outputs under ``conv``."""
+
+    class PortGatedConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 2 * 7, 3, padding=1)
+
+    port = PortGatedConv()
+    ours = fastinpaint.nn.GatedConv2d(4, 7, 3)
+    ours.load_state_dict(port.state_dict())
+    torch.testing.assert_close(ours.weight, port.conv.weight)
+    torch.testing.assert_close(ours.bias, port.conv.bias)
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1, 4, 6, 6)
+    pre = port.conv(x)
+    expected = F.elu(pre[:, :7]) * torch.sigmoid(pre[:, 7:])
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_module_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="activation"):
+        fastinpaint.nn.GatedConv2d(3, 4, 3, activation="gelu")
+    with pytest.raises(ValueError, match="out_channels"):
+        fastinpaint.nn.GatedConv2d(3, 0, 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        fastinpaint.nn.GatedConv2d(3, 4, 0)
+    with pytest.raises(ValueError, match="scale_factor"):
+        fastinpaint.nn.GatedDeconv2d(3, 4, scale_factor=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _args(**over):
+    args = dict(x=torch.randn(2, 5, 7, 13), weight=torch.randn(6, 5, 3, 3), bias=torch.randn(6), stride=1,
+                padding=1, dilation=1, activation="elu")
+    args.update(over)
+    return args
+
+
+BAD_INPUTS = [
+    (dict(x=torch.randn(5, 7, 13)), ValueError, r"x must be 4-D"),
+    (dict(x=torch.randint(0, 5, (2, 5, 7, 13))), TypeError, r"x must be float"),
+    (dict(x=[[1.0]]), TypeError, r"x must be a torch.Tensor"),
+    (dict(weight=torch.randn(5, 5, 3, 3)), ValueError, r"weight must have 2\*out_channels"),
+    (dict(weight=torch.randn(6, 4, 3, 3)), ValueError, r"x has 5 channels but weight expects in_channels=4"),
+    (dict(weight=torch.randn(6, 5, 3)), ValueError, r"weight must be 4-D"),
+    (dict(weight=torch.randn(0, 5, 3, 3), bias=None), ValueError, r"weight must have 2\*out_channels"),
+    (dict(x=torch.randn(2, 0, 7, 13), weight=torch.randn(6, 0, 3, 3)), ValueError, r"positive in_channels"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias must have 6 elements"),
+    (dict(bias=torch.randn(6, 1)), ValueError, r"bias must be 1-D"),
+    (dict(weight=torch.randn(6, 5, 3, 3, dtype=torch.float64)), TypeError, r"weight has dtype"),
+    (dict(stride=0), ValueError, r"stride must be >= 1"),
+    (dict(stride=-1), ValueError, r"stride must be >= 1"),
+    (dict(padding=-1), ValueError, r"padding must be >= 0"),
+    (dict(dilation=0), ValueError, r"dilation must be >= 1"),
+    (dict(stride=(1, 2, 3)), TypeError, r"stride must be an int or a pair"),
+    (dict(stride=1.5), TypeError, r"stride must be an int or a pair"),
+    (dict(activation="gelu"), ValueError, r"activation must be one of"),
+    (dict(x=torch.randn(2, 5, 2, 2), padding=0), ValueError, r"kernel_size 3 with dilation 1 spans 3 pixels"),
+    (dict(dilation=8, padding=0), ValueError, r"spans 17 pixels"),
+    (dict(x=torch.randn(2, 5, 0, 13)), ValueError, r"positive height and width"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("over,exc,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_gives_clear_error(backend, over, exc, match):
+    args = _args(**over)
+    with use_backend(backend), pytest.raises(exc, match=match):
+        FI.gated_conv2d(**args)
+
+
+def test_bad_negative_slope_and_scale_factor():
+    with pytest.raises(ValueError, match="negative_slope"):
+        FI.gated_conv2d(**_args(activation="leaky_relu"), negative_slope=float("nan"))
+    with pytest.raises(ValueError, match="scale_factor"):
+        FI.gated_deconv2d(**_args(), scale_factor=0)
+
+
+@requires_cuda
+@gpu
+def test_mixed_devices_rejected():
+    args = _args(weight=torch.randn(6, 5, 3, 3, device="cuda"))
+    with pytest.raises(ValueError, match="weight is on cuda"):
+        FI.gated_conv2d(**args)
+
+
+def test_forced_backend_for_wrong_device_raises():
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="cuda"):
+        FI.gated_conv2d(**_args())
+
+
+# ----------------------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_matches_conv2d_behaviour(backend):
+    skip_unless_available(backend, "cpu")
+    x, w, b = torch.randn(2, 5, 7, 13), torch.randn(6, 5, 3, 3), torch.randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend):
+        y = FI.gated_conv2d(x, w, b, padding=1)
+    assert y.dtype == torch.bfloat16
+    y_ref = ref.gated_conv2d(x.bfloat16(), w.bfloat16(), b.bfloat16(), 1, 1, 1)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- torch.library / compile
+
+def test_opcheck_cpp_op():
+    skip_unless_available("cpu", "cpu")
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        pre = torch.randn(2, 6, 5, 7).contiguous(memory_format=fmt).requires_grad_()
+        torch.library.opcheck(torch.ops.fastinpaint.gated_act_forward.default, (pre, 3, 0.2))
+        torch.library.opcheck(torch.ops.fastinpaint.gated_act_backward.default,
+                              (torch.randn(2, 3, 5, 7).contiguous(memory_format=fmt), pre.detach(), 2, 0.1))
+
+
+def test_opcheck_triton_ops():
+    skip_unless_available("triton", "cpu")
+    pre = torch.randn(2, 6, 5, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastinpaint.gated_act_forward_triton.default, (pre, 3, 0.2))
+    torch.library.opcheck(torch.ops.fastinpaint.gated_act_backward_triton.default,
+                          (torch.randn(2, 3, 5, 7), pre.detach(), 1, 0.2))
+    x, w, b = torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
+    torch.library.opcheck(torch.ops.fastinpaint.gated_conv2d_triton.default,
+                          (x, w, b, [1, 1], [1, 1], [1, 1], 2, 3, 0.2))
+
+
+class Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = fastinpaint.nn.GatedConv2d(5, 8, 3)
+        self.b = fastinpaint.nn.GatedConv2d(8, 8, 3, dilation=2)
+        self.c = fastinpaint.nn.GatedDeconv2d(8, 4)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("backend,compile_backend", [("cpu", "inductor"), ("triton", "aot_eager"),
+                                                     ("reference", "aot_eager")])
+def test_compile_fullgraph_stack(backend, compile_backend):
+    skip_unless_available(backend, "cpu")
+    torch._dynamo.reset()
+    model = Stack()
+    x = torch.randn(2, 5, 9, 11, requires_grad=True)
+    with use_backend(backend):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+        out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    (gx_c,) = torch.autograd.grad(out, x, g)
+    (gx_e,) = torch.autograd.grad(eager, x, g)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- memory saved for backward
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_saves_less_for_backward_than_eager(backend):
+    """The fused gating keeps only the pre-activation (and the conv's x, weight)."""
+    skip_unless_available(backend, "cpu")
+    from fastinpaint.benchmark import saved_bytes
+
+    x = torch.randn(1, 8, 16, 16, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    with use_backend(backend):
+        ours = saved_bytes(lambda: FI.gated_conv2d(x, w, b, padding=1), exclude=(x, w, b))
+    with use_backend("reference"):
+        eager = saved_bytes(lambda: FI.gated_conv2d(x, w, b, padding=1), exclude=(x, w, b))
+    pre_bytes = 16 * 16 * 16 * 4
+    assert ours == pre_bytes, ours
+    assert eager >= 2 * pre_bytes, eager
