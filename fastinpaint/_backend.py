@@ -138,7 +138,6 @@ def backends() -> dict[str, dict[str, str]]:
     report = {}
     for name in BACKENDS:
         report[name] = {d: (unavailable_reason(name, d) or "ok") for d in devices}
-        if name in ("cuda", "triton") and not torch.cuda.is_available():
-            if report[name]["cuda"] == "ok":
-                report[name]["cuda"] = "no CUDA device visible to torch"
+        if report[name]["cuda"] == "ok" and not torch.cuda.is_available():
+            report[name]["cuda"] = "no CUDA device visible to torch"
     return report

@@ -22,6 +22,7 @@ def test_backends_report_lists_every_backend_and_device():
         assert set(per_device) == {"cpu", "cuda"}
         assert all(isinstance(v, str) and v for v in per_device.values())
     assert report["reference"]["cpu"] == "ok"
+    assert report["reference"]["cuda"] == ("ok" if torch.cuda.is_available() else "no CUDA device visible to torch")
     if not torch.cuda.is_available():
         assert report["cuda"]["cuda"] != "ok" and report["triton"]["cuda"] != "ok"
 
