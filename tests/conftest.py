@@ -9,6 +9,9 @@ import torch
 # This must happen before triton is imported anywhere.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one fixed Triton config per kernel: autotuning every test shape would
+# spend minutes compiling. The benchmarks autotune.
+os.environ.setdefault("FASTINPAINT_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -362,3 +362,27 @@ def test_saves_less_for_backward_than_eager(backend):
     pre_bytes = 16 * 16 * 16 * 4
     assert ours == pre_bytes, ours
     assert eager >= 2 * pre_bytes, eager
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_deterministic_under_deterministic_algorithms(backend, device):
+    skip_unless_available(backend, device)
+    case = CASES[2]
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            torch.manual_seed(1)
+            x, w, b = make_inputs(case, device, torch.float32, "channels_last")
+            with use_backend(backend):
+                y = call(case, x, w, b)
+                grads = torch.autograd.grad(y, [x, w, b], torch.ones_like(y))
+            with torch.no_grad(), use_backend(backend):
+                y_inf = call(case, x, w, b)
+            results.append([y, y_inf, *grads])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)

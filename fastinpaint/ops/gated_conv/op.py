@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _backend, _extension
+from .._layout import is_channels_last, suggest_memory_format
 from . import reference
 from .reference import ACTIVATION_CODES
 
@@ -34,8 +35,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _gate_out_like(pre: torch.Tensor, channels: int) -> torch.Tensor:
     """Empty (B, channels, H, W) in the memory format the gating kernels produce for ``pre``."""
-    cl = pre.is_contiguous(memory_format=torch.channels_last) and not pre.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(pre) else torch.contiguous_format
     return pre.new_empty((pre.shape[0], channels, pre.shape[2], pre.shape[3])).contiguous(memory_format=fmt)
 
 
@@ -129,9 +129,8 @@ def _(x, weight, bias, stride, padding, dilation, upsample, activation, negative
     kh, kw = weight.shape[2], weight.shape[3]
     ho = conv_output_size(x.shape[2] * upsample, kh, stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3] * upsample, kw, stride[1], padding[1], dilation[1])
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    return x.new_empty((x.shape[0], weight.shape[0] // 2, ho, wo)).contiguous(memory_format=fmt)
+    return x.new_empty((x.shape[0], weight.shape[0] // 2, ho, wo)).contiguous(
+        memory_format=suggest_memory_format(x))
 
 
 # ----------------------------------------------------------------------------- argument checks
