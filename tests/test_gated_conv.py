@@ -26,6 +26,7 @@ CASES = [
     dict(B=4, cin=5, cout=3, H=7, W=13, k=1, s=1, p=0, d=1, act="elu", bias=False),
     dict(B=2, cin=5, cout=3, H=5, W=6, k=3, s=1, p=1, d=1, act="elu", bias=True, up=2),
     dict(B=1, cin=3, cout=4, H=4, W=7, k=3, s=2, p=1, d=2, act="leaky_relu", bias=True, up=2),
+    dict(B=3, cin=4, cout=5, H=5, W=3, k=(5, 3), s=1, p=(2, 0), d=1, act="relu", bias=False, up=2),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 
@@ -362,6 +363,45 @@ def test_saves_less_for_backward_than_eager(backend):
     pre_bytes = 16 * 16 * 16 * 4
     assert ours == pre_bytes, ours
     assert eager >= 2 * pre_bytes, eager
+
+
+# ----------------------------------------------------------------------------- upsampling folded into the conv
+
+UPSAMPLE_CONFIGS = [  # (k, padding, dilation, scale)
+    ((3, 3), (1, 1), (1, 1), 2), ((5, 5), (2, 2), (1, 1), 2), ((3, 5), (0, 2), (1, 1), 2), ((4, 2), (1, 0), (1, 1), 2),
+    ((3, 3), (1, 1), (1, 1), 3), ((5, 3), (2, 1), (2, 1), 2), ((1, 1), (0, 0), (1, 1), 2), ((3, 3), (2, 2), (2, 2), 2),
+]
+
+
+@pytest.mark.parametrize("k,padding,dilation,scale", UPSAMPLE_CONFIGS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_upsample_conv_phase_decomposition(k, padding, dilation, scale, layout):
+    """conv(upsample_nearest(x)) computed as one convolution over x, float64, forward and gradients."""
+    from fastinpaint.ops.gated_conv import upsample
+
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(6, 3, *k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    if not upsample.applies(w.shape, (1, 1), padding, dilation, scale, 5, 7):
+        ho = scale * 5 + 2 * padding[0] - dilation[0] * (k[0] - 1)
+        wo = scale * 7 + 2 * padding[1] - dilation[1] * (k[1] - 1)
+        lh = upsample._axis_plan(scale, k[0], padding[0], dilation[0])[2]
+        lw = upsample._axis_plan(scale, k[1], padding[1], dilation[1])[2]
+        assert ho % scale or wo % scale or lh * lw >= k[0] * k[1]  # declined for a reason
+        pytest.skip("the decomposition does not apply (odd output or no saving)")
+    expected = F.conv2d(F.interpolate(x, scale_factor=scale, mode="nearest"), w, b, 1, padding, dilation)
+    out = upsample.upsample_conv2d(x, w, b, padding, dilation, scale)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                             else torch.contiguous_format)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(expected)
+    for got, exp in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(expected, (x, w, b), g)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, w, b: upsample.upsample_conv2d(x, w, b, padding, dilation, scale),
+                                    (x, w, b))
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -4,6 +4,7 @@ and dispatch to a backend.
 Paths per backend:
   reference  eager conv -> split -> act * sigmoid (reference.py)
   cpu, cuda  torch's convolution -> fused gating kernel of fastinpaint._C
+             (the gated deconv's upsampling folded into the convolution: upsample.py)
   triton     with autograd: torch's convolution -> fused Triton gating kernel;
              without (inference, no_grad): one implicit-GEMM Triton kernel with the
              gating in its epilogue, which never writes the 2*Cout pre-activation.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from ... import _backend, _extension
 from .._layout import is_channels_last, suggest_memory_format
-from . import reference
+from . import reference, upsample
 from .reference import ACTIVATION_CODES
 
 OP_NAME = "gated_conv2d"
@@ -230,9 +231,13 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
     if backend == "triton" and not _needs_grad(x, weight, bias) and scale_factor in (1, 2):
         return gated_conv2d_triton(x, weight, bias, list(stride), list(padding), list(dilation), scale_factor,
                                    code, float(negative_slope))
-    if scale_factor != 1:
-        x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
-    pre = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if scale_factor != 1 and upsample.applies(weight.shape, stride, padding, dilation, scale_factor,
+                                              x.shape[2], x.shape[3]):
+        pre = upsample.upsample_conv2d(x, weight, bias, padding, dilation, scale_factor)
+    else:
+        if scale_factor != 1:
+            x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
+        pre = F.conv2d(x, weight, bias, stride, padding, dilation)
     if backend == "triton":
         return gated_act_forward_triton(pre, code, float(negative_slope))
     return torch.ops.fastinpaint.gated_act_forward(pre, code, float(negative_slope))
