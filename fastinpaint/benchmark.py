@@ -147,7 +147,8 @@ class GatedCase:
         return conv_output_size(self.size * self.up, self.k, self.stride, self.padding, self.dilation)
 
     def flops(self, batch: int) -> float:
-        """Multiply-adds x2 of the forward convolution (the gating is negligible)."""
+        """Multiply-adds x2 of the forward convolution as eager computes it (on the upsampled
+    input for the deconv), so TFLOP/s is an effective rate; the gating is negligible."""
         return 2.0 * batch * self.out_size() ** 2 * 2 * self.cout * self.cin * self.k ** 2
 
 
@@ -217,8 +218,11 @@ def gated_conv_implementations(case: GatedCase, device: str, compile_baseline: b
 
 def bench_gated_conv(cases=None, device: str = "cpu", dtype=torch.float32, batch: int = 1, channels_last: bool = True,
                      modes=("fwd+bwd", "fwd"), compile_baseline: bool = True, min_time_s: float = 0.5,
-                     progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Time every implementation of every case; one result row per (case, mode, implementation)."""
+                     progress: Callable[[str, list], None] | None = None) -> list[dict]:
+    """Time every implementation of every case; one result row per (case, mode, implementation).
+
+    ``progress(message, rows_so_far)`` is called after each (case, mode), so a caller can
+    save partial results of a run that may be cut short."""
     cases = DEEPFILL_CASES if cases is None else cases
     rows = []
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
@@ -277,7 +281,7 @@ def bench_gated_conv(cases=None, device: str = "cpu", dtype=torch.float32, batch
                     entry["saved_vs_eager"] = row["saved_MB"] / eager_saved
                 rows.append(entry)
             if progress:
-                progress(case.name + " " + mode)
+                progress(case.name + " " + mode, rows)
     return rows
 
 

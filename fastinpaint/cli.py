@@ -51,10 +51,14 @@ def _cmd_bench(args) -> int:
           f"{'channels_last' if args.layout == 'channels_last' else 'NCHW'}, {torch.get_num_threads()} threads",
           flush=True)
     ceilings = benchmark.measure_ceilings(device) if device == "cuda" else {}
+    def progress(msg, rows_so_far):
+        print(f"  done: {msg}", flush=True)
+        benchmark.write_results(args.json, args.markdown, rows_so_far, env, ceilings)  # partial results survive
+
     rows = benchmark.bench_gated_conv(
         cases, device=device, dtype=dtype, batch=batch, channels_last=args.layout == "channels_last",
         modes=tuple(args.modes), compile_baseline=not args.no_compile, min_time_s=0.1 if args.quick else args.min_time,
-        progress=lambda msg: print(f"  done: {msg}", flush=True))
+        progress=progress)
     print()
     print(benchmark.markdown_table(rows, env, ceilings))
     benchmark.write_results(args.json, args.markdown, rows, env, ceilings)
