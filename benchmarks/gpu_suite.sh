@@ -4,7 +4,7 @@
 # torch.compile(eager), and write JSON + markdown results (GPU, driver, versions, date
 # inside) to $RESULTS (default benchmarks/results/, or $OUT when that is set).
 #
-#   bash benchmarks/gpu_suite.sh            # at most about 10 minutes: every step has a time limit,
+#   bash benchmarks/gpu_suite.sh            # under about 8 minutes: every step has a time limit,
 #                                           # and the benchmarks write their files after each case
 set -uo pipefail
 cd "$(dirname "$0")/.."

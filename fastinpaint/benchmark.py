@@ -96,6 +96,17 @@ def measure_ceilings(device: str, dtype=torch.bfloat16) -> dict:
     return {"copy_GBps": bw / 1e9, f"matmul_{str(dtype).split('.')[-1]}_TFLOPs": flops / 1e12}
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -103,6 +114,7 @@ def environment(device: str) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
     }
     try:
         import triton
@@ -320,3 +332,24 @@ def write_results(path_json: str | None, path_md: str | None, rows, env, ceiling
     if path_md:
         with open(path_md, "w") as fh:
             fh.write(markdown_table(rows, env, ceilings))
+
+
+def summary_table(rows: list[dict], impl: str) -> str:
+    """One line per case for ``impl``: its speed-ups over both baselines per mode, and the
+    memory it saves for backward as a fraction of eager's (the README's table)."""
+    cases: dict[str, dict] = {}
+    for r in rows:
+        if r["impl"] == impl and "ms" in r:
+            cases.setdefault(r["case"], {})[r["mode"]] = r
+    lines = ["| layer | fwd+bwd ms | x eager | x compile(eager) | fwd (no grad) ms | x eager | x compile(eager) "
+             "| saved for backward / eager's |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if r and key in r else "-"
+
+    for name, modes in cases.items():
+        t, f = modes.get("fwd+bwd"), modes.get("fwd")
+        lines.append(f"| {name} | {cell(t, 'ms', '.2f')} | {cell(t, 'x_vs_eager', '.2f')} | "
+                     f"{cell(t, 'x_vs_compile(eager)', '.2f')} | {cell(f, 'ms', '.2f')} | {cell(f, 'x_vs_eager', '.2f')} | "
+                     f"{cell(f, 'x_vs_compile(eager)', '.2f')} | {cell(t, 'saved_vs_eager', '.2f')} |")
+    return "\n".join(lines) + "\n"
