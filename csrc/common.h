@@ -68,4 +68,39 @@ inline void check_pre(const at::Tensor& pre, const char* name) {
               " must be a floating tensor, got ", pre.scalar_type());
 }
 
+// Checks every device runs before its gated_act_forward kernel.
+inline void check_gate_forward(const at::Tensor& pre, int64_t activation, c10::DeviceType device) {
+  check_pre(pre, "pre");
+  const auto st = pre.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fastinpaint: pre must be float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK(pre.device().type() == device, "fastinpaint: pre must be a ", c10::DeviceTypeName(device),
+              " tensor, got ", pre.device());
+  check_activation(activation);
+}
+
+// ... and before its gated_act_backward kernel.
+inline void check_gate_backward(const at::Tensor& grad_out, const at::Tensor& pre, int64_t activation,
+                                c10::DeviceType device) {
+  check_gate_forward(pre, activation, device);
+  TORCH_CHECK(grad_out.dim() == 4, "fastinpaint: grad_out must be 4-D (B, C, H, W), got ",
+              grad_out.dim(), "-D");
+  TORCH_CHECK(grad_out.device() == pre.device(),
+              "fastinpaint: grad_out must be on the same device as pre, got ", grad_out.device(),
+              " and ", pre.device());
+  TORCH_CHECK(grad_out.scalar_type() == pre.scalar_type(),
+              "fastinpaint: grad_out must have the dtype of pre, got ", grad_out.scalar_type(),
+              " and ", pre.scalar_type());
+  const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
+  TORCH_CHECK(grad_out.size(0) == B && grad_out.size(1) == C && grad_out.size(2) == H &&
+                  grad_out.size(3) == W,
+              "fastinpaint: grad_out must have shape (B, C, H, W) = (", B, ", ", C, ", ", H, ", ",
+              W, ") for pre of shape ", pre.sizes(), ", got ", grad_out.sizes());
+}
+
+// pre in the layout the kernels read (channels_last as is, anything else made NCHW-contiguous).
+inline at::Tensor gate_input(const at::Tensor& pre, const GateLayout& layout) {
+  return layout.format == at::MemoryFormat::ChannelsLast ? pre : pre.contiguous();
+}
+
 }  // namespace fastinpaint

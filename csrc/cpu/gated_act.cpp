@@ -527,13 +527,6 @@ void run_rows(std::initializer_list<RowOperand> outputs,
       kGrain);
 }
 
-void check_dtype(const at::Tensor& t, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "fastinpaint: ", name,
-              " must be float32, float64, float16 or bfloat16 on CPU, got ", st);
-}
-
 template <typename Fn>
 void dispatch_dtype(at::ScalarType st, Fn&& fn) {
   switch (st) {
@@ -547,15 +540,10 @@ void dispatch_dtype(at::ScalarType st, Fn&& fn) {
 
 at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
                                  double negative_slope) {
-  check_pre(pre, "pre");
-  check_dtype(pre, "pre");
-  TORCH_CHECK(pre.device().is_cpu(), "fastinpaint: pre must be a CPU tensor, got ",
-              pre.device());
-  check_activation(activation);
+  check_gate_forward(pre, activation, c10::DeviceType::CPU);
 
   const GateLayout layout = gate_layout(pre);
-  const at::Tensor p =
-      layout.format == at::MemoryFormat::ChannelsLast ? pre : pre.contiguous();
+  const at::Tensor p = gate_input(pre, layout);
   const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
   at::Tensor out = new_output({B, C, H, W}, p.options(), layout.format);
   if (out.numel() == 0) {
@@ -576,28 +564,11 @@ at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
 
 at::Tensor gated_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
                                   int64_t activation, double negative_slope) {
-  check_pre(pre, "pre");
-  check_dtype(pre, "pre");
-  TORCH_CHECK(grad_out.dim() == 4, "fastinpaint: grad_out must be 4-D (B, C, H, W), got ",
-              grad_out.dim(), "-D");
-  TORCH_CHECK(pre.device().is_cpu(), "fastinpaint: pre must be a CPU tensor, got ",
-              pre.device());
-  TORCH_CHECK(grad_out.device() == pre.device(),
-              "fastinpaint: grad_out must be on the same device as pre, got ",
-              grad_out.device(), " and ", pre.device());
-  TORCH_CHECK(grad_out.scalar_type() == pre.scalar_type(),
-              "fastinpaint: grad_out must have the dtype of pre, got ", grad_out.scalar_type(),
-              " and ", pre.scalar_type());
+  check_gate_backward(grad_out, pre, activation, c10::DeviceType::CPU);
   const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
-  TORCH_CHECK(grad_out.size(0) == B && grad_out.size(1) == C && grad_out.size(2) == H &&
-                  grad_out.size(3) == W,
-              "fastinpaint: grad_out must have shape (B, C, H, W) = (", B, ", ", C, ", ", H,
-              ", ", W, ") for pre of shape ", pre.sizes(), ", got ", grad_out.sizes());
-  check_activation(activation);
 
   const GateLayout layout = gate_layout(pre);
-  const at::Tensor p =
-      layout.format == at::MemoryFormat::ChannelsLast ? pre : pre.contiguous();
+  const at::Tensor p = gate_input(pre, layout);
   const at::Tensor dy = grad_out.contiguous(layout.format);
   at::Tensor dpre = new_output({B, 2 * C, H, W}, p.options(), layout.format);
   if (dpre.numel() == 0) {
