@@ -12,8 +12,8 @@ Environment: ``FASTINPAINT_JIT=0`` disables the JIT fallback.
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import importlib.machinery
 import os
 import re
 import threading
@@ -31,8 +31,12 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def prebuilt_path() -> str | None:
-    paths = sorted(glob.glob(os.path.join(_PKG_DIR, "_C.*.so")) + glob.glob(os.path.join(_PKG_DIR, "_C.*.pyd")))
-    return paths[0] if paths else None
+    """The compiled module for *this* interpreter (its extension suffix), if present."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(_PKG_DIR, "_C" + suffix)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def read_build_info(path: str) -> dict[str, str] | None:

@@ -53,11 +53,18 @@ def dtypes_for(device):
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
+# FASTINPAINT_REQUIRE=cuda,triton (the GPU suite sets it): those backends must be available,
+# so a broken build fails the run instead of turning into skipped tests.
+REQUIRED = {b.strip() for b in os.environ.get("FASTINPAINT_REQUIRE", "").split(",") if b.strip()}
+
+
 def skip_unless_available(backend: str, device: str) -> None:
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
     why = unavailable_reason(backend, device)
     if why is not None:
+        if backend in REQUIRED and (device == "cuda" or backend in ("cpu", "reference")):
+            pytest.fail(f"backend {backend} is required (FASTINPAINT_REQUIRE) but unavailable on {device}: {why}")
         pytest.skip(f"backend {backend} unavailable on {device}: {why}")
 
 
@@ -82,6 +89,19 @@ def _poison_outputs():
     """Every kernel output is NaN until written."""
     with fastinpaint.poison_outputs():
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_tf32():
+    """Exact float32 on GPU: the tolerance table's float32 floor assumes it. (The Triton
+    kernel tests check the TF32 mode on their own.)"""
+    if not HAS_CUDA:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)

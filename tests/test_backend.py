@@ -135,3 +135,38 @@ print('OK')
     assert "OK" in proc.stdout
     assert re.search(r"cpu unavailable: .*fastinpaint\._C is not available", proc.stdout), proc.stdout
     assert re.search(r"triton unavailable: .*triton cannot be imported", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+def test_jit_fallback_builds_and_runs(tmp_path):
+    """No prebuilt module (or one for another torch): the first op that needs the cpu
+    backend JIT-builds csrc/ and runs it."""
+    shutil.copytree(os.path.join(ROOT, "fastinpaint"), tmp_path / "fastinpaint",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    # a stale prebuilt module, built against another torch: refused without being loaded
+    import importlib.machinery
+
+    stale = tmp_path / "fastinpaint" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])
+    stale.write_bytes(b"\x7fELF" + _extension._build.BUILD_INFO_MARKER + b"torch=0.0.1;cuda=0;\x00")
+    script = """
+import warnings, torch, fastinpaint
+from fastinpaint import _extension, functional as FI, use_backend
+assert _extension.library(build=False) is None
+assert 'built against torch 0.0.1' in _extension.error(), _extension.error()
+x, w, b = torch.randn(2, 3, 6, 7), torch.randn(8, 3, 3, 3), torch.randn(8)
+with use_backend('cpu'):
+    y = FI.gated_conv2d(x, w, b, padding=1)
+assert _extension.library() == 'jit'
+with use_backend('reference'):
+    y_ref = FI.gated_conv2d(x, w, b, padding=1)
+torch.testing.assert_close(y, y_ref)
+print('OK')
+"""
+    env = dict(os.environ, FASTINPAINT_JIT="1", FASTINPAINT_CUDA="0", PYTHONPATH=str(tmp_path),
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), MAX_JOBS="2")
+    env.pop("FASTINPAINT_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "OK" in proc.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -167,7 +168,7 @@ def _conv_reference(x, w, b, stride, padding, dilation, up, act):
 
 def _run_conv_case(case, layout, dtype, rtol=None, atol=None):
     B, Cin, Cout, H, W, kh, kw, stride, padding, dilation, up, act, has_bias = case
-    torch.manual_seed(hash(_case_id(case)) % 1000)
+    torch.manual_seed(zlib.crc32(_case_id(case).encode()) % 1000)
     x32 = torch.randn(B, Cin, H, W, device=DEVICE)
     w32 = torch.randn(2 * Cout, Cin, kh, kw, device=DEVICE) / (Cin * kh * kw) ** 0.5
     b32 = torch.randn(2 * Cout, device=DEVICE) * 0.5 if has_bias else None

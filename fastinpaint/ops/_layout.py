@@ -18,3 +18,11 @@ def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.shape[1] > 1 and t.stride(1) < min(t.stride(2), t.stride(3)):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def conv_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The format torch's convolution gives its output: channels_last when the input or
+    the weight is channels_last."""
+    if suggest_memory_format(x) == torch.channels_last or is_channels_last(weight):
+        return torch.channels_last
+    return torch.contiguous_format

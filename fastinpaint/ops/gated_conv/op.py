@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import _backend, _extension
-from .._layout import is_channels_last, suggest_memory_format
+from .._layout import conv_output_format, is_channels_last
 from . import reference, upsample
 from .reference import ACTIVATION_CODES
 
@@ -64,6 +64,8 @@ def _register_cpp_ops() -> None:
 
     def backward(ctx, grad_out):
         (pre,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
+            return reference.gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
         grad_pre = torch.ops.fastinpaint.gated_act_backward(grad_out, pre, ctx.activation, ctx.negative_slope)
         return grad_pre, None, None
 
@@ -108,6 +110,8 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_out):
     (pre,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
+        return reference.gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
     return gated_act_backward_triton(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
 
 
@@ -131,7 +135,7 @@ def _(x, weight, bias, stride, padding, dilation, upsample, activation, negative
     ho = conv_output_size(x.shape[2] * upsample, kh, stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3] * upsample, kw, stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], weight.shape[0] // 2, ho, wo)).contiguous(
-        memory_format=suggest_memory_format(x))
+        memory_format=conv_output_format(x, weight))
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -204,13 +208,17 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
 # ----------------------------------------------------------------------------- dispatch
 
 def _autocast(x, weight, bias):
-    """Cast like autocast would for conv2d; the fused kernels then see one dtype."""
+    """Cast like autocast does for conv2d (every floating tensor but float64); the fused
+    kernels then see one dtype."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return x, weight, bias
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def _needs_grad(*tensors) -> bool:

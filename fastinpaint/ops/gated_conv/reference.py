@@ -32,6 +32,28 @@ def gate(pre: torch.Tensor, activation: str = "elu", negative_slope: float = 0.2
     return activate(f, activation, negative_slope) * torch.sigmoid(g)
 
 
+def gate_backward(grad_out: torch.Tensor, pre: torch.Tensor, activation, negative_slope: float = 0.2):
+    """Gradient of :func:`gate` with respect to ``pre``, written with differentiable torch ops
+    (the fused kernels use it when a second derivative is asked for). ``activation`` is a
+    name or a code of ``ACTIVATION_CODES``."""
+    if not isinstance(activation, str):
+        activation = {v: k for k, v in ACTIVATION_CODES.items()}[int(activation)]
+    f, g = pre.chunk(2, dim=1)
+    s = torch.sigmoid(g)
+    if activation == "elu":
+        a = F.elu(f)
+        da = torch.where(f > 0, torch.ones_like(f), a + 1)
+    elif activation in ("leaky_relu", "relu"):
+        slope = negative_slope if activation == "leaky_relu" else 0.0
+        a = F.leaky_relu(f, slope)
+        da = torch.where(f > 0, torch.ones_like(f), torch.full_like(f, slope))
+    elif activation == "none":
+        a, da = f, torch.ones_like(f)
+    else:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    return torch.cat([grad_out * s * da, grad_out * a * s * (1 - s)], dim=1)
+
+
 def gated_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation="elu",
                  negative_slope=0.2):
     pre = F.conv2d(x, weight, bias, stride, padding, dilation)

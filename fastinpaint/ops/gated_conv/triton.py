@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
-from .._layout import is_channels_last, suggest_memory_format
+from .._layout import conv_output_format, is_channels_last
 
 __all__ = ["gate_forward", "gate_backward", "conv_forward"]
 
@@ -101,7 +101,7 @@ def _gate_fwd_kernel(pre_ptr, y_ptr, rows, inner, negative_slope,
     r = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (r < rows)[:, None] & (i < inner)[None, :]
-    src = r[:, None] * (2 * inner) + i[None, :]
+    src = r[:, None] * 2 * inner + i[None, :]  # r is int64: no int32 product
     dst = r[:, None] * inner + i[None, :]
     f = tl.load(pre_ptr + src, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(pre_ptr + src + inner, mask=mask, other=0.0).to(tl.float32)
@@ -119,7 +119,7 @@ def _gate_bwd_kernel(dy_ptr, pre_ptr, dpre_ptr, rows, inner, negative_slope,
     r = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (r < rows)[:, None] & (i < inner)[None, :]
-    src = r[:, None] * (2 * inner) + i[None, :]
+    src = r[:, None] * 2 * inner + i[None, :]  # r is int64: no int32 product
     dst = r[:, None] * inner + i[None, :]
     f = tl.load(pre_ptr + src, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(pre_ptr + src + inner, mask=mask, other=0.0).to(tl.float32)
@@ -368,7 +368,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, d
         raise ValueError(f"upsample must be 1 or 2, got {upsample}")
     Ho = (up * H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
     Wo = (up * W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
-    fmt = suggest_memory_format(x)
+    fmt = conv_output_format(x, weight)
     y = new_output((B, Cout, max(Ho, 0), max(Wo, 0)), dtype=x.dtype, device=x.device,
                    memory_format=fmt)
     M = B * max(Ho, 0) * max(Wo, 0)

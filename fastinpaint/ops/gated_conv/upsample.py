@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .._layout import suggest_memory_format
+from .._layout import conv_output_format, suggest_memory_format
 
 
 def _axis_plan(s: int, k: int, p: int, d: int):
@@ -96,7 +96,7 @@ class _Interleave(torch.autograd.Function):
 
 def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, padding, dilation, scale: int) -> torch.Tensor:
     """``conv2d(interpolate(x, scale_factor=scale, mode="nearest"), weight, bias, 1, padding, dilation)``
-    when :func:`applies`; the output keeps x's memory format."""
+    when :func:`applies`; the output takes the memory format conv2d would give it."""
     B, cin, H, W = x.shape
     c2, _, kh, kw = weight.shape
     s = scale
@@ -114,4 +114,4 @@ def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, padding, dilati
     phase_weight = torch.einsum("ocij,aki,blj->abockl", weight, mh, mw).reshape(s * s * c2, cin, lh, lw)
     phase_bias = bias.repeat(s * s) if bias is not None else None
     out = F.conv2d(xp, phase_weight.contiguous(memory_format=suggest_memory_format(weight)), phase_bias)
-    return _Interleave.apply(out, s, h, w, starts_h, starts_w, suggest_memory_format(x))
+    return _Interleave.apply(out, s, h, w, starts_h, starts_w, conv_output_format(x, weight))
