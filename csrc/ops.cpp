@@ -1,7 +1,6 @@
 // Operator schemas of fastinpaint: one TORCH_LIBRARY block, one line per op.
 // Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta)
 // kernels and autograd formulas are registered from Python (fastinpaint/ops/*/op.py).
-#include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -57,8 +56,5 @@ TORCH_LIBRARY(fastinpaint, m) {
 
 }  // namespace fastinpaint
 
-// The extension is loaded with torch.ops.load_library; this entry point only lets
-// `import fastinpaint._C` succeed as well.
-static struct PyModuleDef fastinpaint_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                                  nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastinpaint_c_module); }
+// No Python entry point: the library is loaded with torch.ops.load_library
+// (fastinpaint/_extension.py), so building it needs no Python headers.

@@ -306,7 +306,7 @@ def markdown_table(rows: list[dict], env: dict | None = None, ceilings: dict | N
     if lines:
         lines.append("")
     columns = ["case", "mode", "impl", "dtype", "batch", "ms", "x vs eager", "x vs compile(eager)", "saved MB",
-               "saved / eager's", "peak MB", "TFLOP/s"]
+               "saved / eager's", "peak MB", "TFLOP/s", "of matmul peak"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
     def f(v, fmt):
@@ -315,13 +315,13 @@ def markdown_table(rows: list[dict], env: dict | None = None, ceilings: dict | N
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {r['batch']} | "
-                         f"error: {r['error'][:80]} | | | | | | |")
+                         f"error: {r['error'][:80]} | | | | | | | |")
             continue
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {r['batch']} | {f(r['ms'], '.3f')} | "
             f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
             f"{f(r.get('saved_MB'), '.2f')} | {f(r.get('saved_vs_eager'), '.2f')} | {f(r.get('peak_MB'), '.1f')} | "
-            f"{f(r.get('TFLOPs'), '.2f')} |")
+            f"{f(r.get('TFLOPs'), '.2f')} | {f(r.get('frac_of_matmul_peak'), '.1%')} |")
     return "\n".join(lines) + "\n"
 
 
