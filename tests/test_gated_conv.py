@@ -263,6 +263,12 @@ def test_bad_input_gives_clear_error(backend, over, exc, match):
         FI.gated_conv2d(**args)
 
 
+def test_triton_refuses_float64_clearly():
+    skip_unless_available("triton", "cpu")
+    with use_backend("triton"), pytest.raises(TypeError, match="float64.*triton backend"):
+        FI.gated_conv2d(torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64))
+
+
 def test_bad_negative_slope_and_scale_factor():
     with pytest.raises(ValueError, match="negative_slope"):
         FI.gated_conv2d(**_args(activation="leaky_relu"), negative_slope=float("nan"))

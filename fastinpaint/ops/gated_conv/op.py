@@ -236,6 +236,9 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         return reference.gated_conv2d(x, weight, bias, stride, padding, dilation, activation, negative_slope)
 
     x, weight, bias = _autocast(x, weight, bias)
+    if backend == "triton" and x.dtype == torch.float64:
+        raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
+                        "use the reference or cpu backend for float64")
     if backend == "triton" and not _needs_grad(x, weight, bias) and scale_factor in (1, 2):
         return gated_conv2d_triton(x, weight, bias, list(stride), list(padding), list(dilation), scale_factor,
                                    code, float(negative_slope))
