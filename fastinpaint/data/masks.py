@@ -1,0 +1,482 @@
+"""Hole-mask generators for training and evaluating inpainting networks.
+
+Convention: ``1`` marks a hole (missing pixel), ``0`` a known pixel. Every generator is
+called as ``generator(height, width, rng)`` and returns a ``torch.float32`` tensor of shape
+``(1, height, width)`` whose values are exactly 0 or 1. All randomness comes from ``rng``
+(a :class:`numpy.random.Generator`), so the same generator state always gives the same mask.
+
+* :class:`CenterMask` -- the Context Encoders central square (Pathak et al., 2016).
+* :class:`RandomBlockMask` -- a union of random rectangles with a bounded hole fraction.
+* :class:`RandomRegionMask` -- smooth random blobs (thresholded, upscaled uniform noise).
+* :class:`FreeFormMask` -- DeepFill v2 free-form brush strokes plus a box (Yu et al., 2019).
+* :class:`FileMask` -- masks read from image files.
+
+``make_mask_generator(kind, **options)`` builds one by name from :data:`MASKS`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "FileMask", "MASKS",
+           "make_mask_generator", "MASK_FILE_EXTENSIONS"]
+
+MASK_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- argument checks
+
+def _int_arg(name: str, value, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float_arg(name: str, value, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _range_arg(name: str, value, cast, low=None, high=None) -> tuple:
+    """A ``(lo, hi)`` pair with ``lo <= hi``, both inside ``[low, high]``."""
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+    lo = cast(f"{name}[0]", lo)
+    hi = cast(f"{name}[1]", hi)
+    for i, v in enumerate((lo, hi)):
+        if (low is not None and v < low) or (high is not None and v > high):
+            raise ValueError(f"{name}[{i}] must lie in [{low}, {high}], got {v}")
+    if lo > hi:
+        raise ValueError(f"{name} must satisfy low <= high, got {value!r}")
+    return lo, hi
+
+
+def _check_size(height, width) -> tuple[int, int]:
+    return _int_arg("height", height, 1), _int_arg("width", width, 1)
+
+
+def _check_rng(rng) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    return rng
+
+
+def _to_tensor(mask: np.ndarray) -> torch.Tensor:
+    """A boolean/0-1 (H, W) array -> float32 tensor (1, H, W) of exact zeros and ones."""
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# --------------------------------------------------------------------------- Context Encoders
+
+class CenterMask:
+    """Context Encoders' central hole (Pathak et al., 2016).
+
+    For a ``image x image`` picture the target is the central ``hole x hole`` square
+    (rows/cols 32..96 for 64 in 128); the network is given that square shrunk by the
+    ``overlap`` band on every side (rows/cols 36..92). Other sizes scale each axis
+    proportionally (the hole stays half of the image by default, centred). ``rng`` is
+    accepted for a uniform interface and ignored: the mask is deterministic.
+    """
+
+    name = "center"
+
+    def __init__(self, hole: int = 64, overlap: int = 4, image: int = 128, overlap_weight: float = 10.0):
+        self.image = _int_arg("image", image, 1)
+        self.hole = _int_arg("hole", hole, 1)
+        if self.hole > self.image:
+            raise ValueError(f"hole ({self.hole}) must not be larger than image ({self.image})")
+        self.overlap = _int_arg("overlap", overlap, 0)
+        if 2 * self.overlap >= self.hole:
+            raise ValueError(f"overlap ({self.overlap}) must be less than half of hole ({self.hole})")
+        self.overlap_weight = _float_arg("overlap_weight", overlap_weight, 0.0)
+
+    def __repr__(self) -> str:
+        return (f"CenterMask(hole={self.hole}, overlap={self.overlap}, image={self.image}, "
+                f"overlap_weight={self.overlap_weight})")
+
+    def _bounds(self, size: int, axis: str) -> tuple[int, int, int]:
+        """(start, stop, overlap) of the target square along one axis of ``size`` pixels."""
+        hole = _round_half_up(self.hole * size / self.image)
+        overlap = _round_half_up(self.overlap * size / self.image)
+        if hole < 1 or hole - 2 * overlap < 1:
+            raise ValueError(f"{axis}={size} is too small for a {self.hole}/{self.image} centre hole "
+                             f"with a {self.overlap}-pixel overlap")
+        start = (size - hole) // 2
+        return start, start + hole, overlap
+
+    def _regions(self, height, width):
+        height, width = _check_size(height, width)
+        t0, t1, oh = self._bounds(height, "height")
+        l0, l1, ow = self._bounds(width, "width")
+        target = np.zeros((height, width), dtype=bool)
+        target[t0:t1, l0:l1] = True
+        hole = np.zeros((height, width), dtype=bool)
+        hole[t0 + oh:t1 - oh, l0 + ow:l1 - ow] = True
+        return target, hole
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if rng is not None:
+            _check_rng(rng)
+        return _to_tensor(self._regions(height, width)[1])
+
+    def target_region(self, height: int, width: int) -> torch.Tensor:
+        """The full central square the network has to reconstruct (hole plus overlap band)."""
+        return _to_tensor(self._regions(height, width)[0])
+
+    def loss_weights(self, height: int, width: int) -> torch.Tensor:
+        """Per-pixel weights of the reconstruction loss: ``overlap_weight`` (10) on the overlap
+        band, 1 on the hole given to the network, 0 outside the target square."""
+        target, hole = self._regions(height, width)
+        weights = np.zeros((height, width), dtype=np.float32)
+        weights[target] = self.overlap_weight
+        weights[hole] = 1.0
+        return torch.from_numpy(weights)[None]
+
+
+# --------------------------------------------------------------------------- random rectangles
+
+class RandomBlockMask:
+    """A union of 1..``max_blocks`` random, possibly overlapping rectangles.
+
+    Each side of a rectangle is drawn uniformly between ``min_size`` and ``max_size`` times the
+    image side, at a uniform position. A rectangle that would push the union above
+    ``max_fraction`` of the image is shrunk (both sides by 0.75, same centre) until it fits; the
+    first one always fits (it can shrink down to one pixel), so the mask is never empty and never
+    above ``max_fraction``.
+    """
+
+    name = "block"
+
+    def __init__(self, max_blocks: int = 5, max_fraction: float = 0.25, min_size: float = 0.05,
+                 max_size: float = 0.5):
+        self.max_blocks = _int_arg("max_blocks", max_blocks, 1)
+        self.max_fraction = _float_arg("max_fraction", max_fraction, 0.0, 1.0, low_open=True)
+        self.min_size = _float_arg("min_size", min_size, 0.0, 1.0, low_open=True)
+        self.max_size = _float_arg("max_size", max_size, 0.0, 1.0, low_open=True)
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+
+    def __repr__(self) -> str:
+        return (f"RandomBlockMask(max_blocks={self.max_blocks}, max_fraction={self.max_fraction}, "
+                f"min_size={self.min_size}, max_size={self.max_size})")
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        height, width = _check_size(height, width)
+        _check_rng(rng)
+        budget = int(math.floor(self.max_fraction * height * width + 1e-9))
+        if budget < 1:
+            raise ValueError(f"max_fraction={self.max_fraction} of a {height}x{width} image is less than "
+                             "one pixel")
+        mask = np.zeros((height, width), dtype=bool)
+        covered = 0
+        for _ in range(int(rng.integers(1, self.max_blocks + 1))):
+            bh = rng.uniform(self.min_size, self.max_size) * height
+            bw = rng.uniform(self.min_size, self.max_size) * width
+            bh, bw = max(1, min(height, _round_half_up(bh))), max(1, min(width, _round_half_up(bw)))
+            cy = rng.uniform(0, height)  # the rectangle's centre, kept while it shrinks
+            cx = rng.uniform(0, width)
+            while True:
+                top = min(max(0, int(round(cy - bh / 2))), height - bh)
+                left = min(max(0, int(round(cx - bw / 2))), width - bw)
+                window = mask[top:top + bh, left:left + bw]
+                new = bh * bw - int(np.count_nonzero(window))
+                if covered + new <= budget:
+                    window[...] = True
+                    covered += new
+                    break
+                if bh == 1 and bw == 1:  # cannot shrink further: drop this rectangle
+                    break
+                bh, bw = max(1, int(bh * 0.75)), max(1, int(bw * 0.75))
+        return _to_tensor(mask)
+
+
+# --------------------------------------------------------------------------- smooth random regions
+
+class RandomRegionMask:
+    """Smooth random blobs, after the Context Encoders random-region trainer.
+
+    Uniform noise on a coarse grid (``cells`` cells along the shorter image side, drawn per
+    sample from the inclusive range) is upscaled bicubically, cropped at a random sub-cell
+    offset and thresholded. The threshold is chosen per sample: a hole fraction is drawn
+    uniformly from ``coverage`` and exactly that many of the lowest-valued pixels become the
+    hole, so the fraction always falls inside ``coverage`` (up to one pixel of rounding on
+    images too small to hit the range exactly, which are refused).
+    """
+
+    name = "region"
+
+    def __init__(self, coverage: Sequence[float] = (0.2, 0.3), cells: Sequence[int] = (4, 10)):
+        self.coverage = _range_arg("coverage", coverage, lambda n, v: _float_arg(n, v), 0.0, 1.0)
+        if self.coverage[0] <= 0.0 or self.coverage[1] >= 1.0:
+            raise ValueError(f"coverage must lie strictly between 0 and 1, got {coverage!r}")
+        self.cells = _range_arg("cells", cells, lambda n, v: _int_arg(n, v), 1, None)
+
+    def __repr__(self) -> str:
+        return f"RandomRegionMask(coverage={self.coverage}, cells={self.cells})"
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        height, width = _check_size(height, width)
+        _check_rng(rng)
+        n = height * width
+        lo_count = int(math.ceil(self.coverage[0] * n - 1e-9))
+        hi_count = int(math.floor(self.coverage[1] * n + 1e-9))
+        if lo_count > hi_count or hi_count < 1:
+            raise ValueError(f"coverage={self.coverage} cannot be met on a {height}x{width} image")
+
+        cells = int(rng.integers(self.cells[0], self.cells[1] + 1))
+        cell = min(height, width) / cells  # pixels per noise cell
+        gh, gw = int(math.ceil(height / cell)) + 2, int(math.ceil(width / cell)) + 2
+        noise = torch.from_numpy(rng.random((gh, gw), dtype=np.float32))[None, None]
+        big_h, big_w = max(height, int(round(gh * cell))), max(width, int(round(gw * cell)))
+        smooth = F.interpolate(noise, size=(big_h, big_w), mode="bicubic", align_corners=False)[0, 0].numpy()
+        top = int(rng.integers(0, big_h - height + 1))
+        left = int(rng.integers(0, big_w - width + 1))
+        smooth = smooth[top:top + height, left:left + width]
+
+        count = _round_half_up(rng.uniform(*self.coverage) * n)
+        count = min(max(count, lo_count, 1), hi_count)
+        flat = np.zeros(n, dtype=bool)
+        flat[np.argpartition(smooth.ravel(), count - 1)[:count]] = True
+        return _to_tensor(flat.reshape(height, width))
+
+
+# --------------------------------------------------------------------------- DeepFill v2 free-form
+
+def _draw_capsule(canvas: np.ndarray, p0, p1, radius: float) -> None:
+    """Set every pixel whose centre lies within ``radius`` of the segment p0-p1 (x, y)."""
+    height, width = canvas.shape
+    (x0, y0), (x1, y1) = p0, p1
+    xa = max(0, int(math.floor(min(x0, x1) - radius)))
+    xb = min(width - 1, int(math.ceil(max(x0, x1) + radius)))
+    ya = max(0, int(math.floor(min(y0, y1) - radius)))
+    yb = min(height - 1, int(math.ceil(max(y0, y1) + radius)))
+    if xa > xb or ya > yb:
+        return
+    xs = np.arange(xa, xb + 1, dtype=np.float64)[None, :] - x0
+    ys = np.arange(ya, yb + 1, dtype=np.float64)[:, None] - y0
+    dx, dy = x1 - x0, y1 - y0
+    length2 = dx * dx + dy * dy
+    if length2 > 0:
+        t = np.clip((xs * dx + ys * dy) / length2, 0.0, 1.0)
+        ex, ey = xs - t * dx, ys - t * dy
+    else:
+        ex, ey = xs, ys
+    canvas[ya:yb + 1, xa:xb + 1] |= ex * ex + ey * ey <= radius * radius
+
+
+class FreeFormMask:
+    """DeepFill v2 free-form masks (Yu et al., 2019): brush strokes, optionally plus a box.
+
+    1..``max_strokes`` strokes. A stroke starts uniformly in the image and has
+    ``num_vertices`` in ``[min_vertices, max_vertices)`` steps; with ``a_min = mean_angle -
+    U(0, angle_range)`` and ``a_max = mean_angle + U(0, angle_range)`` each step's angle is
+    ``U(a_min, a_max)``, mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is
+    ``Normal(r, r/2)`` clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are
+    clipped to the image. The polyline is drawn with a brush of integer width in
+    ``[min_width, max_width)`` pixels (not scaled with the image, as in DeepFill) and round
+    joints and ends. Each stroke is flipped left-right and/or top-bottom with probability 1/2
+    (``flip=False`` turns that off, leaving DeepFill's rightward drift). With ``box=True`` the
+    mask is united with a box of half the image height and width at a random position whose
+    four sides are each pulled in by up to 1/16 of the image side.
+    """
+
+    name = "free_form"
+
+    def __init__(self, max_strokes: int = 3, min_vertices: int = 4, max_vertices: int = 12,
+                 min_width: int = 12, max_width: int = 40, angle_range: float = 2 * math.pi / 15,
+                 box: bool = True, mean_angle: float = 2 * math.pi / 5, flip: bool = True):
+        self.max_strokes = _int_arg("max_strokes", max_strokes, 1)
+        self.min_vertices = _int_arg("min_vertices", min_vertices, 1)
+        self.max_vertices = _int_arg("max_vertices", max_vertices, 1)
+        if self.max_vertices <= self.min_vertices:
+            raise ValueError(f"max_vertices ({self.max_vertices}) must be greater than min_vertices "
+                             f"({self.min_vertices}): the count is drawn from [min_vertices, max_vertices)")
+        self.min_width = _int_arg("min_width", min_width, 1)
+        self.max_width = _int_arg("max_width", max_width, 1)
+        if self.max_width < self.min_width:
+            raise ValueError(f"max_width ({self.max_width}) must not be less than min_width ({self.min_width})")
+        self.angle_range = _float_arg("angle_range", angle_range, 0.0, math.pi)
+        self.mean_angle = _float_arg("mean_angle", mean_angle)
+        if not isinstance(box, bool):
+            raise ValueError(f"box must be a bool, got {box!r}")
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip must be a bool, got {flip!r}")
+        self.box, self.flip = box, flip
+
+    def __repr__(self) -> str:
+        return (f"FreeFormMask(max_strokes={self.max_strokes}, min_vertices={self.min_vertices}, "
+                f"max_vertices={self.max_vertices}, min_width={self.min_width}, max_width={self.max_width}, "
+                f"angle_range={self.angle_range}, box={self.box}, mean_angle={self.mean_angle}, "
+                f"flip={self.flip})")
+
+    def _stroke(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        radius = math.sqrt(height * height + width * width) / 8
+        num_vertices = int(rng.integers(self.min_vertices, self.max_vertices))
+        a_min = self.mean_angle - rng.uniform(0, self.angle_range)
+        a_max = self.mean_angle + rng.uniform(0, self.angle_range)
+        angles = rng.uniform(a_min, a_max, size=num_vertices)
+        angles[0::2] = 2 * math.pi - angles[0::2]
+        points = [(rng.uniform(0, width - 1), rng.uniform(0, height - 1))]
+        for angle in angles:
+            step = float(np.clip(rng.normal(radius, radius / 2), 0.0, 2 * radius))
+            x, y = points[-1]
+            points.append((min(max(x + step * math.cos(angle), 0.0), width - 1.0),
+                           min(max(y + step * math.sin(angle), 0.0), height - 1.0)))
+        brush = int(rng.uniform(self.min_width, self.max_width)) if self.max_width > self.min_width \
+            else self.min_width
+        stroke = np.zeros((height, width), dtype=bool)
+        for p0, p1 in zip(points[:-1], points[1:]):
+            _draw_capsule(stroke, p0, p1, brush / 2)  # segment of the brush width, round ends = joints
+        flip_lr, flip_tb = rng.random() < 0.5, rng.random() < 0.5
+        if self.flip and flip_lr:
+            stroke = stroke[:, ::-1]
+        if self.flip and flip_tb:
+            stroke = stroke[::-1, :]
+        return stroke
+
+    def _box(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+        mask = np.zeros((height, width), dtype=bool)
+        bh, bw = height // 2, width // 2
+        top = int(rng.integers(0, height - bh + 1))
+        left = int(rng.integers(0, width - bw + 1))
+        st, sb = rng.integers(0, height // 16 + 1, size=2)
+        sl, sr = rng.integers(0, width // 16 + 1, size=2)
+        mask[top + st:top + bh - sb, left + sl:left + bw - sr] = True
+        return mask
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        height, width = _check_size(height, width)
+        _check_rng(rng)
+        mask = np.zeros((height, width), dtype=bool)
+        for _ in range(int(rng.integers(1, self.max_strokes + 1))):
+            mask |= self._stroke(height, width, rng)
+        if self.box:
+            mask |= self._box(height, width, rng)
+        return _to_tensor(mask)
+
+
+# --------------------------------------------------------------------------- masks from files
+
+def _collect_files(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    try:
+        paths = list(paths)
+    except TypeError:
+        raise ValueError(f"paths must be a path or a list of paths, got {paths!r}") from None
+    if not paths:
+        raise ValueError("paths is empty: give mask image files or folders")
+    files: list[Path] = []
+    for entry in paths:
+        if not isinstance(entry, (str, os.PathLike)):
+            raise ValueError(f"paths must hold file or folder paths, got {entry!r}")
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in MASK_FILE_EXTENSIONS)
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"paths: {str(path)!r} does not exist")
+    if not files:
+        raise ValueError(f"paths: no mask images ({', '.join(MASK_FILE_EXTENSIONS)}) found in "
+                         f"{[str(p) for p in paths]}")
+    return files
+
+
+class FileMask:
+    """Masks read from image files, one picked per call by ``rng``.
+
+    ``paths`` is a file or folder or a list of them; folders are searched recursively for
+    png/jpg/jpeg/bmp/webp files (sorted, so the choice depends only on ``rng``). A file is
+    converted to grayscale, resized to ``(height, width)`` with nearest-neighbour sampling and
+    binarised: values above ``threshold * 255`` are holes, or, with ``invert=True`` (files that
+    draw known pixels white), values at or below it.
+    """
+
+    name = "file"
+
+    def __init__(self, paths: Union[PathLike, Iterable[PathLike]], threshold: float = 0.5, invert: bool = False):
+        self.threshold = _float_arg("threshold", threshold, 0.0, 1.0, high_open=True)
+        if not isinstance(invert, bool):
+            raise ValueError(f"invert must be a bool, got {invert!r}")
+        self.invert = invert
+        self.files = _collect_files(paths)
+
+    def __repr__(self) -> str:
+        return f"FileMask({len(self.files)} files, threshold={self.threshold}, invert={self.invert})"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, height: int, width: int) -> torch.Tensor:
+        """The mask of ``self.files[index]`` at ``(height, width)``."""
+        from PIL import Image
+
+        height, width = _check_size(height, width)
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                gray = image.convert("L")
+                if gray.size != (width, height):
+                    gray = gray.resize((width, height), Image.NEAREST)
+                values = np.asarray(gray)
+        except Exception as exc:  # PIL raises a zoo of errors for broken files
+            raise OSError(f"cannot read mask file {str(path)!r}: {exc}") from exc
+        hole = values > self.threshold * 255
+        if self.invert:
+            hole = ~hole
+        return _to_tensor(hole)
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        height, width = _check_size(height, width)
+        _check_rng(rng)
+        return self.load(int(rng.integers(len(self.files))), height, width)
+
+
+# --------------------------------------------------------------------------- registry
+
+MASKS = {
+    "center": CenterMask,
+    "block": RandomBlockMask,
+    "region": RandomRegionMask,
+    "free_form": FreeFormMask,
+    "file": FileMask,
+}
+
+
+def make_mask_generator(kind: str, **options):
+    """Build the mask generator registered as ``kind`` in :data:`MASKS` with ``options``."""
+    try:
+        cls = MASKS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(sorted(MASKS))}") from None
+    return cls(**options)
