@@ -2,14 +2,14 @@
 # The one-call GPU suite: build fastinpaint._C for sm_90, run the test suite on the
 # GPU (every backend, bfloat16 included), run the benchmarks against eager and
 # torch.compile(eager), and write JSON + markdown results (GPU, driver, versions, date
-# inside) to $RESULTS (default benchmarks/results/, or $OUT when that is set).
+# inside) to $RESULTS (default benchmarks/results/).
 #
 #   bash benchmarks/gpu_suite.sh            # under about 8 minutes: every step has a time limit,
 #                                           # and the benchmarks write their files after each case
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RESULTS=${RESULTS:-${OUT:-benchmarks/results}}
+RESULTS=${RESULTS:-benchmarks/results}
 mkdir -p "$RESULTS"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTINPAINT_CUDA=1 PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -25,7 +25,7 @@ timeout 200 $PY setup.py build_ext --inplace >"$RESULTS/build.txt" 2>&1 || { tai
 echo "build took $(( $(date +%s) - t0 )) s"; rm -f "$RESULTS/build.txt"
 $PY -m fastinpaint.cli backends
 step "tests: the whole suite, every backend on CUDA tensors (bfloat16 included); cuda and triton must be available"
-FASTINPAINT_REQUIRE=cuda,triton timeout 180 $PY -m pytest tests -q -p no:cacheprovider --junitxml="$RESULTS/gpu_tests_${tag}.xml" || status=1
+FASTINPAINT_REQUIRE=cuda,triton timeout 180 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider --junitxml="$RESULTS/gpu_tests_${tag}.xml" || status=1
 step "benchmarks: bfloat16, channels_last, batch 8"
 timeout 180 $PY -m fastinpaint.cli bench --device cuda --dtype bfloat16 --batch 8 --min-time 0.3 \
     --json "$RESULTS/gated_conv_bf16_${tag}.json" --markdown "$RESULTS/gated_conv_bf16_${tag}.md" || status=1
