@@ -2,6 +2,7 @@
 
   fastinpaint bench      time the kernels against eager and torch.compile(eager)
   fastinpaint backends   show which backends are built and usable here
+  fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
 """
 
 from __future__ import annotations
@@ -77,6 +78,28 @@ def _cmd_bench(args) -> int:
     return 1 if any(r["impl"].startswith("fastinpaint") for r in errors) else 0
 
 
+def _cmd_train(args) -> int:
+    from .train.config import ConfigError, load_config
+
+    values = {"model": args.model, "data": args.data, "mask": args.mask, "steps": args.steps, "out": args.out,
+              "resume": True if args.resume else None}
+    try:
+        config = load_config(args.config, overrides=args.set, **values)
+    except (ConfigError, OSError) as e:
+        print(f"fastinpaint train: {e}", file=sys.stderr)
+        return 2
+    from .train.trainer import train
+
+    result = train(config)
+    if "checkpoint" in result:  # rank 0
+        print(f"checkpoint: {result['checkpoint']}")
+        print(f"samples:    {result.get('grid', '(no validation batches)')}")
+        print(f"metrics:    {result['metrics_path']}")
+        print(f"weights:    {result['weights']}")
+        print(f"config:     {result['config']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=_cmd_backends)
+
+    t = sub.add_parser("train", help="train an inpainting network",
+                       description="Train a model. Precedence: defaults < --config file < options < --set.")
+    t.add_argument("--config", help="a TOML or YAML file of TrainConfig keys")
+    t.add_argument("--model", help="model name (default tiny_gated)")
+    t.add_argument("--data", help="'demo' or an image folder")
+    t.add_argument("--mask", help="mask kind: center, block, region, free_form, file")
+    t.add_argument("--steps", type=int, help="optimiser steps")
+    t.add_argument("--out", help="run directory")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set lr=2e-4 --set loss_weights.adv=0.1")
+    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in --out")
+    t.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -1,1 +1,6 @@
-"""Training machinery: checkpoints and, later, the training engine."""
+"""Training machinery: checkpoints, the configuration and the training engine."""
+
+from .config import ConfigError, TrainConfig, load_config
+from .trainer import MaskedDataset, train
+
+__all__ = ["ConfigError", "MaskedDataset", "TrainConfig", "load_config", "train"]

@@ -1,0 +1,127 @@
+"""The default model: a small GatedConv2d encoder-decoder trained with L1 losses, and an
+optional patch discriminator with a hinge loss.
+
+A *recipe* bundles what the trainer needs from a model:
+
+* ``generator`` (nn.Module) and ``discriminator`` (nn.Module or None);
+* ``prepare_input(image, mask)``: the generator's input (DeepFill style: the masked image
+  in [-1, 1], a channel of ones, the mask);
+* ``generator_losses(image, mask, output, discriminator)`` and
+  ``discriminator_losses(image, mask, output, discriminator)``: dicts name -> scalar;
+* ``loss_weights``: the weight of every loss name (the trainer sums ``weight * loss``);
+* ``composite(image, mask, output)``: ``output * mask + image * (1 - mask)``.
+
+Masks are (B, 1, H, W) with 1 = hole. Every loss is a mean over all elements of the batch
+(not normalised by the hole area of the batch), so the loss of a batch is the average of
+the losses of its halves: data-parallel training on two halves equals training on the whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+
+__all__ = ["PatchDiscriminator", "TinyGatedGenerator", "TinyGatedRecipe"]
+
+
+def prepare_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) image in [-1, 1] and (B, 1, H, W) mask (1 = hole) -> (B, 5, H, W):
+    the image with holes zeroed, a ones channel, the mask."""
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]:
+        raise ValueError(f"mask must be (B, 1, H, W) matching the image {tuple(image.shape)}, got {tuple(mask.shape)}")
+    mask = mask.to(image.dtype)
+    return torch.cat([image * (1 - mask), torch.ones_like(mask), mask], dim=1)
+
+
+def composite(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The output inside the hole, the known pixels of ``image`` outside it."""
+    mask = mask.to(output.dtype)
+    return output * mask + image.to(output.dtype) * (1 - mask)
+
+
+class TinyGatedGenerator(nn.Module):
+    """5 -> w (5x5) -> 2w (stride 2) -> 2w (dilation 2) -> up 2w -> w -> 3 (tanh).
+
+    Input sides must be even (one stride-2 stage)."""
+
+    def __init__(self, width: int = 16, in_channels: int = 5):
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        w = width
+        self.body = nn.Sequential(
+            GatedConv2d(in_channels, w, 5),
+            GatedConv2d(w, 2 * w, 3, stride=2),
+            GatedConv2d(2 * w, 2 * w, 3, dilation=2),
+            GatedDeconv2d(2 * w, w, 3),
+            GatedConv2d(w, 3, 3, activation="none"),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"TinyGatedGenerator needs even height and width, got {tuple(x.shape[-2:])}")
+        return torch.tanh(self.body(x))
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN critic on (image, mask): a map of real/fake scores."""
+
+    def __init__(self, width: int = 32, in_channels: int = 4):
+        super().__init__()
+        w = width
+        sn = nn.utils.parametrizations.spectral_norm
+        self.body = nn.Sequential(
+            sn(nn.Conv2d(in_channels, w, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(w, 2 * w, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * w, 1, 3, 1, 1)),
+        )
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([image, mask.to(image.dtype)], dim=1))
+
+
+class TinyGatedRecipe:
+    """The ``tiny_gated`` model. ``loss_weights`` overrides the defaults
+    ``{"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}``; ``adv > 0`` adds the discriminator."""
+
+    name = "tiny_gated"
+    default_weights = {"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}
+
+    def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
+        weights = dict(self.default_weights)
+        for k, v in (loss_weights or {}).items():
+            if k not in weights:
+                raise ValueError(f"tiny_gated has no loss {k!r}; its losses are {sorted(weights)}")
+            v = float(v)
+            if not v >= 0:
+                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
+            weights[k] = v
+        self.loss_weights = weights
+        self.generator = TinyGatedGenerator(width)
+        self.discriminator = PatchDiscriminator(disc_width) if weights["adv"] > 0 else None
+
+    prepare_input = staticmethod(prepare_input)
+    composite = staticmethod(composite)
+
+    def generator_losses(self, image, mask, output, discriminator=None) -> dict[str, torch.Tensor]:
+        output = output.float()
+        image = image.float()
+        mask = mask.float()
+        diff = (output - image).abs()
+        losses = {"l1_hole": (diff * mask).mean(), "l1_valid": (diff * (1 - mask)).mean()}
+        if discriminator is not None and self.loss_weights["adv"] > 0:
+            fake = composite(image, mask, output)
+            losses["adv"] = -discriminator(fake, mask).float().mean()
+        return losses
+
+    def discriminator_losses(self, image, mask, output, discriminator) -> dict[str, torch.Tensor]:
+        """Hinge loss; real and fake go through the discriminator in one batch."""
+        fake = composite(image, mask, output.detach())
+        scores = discriminator(torch.cat([image.to(fake.dtype), fake]), torch.cat([mask, mask])).float()
+        real_s, fake_s = scores.chunk(2)
+        return {"d_real": F.relu(1 - real_s).mean(), "d_fake": F.relu(1 + fake_s).mean()}

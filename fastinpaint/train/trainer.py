@@ -1,0 +1,509 @@
+"""The training loop: ``train(TrainConfig) -> dict``.
+
+Single process by default; under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the
+environment, WORLD_SIZE > 1) it initialises torch.distributed (NCCL on CUDA, gloo on the
+CPU) and wraps the networks in DistributedDataParallel; each rank reads its own share of
+the data (DistributedSampler) and rank 0 alone writes files.
+
+Reproducibility: crops come from ``sample_rng(seed, epoch, index)`` (the datasets) and masks
+from ``sample_rng(seed + 1, epoch, index)`` (:class:`MaskedDataset`); the sampler order is a
+function of (seed, epoch). A checkpoint records the step, the epoch and the number of
+batches drawn in it, the networks, optimisers, grad scaler, EMA and RNG states; a resumed
+run replays the epoch's order, skips the batches already used and continues exactly.
+
+Under DDP every rank reads the checkpoint directory on resume, so it must be on a file
+system all ranks share. Resuming mid-epoch re-reads (and drops) the batches already used
+in that epoch, so it costs up to one epoch of data loading (no compute).
+
+Run directory (``config.out``)::
+
+    config.json          the resolved configuration
+    checkpoints/         ckpt_<step>.pt (the last ``keep``)
+    log.jsonl            one line of scalars per logged step (and per validation)
+    tensorboard/         scalars and image grids, when the tensorboard package is installed
+    metrics.json         the latest validation metrics and their history
+    samples.png          masked input | output | ground truth of the validation batches
+    weights.safetensors  the final generator (weights_ema.safetensors: its EMA)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data import make_dataset, make_loader, make_mask_generator, sample_rng, set_epoch
+from ..models import build_model
+from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
+from .config import TrainConfig
+
+__all__ = ["MaskedDataset", "train"]
+
+
+class MaskedDataset(Dataset):
+    """(image, mask) pairs: the image of ``dataset`` and a mask drawn from
+    ``sample_rng(mask_seed, epoch, index)``, so masks depend on (seed, epoch, index) only.
+    ``fixed_epoch`` pins the epoch (validation)."""
+
+    def __init__(self, dataset, mask_generator, mask_seed: int, fixed_epoch: int | None = None):
+        self.dataset = dataset
+        self.mask_generator = mask_generator
+        self.mask_seed = int(mask_seed)
+        self.fixed_epoch = fixed_epoch
+        self.epoch = 0 if fixed_epoch is None else int(fixed_epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.fixed_epoch is None:
+            self.epoch = int(epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        image = self.dataset[index]
+        mask = self.mask_generator(image.shape[-2], image.shape[-1], sample_rng(self.mask_seed, self.epoch, index))
+        mask = mask.to(torch.float32).reshape(1, image.shape[-2], image.shape[-1])
+        return image, mask
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _unwrap(module):
+    module = getattr(module, "_orig_mod", module)   # torch.compile
+    return getattr(module, "module", module)        # DDP
+
+
+class _Logger:
+    """Rank 0's console, log.jsonl and (when installed) TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        self.total, self.start = total, start
+        self.t0 = time.perf_counter()
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "log.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard missing (ImportError) or broken
+            print(f"fastinpaint train: tensorboard is not installed; scalars go to {run_dir / 'log.jsonl'} only",
+                  flush=True)
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def scalars(self, step: int, values: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, step: int, losses: dict) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text)
+            self.bar.refresh()
+        else:
+            print(f"step {step}/{self.total}  {rate:.2f} steps/s  ETA {eta:.0f}s  {text}", flush=True)
+
+    def image(self, step: int, grid: torch.Tensor) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image("val/masked_output_truth", grid, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+def _grid(image, mask, output) -> torch.Tensor:
+    """(3, B*H, 3*W) in [0, 1]: per row masked input (holes white) | composite output | truth."""
+    image, mask, output = image.float().cpu(), mask.float().cpu(), output.float().cpu().clamp(-1, 1)
+    masked = image * (1 - mask) + mask
+    comp = output * mask + image * (1 - mask)
+    rows = torch.cat([masked, comp, image], dim=3)                # B, 3, H, 3W
+    return ((torch.cat(list(rows), dim=1) + 1) / 2).clamp(0, 1)   # 3, B*H, 3W
+
+
+def _save_png(grid: torch.Tensor, path: Path) -> Path:
+    from PIL import Image
+
+    a = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(a).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+def _val_batches(config: TrainConfig, mask_gen) -> list:
+    """The fixed validation batches: the first ``val_batches`` of the validation split with
+    masks of epoch 0. A folder whose validation split is empty or unreadable falls back to
+    centre crops of every image (with a warning); nothing readable at all: no validation."""
+
+    def load(dataset):
+        ds = MaskedDataset(dataset, mask_gen, config.seed + 1, fixed_epoch=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=config.batch_size, shuffle=False, drop_last=False)
+        batches = []
+        for batch in loader:
+            if len(batches) >= config.val_batches:
+                break
+            batches.append(batch)
+        return batches
+
+    try:
+        return load(make_dataset(config.data, size=config.size, split="val", seed=config.seed))
+    except (ValueError, RuntimeError) as e:   # empty split / no readable file in it
+        if config.data == "demo":
+            raise
+        warnings.warn(f"validation split unusable ({e}); validating on centre crops of every image instead",
+                      RuntimeWarning)
+    try:
+        return load(make_dataset(config.data, size=config.size, split="all", seed=config.seed, crop="center",
+                                 flip=False))
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"no validation images ({e}); the run has no validation metrics or sample grid",
+                      RuntimeWarning)
+        return []
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(config: TrainConfig, on_step=None) -> dict:
+    """Train as ``config`` says; returns the final metrics and the paths written.
+
+    ``on_step(step)`` (optional) is called after every optimiser step (and its checkpoint)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    config.validate()
+    rank, world, local_rank = _dist_env()
+    distributed = world > 1
+    device = _device(config, local_rank)
+    created_group = False
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             rank=rank, world_size=world)
+        created_group = True
+    try:
+        return _train(config, rank, world, device, on_step)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_step) -> dict:
+    distributed = world > 1
+    main = rank == 0
+    run_dir = Path(config.out)
+    ckpt_dir = run_dir / "checkpoints"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
+
+    # -- model and optimisers (every rank builds the same initial weights from the seed)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    recipe = build_model(config.model, loss_weights=config.loss_weights, **config.model_options)
+    generator = recipe.generator.to(device)
+    discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+             if discriminator is not None else None)
+    ema = None
+    if config.ema > 0:
+        ema = copy.deepcopy(generator).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    weights = recipe.loss_weights
+
+    # -- data
+    mask_gen = make_mask_generator(config.mask, **config.mask_options)
+    kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
+    train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
+                             mask_gen, config.seed + 1)
+    loader = make_loader(train_ds, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                         num_workers=config.num_workers, distributed=distributed,
+                         pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"the training set has {len(train_ds)} samples per rank-share, fewer than "
+                         f"batch_size={config.batch_size}: no full batch can be drawn")
+    val_batches = []
+    if main:
+        val_batches = _val_batches(config, mask_gen)
+
+    # -- resume
+    step, epoch, batch_in_epoch = 0, 0, 0
+    history = []
+    if config.resume:
+        found = load_latest(ckpt_dir)   # warns and falls back past unusable checkpoints
+        if found is None:
+            if main:
+                print(f"fastinpaint train: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
+        else:
+            state, path = found
+            old = state.get("config", {})
+            for key in ("model", "data", "seed", "batch_size", "size", "mask", "grad_accum"):
+                if key in old and old[key] != getattr(config, key):
+                    warnings.warn(f"resuming {path} with {key}={getattr(config, key)!r}, the checkpoint was "
+                                  f"written with {old[key]!r}: the run will not continue exactly", RuntimeWarning)
+            generator.load_state_dict(state["generator"])
+            opt_g.load_state_dict(state["opt_g"])
+            if discriminator is not None:
+                if state.get("discriminator") is None:
+                    raise ValueError(f"{path} has no discriminator but the config uses one (loss_weights.adv > 0)")
+                discriminator.load_state_dict(state["discriminator"])
+                opt_d.load_state_dict(state["opt_d"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["generator"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            epoch, batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
+            history = list(state.get("history", []))
+            set_rng_state(state["rng"])
+            if main:
+                print(f"fastinpaint train: resumed from {path} (step {step}, epoch {epoch}, "
+                      f"batch {batch_in_epoch})", flush=True)
+
+    # -- wrappers
+    g_fwd, d_fwd = generator, discriminator
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [device.index] if device.type == "cuda" else None
+        g_fwd = DDP(generator, device_ids=ids)
+        if discriminator is not None:
+            d_fwd = DDP(discriminator, device_ids=ids)
+    if config.compile:
+        g_fwd = torch.compile(g_fwd)
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    # -- the data stream, positioned at (epoch, batch_in_epoch)
+    def epoch_iter(e: int, skip: int):
+        set_epoch(loader, e)
+        it = iter(loader)
+        for _ in range(skip):  # the order depends on (seed, epoch) only: replay and drop
+            next(it)
+        return it
+
+    it = epoch_iter(epoch, batch_in_epoch)
+
+    def next_batch():
+        nonlocal it, epoch, batch_in_epoch
+        while True:
+            try:
+                batch = next(it)
+                batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                epoch, batch_in_epoch = epoch + 1, 0
+                it = epoch_iter(epoch, 0)
+
+    def checkpoint() -> Path | None:
+        if not main:
+            return None
+        state = {
+            "step": step, "data": {"epoch": epoch, "batch": batch_in_epoch},
+            "generator": generator.state_dict(), "opt_g": opt_g.state_dict(),
+            "discriminator": discriminator.state_dict() if discriminator is not None else None,
+            "opt_d": opt_d.state_dict() if opt_d is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": rng_state(), "config": config.to_dict(), "history": history,
+        }
+        return save_checkpoint(ckpt_dir, step, state, keep=config.keep)
+
+    @torch.no_grad()
+    def validate() -> tuple[dict, torch.Tensor | None]:
+        from ..metrics import InpaintingMetrics
+
+        net = ema if ema is not None else generator
+        was_training = net.training
+        net.eval()
+        metrics = InpaintingMetrics(sync_on_compute=False).to(device)
+        grids = []
+        for image, mask in val_batches:
+            image, mask = image.to(device), mask.to(device)
+            with autocast():
+                out = net(recipe.prepare_input(image, mask))
+            out = out.float()
+            metrics.update(out, image, mask)
+            grids.append(_grid(image, mask, out))
+        net.train(was_training)
+        if not grids:
+            return {}, None
+        return metrics.compute(), torch.cat(grids, dim=1)
+
+    logger = _Logger(run_dir, main, config.steps, step)
+    metrics_path, grid_path = run_dir / "metrics.json", run_dir / "samples.png"
+    last_ckpt: Path | None = None
+    last_val: dict = {}
+    last_grid: list = [None]
+    generator.train()
+    if discriminator is not None:
+        discriminator.train()
+
+    def run_validation():
+        nonlocal last_val
+        if not main:
+            return
+        values, grid = validate()
+        last_val = values
+        history.append({"step": step, **values})
+        _write_json(metrics_path, {"step": step, "metrics": values, "history": history})
+        logger.scalars(step, values, kind="val")
+        if grid is not None:
+            last_grid[0] = grid
+            logger.image(step, grid)
+        print(f"fastinpaint train: step {step} validation " +
+              " ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+
+    try:
+        while step < config.steps:
+            batches = [next_batch() for _ in range(config.grad_accum)]
+            logs: dict[str, float] = {}
+
+            # discriminator step
+            if discriminator is not None:
+                opt_d.zero_grad(set_to_none=True)
+                for i, (image, mask) in enumerate(batches):
+                    image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                    sync = (i == len(batches) - 1) or not distributed
+                    ctx = contextlib.nullcontext() if sync else d_fwd.no_sync()
+                    with ctx:
+                        with torch.no_grad(), autocast():
+                            out = g_fwd(recipe.prepare_input(image, mask))
+                        with autocast():
+                            d_losses = recipe.discriminator_losses(image, mask, out, d_fwd)
+                        total = sum(d_losses.values()) / config.grad_accum
+                        scaler.scale(total).backward()
+                    for k, v in d_losses.items():
+                        logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
+                scaler.step(opt_d)
+
+            # generator step
+            opt_g.zero_grad(set_to_none=True)
+            for i, (image, mask) in enumerate(batches):
+                image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                sync = (i == len(batches) - 1) or not distributed
+                ctx = contextlib.nullcontext() if sync else _unwrap_ddp(g_fwd).no_sync()
+                with ctx:
+                    with autocast():
+                        out = g_fwd(recipe.prepare_input(image, mask))
+                        g_losses = recipe.generator_losses(image, mask, out, d_fwd)
+                    total = sum(weights.get(k, 1.0) * v for k, v in g_losses.items())
+                    scaler.scale(total / config.grad_accum).backward()
+                for k, v in g_losses.items():
+                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
+                logs["g_total"] = logs.get("g_total", 0.0) + float(total.detach()) / config.grad_accum
+            scaler.step(opt_g)
+            scaler.update()
+            if discriminator is not None:
+                opt_d.zero_grad(set_to_none=True)   # the generator step's gradients in D are not D's
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), generator.parameters()):
+                        pe.lerp_(p.detach(), 1.0 - config.ema)
+                    for be, b in zip(ema.buffers(), generator.buffers()):
+                        be.copy_(b)
+            step += 1
+
+            if not all(math.isfinite(v) for v in logs.values()) and config.amp != "fp16":
+                raise FloatingPointError(f"step {step}: non-finite loss {logs}")
+            if main and (step % config.log_every == 0 or step == config.steps):
+                logger.scalars(step, {**logs, "epoch": epoch})
+                logger.progress(step, logs)
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                last_ckpt = checkpoint() or last_ckpt
+            if step % config.val_every == 0 and step < config.steps:
+                run_validation()
+            if on_step is not None:
+                on_step(step)
+
+        # -- the end: validation, checkpoint, grid, weights
+        run_validation()
+        if distributed:
+            torch.distributed.barrier()
+        result = {"step": step, "metrics": last_val, "run_dir": str(run_dir),
+                  "config": str(run_dir / "config.json")}
+        if main:
+            last_ckpt = checkpoint()
+            if last_grid[0] is not None:
+                _save_png(last_grid[0], grid_path)
+                result["grid"] = str(grid_path)
+            meta = {"model": config.model, "step": str(step), "config": config.to_json()}
+            weights_path = save_weights(run_dir / "weights.safetensors", generator.state_dict(), meta)
+            result["weights"] = str(weights_path)
+            if ema is not None:
+                result["weights_ema"] = str(save_weights(run_dir / "weights_ema.safetensors", ema.state_dict(), meta))
+            result["checkpoint"] = str(last_ckpt)
+            result["metrics_path"] = str(metrics_path)
+            if not history or history[-1]["step"] != step:
+                _write_json(metrics_path, {"step": step, "metrics": last_val, "history": history})
+        return result
+    finally:
+        logger.close()
+
+
+def _unwrap_ddp(module):
+    """The DDP module inside an optional torch.compile wrapper (for ``no_sync``)."""
+    return getattr(module, "_orig_mod", module)
+
