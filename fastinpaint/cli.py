@@ -3,6 +3,7 @@
   fastinpaint bench      time the kernels against eager and torch.compile(eager)
   fastinpaint backends   show which backends are built and usable here
   fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
+  fastinpaint inpaint    fill user images (any size) with a trained generator
 """
 
 from __future__ import annotations
@@ -100,6 +101,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_inpaint(args) -> int:
+    from .inpaint import inpaint_files
+
+    try:
+        written = inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
+                                ema=args.ema, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastinpaint inpaint: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the results as JSON here")
     b.add_argument("--markdown", help="write the results as a markdown table here")
     b.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)")
+    p.add_argument("--checkpoint", required=True, help="a run folder, its weights.safetensors, or a checkpoint .pt")
+    p.add_argument("--image", required=True, help="an image, or a folder of images")
+    p.add_argument("--mask", required=True, help="a mask (white = hole), or a folder of masks named like the images")
+    p.add_argument("--out", required=True, help="output file, or folder for a folder of images")
+    p.add_argument("--invert-mask", action="store_true", help="the mask files use white = known")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a run")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.set_defaults(func=_cmd_inpaint)
 
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")

@@ -90,6 +90,7 @@ class TinyGatedRecipe:
     ``{"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}``; ``adv > 0`` adds the discriminator."""
 
     name = "tiny_gated"
+    size_multiple = 2  # one stride-2 stage: inputs are padded to even sizes for inference
     default_weights = {"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}
 
     def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
