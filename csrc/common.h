@@ -103,4 +103,33 @@ inline at::Tensor gate_input(const at::Tensor& pre, const GateLayout& layout) {
   return layout.format == at::MemoryFormat::ChannelsLast ? pre : pre.contiguous();
 }
 
+// The operands of a gating kernel after the checks: pre (and grad_out) in the layout the
+// kernels read, and the output allocated in that layout.
+struct GateOperands {
+  GateLayout layout;
+  at::Tensor pre;
+  at::Tensor grad_out;  // backward only
+  at::Tensor out;       // y (forward) or grad_pre (backward)
+};
+
+inline GateOperands gate_forward_operands(const at::Tensor& pre, int64_t activation,
+                                          c10::DeviceType device) {
+  check_gate_forward(pre, activation, device);
+  GateOperands io{gate_layout(pre), {}, {}, {}};
+  io.pre = gate_input(pre, io.layout);
+  io.out = new_output({pre.size(0), pre.size(1) / 2, pre.size(2), pre.size(3)}, io.pre.options(),
+                      io.layout.format);
+  return io;
+}
+
+inline GateOperands gate_backward_operands(const at::Tensor& grad_out, const at::Tensor& pre,
+                                           int64_t activation, c10::DeviceType device) {
+  check_gate_backward(grad_out, pre, activation, device);
+  GateOperands io{gate_layout(pre), {}, {}, {}};
+  io.pre = gate_input(pre, io.layout);
+  io.grad_out = grad_out.contiguous(io.layout.format);
+  io.out = new_output(pre.sizes(), io.pre.options(), io.layout.format);
+  return io;
+}
+
 }  // namespace fastinpaint

@@ -540,15 +540,13 @@ void dispatch_dtype(at::ScalarType st, Fn&& fn) {
 
 at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
                                  double negative_slope) {
-  check_gate_forward(pre, activation, c10::DeviceType::CPU);
-
-  const GateLayout layout = gate_layout(pre);
-  const at::Tensor p = gate_input(pre, layout);
-  const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
-  at::Tensor out = new_output({B, C, H, W}, p.options(), layout.format);
-  if (out.numel() == 0) {
-    return out;
+  GateOperands io = gate_forward_operands(pre, activation, c10::DeviceType::CPU);
+  if (io.out.numel() == 0) {
+    return io.out;
   }
+  const GateLayout& layout = io.layout;
+  const at::Tensor& p = io.pre;
+  at::Tensor& out = io.out;
 
   const int64_t rows = layout.rows, inner = layout.inner;
   dispatch_dtype(p.scalar_type(), [&](auto tag) {
@@ -564,16 +562,14 @@ at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
 
 at::Tensor gated_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
                                   int64_t activation, double negative_slope) {
-  check_gate_backward(grad_out, pre, activation, c10::DeviceType::CPU);
-  const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
-
-  const GateLayout layout = gate_layout(pre);
-  const at::Tensor p = gate_input(pre, layout);
-  const at::Tensor dy = grad_out.contiguous(layout.format);
-  at::Tensor dpre = new_output({B, 2 * C, H, W}, p.options(), layout.format);
-  if (dpre.numel() == 0) {
-    return dpre;
+  GateOperands io = gate_backward_operands(grad_out, pre, activation, c10::DeviceType::CPU);
+  if (io.out.numel() == 0) {
+    return io.out;
   }
+  const GateLayout& layout = io.layout;
+  const at::Tensor& p = io.pre;
+  const at::Tensor& dy = io.grad_out;
+  at::Tensor& dpre = io.out;
 
   const int64_t rows = layout.rows, inner = layout.inner;
   dispatch_dtype(p.scalar_type(), [&](auto tag) {

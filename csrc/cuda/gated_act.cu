@@ -236,16 +236,14 @@ void launch_rows(int64_t rows, int64_t inner, bool vec, const Launch& launch) {
 
 at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
                                   double negative_slope) {
-  check_gate_forward(pre, activation, c10::DeviceType::CUDA);
+  GateOperands io = gate_forward_operands(pre, activation, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(pre.device());
-
-  const GateLayout layout = gate_layout(pre);
-  const at::Tensor p = gate_input(pre, layout);
-  const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
-  at::Tensor out = new_output({B, C, H, W}, p.options(), layout.format);
-  if (out.numel() == 0) {
-    return out;
+  if (io.out.numel() == 0) {
+    return io.out;
   }
+  const GateLayout& layout = io.layout;
+  const at::Tensor& p = io.pre;
+  at::Tensor& out = io.out;
 
   const int64_t rows = layout.rows, inner = layout.inner;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -275,17 +273,15 @@ at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
 
 at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& pre,
                                    int64_t activation, double negative_slope) {
-  check_gate_backward(grad_out, pre, activation, c10::DeviceType::CUDA);
+  GateOperands io = gate_backward_operands(grad_out, pre, activation, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(pre.device());
-  const int64_t B = pre.size(0), C = pre.size(1) / 2, H = pre.size(2), W = pre.size(3);
-
-  const GateLayout layout = gate_layout(pre);
-  const at::Tensor p = gate_input(pre, layout);
-  const at::Tensor dy = grad_out.contiguous(layout.format);
-  at::Tensor dpre = new_output({B, 2 * C, H, W}, p.options(), layout.format);
-  if (dpre.numel() == 0) {
-    return dpre;
+  if (io.out.numel() == 0) {
+    return io.out;
   }
+  const GateLayout& layout = io.layout;
+  const at::Tensor& p = io.pre;
+  const at::Tensor& dy = io.grad_out;
+  at::Tensor& dpre = io.out;
 
   const int64_t rows = layout.rows, inner = layout.inner;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
