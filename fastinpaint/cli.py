@@ -93,12 +93,28 @@ def _cmd_train(args) -> int:
 
     result = train(config)
     if "checkpoint" in result:  # rank 0
+        print(_summary(result))
         print(f"checkpoint: {result['checkpoint']}")
         print(f"samples:    {result.get('grid', '(no validation batches)')}")
         print(f"metrics:    {result['metrics_path']}")
         print(f"weights:    {result['weights']}")
         print(f"config:     {result['config']}")
     return 0
+
+
+def _summary(result: dict) -> str:
+    """The validation metrics of the untrained network, the trained one, and the
+    mean-colour fill, side by side."""
+    final, start, base = result.get("metrics") or {}, result.get("initial_metrics") or {}, \
+        result.get("baseline_mean_fill") or {}
+    if not final:
+        return "validation: none (no validation images)"
+    rows = [("PSNR (dB)", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"), ("L1 in the hole", "l1_hole", "{:.4f}")]
+    lines = [f"validation after {result['step']} steps:   {'start':>8} {'trained':>8} {'mean-colour fill':>17}"]
+    for label, key, fmt in rows:
+        cells = [fmt.format(d[key]) if key in d else "-" for d in (start, final, base)]
+        lines.append(f"  {label:<28}{cells[0]:>8} {cells[1]:>8} {cells[2]:>17}")
+    return "\n".join(lines)
 
 
 def _cmd_inpaint(args) -> int:

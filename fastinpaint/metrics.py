@@ -73,6 +73,7 @@ __all__ = [
     "FID_WEIGHTS_ENV",
     "FID_WEIGHTS_FILENAME",
     "InpaintingMetrics",
+    "mean_fill",
     "LPIPS_WEIGHTS_ENV",
     "MaskedMeanAbsoluteError",
     "MetricUnavailableError",
@@ -110,6 +111,20 @@ def composite(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     if mask.dtype == torch.bool:
         mask = mask.to(output.dtype)
     return output * mask + target * (1 - mask)
+
+
+def mean_fill(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The trivial inpainting baseline: every hole pixel gets the mean colour of the same
+    image's known pixels (per sample and channel); known pixels are kept. An image with no
+    known pixel is filled with 0 (mid-grey in [-1, 1])."""
+    if image.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0] \
+            or mask.shape[2:] != image.shape[2:]:
+        raise ValueError(f"mean_fill: image (B, C, H, W) and mask (B, 1, H, W) of the same size expected, "
+                         f"got {tuple(image.shape)} and {tuple(mask.shape)}")
+    known = 1 - mask.to(image.dtype)
+    count = known.sum(dim=(2, 3), keepdim=True)
+    mean = (image * known).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1)
+    return composite(mean.expand_as(image), image, mask)
 
 
 def _hub_checkpoint(filename: str) -> Path:

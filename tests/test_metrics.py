@@ -450,3 +450,20 @@ def test_compute_reduces_across_ranks(tmp_path):
     for rank in (0, 1):
         for k in full:
             assert results[rank][k] == pytest.approx(full[k], rel=1e-6), (rank, k)
+
+
+def test_mean_fill_baseline():
+    from fastinpaint.metrics import mean_fill
+
+    image = torch.rand(2, 3, 9, 7) * 2 - 1
+    mask = torch.zeros(2, 1, 9, 7)
+    mask[0, :, 2:5, 1:4] = 1
+    mask[1] = 1                                   # no known pixel: filled with 0
+    out = mean_fill(image, mask)
+    known = mask[0, 0] == 0
+    assert torch.equal(out[0][:, known], image[0][:, known])   # known pixels kept exactly
+    expected = image[0][:, known].mean(dim=1)                  # per-channel mean of the known pixels
+    torch.testing.assert_close(out[0][:, ~known], expected[:, None].expand(3, int((~known).sum())))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    with pytest.raises(ValueError, match="mask"):
+        mean_fill(image, mask[:, :, :5])

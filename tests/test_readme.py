@@ -1,7 +1,12 @@
-"""The README's quick start and .ci/run stay in step."""
+"""The README's quick start: exactly two commands, .ci/run runs the second verbatim, and the
+first one's main job (``fastinpaint train`` on the demo data) runs and reports its files."""
 
 import os
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,10 +21,31 @@ def _quick_start_commands():
 def test_quick_start_has_exactly_two_commands():
     commands = _quick_start_commands()
     assert len(commands) == 2, commands
-    assert "fastinpaint bench" in commands[0]
+    assert commands[0].split("&&")[-1].split()[0].endswith("fastinpaint"), commands[0]
+    assert ".[train]" in commands[0]   # the main job's dependencies
     assert "pytest" in commands[1]
 
 
 def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert _quick_start_commands()[1] in ci.splitlines()
+
+
+def test_main_job_runs_with_a_tiny_step_count(tmp_path):
+    """The README's main-job command itself, run with this interpreter and a few steps."""
+    main_job = shlex.split(_quick_start_commands()[0].split("&&")[-1])
+    assert Path(main_job[0]).name == "fastinpaint" and main_job[1] == "train", main_job
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastinpaint.cli", *main_job[1:], "--steps", "3", "--out", str(out),
+           "--set", "size=32", "--set", "val_batches=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for label, name in (("checkpoint", "checkpoints/ckpt_000000003.pt"), ("samples", "samples.png"),
+                        ("metrics", "metrics.json"), ("weights", "weights.safetensors")):
+        line = next((x for x in text.splitlines() if x.startswith(f"{label}:")), None)
+        assert line is not None, f"the main job did not print where its {label} is:\n{text}"
+        path = Path(line.split(":", 1)[1].strip())
+        assert path == out / name and path.is_file() and path.stat().st_size > 0, line
+    assert re.search(r"PSNR \(dB\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", text), text   # start, trained, mean fill

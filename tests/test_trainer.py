@@ -92,15 +92,40 @@ def test_short_run_learns_and_writes_everything(tmp_path):
     with Image.open(result["grid"]) as grid:
         assert grid.size == (3 * 32, 2 * 32)   # masked | output | truth, one val batch of 2
     metrics = json.loads(Path(result["metrics_path"]).read_text())
-    assert metrics["step"] == 24 and [h["step"] for h in metrics["history"]] == [12, 24]
+    # step 0: the untrained network; the mean-colour-fill baseline beside the history
+    assert metrics["step"] == 24 and [h["step"] for h in metrics["history"]] == [0, 12, 24]
+    assert set(metrics["baseline_mean_fill"]) >= {"psnr", "ssim", "l1", "l1_hole"}
+    assert metrics["history"][-1]["l1_hole"] < metrics["history"][0]["l1_hole"]   # it learned
+    assert result["initial_metrics"] == metrics["history"][0]
     assert set(metrics["metrics"]) >= {"psnr", "ssim", "l1", "l1_hole"}
     assert metrics["metrics"] == result["metrics"]
     saved = json.loads((out / "config.json").read_text())
     assert saved["steps"] == 24 and saved["model_options"] == {"width": 4}
+    assert saved["lr"] == 2e-3 and saved["betas"] == list(build_model("tiny_gated").default_betas)
     weights = load_file(result["weights"])
     gen_state = state["generator"]
     assert set(weights) == set(gen_state) and all(torch.equal(weights[k], gen_state[k]) for k in weights)
     assert Path(result["weights_ema"]).is_file()
+
+
+def test_unset_optimiser_settings_come_from_the_model():
+    from fastinpaint.train import resolve_defaults
+
+    class Published:
+        default_lr, default_betas = 2e-4, (0.5, 0.9)
+
+    config = TrainConfig()
+    assert config.lr is None and config.betas is None
+    resolved = resolve_defaults(config, Published())
+    assert resolved.lr == 2e-4 and resolved.betas == (0.5, 0.9) and config.lr is None
+    mine = resolve_defaults(load_config(overrides=["lr=0.01", "betas=0.9,0.99"]), Published())
+    assert mine.lr == 0.01 and mine.betas == (0.9, 0.99)
+    assert resolve_defaults(config, object()).lr == 1e-4   # a recipe without published settings
+    assert load_config(overrides=["lr=0.01", "lr=none"]).lr is None
+    with pytest.raises(ConfigError, match="lr must be"):
+        load_config(overrides=["lr=-1"])
+    with pytest.raises(ConfigError, match="eps must be"):
+        load_config(overrides=["eps=0"])
 
 
 def test_discriminator_grad_accum_bf16_run(tmp_path):
@@ -272,9 +297,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("adv", [0.0, 0.5], ids=["generator", "with-discriminator"])
+def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path, adv):
+    """Two gloo ranks of 2 samples == one process on the 4 samples, for the generator
+    alone and for alternating discriminator / generator steps (hinge GAN).
+
+    With a discriminator, some of its gradients nearly cancel by construction (real and fake
+    differ only in the hole, and the hinge terms have opposite signs), and Adam's first steps
+    are lr * sign(gradient) for any gradient far above eps: summation order alone would flip
+    them. A large eps makes the update linear in the gradient, so the comparison tests the
+    gradient all-reduce rather than the sign of rounding noise."""
     steps, per_rank, seed = 3, 2, 7
-    config = cfg(tmp_path / "ddp", steps=steps, batch_size=per_rank, seed=seed, lr=1e-2, val_every=100)
+    weights = {"adv": adv} if adv else {}
+    lr, eps = (1.0, 1.0) if adv else (1e-2, 1e-8)   # with eps = 1 the step is about lr * gradient
+    config = cfg(tmp_path / "ddp", steps=steps, batch_size=per_rank, seed=seed, lr=lr, val_every=100,
+                 loss_weights=weights, eps=eps)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, json.dumps(config.to_dict())], cwd=ROOT,
@@ -283,12 +320,16 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
     errors = [p.communicate(timeout=240)[1].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     ddp = load_file(tmp_path / "ddp" / "weights.safetensors")
+    ddp_disc = load_checkpoint(list_checkpoints(tmp_path / "ddp" / "checkpoints")[-1])["discriminator"]
 
-    # one process, both ranks' samples in one batch of 4, same model seed and optimiser
+    # one process, both ranks' samples in one batch of 4, same model seed and optimisers
     torch.manual_seed(seed)
-    recipe = build_model("tiny_gated", loss_weights={}, width=4)
-    gen = recipe.generator
-    opt = torch.optim.Adam(gen.parameters(), lr=1e-2, betas=config.betas)
+    recipe = build_model("tiny_gated", loss_weights=weights, width=4)
+    gen, disc = recipe.generator, recipe.discriminator
+    assert (disc is not None) == (adv > 0)
+    betas = config.betas or recipe.default_betas
+    opt = torch.optim.Adam(gen.parameters(), lr=lr, betas=betas, eps=eps)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=betas, eps=eps) if disc else None
     ds = MaskedDataset(make_dataset("demo", size=32, split="train", seed=seed, samples_per_epoch=16),
                        make_mask_generator("block"), seed + 1)
     ds.set_epoch(0)
@@ -302,21 +343,38 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path):
         idx = [i for share in shares for i in share[s * per_rank:(s + 1) * per_rank]]
         image = torch.stack([ds[i][0] for i in idx])
         mask = torch.stack([ds[i][1] for i in idx])
+        if disc is not None:
+            opt_d.zero_grad()
+            with torch.no_grad():
+                out = gen(recipe.prepare_input(image, mask))
+            sum(recipe.discriminator_losses(image, mask, out, disc).values()).backward()
+            opt_d.step()
+            disc.requires_grad_(False)
         out = gen(recipe.prepare_input(image, mask))
-        losses = recipe.generator_losses(image, mask, out, None)
+        losses = recipe.generator_losses(image, mask, out, disc)
+        assert ("adv" in losses) == (adv > 0)
         opt.zero_grad()
         sum(recipe.loss_weights[k] * v for k, v in losses.items()).backward()
         opt.step()
+        if disc is not None:
+            disc.requires_grad_(True)
     ref = gen.state_dict()
     assert set(ref) == set(ddp)
-    moved = False
     for name, value in ref.items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    if disc is not None:
+        for name, value in disc.state_dict().items():
+            torch.testing.assert_close(ddp_disc[name], value, rtol=1e-4, atol=1e-5, msg=f"discriminator {name}")
+    else:
+        assert ddp_disc is None
     # and the run really trained (differs from the initial weights)
     torch.manual_seed(seed)
-    init = build_model("tiny_gated", width=4).generator.state_dict()
-    moved = any(not torch.allclose(init[k], ddp[k]) for k in init)
-    assert moved
+    init = build_model("tiny_gated", loss_weights=weights, width=4)
+    moved = [(ddp[k] - v).abs().max().item() for k, v in init.generator.state_dict().items()]
+    assert max(moved) > 1e-3, moved
+    if disc is not None:
+        moved = [(ddp_disc[k] - v).abs().max().item() for k, v in init.discriminator.state_dict().items()]
+        assert max(moved) > 1e-3, moved
 
 
 # ----------------------------------------------------------------------------- config and CLI

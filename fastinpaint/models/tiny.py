@@ -45,9 +45,16 @@ def composite(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> 
 
 
 class TinyGatedGenerator(nn.Module):
-    """5 -> w (5x5) -> 2w (stride 2) -> 2w (dilation 2) -> up 2w -> w -> 3 (tanh).
+    """A small DeepFill-style gated encoder-decoder:
 
-    Input sides must be even (one stride-2 stage)."""
+    5 -> w (5x5) -> 2w (stride 2) -> 2w (stride 2) -> 2w x3 (dilation 2, 4, 8)
+      -> up 2w -> up w -> 3 (tanh)
+
+    Two stride-2 stages and the dilated bottleneck give it a receptive field of about 90
+    pixels, so even the middle of a large hole sees known pixels. Input sides must be
+    multiples of 4."""
+
+    multiple = 4
 
     def __init__(self, width: int = 16, in_channels: int = 5):
         super().__init__()
@@ -57,14 +64,19 @@ class TinyGatedGenerator(nn.Module):
         self.body = nn.Sequential(
             GatedConv2d(in_channels, w, 5),
             GatedConv2d(w, 2 * w, 3, stride=2),
+            GatedConv2d(2 * w, 2 * w, 3, stride=2),
             GatedConv2d(2 * w, 2 * w, 3, dilation=2),
+            GatedConv2d(2 * w, 2 * w, 3, dilation=4),
+            GatedConv2d(2 * w, 2 * w, 3, dilation=8),
+            GatedDeconv2d(2 * w, 2 * w, 3),
             GatedDeconv2d(2 * w, w, 3),
             GatedConv2d(w, 3, 3, activation="none"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % 2 or x.shape[-2] % 2:
-            raise ValueError(f"TinyGatedGenerator needs even height and width, got {tuple(x.shape[-2:])}")
+        if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
+            raise ValueError(f"TinyGatedGenerator needs height and width that are multiples of {self.multiple}, "
+                             f"got {tuple(x.shape[-2:])}")
         return torch.tanh(self.body(x))
 
 
@@ -90,8 +102,12 @@ class TinyGatedRecipe:
     ``{"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}``; ``adv > 0`` adds the discriminator."""
 
     name = "tiny_gated"
-    size_multiple = 2  # one stride-2 stage: inputs are padded to even sizes for inference
+    size_multiple = TinyGatedGenerator.multiple  # inputs are padded to it for inference
     default_weights = {"l1_hole": 1.0, "l1_valid": 1.0, "adv": 0.0}
+    # Adam settings the trainer uses unless the config sets lr / betas. A network this
+    # small trains fastest at a larger step than the 1e-4 of the published GANs.
+    default_lr = 2e-3
+    default_betas = (0.5, 0.999)
 
     def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
         weights = dict(self.default_weights)

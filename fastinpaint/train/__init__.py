@@ -1,6 +1,6 @@
 """Training machinery: checkpoints, the configuration and the training engine."""
 
 from .config import ConfigError, TrainConfig, load_config
-from .trainer import MaskedDataset, train
+from .trainer import MaskedDataset, resolve_defaults, train
 
-__all__ = ["ConfigError", "MaskedDataset", "TrainConfig", "load_config", "train"]
+__all__ = ["ConfigError", "MaskedDataset", "TrainConfig", "load_config", "resolve_defaults", "train"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
+from typing import Optional
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +32,9 @@ class TrainConfig:
     size: int = 64
     batch_size: int = 4                                  # per process
     steps: int = 1000                                    # optimiser steps
-    lr: float = 1e-4
-    betas: tuple = (0.5, 0.999)
+    lr: Optional[float] = None                           # None: the model's published default_lr
+    betas: Optional[tuple] = None                        # None: the model's default_betas
+    eps: float = 1e-8                                    # Adam's epsilon
     loss_weights: dict = field(default_factory=dict)     # merged over the model's defaults
     amp: str = "none"                                    # "none" | "bf16" | "fp16"
     compile: bool = False
@@ -66,12 +69,18 @@ class TrainConfig:
             raise ConfigError(f"amp must be one of {_AMP}, got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        self.betas = tuple(float(b) for b in betas)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                        and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a number > 0 (or unset for the model's default), got {self.lr!r}")
+        if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0
+                and math.isfinite(self.eps)):
+            raise ConfigError(f"eps must be a number > 0, got {self.eps!r}")
+        if self.betas is not None:
+            betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+            if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+                raise ConfigError(f"betas must be two numbers in [0, 1) (or unset for the model's default), "
+                                  f"got {self.betas!r}")
+            self.betas = tuple(float(b) for b in betas)
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             raise ConfigError(f"ema must be a decay in [0, 1) (0 = off), got {self.ema!r}")
         for name in ("model_options", "mask_options", "loss_weights"):
@@ -84,7 +93,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        if self.betas is not None:
+            d["betas"] = list(self.betas)
         return d
 
     def to_json(self) -> str:
@@ -102,7 +112,7 @@ class TrainConfig:
             values["data"] = str(values["data"])
         if "out" in values:
             values["out"] = str(values["out"])
-        for name in ("lr", "ema"):
+        for name in ("lr", "ema", "eps"):
             if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
                 values[name] = float(values[name])
         return cls(**values)
@@ -119,7 +129,10 @@ def read_config_file(path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:   # Python 3.10
+            import tomli as tomllib
         try:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
@@ -198,6 +211,11 @@ def apply_overrides(values: dict, overrides) -> dict:
         if top not in hints:
             raise ConfigError(f"unknown config key {top!r} in --set {item}; valid keys: {', '.join(sorted(hints))}")
         kind = hints[top]
+        if typing.get_origin(kind) is typing.Union:   # Optional[X]: "none" unsets, else X
+            if text.strip().lower() in ("none", "null", "default"):
+                values[top] = None
+                continue
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if sub:
             if kind is not dict:
                 raise ConfigError(f"--set {item}: {top} is not a table, so {key!r} has no meaning")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from ..models import build_model
 from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import TrainConfig
 
-__all__ = ["MaskedDataset", "train"]
+__all__ = ["MaskedDataset", "resolve_defaults", "train"]
 
 
 class MaskedDataset(Dataset):
@@ -144,7 +145,7 @@ class _Logger:
         text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(text)
+            self.bar.set_postfix_str(text, refresh=False)
             self.bar.refresh()
         else:
             print(f"step {step}/{self.total}  {rate:.2f} steps/s  ETA {eta:.0f}s  {text}", flush=True)
@@ -222,6 +223,15 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
 
 # ----------------------------------------------------------------------------- train
 
+def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
+    """``config`` with the settings left unset (``None``) taken from the model's recipe:
+    ``lr`` from ``recipe.default_lr`` and ``betas`` from ``recipe.default_betas`` (the
+    published optimiser settings; Adam's defaults of 1e-4 and (0.5, 0.999) otherwise)."""
+    lr = config.lr if config.lr is not None else float(getattr(recipe, "default_lr", 1e-4))
+    betas = config.betas if config.betas is not None else tuple(getattr(recipe, "default_betas", (0.5, 0.999)))
+    return dataclasses.replace(config, lr=lr, betas=betas)
+
+
 def train(config: TrainConfig, on_step=None) -> dict:
     """Train as ``config`` says; returns the final metrics and the paths written.
 
@@ -249,18 +259,19 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
     main = rank == 0
     run_dir = Path(config.out)
     ckpt_dir = run_dir / "checkpoints"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
 
     # -- model and optimisers (every rank builds the same initial weights from the seed)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     recipe = build_model(config.model, loss_weights=config.loss_weights, **config.model_options)
+    config = resolve_defaults(config, recipe)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", config.to_dict())
     generator = recipe.generator.to(device)
     discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas)
-    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
              if discriminator is not None else None)
     ema = None
     if config.ema > 0:
@@ -372,25 +383,34 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
         return save_checkpoint(ckpt_dir, step, state, keep=config.keep)
 
     @torch.no_grad()
-    def validate() -> tuple[dict, torch.Tensor | None]:
+    def evaluate(fill) -> tuple[dict, torch.Tensor | None]:
+        """Metrics and sample grid of ``fill(image, mask) -> output`` on the validation batches."""
         from ..metrics import InpaintingMetrics
 
-        net = ema if ema is not None else generator
-        was_training = net.training
-        net.eval()
         metrics = InpaintingMetrics(sync_on_compute=False).to(device)
         grids = []
         for image, mask in val_batches:
             image, mask = image.to(device), mask.to(device)
-            with autocast():
-                out = net(recipe.prepare_input(image, mask))
-            out = out.float()
+            out = fill(image, mask).float()
             metrics.update(out, image, mask)
             grids.append(_grid(image, mask, out))
-        net.train(was_training)
         if not grids:
             return {}, None
         return metrics.compute(), torch.cat(grids, dim=1)
+
+    def validate() -> tuple[dict, torch.Tensor | None]:
+        net = ema if ema is not None else generator
+        was_training = net.training
+        net.eval()
+
+        def fill(image, mask):
+            with autocast():
+                return net(recipe.prepare_input(image, mask))
+
+        try:
+            return evaluate(fill)
+        finally:
+            net.train(was_training)
 
     logger = _Logger(run_dir, main, config.steps, step)
     metrics_path, grid_path = run_dir / "metrics.json", run_dir / "samples.png"
@@ -401,6 +421,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
     if discriminator is not None:
         discriminator.train()
 
+    baseline: dict = {}
+
     def run_validation():
         nonlocal last_val
         if not main:
@@ -408,13 +430,21 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
         values, grid = validate()
         last_val = values
         history.append({"step": step, **values})
-        _write_json(metrics_path, {"step": step, "metrics": values, "history": history})
+        _write_json(metrics_path, {"step": step, "metrics": values, "history": history,
+                                   "baseline_mean_fill": baseline})
         logger.scalars(step, values, kind="val")
         if grid is not None:
             last_grid[0] = grid
             logger.image(step, grid)
         print(f"fastinpaint train: step {step} validation " +
               " ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+
+    if main and val_batches:
+        from ..metrics import mean_fill
+
+        baseline = evaluate(mean_fill)[0]   # what filling holes with the mean known colour scores
+        if step == 0:
+            run_validation()                # the untrained network, for comparison
 
     try:
         while step < config.steps:
@@ -439,8 +469,11 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
                         logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
                 scaler.step(opt_d)
 
-            # generator step
+            # generator step. The discriminator is frozen and called unwrapped: its
+            # parameters get no gradient, so DDP has nothing of it to all-reduce.
             opt_g.zero_grad(set_to_none=True)
+            if discriminator is not None:
+                discriminator.requires_grad_(False)
             for i, (image, mask) in enumerate(batches):
                 image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 sync = (i == len(batches) - 1) or not distributed
@@ -448,7 +481,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
                 with ctx:
                     with autocast():
                         out = g_fwd(recipe.prepare_input(image, mask))
-                        g_losses = recipe.generator_losses(image, mask, out, d_fwd)
+                        g_losses = recipe.generator_losses(image, mask, out, discriminator)
                     total = sum(weights.get(k, 1.0) * v for k, v in g_losses.items())
                     scaler.scale(total / config.grad_accum).backward()
                 for k, v in g_losses.items():
@@ -457,7 +490,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
             scaler.step(opt_g)
             scaler.update()
             if discriminator is not None:
-                opt_d.zero_grad(set_to_none=True)   # the generator step's gradients in D are not D's
+                discriminator.requires_grad_(True)
             if ema is not None:
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), generator.parameters()):
@@ -482,7 +515,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
         run_validation()
         if distributed:
             torch.distributed.barrier()
-        result = {"step": step, "metrics": last_val, "run_dir": str(run_dir),
+        result = {"step": step, "metrics": last_val, "baseline_mean_fill": baseline,
+                  "initial_metrics": history[0] if history and history[0]["step"] == 0 else {},
+                  "run_dir": str(run_dir),
                   "config": str(run_dir / "config.json")}
         if main:
             last_ckpt = checkpoint()
@@ -497,7 +532,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
             result["checkpoint"] = str(last_ckpt)
             result["metrics_path"] = str(metrics_path)
             if not history or history[-1]["step"] != step:
-                _write_json(metrics_path, {"step": step, "metrics": last_val, "history": history})
+                _write_json(metrics_path, {"step": step, "metrics": last_val, "history": history,
+                                           "baseline_mean_fill": baseline})
         return result
     finally:
         logger.close()
