@@ -47,7 +47,7 @@ def composite(image: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> 
 class TinyGatedGenerator(nn.Module):
     """A small DeepFill-style gated encoder-decoder:
 
-    5 -> w (5x5) -> 2w (stride 2) -> 2w (stride 2) -> 2w x3 (dilation 2, 4, 8)
+    5 -> w (5x5) -> 2w (stride 2) -> 4w (stride 2) -> 4w x3 (dilation 2, 4, 8)
       -> up 2w -> up w -> 3 (tanh)
 
     Two stride-2 stages and the dilated bottleneck give it a receptive field of about 90
@@ -64,11 +64,11 @@ class TinyGatedGenerator(nn.Module):
         self.body = nn.Sequential(
             GatedConv2d(in_channels, w, 5),
             GatedConv2d(w, 2 * w, 3, stride=2),
-            GatedConv2d(2 * w, 2 * w, 3, stride=2),
-            GatedConv2d(2 * w, 2 * w, 3, dilation=2),
-            GatedConv2d(2 * w, 2 * w, 3, dilation=4),
-            GatedConv2d(2 * w, 2 * w, 3, dilation=8),
-            GatedDeconv2d(2 * w, 2 * w, 3),
+            GatedConv2d(2 * w, 4 * w, 3, stride=2),
+            GatedConv2d(4 * w, 4 * w, 3, dilation=2),
+            GatedConv2d(4 * w, 4 * w, 3, dilation=4),
+            GatedConv2d(4 * w, 4 * w, 3, dilation=8),
+            GatedDeconv2d(4 * w, 2 * w, 3),
             GatedDeconv2d(2 * w, w, 3),
             GatedConv2d(w, 3, 3, activation="none"),
         )

@@ -31,7 +31,7 @@ class TrainConfig:
     mask_options: dict = field(default_factory=dict)
     size: int = 64
     batch_size: int = 4                                  # per process
-    steps: int = 1000                                    # optimiser steps
+    steps: int = 2000                                    # optimiser steps
     lr: Optional[float] = None                           # None: the model's published default_lr
     betas: Optional[tuple] = None                        # None: the model's default_betas
     eps: float = 1e-8                                    # Adam's epsilon
