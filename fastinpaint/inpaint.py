@@ -94,7 +94,10 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
         m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
-    out = generator(recipe.prepare_input(x, m))[..., :h, :w]
+    out = generator(recipe.prepare_input(x, m))
+    if hasattr(recipe, "final_output"):   # a generator that returns more than the image
+        out = recipe.final_output(out)
+    out = out[..., :h, :w]
     filled = ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return np.where(hole[..., None], filled, image)
 

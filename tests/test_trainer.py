@@ -114,10 +114,15 @@ def test_unset_optimiser_settings_come_from_the_model():
     class Published:
         default_lr, default_betas = 2e-4, (0.5, 0.9)
 
+    class TwoRates(Published):
+        default_lr_discriminator = 2e-5
+
     config = TrainConfig()
-    assert config.lr is None and config.betas is None
+    assert config.lr is None and config.betas is None and config.lr_d is None
     resolved = resolve_defaults(config, Published())
-    assert resolved.lr == 2e-4 and resolved.betas == (0.5, 0.9) and config.lr is None
+    assert resolved.lr == 2e-4 and resolved.lr_d == 2e-4 and resolved.betas == (0.5, 0.9) and config.lr is None
+    assert resolve_defaults(config, TwoRates()).lr_d == 2e-5
+    assert resolve_defaults(load_config(overrides=["lr_d=0.5"]), TwoRates()).lr_d == 0.5
     mine = resolve_defaults(load_config(overrides=["lr=0.01", "betas=0.9,0.99"]), Published())
     assert mine.lr == 0.01 and mine.betas == (0.9, 0.99)
     assert resolve_defaults(config, object()).lr == 1e-4   # a recipe without published settings

@@ -34,6 +34,8 @@ class TrainConfig:
     steps: int = 2000                                    # optimiser steps
     lr: Optional[float] = None                           # None: the model's published default_lr
     betas: Optional[tuple] = None                        # None: the model's default_betas
+    lr_d: Optional[float] = None                         # discriminator; None: the model's
+                                                         # default_lr_discriminator, else lr
     eps: float = 1e-8                                    # Adam's epsilon
     loss_weights: dict = field(default_factory=dict)     # merged over the model's defaults
     amp: str = "none"                                    # "none" | "bf16" | "fp16"
@@ -72,6 +74,9 @@ class TrainConfig:
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
                                         and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a number > 0 (or unset for the model's default), got {self.lr!r}")
+        if self.lr_d is not None and not (isinstance(self.lr_d, (int, float)) and not isinstance(self.lr_d, bool)
+                                          and math.isfinite(self.lr_d) and self.lr_d > 0):
+            raise ConfigError(f"lr_d must be a number > 0 (or unset for the model's default), got {self.lr_d!r}")
         if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0
                 and math.isfinite(self.eps)):
             raise ConfigError(f"eps must be a number > 0, got {self.eps!r}")
@@ -112,7 +117,7 @@ class TrainConfig:
             values["data"] = str(values["data"])
         if "out" in values:
             values["out"] = str(values["out"])
-        for name in ("lr", "ema", "eps"):
+        for name in ("lr", "lr_d", "ema", "eps"):
             if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
                 values[name] = float(values[name])
         return cls(**values)

@@ -225,11 +225,13 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
 
 def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
     """``config`` with the settings left unset (``None``) taken from the model's recipe:
-    ``lr`` from ``recipe.default_lr`` and ``betas`` from ``recipe.default_betas`` (the
-    published optimiser settings; Adam's defaults of 1e-4 and (0.5, 0.999) otherwise)."""
+    ``lr`` from ``recipe.default_lr``, ``lr_d`` from ``recipe.default_lr_discriminator``
+    (else ``lr``) and ``betas`` from ``recipe.default_betas``: the published optimiser
+    settings (1e-4 and (0.5, 0.999) for a recipe that names none)."""
     lr = config.lr if config.lr is not None else float(getattr(recipe, "default_lr", 1e-4))
+    lr_d = config.lr_d if config.lr_d is not None else float(getattr(recipe, "default_lr_discriminator", lr))
     betas = config.betas if config.betas is not None else tuple(getattr(recipe, "default_betas", (0.5, 0.999)))
-    return dataclasses.replace(config, lr=lr, betas=betas)
+    return dataclasses.replace(config, lr=lr, lr_d=lr_d, betas=betas)
 
 
 def train(config: TrainConfig, on_step=None) -> dict:
@@ -271,7 +273,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
     generator = recipe.generator.to(device)
     discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
-    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr_d, betas=config.betas, eps=config.eps)
              if discriminator is not None else None)
     ema = None
     if config.ema > 0:
@@ -281,6 +283,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     weights = recipe.loss_weights
+    final_output = getattr(recipe, "final_output", None) or (lambda out: out)   # the image of a
+    # generator that returns more (DeepFill v2: coarse and refined)
 
     # -- data
     mask_gen = make_mask_generator(config.mask, **config.mask_options)
@@ -405,7 +409,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
 
         def fill(image, mask):
             with autocast():
-                return net(recipe.prepare_input(image, mask))
+                return final_output(net(recipe.prepare_input(image, mask)))
 
         try:
             return evaluate(fill)
