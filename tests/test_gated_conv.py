@@ -485,3 +485,13 @@ def test_deterministic_under_deterministic_algorithms(backend, device):
         torch.use_deterministic_algorithms(False)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+def test_compile_dynamic_shapes_fullgraph():
+    """dynamic=True: two input sizes, one graph, and a module's slope that may be symbolic."""
+    nn = fastinpaint.nn
+    m = torch.nn.Sequential(nn.GatedConv2d(3, 4, 3, activation="leaky_relu"), nn.GatedConv2d(4, 2, 3))
+    f = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for s in (9, 12):
+        x = torch.randn(1, 3, s, s + 1)
+        torch.testing.assert_close(f(x), m(x))

@@ -194,7 +194,9 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
     dilation = _pair(dilation, "dilation", 1)
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
-    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool) or not math.isfinite(negative_slope):
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the slope may be symbolic
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, torch.SymInt, torch.SymFloat)) \
+            or not -math.inf < negative_slope < math.inf:
         raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
     for axis, (size, k, s, p, d) in enumerate(zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)):
         span = d * (k - 1) + 1
