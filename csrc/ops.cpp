@@ -48,6 +48,16 @@ TORCH_LIBRARY(fastinpaint, m) {
       "gated_act_backward(Tensor grad_out, Tensor pre, int activation, float negative_slope) "
       "-> Tensor");
 
+  // channel-wise fully connected layer (Context Encoders): y[b, c] = act(W[c] @ x[b, c] + bias[c]);
+  // x (B, C, H, W), weight (C, H*W, H*W), bias (C, H*W); the backward reads act' from out;
+  // gradients not asked for come back as empty tensors
+  m.def(
+      "channel_fc_forward(Tensor x, Tensor weight, Tensor? bias, int activation, "
+      "float negative_slope) -> Tensor");
+  m.def(
+      "channel_fc_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int activation, "
+      "float negative_slope, bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+
   // housekeeping
   m.def("_set_debug_poison(bool enabled) -> ()", &set_debug_poison);
   m.def("_build_info() -> str", &build_info);

@@ -1,5 +1,10 @@
 """fastinpaint's ops as functions (the ``torch.nn.functional`` of this library)."""
 
-from .ops.gated_conv.op import gated_conv2d, gated_deconv2d
+from __future__ import annotations
 
-__all__ = ["gated_conv2d", "gated_deconv2d"]
+# gated convolution (DeepFill v2)
+from .ops.gated_conv.op import gated_conv2d, gated_deconv2d
+# channel-wise fully connected layer (Context Encoders)
+from .ops.channel_fc.op import channel_fc
+
+__all__ = ["channel_fc", "gated_conv2d", "gated_deconv2d"]

@@ -1,5 +1,10 @@
 """Drop-in modules: they own parameters and call fastinpaint's ops."""
 
-from .gated_conv import GatedConv2d, GatedDeconv2d
+from __future__ import annotations
 
-__all__ = ["GatedConv2d", "GatedDeconv2d"]
+# gated convolution (DeepFill v2)
+from .gated_conv import GatedConv2d, GatedDeconv2d
+# channel-wise fully connected layer (Context Encoders)
+from .channel_fc import ChannelWiseFC
+
+__all__ = ["ChannelWiseFC", "GatedConv2d", "GatedDeconv2d"]

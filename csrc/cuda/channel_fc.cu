@@ -1,0 +1,212 @@
+// CUDA kernels of the channel-wise fully connected layer (host code in csrc/channel_fc.h):
+// the GEMMs run through at::bmm (cuBLAS strided batched GEMM on the (C, B, P) views, no
+// copies of x for NCHW input); this file holds the two fused elementwise passes:
+//   forward_epilogue:  y[b, c, p] = act(t[b, c, p] + bias[c, p])  (t: the GEMM result's view)
+//   backward_prologue: d[b, c, p] = dy[b, c, p] * act'(y[b, c, p])
+// One thread per element of the (B, C, P) problem (grid-stride, 64-bit indices); strided
+// operands are addressed through their strides, so NCHW and channels_last outputs are
+// written in place. act' comes from the output: relu /
+// leaky_relu (slope >= 0): y > 0 <=> pre > 0; elu: exp(pre) = y + 1 for pre <= 0.
+// Math in float (double for double), accurate expm1 (no fast math).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "channel_fc.h"
+#include "common.h"
+
+namespace fastinpaint {
+namespace {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float expm1_(float x) { return expm1f(x); }
+__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
+
+template <int A, typename acc_t>
+__device__ __forceinline__ acc_t act_fwd(acc_t v, acc_t slope) {
+  if constexpr (A == 1) {
+    return v > acc_t(0) ? v : acc_t(0);
+  } else if constexpr (A == 2) {
+    return v > acc_t(0) ? v : v * slope;
+  } else if constexpr (A == 3) {
+    return v > acc_t(0) ? v : expm1_(v);
+  } else {
+    return v;
+  }
+}
+
+// act'(pre) from y = act(pre); elu: 1 + min(y, 0) (= 1 for y > 0, exp(pre) = y + 1 otherwise).
+template <int A, typename acc_t>
+__device__ __forceinline__ acc_t act_grad_from_out(acc_t y, acc_t slope) {
+  if constexpr (A == 1) {
+    return y > acc_t(0) ? acc_t(1) : acc_t(0);
+  } else if constexpr (A == 2) {
+    return y > acc_t(0) ? acc_t(1) : slope;
+  } else if constexpr (A == 3) {
+    return acc_t(1) + (y < acc_t(0) ? y : acc_t(0));
+  } else {
+    return acc_t(1);
+  }
+}
+
+// Strides (in elements) of a (B, C, P) operand.
+struct Bcp {
+  int64_t sb, sc, sp;
+};
+
+template <typename T, int A, bool kBias>
+__global__ void forward_epilogue_kernel(const T* __restrict__ t, Bcp ts, const T* __restrict__ bias,
+                                        T* __restrict__ y, Bcp ys, int64_t n, int64_t C,
+                                        int64_t P, typename AccOf<T>::type slope) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t p = i % P;
+    const int64_t r = i / P;  // b * C + c
+    const int64_t c = r % C;
+    const int64_t b = r / C;
+    acc_t v = static_cast<acc_t>(t[b * ts.sb + c * ts.sc + p * ts.sp]);
+    if constexpr (kBias) {
+      v += static_cast<acc_t>(bias[c * P + p]);
+    }
+    y[b * ys.sb + c * ys.sc + p * ys.sp] = static_cast<T>(act_fwd<A, acc_t>(v, slope));
+  }
+}
+
+template <typename T, int A>
+__global__ void backward_prologue_kernel(const T* __restrict__ dy, Bcp ds,
+                                         const T* __restrict__ y, Bcp ys, T* __restrict__ d,
+                                         int64_t n, int64_t C, int64_t P,
+                                         typename AccOf<T>::type slope) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const int64_t p = i % P;
+    const int64_t r = i / P;  // b * C + c
+    const int64_t c = r % C;
+    const int64_t b = r / C;
+    const acc_t g = static_cast<acc_t>(dy[b * ds.sb + c * ds.sc + p * ds.sp]);
+    const acc_t yv = static_cast<acc_t>(y[b * ys.sb + c * ys.sc + p * ys.sp]);
+    d[i] = static_cast<T>(g * act_grad_from_out<A, acc_t>(yv, slope));
+  }
+}
+
+constexpr int kThreads = 256;
+
+int64_t grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 32));
+}
+
+Bcp strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename Fn>
+void dispatch_act(int64_t activation, Fn&& fn) {
+  switch (activation) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+struct CudaKernels {
+  static void forward_epilogue(const at::Tensor& t, const at::Tensor& bias, at::Tensor& y3,
+                               int64_t activation, double slope) {
+    TORCH_CHECK(!bias.defined() || bias.is_contiguous(),
+                "fastinpaint: channel_fc epilogue expects a contiguous bias");
+    const int64_t C = y3.size(1), P = y3.size(2), n = y3.numel();
+    if (n == 0) {
+      return;
+    }
+    const c10::cuda::CUDAGuard guard(t.device());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t grid = grid_for(n);
+    const Bcp ys = strides_of(y3), ts = strides_of(t);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "channel_fc_fwd", [&] {
+      using acc_t = typename AccOf<scalar_t>::type;
+      dispatch_act(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        if (bias.defined()) {
+          forward_epilogue_kernel<scalar_t, A, true>
+              <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+                  t.const_data_ptr<scalar_t>(), ts, bias.const_data_ptr<scalar_t>(),
+                  y3.mutable_data_ptr<scalar_t>(), ys, n, C, P, static_cast<acc_t>(slope));
+        } else {
+          forward_epilogue_kernel<scalar_t, A, false>
+              <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+                  t.const_data_ptr<scalar_t>(), ts, nullptr, y3.mutable_data_ptr<scalar_t>(), ys,
+                  n, C, P, static_cast<acc_t>(slope));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static void backward_prologue(const at::Tensor& dy3, const at::Tensor& y3, at::Tensor& d,
+                                int64_t activation, double slope) {
+    TORCH_CHECK(d.is_contiguous(), "fastinpaint: channel_fc prologue expects a contiguous output");
+    const int64_t C = dy3.size(1), P = dy3.size(2), n = d.numel();
+    if (n == 0) {
+      return;
+    }
+    const c10::cuda::CUDAGuard guard(d.device());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t grid = grid_for(n);
+    const Bcp ds = strides_of(dy3), ys = strides_of(y3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "channel_fc_bwd", [&] {
+      using acc_t = typename AccOf<scalar_t>::type;
+      dispatch_act(activation, [&](auto a) {
+        constexpr int A = decltype(a)::value;
+        backward_prologue_kernel<scalar_t, A><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+            dy3.const_data_ptr<scalar_t>(), ds, y3.const_data_ptr<scalar_t>(), ys,
+            d.mutable_data_ptr<scalar_t>(), n, C, P, static_cast<acc_t>(slope));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+};
+
+at::Tensor channel_fc_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias, int64_t activation,
+                                   double negative_slope) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return channel_fc::forward<CudaKernels>(x, weight, bias, activation, negative_slope,
+                                          c10::DeviceType::CUDA);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_fc_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& out, int64_t activation, double negative_slope, bool need_x,
+    bool need_weight, bool need_bias) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return channel_fc::backward<CudaKernels>(grad_out, x, weight, out, activation, negative_slope,
+                                           need_x, need_weight, need_bias, c10::DeviceType::CUDA);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastinpaint, CUDA, m) {
+  m.impl("channel_fc_forward", &channel_fc_forward_cuda);
+  m.impl("channel_fc_backward", &channel_fc_backward_cuda);
+}
+
+}  // namespace fastinpaint

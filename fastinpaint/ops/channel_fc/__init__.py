@@ -1,0 +1,1 @@
+"""Channel-wise fully connected layer (Context Encoders): reference, Triton, C++/CUDA."""
