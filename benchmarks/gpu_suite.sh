@@ -33,8 +33,15 @@ step "benchmarks: float32, channels_last, batch 8"
 timeout 60 $PY -m fastinpaint.cli bench --device cuda --dtype float32 --batch 8 --min-time 0.2 --modes fwd+bwd \
     --cases conv1 "deconv 96" \
     --json "$RESULTS/gated_conv_fp32_${tag}.json" --markdown "$RESULTS/gated_conv_fp32_${tag}.md" || status=1
+step "benchmarks: DeepFill v2 end to end (train step b8 @256, inference @512), bfloat16, channels_last"
+timeout 60 $PY -m fastinpaint.models.deepfill_v2_bench --device cuda --dtype bfloat16 --channels-last --batch 8 \
+    --size 256 --infer-size 512 --min-time 0.2 --cases "train step" "G inference" \
+    --json "$RESULTS/deepfill_v2_bf16_${tag}.json" --markdown "$RESULTS/deepfill_v2_bf16_${tag}.md" || status=1
 step "benchmarks: channel-wise fully connected layer (Context Encoder shapes), bfloat16, vs eager and compile(eager)"
 timeout 60 $PY -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 --min-time 0.1 \
     --json "$RESULTS/channel_fc_bf16_${tag}.json" --markdown "$RESULTS/channel_fc_bf16_${tag}.md" || status=1
+step "benchmarks: partial convolution (PConv U-Net layers), bfloat16, channels_last, batch 8"
+timeout 60 $PY -m fastinpaint.ops.partial_conv.bench --device cuda --dtype bfloat16 --min-time 0.2 \
+    --json "$RESULTS/partial_conv_bf16_${tag}.json" --markdown "$RESULTS/partial_conv_bf16_${tag}.md" || status=1
 echo; echo "gpu suite status: $status"
 exit $status

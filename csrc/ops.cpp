@@ -58,6 +58,13 @@ TORCH_LIBRARY(fastinpaint, m) {
       "channel_fc_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int activation, "
       "float negative_slope, bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 
+  // partial convolution's fused renormalisation (Liu et al. 2018): raw = conv2d(x * M, W)
+  // without bias (B, C, Ho, Wo), mask_sum = M summed over its channels (B, 1, H, W) in the
+  // accumulation dtype -> (out, scale, new_mask), the last two (B, 1, Ho, Wo)
+  m.def(
+      "partial_conv_renorm(Tensor raw, Tensor mask_sum, Tensor? bias, int[] kernel, int[] stride, "
+      "int[] padding, int[] dilation, float window_size) -> (Tensor, Tensor, Tensor)");
+
   // housekeeping
   m.def("_set_debug_poison(bool enabled) -> ()", &set_debug_poison);
   m.def("_build_info() -> str", &build_info);

@@ -6,5 +6,7 @@ from __future__ import annotations
 from .ops.gated_conv.op import gated_conv2d, gated_deconv2d
 # channel-wise fully connected layer (Context Encoders)
 from .ops.channel_fc.op import channel_fc
+# partial convolution (Liu et al. 2018)
+from .ops.partial_conv.op import partial_conv2d
 
-__all__ = ["channel_fc", "gated_conv2d", "gated_deconv2d"]
+__all__ = ["channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d"]

@@ -7,15 +7,20 @@ from .tiny import PatchDiscriminator, TinyGatedGenerator, TinyGatedRecipe
 # Context Encoders (Pathak et al., CVPR 2016)
 from .context_encoder import (ContextEncoderDiscriminator, ContextEncoderFeaturesRecipe, ContextEncoderGenerator,
                               ContextEncoderRecipe)
+# DeepFill v2 (Yu et al., ICCV 2019)
+from .contextual_attention import ContextualAttention, contextual_attention
+from .deepfill_v2 import DeepFillV2Generator, DeepFillV2Recipe, SNPatchGANDiscriminator, convert_port_state_dict
 
 __all__ = ["ContextEncoderDiscriminator", "ContextEncoderFeaturesRecipe", "ContextEncoderGenerator",
-           "ContextEncoderRecipe", "MODELS", "PatchDiscriminator", "TinyGatedGenerator", "TinyGatedRecipe",
-           "build_model"]
+           "ContextEncoderRecipe", "ContextualAttention", "DeepFillV2Generator", "DeepFillV2Recipe",
+           "MODELS", "PatchDiscriminator", "SNPatchGANDiscriminator", "TinyGatedGenerator",
+           "TinyGatedRecipe", "build_model", "contextual_attention", "convert_port_state_dict"]
 
 MODELS = {
     "tiny_gated": TinyGatedRecipe,
     "context_encoder": ContextEncoderRecipe,
     "context_encoder_features": ContextEncoderFeaturesRecipe,
+    "deepfill_v2": DeepFillV2Recipe,
 }
 def build_model(name: str, **options):
     """The recipe registered as ``name`` in :data:`MODELS`, built with ``options``."""

@@ -6,5 +6,7 @@ from __future__ import annotations
 from .gated_conv import GatedConv2d, GatedDeconv2d
 # channel-wise fully connected layer (Context Encoders)
 from .channel_fc import ChannelWiseFC
+# partial convolution (Liu et al. 2018)
+from .partial_conv import PartialConv2d
 
-__all__ = ["ChannelWiseFC", "GatedConv2d", "GatedDeconv2d"]
+__all__ = ["ChannelWiseFC", "GatedConv2d", "GatedDeconv2d", "PartialConv2d"]

@@ -1,0 +1,367 @@
+"""DeepFill v2 (Yu, Lin, Yang, Shen, Lu, Huang: "Free-Form Image Inpainting with Gated
+Convolution", ICCV 2019) on fastinpaint's gated convolution.
+
+Generator (``cnum`` = 48 as published; every gated layer a :class:`fastinpaint.nn.GatedConv2d`
+with DeepFill's "same" padding ``dilation*(k-1)//2``, ELU features, sigmoid gates):
+
+* input: the masked image in [-1, 1] (3), an optional sketch channel (1), ones (1), the
+  mask (1), in that order (the official code's order); 1 = hole.
+* coarse network: gconv 5x5 -> cnum/2; down (s2 -> cnum, -> cnum); down (s2 -> 2cnum,
+  -> 2cnum); gconv; dilated gconvs, rates 2, 4, 8, 16; gconv x2; up (nearest x2 + gconv ->
+  cnum, gconv -> cnum); up (x2 + gconv -> cnum/2, gconv -> cnum/4); plain conv 3x3 -> 3; tanh.
+* between the stages: ``x = coarse * mask + input_image * (1 - mask)``.
+* refinement network on that 3-channel composite: a dilated branch (gconv 5x5 -> cnum/2,
+  down (s2 -> cnum/2, -> cnum), down (s2 -> cnum, -> 2cnum), gconv, rates 2, 4, 8, 16) and an
+  attention branch (gconv 5x5 -> cnum/2, down (s2 -> cnum/2, -> cnum), down (s2 -> 2cnum,
+  -> 2cnum), gconv with ReLU, contextual attention (per-sample masks), gconv x2), concatenated
+  (4cnum), gconv -> 2cnum, gconv, the coarse network's up blocks, plain conv -> 3, tanh.
+
+The generator's sides must be multiples of :attr:`DeepFillV2Recipe.size_multiple` = 8: two
+stride-2 stages, and the attention matches at half of that resolution. (512x680 is fine:
+680 = 8 * 85; ``fastinpaint inpaint`` pads other sizes to a multiple of 8 and crops back.)
+
+``forward(x)`` returns ``(coarse, refined)`` in training mode and ``refined`` alone in eval
+mode (``return_coarse`` overrides): the trainer's validation and ``fastinpaint inpaint`` put
+the network in eval mode and get one (B, 3, H, W) tensor; the recipe's losses take the pair.
+
+Weights of the common PyTorch port (module names ``stage1.conv1``, ``stage1.down_block1.
+conv1_downsample``, ``stage2.b2_conv_bn1``, ...; one ``nn.Conv2d`` of 2*Cout per gated layer
+under ``.conv``, the deconvs under ``.conv.conv``): the module names here are the same, so
+:func:`convert_port_state_dict` only drops the ``.conv`` levels (and ``module.`` / checkpoint
+wrappers). Padding of stride-2 layers is symmetric (1 px each side), as in that port; the
+TensorFlow original pads 0 before and 1 after on even sizes, so TF-converted weights see a
+1-pixel shift in the strided layers.
+
+Discriminator: SN-PatchGAN, six 5x5 stride-2 convolutions (64, 128, 256, 256, 256, 256 for
+``cnum`` = 64) with spectral normalisation (one power iteration per training forward) and
+LeakyReLU 0.2, on (image, mask[, sketch]); every element of the flattened output is a GAN
+target. Losses: hinge (``D = 0.5 mean relu(1 - D(real)) + 0.5 mean relu(1 + D(fake))``,
+``G = -mean D(fake)``), L1 over the whole image on both stages; weights 1, 1, 1.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+from .contextual_attention import ContextualAttention
+
+__all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_state_dict",
+           "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class _Down(nn.Module):
+    """gconv 3x3 stride 2 (cin -> hidden), gconv 3x3 (hidden -> cout)."""
+
+    def __init__(self, cin: int, cout: int, hidden: int | None = None):
+        super().__init__()
+        hidden = cout if hidden is None else hidden
+        self.conv1_downsample = GatedConv2d(cin, hidden, 3, stride=2)
+        self.conv2 = GatedConv2d(hidden, cout, 3)
+
+    def forward(self, x):
+        return self.conv2(self.conv1_downsample(x))
+
+
+class _Up(nn.Module):
+    """gated deconv (nearest x2 + gconv 3x3, cin -> hidden), gconv 3x3 (hidden -> cout)."""
+
+    def __init__(self, cin: int, cout: int, hidden: int | None = None):
+        super().__init__()
+        hidden = cout if hidden is None else hidden
+        self.conv1_upsample = GatedDeconv2d(cin, hidden, 3)
+        self.conv2 = GatedConv2d(hidden, cout, 3)
+
+    def forward(self, x):
+        return self.conv2(self.conv1_upsample(x))
+
+
+def _bottleneck(c: int, names: list[str], module: nn.Module) -> None:
+    for name, rate in zip(names, (1, 2, 4, 8, 16)):
+        setattr(module, name, GatedConv2d(c, c, 3, dilation=rate))
+
+
+class CoarseNetwork(nn.Module):
+    def __init__(self, in_channels: int, cnum: int):
+        super().__init__()
+        self.conv1 = GatedConv2d(in_channels, cnum // 2, 5)
+        self.down_block1 = _Down(cnum // 2, cnum)
+        self.down_block2 = _Down(cnum, 2 * cnum)
+        _bottleneck(2 * cnum, [f"conv_bn{i}" for i in range(1, 6)], self)
+        self.conv_bn6 = GatedConv2d(2 * cnum, 2 * cnum, 3)
+        self.conv_bn7 = GatedConv2d(2 * cnum, 2 * cnum, 3)
+        self.up_block1 = _Up(2 * cnum, cnum)
+        self.up_block2 = _Up(cnum, cnum // 4, hidden=cnum // 2)
+        self.conv_to_rgb = nn.Conv2d(cnum // 4, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = self.down_block2(self.down_block1(self.conv1(x)))
+        for i in range(1, 8):
+            x = getattr(self, f"conv_bn{i}")(x)
+        x = self.up_block2(self.up_block1(x))
+        return torch.tanh(self.conv_to_rgb(x))
+
+
+class RefinementNetwork(nn.Module):
+    def __init__(self, cnum: int, attention_masking: str = "official"):
+        super().__init__()
+        # dilated-convolution branch
+        self.b1_conv1 = GatedConv2d(3, cnum // 2, 5)
+        self.b1_down_block1 = _Down(cnum // 2, cnum, hidden=cnum // 2)
+        self.b1_down_block2 = _Down(cnum, 2 * cnum, hidden=cnum)
+        _bottleneck(2 * cnum, [f"b1_conv_bn{i}" for i in range(1, 6)], self)
+        # contextual-attention branch
+        self.b2_conv1 = GatedConv2d(3, cnum // 2, 5)
+        self.b2_down_block1 = _Down(cnum // 2, cnum, hidden=cnum // 2)
+        self.b2_down_block2 = _Down(cnum, 2 * cnum)
+        self.b2_conv_bn1 = GatedConv2d(2 * cnum, 2 * cnum, 3, activation="relu")
+        self.contextual_attention = ContextualAttention(ksize=3, rate=2, fuse_k=3, softmax_scale=10.0, fuse=True,
+                                                        masking=attention_masking)
+        self.b2_conv_bn4 = GatedConv2d(2 * cnum, 2 * cnum, 3)
+        self.b2_conv_bn5 = GatedConv2d(2 * cnum, 2 * cnum, 3)
+        # merged
+        self.conv_bn6 = GatedConv2d(4 * cnum, 2 * cnum, 3)
+        self.conv_bn7 = GatedConv2d(2 * cnum, 2 * cnum, 3)
+        self.up_block1 = _Up(2 * cnum, cnum)
+        self.up_block2 = _Up(cnum, cnum // 4, hidden=cnum // 2)
+        self.conv_to_rgb = nn.Conv2d(cnum // 4, 3, 3, padding=1)
+
+    def forward(self, x, mask):
+        h = self.b1_down_block2(self.b1_down_block1(self.b1_conv1(x)))
+        for i in range(1, 6):
+            h = getattr(self, f"b1_conv_bn{i}")(h)
+        a = self.b2_conv_bn1(self.b2_down_block2(self.b2_down_block1(self.b2_conv1(x))))
+        a = self.contextual_attention(a, mask)
+        a = self.b2_conv_bn5(self.b2_conv_bn4(a))
+        y = self.conv_bn7(self.conv_bn6(torch.cat([h, a], dim=1)))
+        y = self.up_block2(self.up_block1(y))
+        return torch.tanh(self.conv_to_rgb(y))
+
+
+class DeepFillV2Generator(nn.Module):
+    """The two-stage DeepFill v2 generator (see the module doc).
+
+    Args:
+        cnum: base width (48 published; 4 * k for k >= 1; tests use 8).
+        in_channels: 5 (masked image, ones, mask) or 6 (with a sketch after the image).
+        attention_masking: "official" (converted weights) or "exclude" (true exclusion).
+    """
+
+    size_multiple = 8
+
+    def __init__(self, cnum: int = 48, in_channels: int = 5, attention_masking: str = "official"):
+        super().__init__()
+        if isinstance(cnum, bool) or not isinstance(cnum, int) or cnum < 4 or cnum % 4:
+            raise ValueError(f"cnum must be a positive multiple of 4, got {cnum!r}")
+        if in_channels not in (5, 6):
+            raise ValueError(f"in_channels must be 5 (image, ones, mask) or 6 (with a sketch), got {in_channels!r}")
+        self.cnum, self.in_channels = cnum, in_channels
+        self.stage1 = CoarseNetwork(in_channels, cnum)
+        self.stage2 = RefinementNetwork(cnum, attention_masking)
+
+    def forward(self, x: torch.Tensor, return_coarse: bool | None = None):
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(f"DeepFillV2Generator needs height and width that are multiples of "
+                             f"{self.size_multiple}, got {h}x{w} (pad the image, e.g. as fastinpaint inpaint does)")
+        mask = x[:, -1:]
+        coarse = self.stage1(x)
+        mixed = coarse * mask + x[:, :3] * (1 - mask)
+        refined = self.stage2(mixed, mask)
+        if return_coarse is None:
+            return_coarse = self.training
+        return (coarse, refined) if return_coarse else refined
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+class _DConv(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv_sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(cin, cout, 5, 2, 2))
+
+    def forward(self, x):
+        return F.leaky_relu(self.conv_sn(x), 0.2)
+
+
+class SNPatchGANDiscriminator(nn.Module):
+    """SN-PatchGAN: six spectral-normalised 5x5 stride-2 convolutions with LeakyReLU 0.2;
+    ``forward(image, mask[, sketch])`` -> (B, N) scores (the flattened 1/64-resolution map)."""
+
+    def __init__(self, cnum: int = 64, in_channels: int = 4):
+        super().__init__()
+        if isinstance(cnum, bool) or not isinstance(cnum, int) or cnum < 1:
+            raise ValueError(f"cnum must be a positive int, got {cnum!r}")
+        widths = [in_channels, cnum, 2 * cnum, 4 * cnum, 4 * cnum, 4 * cnum, 4 * cnum]
+        for i in range(6):
+            setattr(self, f"conv{i + 1}", _DConv(widths[i], widths[i + 1]))
+        self.in_channels = in_channels
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
+        parts = [image, mask.to(image.dtype)] + ([sketch.to(image.dtype)] if sketch is not None else [])
+        x = torch.cat(parts, dim=1)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"the discriminator takes {self.in_channels} channels, got {x.shape[1]}")
+        for i in range(1, 7):
+            x = getattr(self, f"conv{i}")(x)
+        return x.flatten(1)
+
+
+def hinge_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(0.5 mean relu(1 - real), 0.5 mean relu(1 + fake))``; their sum is the D loss."""
+    return 0.5 * F.relu(1 - real_scores.float()).mean(), 0.5 * F.relu(1 + fake_scores.float()).mean()
+
+
+def hinge_g_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """``-mean D(fake)``."""
+    return -fake_scores.float().mean()
+
+
+# ----------------------------------------------------------------------------- weights of the port
+
+_CONV_LEVELS = re.compile(r"(?:\.conv)+\.(weight|bias)$")
+
+
+def convert_port_state_dict(state: dict) -> dict:
+    """Rename a DeepFill v2 PyTorch port's generator state_dict to :class:`DeepFillV2Generator`'s.
+
+    Accepts the generator's own dict or a checkpoint dict holding it under ``"G"`` or
+    ``"generator"``; strips ``module.`` / ``_orig_mod.`` prefixes and turns every
+    ``<layer>.conv.weight`` / ``<layer>.conv.conv.weight`` (and ``bias``) into
+    ``<layer>.weight``: the gated layers keep the port's single (2*Cout, Cin, k, k) tensor,
+    its feature filters first. Example: ``stage1.up_block1.conv1_upsample.conv.conv.weight``
+    -> ``stage1.up_block1.conv1_upsample.weight``; ``stage2.conv_to_rgb.conv.bias`` ->
+    ``stage2.conv_to_rgb.bias``."""
+    for key in ("G", "generator"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[_CONV_LEVELS.sub(r".\1", k)] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- recipe
+
+def edge_sketch(image: torch.Tensor, mask: torch.Tensor, threshold: float = 0.6) -> torch.Tensor:
+    """A stand-in for the user's sketch when training the guided variant: the Sobel gradient
+    magnitude of the grey image, divided by its per-sample maximum, thresholded at
+    ``threshold``, times the mask ((B, 1, H, W) of 0/1). The published model used HED edges."""
+    grey = image.float().mean(1, keepdim=True)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=image.device)
+    k = torch.stack([kx, kx.t()]).unsqueeze(1)
+    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), k).pow(2).sum(1, keepdim=True).sqrt()
+    g = g / g.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    return ((g > threshold).float() * mask.float()).to(image.dtype)
+
+
+def _refined(output):
+    return output[1] if isinstance(output, (tuple, list)) else output
+
+
+class DeepFillV2Recipe:
+    """The ``deepfill_v2`` model (see the module doc for the published setting).
+
+    Options: ``cnum`` (48), ``disc_cnum`` (64), ``guided`` (False: add the sketch channel to G
+    and D; sketches are derived from the training images by :func:`edge_sketch`),
+    ``attention_masking`` ("official" or "exclude"), ``loss_weights`` over the defaults
+    ``{"l1_coarse": 1, "l1_refined": 1, "adv": 1}`` (``adv = 0`` drops the discriminator).
+
+    The generator returns ``(coarse, refined)`` when training and ``refined`` in eval mode;
+    :meth:`final_output` picks the refined image from either.
+    """
+
+    name = "deepfill_v2"
+    size_multiple = 8
+    default_lr = 1e-4
+    default_betas = (0.5, 0.999)
+    default_batch_size = 16
+    default_size = 256
+    default_weights = {"l1_coarse": 1.0, "l1_refined": 1.0, "adv": 1.0}
+
+    def __init__(self, cnum: int = 48, disc_cnum: int = 64, guided: bool = False,
+                 attention_masking: str = "official", loss_weights: dict | None = None):
+        weights = dict(self.default_weights)
+        for k, v in (loss_weights or {}).items():
+            if k not in weights:
+                raise ValueError(f"deepfill_v2 has no loss {k!r}; its losses are {sorted(weights)}")
+            v = float(v)
+            if not v >= 0:
+                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
+            weights[k] = v
+        if not isinstance(guided, bool):
+            raise ValueError(f"guided must be true or false, got {guided!r}")
+        self.loss_weights = weights
+        self.guided = guided
+        self.generator = DeepFillV2Generator(cnum, 6 if guided else 5, attention_masking)
+        self.discriminator = (SNPatchGANDiscriminator(disc_cnum, 5 if guided else 4)
+                              if weights["adv"] > 0 else None)
+
+    def prepare_input(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
+        """(B, 5 or 6, H, W): masked image, [sketch * mask], ones, mask."""
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be (B, 3, H, W), got {tuple(image.shape)}")
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0] or \
+                mask.shape[2:] != image.shape[2:]:
+            raise ValueError(f"mask must be (B, 1, H, W) matching the image {tuple(image.shape)}, "
+                             f"got {tuple(mask.shape)}")
+        mask = mask.to(image.dtype)
+        parts = [image * (1 - mask)]
+        if self.guided:
+            sketch = edge_sketch(image, mask) if sketch is None else sketch.to(image.dtype) * mask
+            parts.append(sketch)
+        elif sketch is not None:
+            raise ValueError("a sketch was given but this deepfill_v2 model is not guided (guided=false)")
+        parts += [torch.ones_like(mask), mask]
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def final_output(output) -> torch.Tensor:
+        """The refined image from the generator's output (a pair or the refined tensor)."""
+        return _refined(output)
+
+    @staticmethod
+    def composite(image, mask, output) -> torch.Tensor:
+        output = _refined(output)
+        mask = mask.to(output.dtype)
+        return output * mask + image.to(output.dtype) * (1 - mask)
+
+    def _sketch(self, image, mask):
+        return edge_sketch(image, mask) if self.guided else None
+
+    def generator_losses(self, image, mask, output, discriminator=None) -> dict[str, torch.Tensor]:
+        if isinstance(output, (tuple, list)):
+            coarse, refined = output
+        else:  # eval-mode output: the refined image only
+            coarse, refined = None, output
+        image = image.float()
+        losses = {}
+        if coarse is not None:
+            losses["l1_coarse"] = (coarse.float() - image).abs().mean()
+        losses["l1_refined"] = (refined.float() - image).abs().mean()
+        if discriminator is not None and self.loss_weights["adv"] > 0:
+            fake = self.composite(image, mask, refined)
+            losses["adv"] = hinge_g_loss(discriminator(fake, mask, self._sketch(image, mask)))
+        return losses
+
+    def discriminator_losses(self, image, mask, output, discriminator) -> dict[str, torch.Tensor]:
+        """Hinge loss; real and fake (the composite) go through D in one batch."""
+        fake = self.composite(image, mask, _refined(output).detach())
+        sketch = self._sketch(image, mask)
+        both_sketch = torch.cat([sketch, sketch]) if sketch is not None else None
+        scores = discriminator(torch.cat([image.to(fake.dtype), fake]), torch.cat([mask, mask]), both_sketch)
+        real_s, fake_s = scores.chunk(2)
+        d_real, d_fake = hinge_d_loss(real_s, fake_s)
+        return {"d_real": d_real, "d_fake": d_fake}

@@ -1,0 +1,302 @@
+"""DeepFill v2 end-to-end benchmarks: the generator on fastinpaint's kernels against the
+same model on eager layers (``use_backend("reference")``) and ``torch.compile`` of that,
+timed in the same run.
+
+Cases:
+  * ``G fwd+bwd``: the generator's forward and the backward of its L1 losses (both stages);
+  * ``train step``: one discriminator step (G forward without grad, D on real and fake,
+    hinge loss, backward) and one generator step (G forward, L1 + hinge losses through D,
+    backward); no optimiser update. D is the same eager module in every implementation;
+  * ``G inference``: eval mode, no grad, the refined output.
+
+Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory
+of one call above the memory held before it: ``torch.cuda.max_memory_allocated`` on GPU; on
+the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) with
+glibc told to serve every allocation of 64 KiB or more with its own mapping, returned on
+free, so the peak follows the live tensors (Linux only; otherwise no CPU figure).
+
+    python -m fastinpaint.models.deepfill_v2_bench --device cpu --size 128 --batch 1 \\
+        --json out.json --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .. import _backend
+from .. import benchmark as B
+from .deepfill_v2 import DeepFillV2Recipe
+
+IMPLS = ("eager", "fastinpaint", "compile(eager)")   # compile last: a time limit cuts it first
+
+
+# ----------------------------------------------------------------------------- CPU peak memory
+
+def _cpu_memory_setup() -> bool:
+    """Large allocations through mmap (returned on free): True when it could be arranged."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_mb(fn, device: str) -> float | None:
+    """Peak memory of one ``fn()`` above what was held before it, in MiB."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not _CPU_MEMORY:
+        return None
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) / 1024
+
+
+_CPU_MEMORY = False
+
+
+# ----------------------------------------------------------------------------- the model and its steps
+
+def _inputs(batch, size_hw, device, dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = size_hw
+    image = (torch.rand(batch, 3, h, w, generator=g) * 2 - 1).to(device, dtype)
+    mask = torch.zeros(batch, 1, h, w)
+    mask[:, :, h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2] = 1   # a box hole of half the sides
+    mask = mask.to(device, dtype)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+        mask = mask.contiguous(memory_format=torch.channels_last)
+    return image, mask
+
+
+def build(device: str, dtype, channels_last: bool, cnum: int = 48, seed: int = 0) -> DeepFillV2Recipe:
+    torch.manual_seed(seed)
+    recipe = DeepFillV2Recipe(cnum=cnum)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    recipe.generator.to(device=device, dtype=dtype, memory_format=fmt)
+    recipe.discriminator.to(device=device, dtype=dtype, memory_format=fmt)
+    return recipe
+
+
+def _backend_ctx(impl: str):
+    return _backend.use_backend("reference") if impl in ("eager", "compile(eager)") else contextlib.nullcontext()
+
+
+def make_step(recipe, impl: str, case: str, image, mask):
+    """A closure running one ``case`` for ``impl`` (compiled lazily inside the backend context)."""
+    g = recipe.generator
+    d = recipe.discriminator
+    net = torch.compile(g, dynamic=False) if impl.startswith("compile") else g
+    x = recipe.prepare_input(image, mask)
+    params = list(g.parameters()) + list(d.parameters())
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    if case == "G inference":
+        g.eval()
+
+        def run():
+            with _backend_ctx(impl), torch.no_grad():
+                return net(x)
+    elif case == "G fwd+bwd":
+        g.train()
+
+        def run():
+            zero()
+            with _backend_ctx(impl):
+                out = net(x)
+                losses = recipe.generator_losses(image, mask, out, None)
+                sum(losses.values()).backward()
+    elif case == "train step":
+        g.train()
+
+        def run():
+            zero()
+            with _backend_ctx(impl):
+                with torch.no_grad():
+                    out = net(x)
+                sum(recipe.discriminator_losses(image, mask, out, d).values()).backward()
+                out = net(x)
+                sum(recipe.generator_losses(image, mask, out, d).values()).backward()
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return run
+
+
+def _ratios(rows, case, base):
+    for r in rows:
+        if r["case"] != case or "ms" not in r:
+            continue
+        for name, b in base.items():
+            r[f"x_vs_{name}"] = b["ms"] / r["ms"]
+            if b.get("peak_MB") and r.get("peak_MB") is not None:
+                r[f"peak_vs_{name}"] = r["peak_MB"] / b["peak_MB"]
+
+
+def _timed(fn, device) -> float:
+    B._sync(device)
+    t0 = time.perf_counter()
+    fn()
+    B._sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 256), ("train step", 1, 256),
+                                                                 ("G inference", 1, 512)),
+                   channels_last=False, cnum=48, impls=IMPLS, min_time_s=1.0, progress=None,
+                   interleave=None) -> list[dict]:
+    """Rows of figures per (case, impl). ``interleave`` (default: on the CPU) times the
+    implementations in turns, one call each per round, so that a machine whose load drifts
+    slows them alike; otherwise each is timed on its own with :func:`fastinpaint.benchmark.time_fn`."""
+    global _CPU_MEMORY
+    if device == "cpu":
+        _CPU_MEMORY = _cpu_memory_setup()
+    if interleave is None:
+        interleave = device == "cpu"
+    rows = []
+    for case, batch, size in cases:
+        size_hw = (size, size) if isinstance(size, int) else tuple(size)
+        image, mask = _inputs(batch, size_hw, device, dtype, channels_last)
+        base, runs, case_rows = {}, {}, {}
+        for impl in impls:
+            row = {"case": case, "impl": impl, "dtype": str(dtype).split(".")[-1], "batch": batch,
+                   "size": f"{size_hw[0]}x{size_hw[1]}", "channels_last": channels_last, "cnum": cnum}
+            try:
+                run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
+                for _ in range(2):   # compile / warm up
+                    run()
+                if interleave:
+                    runs[impl] = run
+                else:
+                    row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=1)
+                    row["peak_MB"] = peak_mb(run, device)
+                    del run
+            except Exception as e:  # report, keep going
+                row["error"] = f"{type(e).__name__}: {e}"
+            case_rows[impl] = row
+            rows.append(row)
+            if not interleave:
+                if impl in ("eager", "compile(eager)") and "ms" in row:
+                    base[impl] = row
+                _ratios(rows, case, base)
+                if progress:
+                    progress(case, rows)
+            gc.collect()
+        if interleave and runs:
+            times = {impl: [] for impl in runs}
+            start = time.perf_counter()
+            while min(len(t) for t in times.values()) < 5 or \
+                    (time.perf_counter() - start < min_time_s * len(runs) and min(len(t) for t in times.values()) < 50):
+                for impl, run in runs.items():
+                    times[impl].append(_timed(run, device))
+            for impl, run in runs.items():
+                case_rows[impl]["ms"] = statistics.median(times[impl])
+                case_rows[impl]["rounds"] = len(times[impl])
+                case_rows[impl]["peak_MB"] = peak_mb(run, device)
+                if impl in ("eager", "compile(eager)"):
+                    base[impl] = case_rows[impl]
+            _ratios(rows, case, base)
+            if progress:
+                progress(case, rows)
+            runs.clear()
+            gc.collect()
+    return rows
+
+
+def markdown(rows, env) -> str:
+    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None), "",
+             "| case | impl | dtype | batch | size | ms | x vs eager | x vs compile(eager) | peak MB | "
+             "peak / eager's |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | "
+                         f"error: {r['error'][:100]} | | | | |")
+            continue
+        lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | {f(r['ms'], '.1f')} | "
+                     f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
+                     f"{f(r.get('peak_MB'), '.1f')} | {f(r.get('peak_vs_eager'), '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--size", type=int, default=None, help="training / fwd+bwd size (256 published)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (GPU default 8, CPU 1)")
+    p.add_argument("--infer-size", type=int, default=512)
+    p.add_argument("--cnum", type=int, default=48)
+    p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"])
+    p.add_argument("--impls", nargs="*", default=list(IMPLS))
+    p.add_argument("--min-time", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gpu = a.device == "cuda"
+    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
+    channels_last = gpu if a.channels_last is None else a.channels_last
+    size = a.size or 256
+    batch = a.batch or (8 if gpu else 1)
+    sizes = {"G fwd+bwd": size, "train step": a.train_size or size, "G inference": a.infer_size}
+    cases = [(c, batch if c != "G inference" else 1, sizes[c]) for c in a.cases]
+    env = B.environment(a.device)
+    env.update(channels_last=channels_last, cnum=a.cnum)
+
+    def progress(case, rows):
+        print("\n".join(markdown([r for r in rows if r["case"] == case], {}).strip().splitlines()[4:]), flush=True)
+        if a.json or a.markdown:
+            B.write_results(a.json, None, rows, env, {})
+            if a.markdown:
+                with open(a.markdown, "w") as fh:
+                    fh.write(markdown(rows, env))
+
+    rows = run_benchmarks(a.device, dtype, cases, channels_last, a.cnum, tuple(a.impls), a.min_time, progress)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

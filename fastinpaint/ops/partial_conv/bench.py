@@ -1,0 +1,161 @@
+"""Partial convolution benchmarks on the PConv U-Net's layers (Liu et al. 2018): fastinpaint's
+backends against the eager reference (the public formulation) and torch.compile of it, in the
+same run. Per case: median ms of forward+backward and of forward (no grad), the speed-ups,
+and the bytes saved for backward.
+
+    python -m fastinpaint.ops.partial_conv.bench --device cpu --json out.json --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from ... import _backend
+from ... import benchmark as B
+from . import reference
+from .op import partial_conv2d
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    cin: int
+    cout: int
+    k: int
+    stride: int
+    size: int
+    multi_channel: bool = False
+
+
+# encoder layers of the 512x512 network (7x7 s2 3->64, 5x5 s2 64->128, 5x5 s2 128->256, 3x3 s2 256->512),
+# a decoder layer (3x3 on the concatenation 512+256 -> 256 at 64), multi-channel masks as in the U-Net
+CASES = [
+    Case("enc1 3->64 7x7 s2 @512", 3, 64, 7, 2, 512, True),
+    Case("enc2 64->128 5x5 s2 @256", 64, 128, 5, 2, 256, True),
+    Case("enc3 128->256 5x5 s2 @128", 128, 256, 5, 2, 128, True),
+    Case("dec 768->256 3x3 @64", 768, 256, 3, 1, 64, True),
+    Case("single-mask 64->64 3x3 @128", 64, 64, 3, 1, 128, False),
+]
+
+
+def _inputs(case: Case, batch, device, dtype, channels_last, grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, case.cin, case.size, case.size, generator=g)
+    m = torch.ones(batch, case.cin if case.multi_channel else 1, case.size, case.size)
+    s = case.size
+    m[:, :, s // 4:s // 2, s // 3:3 * s // 4] = 0
+    w = torch.randn(case.cout, case.cin, case.k, case.k, generator=g) / (case.cin * case.k * case.k) ** 0.5
+    b = torch.randn(case.cout, generator=g)
+    to = dict(device=device, dtype=dtype)
+    x, m, w, b = x.to(**to), m.to(**to), w.to(**to), b.to(**to)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        m = m.contiguous(memory_format=torch.channels_last)
+    for t in (x, w, b):
+        t.requires_grad_(grad)
+    return x, m, w, b
+
+
+def implementations(case: Case, device: str) -> dict:
+    pad = case.k // 2
+
+    def eager(x, m, w, b):
+        return reference.partial_conv2d(x, m, w, b, case.stride, pad, 1)[0]
+
+    impls = {"eager": eager, "compile(eager)": torch.compile(eager)}
+    for backend in ("cpu", "cuda", "triton"):
+        if _backend.unavailable_reason(backend, device) is None:
+            def fn(x, m, w, b, _backend_name=backend):
+                with _backend.use_backend(_backend_name):
+                    return partial_conv2d(x, m, w, b, case.stride, pad, 1)[0]
+            impls[f"fastinpaint[{backend}]"] = fn
+    return impls
+
+
+def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=False, modes=("fwd+bwd", "fwd"),
+        min_time_s=0.5, progress=None) -> list[dict]:
+    rows = []
+    for case in cases:
+        impls = implementations(case, device)
+        for mode in modes:
+            grad = mode == "fwd+bwd"
+            x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
+            base = {}
+            for name, fn in impls.items():
+                row = {"case": case.name, "mode": mode, "impl": name, "dtype": str(dtype).split(".")[-1],
+                       "batch": batch}
+                try:
+                    if grad:
+                        gy = torch.randn_like(fn(x, m, w, b).detach())
+
+                        def step():
+                            for t in (x, w, b):
+                                t.grad = None
+                            fn(x, m, w, b).backward(gy)
+
+                        row["saved_MB"] = B.saved_bytes(lambda: fn(x, m, w, b), exclude=(x, m, w, b)) / 2**20
+                    else:
+                        def step():
+                            with torch.no_grad():
+                                fn(x, m, w, b)
+                    row["ms"] = B.time_fn(step, device, min_time_s=min_time_s)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base_mem = torch.cuda.memory_allocated()
+                        step()
+                        torch.cuda.synchronize()
+                        row["peak_MB"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+                except Exception as e:  # report, keep going
+                    row["error"] = f"{type(e).__name__}: {e}"
+                if name in ("eager", "compile(eager)") and "ms" in row:
+                    base[name] = row
+                rows.append(row)
+            eager_saved = base.get("eager", {}).get("saved_MB")
+            for row in rows:
+                if row["case"] == case.name and row["mode"] == mode and "ms" in row:
+                    for k, v in base.items():
+                        row[f"x_vs_{k}"] = v["ms"] / row["ms"]
+                    if eager_saved and "saved_MB" in row:
+                        row["saved_vs_eager"] = row["saved_MB"] / eager_saved
+            if progress:
+                progress(rows)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="partial convolution benchmarks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--min-time", type=float, default=0.5)
+    p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"])
+    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    gpu = a.device == "cuda"
+    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
+    batch = a.batch or (8 if gpu else 1)
+    channels_last = gpu if a.channels_last is None else a.channels_last
+    cases = [c for c in CASES if not a.cases or any(c.name.startswith(x) for x in a.cases)]
+    env = B.environment(a.device)
+    env["channels_last"] = channels_last
+
+    def progress(rows):
+        B.write_results(a.json, a.markdown, rows, env, {})
+
+    rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress)
+    print(B.markdown_table(rows, env))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
