@@ -37,6 +37,10 @@ step "benchmarks: DeepFill v2 end to end (train step b8 @256, inference @512), b
 timeout 60 $PY -m fastinpaint.models.deepfill_v2_bench --device cuda --dtype bfloat16 --channels-last --batch 8 \
     --size 256 --infer-size 512 --min-time 0.2 --cases "train step" "G inference" \
     --json "$RESULTS/deepfill_v2_bf16_${tag}.json" --markdown "$RESULTS/deepfill_v2_bf16_${tag}.md" || status=1
+step "benchmarks: pixel attention + attention-transfer loss (DGII), B=8, N=4096/16384, Dqk=32, Dv=256, bfloat16"
+timeout 60 $PY -m fastinpaint.ops.pixel_attention.bench --device cuda --dtype bfloat16 --batch 8 --sizes 4096 16384 \
+    --modes fwd+bwd --min-time 0.1 \
+    --json "$RESULTS/pixel_attention_bf16_${tag}.json" --markdown "$RESULTS/pixel_attention_bf16_${tag}.md" || status=1
 step "benchmarks: channel-wise fully connected layer (Context Encoder shapes), bfloat16, vs eager and compile(eager)"
 timeout 60 $PY -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 --min-time 0.1 \
     --json "$RESULTS/channel_fc_bf16_${tag}.json" --markdown "$RESULTS/channel_fc_bf16_${tag}.md" || status=1

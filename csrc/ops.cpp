@@ -48,6 +48,22 @@ TORCH_LIBRARY(fastinpaint, m) {
       "gated_act_backward(Tensor grad_out, Tensor pre, int activation, float negative_slope) "
       "-> Tensor");
 
+  // pixel (matmul) attention and the attention-transfer loss (DGII); q, k (B, N, Dqk),
+  // v (B, N, Dv), key_mask (B, N) bool with True = key excluded; distance 0 = l2, 1 = l1
+  m.def(
+      "pixel_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "pixel_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+      "Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_transfer_forward(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float scale, "
+      "int distance) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_transfer_backward(Tensor grad_dist, Tensor q_s, Tensor k_s, Tensor q_t, "
+      "Tensor k_t, Tensor lse_s, Tensor lse_t, Tensor c, float scale, int distance) "
+      "-> (Tensor, Tensor)");
+
   // channel-wise fully connected layer (Context Encoders): y[b, c] = act(W[c] @ x[b, c] + bias[c]);
   // x (B, C, H, W), weight (C, H*W, H*W), bias (C, H*W); the backward reads act' from out;
   // gradients not asked for come back as empty tensors

@@ -8,5 +8,8 @@ from .ops.gated_conv.op import gated_conv2d, gated_deconv2d
 from .ops.channel_fc.op import channel_fc
 # partial convolution (Liu et al. 2018)
 from .ops.partial_conv.op import partial_conv2d
+# pixel (matmul) attention and the attention-transfer loss (DGII)
+from .ops.pixel_attention.op import attention_transfer_loss, pixel_attention
 
-__all__ = ["channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d"]
+__all__ = ["attention_transfer_loss", "channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d",
+           "pixel_attention"]

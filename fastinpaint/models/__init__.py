@@ -10,17 +10,21 @@ from .context_encoder import (ContextEncoderDiscriminator, ContextEncoderFeature
 # DeepFill v2 (Yu et al., ICCV 2019)
 from .contextual_attention import ContextualAttention, contextual_attention
 from .deepfill_v2 import DeepFillV2Generator, DeepFillV2Recipe, SNPatchGANDiscriminator, convert_port_state_dict
+# distillation-guided image inpainting (Suin et al., ICCV 2021)
+from .dgii import DGIIGenerator, DGIIRecipe
 
 __all__ = ["ContextEncoderDiscriminator", "ContextEncoderFeaturesRecipe", "ContextEncoderGenerator",
-           "ContextEncoderRecipe", "ContextualAttention", "DeepFillV2Generator", "DeepFillV2Recipe",
-           "MODELS", "PatchDiscriminator", "SNPatchGANDiscriminator", "TinyGatedGenerator",
-           "TinyGatedRecipe", "build_model", "contextual_attention", "convert_port_state_dict"]
+           "ContextEncoderRecipe", "ContextualAttention", "DGIIGenerator", "DGIIRecipe",
+           "DeepFillV2Generator", "DeepFillV2Recipe", "MODELS", "PatchDiscriminator",
+           "SNPatchGANDiscriminator", "TinyGatedGenerator", "TinyGatedRecipe", "build_model",
+           "contextual_attention", "convert_port_state_dict"]
 
 MODELS = {
     "tiny_gated": TinyGatedRecipe,
     "context_encoder": ContextEncoderRecipe,
     "context_encoder_features": ContextEncoderFeaturesRecipe,
     "deepfill_v2": DeepFillV2Recipe,
+    "dgii": DGIIRecipe,
 }
 def build_model(name: str, **options):
     """The recipe registered as ``name`` in :data:`MODELS`, built with ``options``."""

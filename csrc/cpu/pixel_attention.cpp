@@ -1,0 +1,291 @@
+// CPU kernels of pixel attention and of the attention-transfer loss (DGII, Suin et al. 2021).
+//
+// Both are computed in tasks of (sample, block of kBlock rows) against all N keys: the
+// largest temporary of a task is a (kBlock, N) score block, never the (N, N) matrix, so the
+// memory is O(threads * kBlock * N) on top of the inputs. Tasks run in parallel
+// (at::parallel_for); inside a task the block products (at::mm) and the softmax are ATen ops
+// that run on the calling thread. The backward passes never reduce across tasks: one pass
+// over query blocks writes dq, one over key blocks recomputes the transposed scores and
+// writes dk (and dv). float16/bfloat16 inputs are computed in float32, float64 in float64.
+//
+// pixel_attention_forward(q, k, v, key_mask?, scale) -> (out, lse)
+//   out_i = sum_j softmax_j(scale q_i.k_j) v_j over keys with key_mask false;
+//   lse_i = log sum_j exp(scale q_i.k_j); a sample with every key masked: out = 0, lse = +inf.
+// pixel_attention_backward(grad_out, q, k, v, key_mask?, out, lse, scale) -> (dq, dk, dv)
+//   p = exp(s - lse), delta_i = sum_d dO_id O_id, dS = p (dO V^T - delta),
+//   dq = scale dS K (query blocks), dk = scale dS^T Q, dv = p^T dO (key blocks).
+// attention_transfer_forward(q_s, k_s, q_t, k_t, scale, distance) -> (dist, lse_s, lse_t, c)
+//   r = softmax rows; dist_i = sum_j (r_s - r_t)^2 (distance 0) or |r_s - r_t| (1);
+//   c_i = sum_j r_s g with g = 2 (r_s - r_t) or sign(r_s - r_t).
+// attention_transfer_backward(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, c, scale, distance)
+//   -> (dq_s, dk_s): dS = gd_i r_s (g - c_i), dq_s = scale dS k_s, dk_s = scale dS^T q_s.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace fastinpaint {
+namespace {
+
+constexpr int64_t kBlock = 64;
+
+at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_qkv(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "fastinpaint: ", name, " must be 3-D (B, N, D), got ", t.dim(), "-D");
+  TORCH_CHECK(t.device().is_cpu(), "fastinpaint: ", name, " must be a CPU tensor, got ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "fastinpaint: ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t B, int64_t N) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == N, "fastinpaint: ", name,
+              " must have shape (B, N) = (", B, ", ", N, "), got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "fastinpaint: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_mask) {
+  check_qkv(q, "q");
+  check_qkv(k, "k");
+  check_qkv(v, "v");
+  TORCH_CHECK(k.sizes() == q.sizes(), "fastinpaint: k must have the shape of q ", q.sizes(), ", got ",
+              k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1), "fastinpaint: v must have shape (",
+              q.size(0), ", ", q.size(1), ", Dv), got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fastinpaint: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  if (key_mask.has_value()) {
+    check_rows(*key_mask, "key_mask", q.size(0), q.size(1));
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool, "fastinpaint: key_mask must be bool, got ",
+                key_mask->scalar_type());
+  }
+}
+
+// Per-sample key masks: which samples have no valid key, and the (N,) excluded mask of the
+// others (undefined when nothing is excluded). Read once, before the parallel loops.
+struct SampleMasks {
+  std::vector<char> empty;
+  std::vector<at::Tensor> excluded;
+};
+
+SampleMasks sample_masks(const std::optional<at::Tensor>& key_mask, int64_t B) {
+  SampleMasks m{std::vector<char>(B, 0), std::vector<at::Tensor>(B)};
+  if (!key_mask.has_value()) return m;
+  const at::Tensor all = key_mask->all(1), any = key_mask->any(1);
+  for (int64_t b = 0; b < B; ++b) {
+    m.empty[b] = all[b].item<bool>();
+    if (!m.empty[b] && any[b].item<bool>()) m.excluded[b] = (*key_mask)[b].contiguous();
+  }
+  return m;
+}
+
+// Tasks = (sample, block of kBlock rows), run by at::parallel_for; inside a task every ATen op
+// (and BLAS) runs on the calling thread, so tasks never wait on each other.
+template <typename F>
+void for_blocks(int64_t B, int64_t N, const F& f) {
+  const int64_t nb = (N + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nb, i0 = (t % nb) * kBlock;
+      f(b, i0, std::min(kBlock, N - i0));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v,
+                                                               const std::optional<at::Tensor>& key_mask,
+                                                               double scale) {
+  check_attention(q, k, v, key_mask);
+  const int64_t B = q.size(0), N = q.size(1), Dv = v.size(2);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = new_output({B, N, Dv}, q.options(), at::MemoryFormat::Contiguous);
+  at::Tensor lse = new_output({B, N}, q.options().dtype(acc), at::MemoryFormat::Contiguous);
+  const double inf = std::numeric_limits<double>::infinity();
+  const SampleMasks masks = sample_masks(key_mask, B);
+  const at::Tensor qa = q.to(acc), kt = k.to(acc).transpose(1, 2).contiguous(), va = v.to(acc).contiguous();
+  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
+    if (masks.empty[b]) {  // no valid key: zero output, lse = +inf
+      out[b].narrow(0, i0, n).zero_();
+      lse[b].narrow(0, i0, n).fill_(inf);
+      return;
+    }
+    at::Tensor s = at::mm(qa[b].narrow(0, i0, n), kt[b]).mul_(scale);  // (n, N)
+    if (masks.excluded[b].defined()) s.masked_fill_(masks.excluded[b].unsqueeze(0), -inf);
+    at::Tensor m = std::get<0>(s.max(1, /*keepdim=*/true));
+    s.sub_(m).exp_();
+    at::Tensor l = s.sum(1, /*keepdim=*/true);
+    out[b].narrow(0, i0, n).copy_(at::mm(s, va[b]).div_(l));
+    lse[b].narrow(0, i0, n).copy_(m.add_(l.log_()).squeeze(1));
+  });
+  return {out, lse};
+}
+
+// Backward in two parallel passes without reductions across tasks: query blocks give dq,
+// key blocks give dk and dv (the scores are recomputed transposed, (keys, all queries)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  check_attention(q, k, v, key_mask);
+  const int64_t B = q.size(0), N = q.size(1), Dqk = q.size(2), Dv = v.size(2);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == N && grad_out.size(2) == Dv,
+              "fastinpaint: grad_out must have shape (", B, ", ", N, ", ", Dv, "), got ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), "fastinpaint: out must have shape ", grad_out.sizes(),
+              ", got ", out.sizes());
+  check_rows(lse, "lse", B, N);
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu(),
+              "fastinpaint: grad_out and out must be CPU tensors");
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor dq = new_output({B, N, Dqk}, q.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dk = new_output({B, N, Dqk}, q.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dv = new_output({B, N, Dv}, q.options(), at::MemoryFormat::Contiguous);
+  const double inf = std::numeric_limits<double>::infinity();
+  const SampleMasks masks = sample_masks(key_mask, B);
+  const at::Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
+  const at::Tensor go = grad_out.to(acc).contiguous();
+  const at::Tensor delta = (go * out.to(acc)).sum(2);  // (B, N)
+  const at::Tensor lsea = lse.to(acc).contiguous();
+  // pass 1: dq of each query block
+  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
+    if (masks.empty[b]) {  // the output is 0 whatever q, k, v are
+      dq[b].narrow(0, i0, n).zero_();
+      return;
+    }
+    at::Tensor p = at::mm(qa[b].narrow(0, i0, n), ka[b].t()).mul_(scale);  // (n, N)
+    if (masks.excluded[b].defined()) p.masked_fill_(masks.excluded[b].unsqueeze(0), -inf);
+    p.sub_(lsea[b].narrow(0, i0, n).unsqueeze(1)).exp_();
+    at::Tensor ds = at::mm(go[b].narrow(0, i0, n), va[b].t()).sub_(delta[b].narrow(0, i0, n).unsqueeze(1)).mul_(p);
+    dq[b].narrow(0, i0, n).copy_(at::mm(ds, ka[b]).mul_(scale));
+  });
+  // pass 2: dk, dv of each key block
+  for_blocks(B, N, [&](int64_t b, int64_t j0, int64_t n) {
+    if (masks.empty[b]) {
+      dk[b].narrow(0, j0, n).zero_();
+      dv[b].narrow(0, j0, n).zero_();
+      return;
+    }
+    at::Tensor pt = at::mm(ka[b].narrow(0, j0, n), qa[b].t()).mul_(scale);  // (n keys, N queries)
+    pt.sub_(lsea[b].unsqueeze(0)).exp_();
+    if (masks.excluded[b].defined()) pt.masked_fill_(masks.excluded[b].narrow(0, j0, n).unsqueeze(1), 0.0);
+    dv[b].narrow(0, j0, n).copy_(at::mm(pt, go[b]));
+    at::Tensor dst = at::mm(va[b].narrow(0, j0, n), go[b].t()).sub_(delta[b].unsqueeze(0)).mul_(pt);
+    dk[b].narrow(0, j0, n).copy_(at::mm(dst, qa[b]).mul_(scale));
+  });
+  return {dq, dk, dv};
+}
+
+void check_transfer(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                    int64_t distance) {
+  check_qkv(q_s, "q_s");
+  check_qkv(k_s, "k_s");
+  check_qkv(q_t, "q_t");
+  check_qkv(k_t, "k_t");
+  TORCH_CHECK(k_s.sizes() == q_s.sizes(), "fastinpaint: k_s must have the shape of q_s ", q_s.sizes(),
+              ", got ", k_s.sizes());
+  TORCH_CHECK(k_t.sizes() == q_t.sizes(), "fastinpaint: k_t must have the shape of q_t ", q_t.sizes(),
+              ", got ", k_t.sizes());
+  TORCH_CHECK(q_t.size(0) == q_s.size(0) && q_t.size(1) == q_s.size(1),
+              "fastinpaint: q_t must have the (B, N) of q_s, got ", q_t.sizes(), " and ", q_s.sizes());
+  TORCH_CHECK(distance == 0 || distance == 1, "fastinpaint: distance must be 0 (l2) or 1 (l1), got ",
+              distance);
+}
+
+// Softmax rows of one block, student and teacher, plus their log-sum-exps.
+struct TransferBlock {
+  at::Tensor ps, pt, g;
+};
+
+TransferBlock transfer_block(const at::Tensor& qs, const at::Tensor& kst, const at::Tensor& qt,
+                             const at::Tensor& ktt, double scale, const at::Tensor& lse_s,
+                             const at::Tensor& lse_t, int64_t distance) {
+  TransferBlock r;
+  r.ps = at::mm(qs, kst).mul_(scale).sub_(lse_s).exp_();
+  r.pt = at::mm(qt, ktt).mul_(scale).sub_(lse_t).exp_();
+  at::Tensor diff = r.ps - r.pt;
+  r.g = distance == 0 ? diff.mul_(2) : diff.sign_();
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_transfer_forward_cpu(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t, double scale,
+    int64_t distance) {
+  check_transfer(q_s, k_s, q_t, k_t, distance);
+  const int64_t B = q_s.size(0), N = q_s.size(1);
+  const auto acc = acc_type(q_s.scalar_type());
+  const auto opts = q_s.options().dtype(acc);
+  at::Tensor dist = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
+  at::Tensor lse_s = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
+  at::Tensor lse_t = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
+  at::Tensor crow = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
+  const at::Tensor qs_a = q_s.to(acc), qt_a = q_t.to(acc);
+  const at::Tensor kst = k_s.to(acc).transpose(1, 2).contiguous(), ktt = k_t.to(acc).transpose(1, 2).contiguous();
+  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
+    const at::Tensor qs = qs_a[b].narrow(0, i0, n), qt = qt_a[b].narrow(0, i0, n);
+    // the two log-sum-exps first (one score block at a time), then the rows themselves
+    const at::Tensor ls = at::logsumexp(at::mm(qs, kst[b]).mul_(scale), {1}, /*keepdim=*/true);
+    const at::Tensor lt = at::logsumexp(at::mm(qt, ktt[b]).mul_(scale), {1}, /*keepdim=*/true);
+    TransferBlock r = transfer_block(qs, kst[b], qt, ktt[b], scale, ls, lt, distance);
+    at::Tensor diff = r.ps - r.pt;
+    dist[b].narrow(0, i0, n).copy_(distance == 0 ? diff.mul_(diff).sum(1) : diff.abs_().sum(1));
+    crow[b].narrow(0, i0, n).copy_(r.g.mul_(r.ps).sum(1));
+    lse_s[b].narrow(0, i0, n).copy_(ls.squeeze(1));
+    lse_t[b].narrow(0, i0, n).copy_(lt.squeeze(1));
+  });
+  return {dist, lse_s, lse_t, crow};
+}
+
+// Backward in two parallel passes (query blocks -> dq_s, key blocks -> dk_s), as for attention.
+std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
+    const at::Tensor& grad_dist, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+    const at::Tensor& k_t, const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& crow, double scale,
+    int64_t distance) {
+  check_transfer(q_s, k_s, q_t, k_t, distance);
+  const int64_t B = q_s.size(0), N = q_s.size(1), Ds = q_s.size(2);
+  check_rows(grad_dist, "grad_dist", B, N);
+  check_rows(lse_s, "lse_s", B, N);
+  check_rows(lse_t, "lse_t", B, N);
+  check_rows(crow, "c", B, N);
+  const auto acc = acc_type(q_s.scalar_type());
+  at::Tensor dq = new_output({B, N, Ds}, q_s.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dk = new_output({B, N, Ds}, q_s.options(), at::MemoryFormat::Contiguous);
+  const at::Tensor qs_a = q_s.to(acc).contiguous(), ks_a = k_s.to(acc).contiguous();
+  const at::Tensor qt_a = q_t.to(acc).contiguous(), kt_a = k_t.to(acc).contiguous();
+  const at::Tensor gd = grad_dist.to(acc).contiguous(), cr = crow.to(acc).contiguous();
+  const at::Tensor ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
+  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
+    const at::Tensor qs = qs_a[b].narrow(0, i0, n);
+    TransferBlock r = transfer_block(qs, ks_a[b].t(), qt_a[b].narrow(0, i0, n), kt_a[b].t(), scale,
+                                     ls[b].narrow(0, i0, n).unsqueeze(1), lt[b].narrow(0, i0, n).unsqueeze(1),
+                                     distance);
+    at::Tensor ds = r.g.sub_(cr[b].narrow(0, i0, n).unsqueeze(1)).mul_(r.ps).mul_(gd[b].narrow(0, i0, n).unsqueeze(1));
+    dq[b].narrow(0, i0, n).copy_(at::mm(ds, ks_a[b]).mul_(scale));
+  });
+  for_blocks(B, N, [&](int64_t b, int64_t j0, int64_t n) {
+    // transposed block: (n keys, N queries); the row statistics broadcast along dim 0
+    TransferBlock r = transfer_block(ks_a[b].narrow(0, j0, n), qs_a[b].t(), kt_a[b].narrow(0, j0, n), qt_a[b].t(),
+                                     scale, ls[b].unsqueeze(0), lt[b].unsqueeze(0), distance);
+    at::Tensor dst = r.g.sub_(cr[b].unsqueeze(0)).mul_(r.ps).mul_(gd[b].unsqueeze(0));
+    dk[b].narrow(0, j0, n).copy_(at::mm(dst, qs_a[b]).mul_(scale));
+  });
+  return {dq, dk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) {
+  m.impl("pixel_attention_forward", &pixel_attention_forward_cpu);
+  m.impl("pixel_attention_backward", &pixel_attention_backward_cpu);
+  m.impl("attention_transfer_forward", &attention_transfer_forward_cpu);
+  m.impl("attention_transfer_backward", &attention_transfer_backward_cpu);
+}
+
+}  // namespace fastinpaint
