@@ -33,6 +33,9 @@ step "benchmarks: float32, channels_last, batch 8"
 timeout 60 $PY -m fastinpaint.cli bench --device cuda --dtype float32 --batch 8 --min-time 0.2 --modes fwd+bwd \
     --cases conv1 "deconv 96" \
     --json "$RESULTS/gated_conv_fp32_${tag}.json" --markdown "$RESULTS/gated_conv_fp32_${tag}.md" || status=1
+step "benchmarks: self-similarity maps / spatially-correlative distance, bfloat16"
+timeout 60 $PY -m fastinpaint.ops.self_similarity.bench --device cuda --dtype bfloat16 --min-time 0.2 \
+    --json "$RESULTS/self_similarity_bf16_${tag}.json" --markdown "$RESULTS/self_similarity_bf16_${tag}.md" || status=1
 step "benchmarks: DeepFill v2 end to end (train step b8 @256, inference @512), bfloat16, channels_last"
 timeout 60 $PY -m fastinpaint.models.deepfill_v2_bench --device cuda --dtype bfloat16 --channels-last --batch 8 \
     --size 256 --infer-size 512 --min-time 0.2 --cases "train step" "G inference" \

@@ -48,6 +48,22 @@ TORCH_LIBRARY(fastinpaint, m) {
       "gated_act_backward(Tensor grad_out, Tensor pre, int activation, float negative_slope) "
       "-> Tensor");
 
+  // self-similarity maps and the spatially-correlative distance (F-LSeSim);
+  // g = normalised features (B, H, W, C), index = flat query positions (Q,) int64
+  m.def(
+      "self_similarity_forward(Tensor g, Tensor index, int patch_size, int window, bool squash) "
+      "-> Tensor");
+  m.def(
+      "self_similarity_backward(Tensor grad, Tensor g, Tensor index, int patch_size, int window) "
+      "-> Tensor");
+  m.def(
+      "spatial_correlative_distance_forward(Tensor g_src, Tensor g_tgt, Tensor index, "
+      "int patch_size, int window, bool squash, int mode) -> (Tensor, Tensor)");
+  m.def(
+      "spatial_correlative_distance_backward(Tensor grad_rows, Tensor g_src, Tensor g_tgt, "
+      "Tensor index, Tensor stats, int patch_size, int window, bool squash, int mode) "
+      "-> (Tensor, Tensor)");
+
   // pixel (matmul) attention and the attention-transfer loss (DGII); q, k (B, N, Dqk),
   // v (B, N, Dv), key_mask (B, N) bool with True = key excluded; distance 0 = l2, 1 = l1
   m.def(

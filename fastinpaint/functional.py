@@ -10,6 +10,8 @@ from .ops.channel_fc.op import channel_fc
 from .ops.partial_conv.op import partial_conv2d
 # pixel (matmul) attention and the attention-transfer loss (DGII)
 from .ops.pixel_attention.op import attention_transfer_loss, pixel_attention
+# self-similarity maps and the spatially-correlative distance (F-LSeSim)
+from .ops.self_similarity.op import sample_query_index, self_similarity, spatial_correlative_distance
 
 __all__ = ["attention_transfer_loss", "channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d",
-           "pixel_attention"]
+           "pixel_attention", "sample_query_index", "self_similarity", "spatial_correlative_distance"]

@@ -125,7 +125,17 @@ def test_unset_optimiser_settings_come_from_the_model():
     assert resolve_defaults(load_config(overrides=["lr_d=0.5"]), TwoRates()).lr_d == 0.5
     mine = resolve_defaults(load_config(overrides=["lr=0.01", "betas=0.9,0.99"]), Published())
     assert mine.lr == 0.01 and mine.betas == (0.9, 0.99)
-    assert resolve_defaults(config, object()).lr == 1e-4   # a recipe without published settings
+    bare = resolve_defaults(config, object())   # a recipe without published settings
+    assert (bare.lr, bare.size, bare.batch_size, bare.mask) == (1e-4, 64, 4, "free_form")
+
+    class CenterModel(Published):
+        default_size, default_batch_size, default_mask = 128, 64, "center"
+        default_mask_options = {"hole": 64}
+
+    c = resolve_defaults(load_config(overrides=["mask_options.overlap=4"]), CenterModel())
+    assert (c.size, c.batch_size, c.mask, c.mask_options) == (128, 64, "center", {"hole": 64, "overlap": 4})
+    c = resolve_defaults(load_config(overrides=["mask=block", "size=32"]), CenterModel())
+    assert (c.size, c.mask, c.mask_options) == (32, "block", {})   # the model's mask options go with its mask
     assert load_config(overrides=["lr=0.01", "lr=none"]).lr is None
     with pytest.raises(ConfigError, match="lr must be"):
         load_config(overrides=["lr=-1"])
@@ -444,3 +454,60 @@ def test_cli_train(tmp_path, capsys):
     assert rc == 0 and "resumed from" in capsys.readouterr().out
     assert cli.main(["train", "--set", "nonsense=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- structure loss
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A small frozen extractor (two layers) for the structure-loss switch, seeded locally."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        return [a, torch.relu(self.b(a))]
+
+
+def tiny_extractor():
+    return _TinyFeatures()
+
+
+STRUCTURE = {"extractor": f"{__name__}:tiny_extractor", "patch_size": 7, "num_queries": 16, "weight": 2.0,
+             "seed": 3}
+
+
+def test_structure_loss_switch_adds_to_the_generator_loss(tmp_path):
+    result = train(cfg(tmp_path / "fixed", steps=2, val_every=100, structure_loss=STRUCTURE))
+    log = read_log(tmp_path / "fixed")
+    assert all(np.isfinite(x["structure"]) and x["structure"] > 0 for x in log)
+    # the total is the weighted sum, the structure loss at its configured weight
+    for x in log:
+        expected = x["l1_hole"] + x["l1_valid"] + 2.0 * x["structure"]
+        assert abs(x["g_total"] - expected) < 1e-5 * max(1.0, expected)
+    assert load_checkpoint(result["checkpoint"])["structure"]["heads"] is None
+    with pytest.raises(ValueError, match="unknown structure-loss config keys"):
+        train(cfg(tmp_path / "bad", steps=1, structure_loss={**STRUCTURE, "patchsize": 3}))
+
+
+def test_learned_structure_heads_train_and_resume_exactly(tmp_path):
+    learned = {**STRUCTURE, "variant": "learned", "channels": [8, 16], "lr": 1e-2}
+    full = train(cfg(tmp_path / "full", steps=4, checkpoint_every=2, val_every=100, structure_loss=learned))
+    assert all(np.isfinite(x["structure_heads"]) for x in read_log(tmp_path / "full"))
+    train(cfg(tmp_path / "half", steps=2, val_every=100, structure_loss=learned))
+    resumed = train(cfg(tmp_path / "half", steps=4, checkpoint_every=2, val_every=100, structure_loss=learned,
+                        resume=True))
+    a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    for name, value in a["generator"].items():
+        assert torch.equal(value, b["generator"][name]), name
+    heads_a, heads_b = a["structure"]["heads"], b["structure"]["heads"]
+    assert heads_a is not None and all(torch.equal(v, heads_b[k]) for k, v in heads_a.items())
+    at_2 = load_checkpoint(checkpoint_path(tmp_path / "half" / "checkpoints", 2))["structure"]["heads"]
+    assert any(not torch.equal(v, at_2[k]) for k, v in heads_b.items())   # the heads trained on

@@ -108,6 +108,7 @@ class TinyGatedRecipe:
     # small trains fastest at a larger step than the 1e-4 of the published GANs.
     default_lr = 2e-3
     default_betas = (0.5, 0.999)
+    default_size, default_batch_size, default_mask = 64, 4, "free_form"   # the demo setting
 
     def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
         weights = dict(self.default_weights)

@@ -27,10 +27,10 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)   # e.g. {"width": 8}
     data: str = "demo"                                   # "demo" or an image folder
     samples_per_epoch: int = 1024                        # demo only
-    mask: str = "free_form"
-    mask_options: dict = field(default_factory=dict)
-    size: int = 64
-    batch_size: int = 4                                  # per process
+    mask: Optional[str] = None                           # None: the model's default_mask (with its
+    mask_options: dict = field(default_factory=dict)     # default_mask_options), else free_form
+    size: Optional[int] = None                           # None: the model's default_size, else 64
+    batch_size: Optional[int] = None                     # per process; None: default_batch_size, else 4
     steps: int = 2000                                    # optimiser steps
     lr: Optional[float] = None                           # None: the model's published default_lr
     betas: Optional[tuple] = None                        # None: the model's default_betas
@@ -38,6 +38,8 @@ class TrainConfig:
                                                          # default_lr_discriminator, else lr
     eps: float = 1e-8                                    # Adam's epsilon
     loss_weights: dict = field(default_factory=dict)     # merged over the model's defaults
+    structure_loss: dict = field(default_factory=dict)   # {} = off; else the spatially-correlative
+                                                         # loss added to any model's generator loss
     amp: str = "none"                                    # "none" | "bf16" | "fp16"
     compile: bool = False
     grad_accum: int = 1
@@ -59,6 +61,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def positive(name, allow_zero=False):
             v = getattr(self, name)
+            if v is None and name in ("size", "batch_size"):   # the model's default
+                return
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
                 raise ConfigError(f"{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
 
@@ -88,7 +92,7 @@ class TrainConfig:
             self.betas = tuple(float(b) for b in betas)
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             raise ConfigError(f"ema must be a decay in [0, 1) (0 = off), got {self.ema!r}")
-        for name in ("model_options", "mask_options", "loss_weights"):
+        for name in ("model_options", "mask_options", "loss_weights", "structure_loss"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a table/dict, got {getattr(self, name)!r}")
         for name in ("compile", "resume"):

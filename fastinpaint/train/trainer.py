@@ -47,7 +47,7 @@ from ..models import build_model
 from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import TrainConfig
 
-__all__ = ["MaskedDataset", "resolve_defaults", "train"]
+__all__ = ["MaskedDataset", "build_structure_loss", "resolve_defaults", "train"]
 
 
 class MaskedDataset(Dataset):
@@ -223,15 +223,58 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
 
 # ----------------------------------------------------------------------------- train
 
+def _import_object(path: str):
+    """``"package.module:name"`` -> the object."""
+    import importlib
+
+    module, sep, name = str(path).partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"structure_loss.extractor must be 'package.module:callable', got {path!r}")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_structure_loss(options: dict, device: torch.device):
+    """The spatially-correlative structure loss of ``config.structure_loss`` (None when empty).
+
+    Keys: those of :meth:`fastinpaint.losses.StructureLoss.from_config` (``variant``
+    "fixed" = FSeSim or "learned" = LSeSim, ``mode``, ``patch_size``, ``num_queries``,
+    ``layers``, ``weight`` = its weight in the generator loss, ``lr`` = the LSeSim heads'
+    learning rate, ...), plus ``extractor``: ``"package.module:callable"`` returning a frozen
+    feature extractor (image batch in [-1, 1] -> list of feature maps) instead of VGG16, and
+    ``channels``: its channel count per layer (needed by the learned heads)."""
+    if not options:
+        return None
+    from ..losses import StructureLoss
+
+    options = dict(options)
+    extractor = options.pop("extractor", None)
+    channels = options.pop("channels", None)
+    if extractor is not None:
+        extractor = _import_object(extractor)()
+    return StructureLoss.from_config(options, extractor=extractor, channels=channels).to(device)
+
+
 def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
-    """``config`` with the settings left unset (``None``) taken from the model's recipe:
-    ``lr`` from ``recipe.default_lr``, ``lr_d`` from ``recipe.default_lr_discriminator``
-    (else ``lr``) and ``betas`` from ``recipe.default_betas``: the published optimiser
-    settings (1e-4 and (0.5, 0.999) for a recipe that names none)."""
+    """``config`` with the settings left unset (``None``) taken from the model's recipe, its
+    published setting: ``lr`` from ``recipe.default_lr`` (else 1e-4), ``lr_d`` from
+    ``default_lr_discriminator`` (else ``lr``), ``betas`` from ``default_betas`` (else
+    (0.5, 0.999)), ``size`` from ``default_size`` (else 64), ``batch_size`` from
+    ``default_batch_size`` (else 4), and ``mask`` with its options from ``default_mask`` and
+    ``default_mask_options`` (else free-form strokes)."""
     lr = config.lr if config.lr is not None else float(getattr(recipe, "default_lr", 1e-4))
     lr_d = config.lr_d if config.lr_d is not None else float(getattr(recipe, "default_lr_discriminator", lr))
     betas = config.betas if config.betas is not None else tuple(getattr(recipe, "default_betas", (0.5, 0.999)))
-    return dataclasses.replace(config, lr=lr, lr_d=lr_d, betas=betas)
+    size = config.size if config.size is not None else int(getattr(recipe, "default_size", 64))
+    batch = config.batch_size if config.batch_size is not None else int(getattr(recipe, "default_batch_size", 4))
+    mask, mask_options = config.mask, config.mask_options
+    if mask is None:
+        mask = getattr(recipe, "default_mask", "free_form")
+        mask_options = {**dict(getattr(recipe, "default_mask_options", None) or {}), **mask_options}
+    return dataclasses.replace(config, lr=lr, lr_d=lr_d, betas=betas, size=size, batch_size=batch, mask=mask,
+                               mask_options=mask_options).validate()
 
 
 def train(config: TrainConfig, on_step=None) -> dict:
@@ -282,7 +325,13 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
             p.requires_grad_(False)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    weights = recipe.loss_weights
+    weights = dict(recipe.loss_weights)
+    structure = build_structure_loss(config.structure_loss, device)
+    opt_s = None
+    if structure is not None:
+        weights["structure"] = structure.weight
+        if structure.learned:
+            opt_s = torch.optim.Adam(structure.head_parameters(), lr=structure.head_lr)
     final_output = getattr(recipe, "final_output", None) or (lambda out: out)   # the image of a
     # generator that returns more (DeepFill v2: coarse and refined)
 
@@ -327,6 +376,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
                 ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["generator"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
+            if structure is not None and state.get("structure") is not None:
+                _load_structure_state(structure, opt_s, state["structure"])
             step = int(state["step"])
             epoch, batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
             history = list(state.get("history", []))
@@ -381,6 +432,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
             "discriminator": discriminator.state_dict() if discriminator is not None else None,
             "opt_d": opt_d.state_dict() if opt_d is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
+            "structure": _structure_state(structure, opt_s) if structure is not None else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": rng_state(), "config": config.to_dict(), "history": history,
         }
@@ -486,6 +538,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
                     with autocast():
                         out = g_fwd(recipe.prepare_input(image, mask))
                         g_losses = recipe.generator_losses(image, mask, out, discriminator)
+                        if structure is not None:   # the completed image's structure vs the truth's
+                            g_losses["structure"] = structure(recipe.composite(image, mask, out), image)
                     total = sum(weights.get(k, 1.0) * v for k, v in g_losses.items())
                     scaler.scale(total / config.grad_accum).backward()
                 for k, v in g_losses.items():
@@ -493,6 +547,19 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
                 logs["g_total"] = logs.get("g_total", 0.0) + float(total.detach()) / config.grad_accum
             scaler.step(opt_g)
             scaler.update()
+            if opt_s is not None:   # LSeSim: the heads learn their InfoNCE loss on augmented views
+                opt_s.zero_grad(set_to_none=True)
+                head_loss = 0.0
+                for image, _ in batches:
+                    part = structure.head_loss(image.to(device, non_blocking=True)) / config.grad_accum
+                    part.backward()
+                    head_loss += float(part.detach())
+                if distributed:
+                    for p in structure.head_parameters():
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                opt_s.step()
+                logs["structure_heads"] = head_loss
             if discriminator is not None:
                 discriminator.requires_grad_(True)
             if ema is not None:
@@ -541,6 +608,22 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
         return result
     finally:
         logger.close()
+
+
+def _structure_state(structure, opt_s) -> dict:
+    gen = structure.generator
+    return {"heads": structure.heads.state_dict() if structure.heads is not None else None,
+            "opt": opt_s.state_dict() if opt_s is not None else None,
+            "generator": gen.get_state() if gen is not None else None}
+
+
+def _load_structure_state(structure, opt_s, state: dict) -> None:
+    if structure.heads is not None and state.get("heads") is not None:
+        structure.heads.load_state_dict(state["heads"])
+    if opt_s is not None and state.get("opt") is not None:
+        opt_s.load_state_dict(state["opt"])
+    if structure.generator is not None and state.get("generator") is not None:
+        structure.generator.set_state(state["generator"])
 
 
 def _unwrap_ddp(module):

@@ -1,0 +1,268 @@
+"""Benchmarks of the self-similarity maps and the fused spatially-correlative distance.
+
+    python -m fastinpaint.ops.self_similarity.bench --device cpu --json out.json --markdown out.md
+
+Baselines, timed in the same run (forward + backward of the ``cos`` distance for the sparse
+cases, of the maps' sum of squares for the dense form):
+  loop (public)     the public code's formulation: Python loop over the queries, stack of the
+                    B x Q x C x K x K windows, bmm (reference.self_similarity_loop)
+  eager reference   one bmm per image against the whole map, gather (the tests' oracle)
+  compile(gather)   torch.compile of the vectorised gather formulation
+                    (reference.self_similarity_gather)
+and every fastinpaint backend available on the device. Figures per row: median ms, ratio of
+each baseline's time to this row's, peak extra memory of one forward+backward (GPU:
+max_memory_allocated above the inputs; CPU: peak RSS (VmHWM, reset after a warm-up call)
+minus the RSS before the call, in a fresh subprocess), and for
+the dense form the achieved fraction of a roofline (the larger of the bytes-moved and
+FLOP times at the measured copy bandwidth / matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from ... import _backend
+from ...benchmark import environment, measure_ceilings, time_fn
+from . import reference as ref
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    B: int
+    C: int
+    H: int
+    W: int
+    K: int
+    Q: int = 256  # 0: dense form (every position a query)
+    window: str = "clamp"
+
+    @property
+    def dense(self) -> bool:
+        return self.Q == 0
+
+
+GPU_CASES = [
+    Case("sparse B8 C256 64x64 Q256 K32", 8, 256, 64, 64, 32),
+    Case("sparse B4 C128 128x128 Q256 K32", 4, 128, 128, 128, 32),
+    Case("dense B8 C64 64x64 K7", 8, 64, 64, 64, 7, Q=0, window="zero"),
+    Case("dense B8 C64 64x64 K15", 8, 64, 64, 64, 15, Q=0, window="zero"),
+]
+# The loop-style baseline at (B=8, C=256, 64x64) takes minutes per call on a 2-core CPU and
+# about 6 GiB: the CPU run uses that map and window with fewer images / channels; the
+# 128x128 case is the GPU shape itself.
+CPU_CASES = [
+    Case("sparse B2 C128 64x64 Q256 K32", 2, 128, 64, 64, 32),
+    Case("sparse B4 C128 128x128 Q256 K32", 4, 128, 128, 128, 32),
+    Case("dense B2 C64 64x64 K7", 2, 64, 64, 64, 7, Q=0, window="zero"),
+    Case("dense B2 C64 64x64 K15", 2, 64, 64, 64, 15, Q=0, window="zero"),
+]
+
+
+def _inputs(case: Case, device: str, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(case.B, case.C, case.H, case.W, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    t = torch.randn(case.B, case.C, case.H, case.W, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    hw = case.H * case.W
+    index = torch.arange(hw) if case.dense else torch.randperm(hw, generator=g)[:case.Q]
+    return f, t, index.to(device)
+
+
+def implementations(case: Case, device: str, compile_baseline: bool = True) -> dict:
+    """{label: fn(f, t, index) -> scalar loss}."""
+    from ... import functional as FI
+
+    impls = {}
+    if case.dense:
+        impls["eager reference"] = lambda f, t, i: ref.self_similarity(f, i, case.K, case.window).square().mean()
+        if compile_baseline:
+            impls["compile(gather)"] = torch.compile(
+                lambda f, t, i: ref.self_similarity_gather(f, i, case.K, case.window).square().mean(), dynamic=False)
+    else:
+        impls["loop (public)"] = lambda f, t, i: ref.compare_maps(ref.self_similarity_loop(f, i, case.K),
+                                                                  ref.self_similarity_loop(t, i, case.K), "cos")
+        impls["eager reference"] = lambda f, t, i: ref.spatial_correlative_distance(f, t, i, case.K, "cos")
+        if compile_baseline:
+            impls["compile(gather)"] = torch.compile(
+                lambda f, t, i: ref.compare_maps(ref.self_similarity_gather(f, i, case.K),
+                                                 ref.self_similarity_gather(t, i, case.K), "cos"), dynamic=False)
+    from .op import IMPLEMENTED
+
+    for backend in ("cpu", "cuda", "triton"):
+        if backend not in IMPLEMENTED or _backend.unavailable_reason(backend, device) is not None:
+            continue
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is for correctness, not speed
+
+        def fn(f, t, i, backend=backend):
+            with _backend.use_backend(backend):
+                if case.dense:
+                    return FI.self_similarity(f, "all", patch_size=case.K, window=case.window).square().mean()
+                return FI.spatial_correlative_distance(f, t, i, patch_size=case.K, mode="cos", window=case.window)
+
+        impls[f"fastinpaint[{backend}]"] = fn
+    return impls
+
+
+def _step(fn, f, t, index):
+    loss = fn(f, t, index)
+    loss.backward()
+    f.grad = t.grad = None
+
+
+def _peak_cpu_subprocess(case: Case, label: str, dtype) -> float | None:
+    """Peak RSS growth (MiB) of one forward+backward, in a fresh process (after a warm-up call,
+    so that one-time allocations and compilation do not count)."""
+    code = (
+        "import resource, sys, json, torch, dataclasses\n"
+        "from fastinpaint.ops.self_similarity import bench as b\n"
+        f"case = b.Case(**json.loads({json.dumps(json.dumps(dataclasses.asdict(case)))}))\n"
+        f"dtype = getattr(torch, {str(dtype).split('.')[-1]!r})\n"
+        "f, t, i = b._inputs(case, 'cpu', dtype)\n"
+        f"fn = b.implementations(case, 'cpu', {label == 'compile(gather)'!r})[{label!r}]\n"
+        "b._step(fn, f, t, i)\n"
+        "import gc; gc.collect()\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key): return int(line.split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) to the current RSS\n"
+        "before = status('VmRSS')\n"
+        "b._step(fn, f, t, i)\n"
+        "peak = status('VmHWM')\n"
+        "print('PEAK', max(0, peak - before))\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    except subprocess.TimeoutExpired:
+        return None
+    for line in out.stdout.splitlines():
+        if line.startswith("PEAK"):
+            return int(line.split()[1]) / 2**20
+    return None
+
+
+def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: float = 0.5, compile_baseline=True,
+          measure_peak: bool = True, progress=None, ceilings=None) -> list[dict]:
+    cases = (GPU_CASES if device == "cuda" else CPU_CASES) if cases is None else cases
+    if ceilings is None:
+        ceilings = measure_ceilings(device) if device == "cuda" else {}
+    rows = []
+    for case in cases:
+        f, t, index = _inputs(case, device, dtype)
+        results = {}
+        for label, fn in implementations(case, device, compile_baseline).items():
+            try:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    _step(fn, f, t, index)  # warm-up / compile
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    _step(fn, f, t, index)
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    ms = time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s)
+                else:
+                    slow = label == "loop (public)"
+                    ms = time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s,
+                                 max_reps=3 if slow else 200, warmup=1)
+                    peak = _peak_cpu_subprocess(case, label, dtype) if measure_peak else None
+            except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
+                results[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            row = {"ms": ms, "peak_extra_MB": peak}
+            if case.dense and ceilings:
+                n = case.K * case.K
+                hw = case.H * case.W
+                esize = torch.finfo(dtype).bits // 8
+                # forward + backward: read g (x2 in backward), write the maps, read their grad, write dg
+                bytes_moved = esize * case.B * hw * (3 * case.C + 2 * n + case.C)
+                flops = 3 * 2 * case.B * hw * n * case.C
+                t_bw = bytes_moved / (ceilings["copy_GBps"] * 1e9)
+                t_fl = flops / (next(v for k, v in ceilings.items() if k.startswith("matmul")) * 1e12)
+                row["roofline_ms"] = max(t_bw, t_fl) * 1e3
+                row["of_roofline"] = row["roofline_ms"] / ms
+            results[label] = row
+        bases = {k: results[k]["ms"] for k in ("loop (public)", "eager reference", "compile(gather)")
+                 if "ms" in results.get(k, {})}
+        base_peaks = {k: results[k]["peak_extra_MB"] for k in bases if results[k].get("peak_extra_MB")}
+        for label, row in results.items():
+            entry = {"case": case.name, "impl": label, "dtype": str(dtype).split(".")[-1], "mode": "fwd+bwd", **row}
+            if "ms" in row:
+                for k, v in bases.items():
+                    entry[f"x_vs_{k}"] = v / row["ms"]
+                for k, v in base_peaks.items():
+                    if row.get("peak_extra_MB") is not None:
+                        entry[f"peak_vs_{k}"] = row["peak_extra_MB"] / v
+            rows.append(entry)
+        if progress:
+            progress(case.name, rows)
+    return rows
+
+
+def markdown(rows, env, ceilings=None) -> str:
+    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)]
+    if ceilings:
+        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    lines += ["", "Forward + backward. x vs B = B's time / this row's time (above 1: faster); peak = peak extra "
+              "memory of one forward + backward.", ""]
+    cols = ["case", "impl", "dtype", "ms", "x vs loop (public)", "x vs eager reference", "x vs compile(gather)",
+            "peak extra MB", "peak / loop's", "peak / compile's", "of roofline"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | error: {r['error'][:80]} |" + " |" * 7)
+            continue
+        lines.append(" | ".join([
+            f"| {r['case']}", r["impl"], r["dtype"], f(r["ms"], ".2f"), f(r.get("x_vs_loop (public)"), ".1f"),
+            f(r.get("x_vs_eager reference"), ".2f"), f(r.get("x_vs_compile(gather)"), ".2f"),
+            f(r.get("peak_extra_MB"), ".1f"), f(r.get("peak_vs_loop (public)"), ".3f"),
+            f(r.get("peak_vs_compile(gather)"), ".3f"), f(r.get("of_roofline"), ".1%")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--min-time", type=float, default=0.5)
+    p.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-peak", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
+    cases = GPU_CASES if a.device == "cuda" else CPU_CASES
+    if a.cases:
+        cases = [c for c in cases if any(s in c.name for s in a.cases)]
+    env = environment(a.device)
+    ceilings = measure_ceilings(a.device) if a.device == "cuda" else {}
+
+    def save(_name, rows):
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump({"environment": env, "ceilings": ceilings, "results": rows}, fh, indent=1)
+        if a.markdown:
+            with open(a.markdown, "w") as fh:
+                fh.write(markdown(rows, env, ceilings))
+        print(markdown(rows, env, ceilings), flush=True)
+
+    bench(cases, a.device, dtype, a.min_time, not a.no_compile, not a.no_peak, progress=save, ceilings=ceilings)
+
+
+if __name__ == "__main__":
+    main()

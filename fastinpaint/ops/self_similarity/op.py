@@ -1,0 +1,445 @@
+"""Self-similarity maps and the spatially-correlative distance: argument checks, query
+sampling, autograd wiring, torch.library registration and dispatch to a backend.
+
+Every backend but ``reference`` splits the work in two:
+
+1. the centring and normalisation of the features, in torch ops, written straight into the
+   kernels' layout ``g`` (B, H, W, C) contiguous (``_NormalizeToBHWC``: saves only ``g`` and
+   the norms; its backward updates one temporary in place);
+2. a kernel on ``g``:
+   * ``self_similarity_forward``: the (B, Q, N) maps; backward ``self_similarity_backward``
+     (saves ``g`` and the index; the output too when ``normalize=False``, for tanh's
+     derivative);
+   * ``spatial_correlative_distance_forward``: both maps' rows computed and compared in
+     registers / a per-row buffer, never written: returns the per-row terms (B, Q) and
+     four per-row statistics (threshold, <S', T'>, |S'|^2, |T'|^2), float32 (float64 for
+     float64 input). Backward recomputes the rows from the saved ``g`` of both images.
+
+Paths per backend:
+  reference  eager: one bmm per image against the whole map, gather of the windows (reference.py)
+  cpu        C++ kernels of fastinpaint._C (csrc/cpu/self_similarity.cpp)
+  cuda       C++/CUDA kernels of fastinpaint._C (csrc/cuda/self_similarity.cu)
+  triton     Triton kernels (triton.py)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from ... import _backend, _extension
+from . import reference
+from .reference import MODE_CODES, WINDOW_CODES, window_shape
+
+MAPS_OP = "self_similarity"
+DISTANCE_OP = "spatial_correlative_distance"
+IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_MAX_FUSED_ENTRIES = 4096  # triton.MAX_FUSED_ENTRIES (not imported here: triton may be missing)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def _entries(g: torch.Tensor, patch_size: int, window: int) -> int:
+    kh, kw, _ = window_shape(g.shape[1], g.shape[2], patch_size, "clamp" if window == 0 else "zero")
+    return kh * kw
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _maps_fake(g, index, patch_size, window, squash):
+    return g.new_empty((g.shape[0], index.shape[0], _entries(g, patch_size, window)))
+
+
+def _distance_fake(g_src, g_tgt, index, patch_size, window, squash, mode):
+    acc = _acc_dtype(g_src.dtype)
+    B, Q = g_src.shape[0], index.shape[0]
+    return g_src.new_empty((B, Q), dtype=acc), g_src.new_empty((B, Q, 4), dtype=acc)
+
+
+def _distance_backward_fake(grad_rows, g_src, g_tgt, index, stats, patch_size, window, squash, mode):
+    return torch.empty_like(g_src, memory_format=torch.contiguous_format), torch.empty_like(
+        g_tgt, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------- autograd (shared)
+
+def _core_differentiable(g, index, patch_size, window, squash):
+    """The maps from g (B, H, W, C) in torch ops: the double-backward path."""
+    feat = g.permute(0, 3, 1, 2)
+    B, C, H, W = feat.shape
+    flat = feat.flatten(2)
+    full = torch.bmm(flat[:, :, index].transpose(1, 2), flat)
+    name = "clamp" if window == 0 else "zero"
+    pos, valid = reference.window_positions(index, H, W, patch_size, name)
+    sim = torch.where(valid, full.gather(2, pos.unsqueeze(0).expand(B, -1, -1)), full.new_zeros(()))
+    return torch.tanh(sim / reference.TANH_SCALE) if squash else sim
+
+
+def _maps_setup_context(ctx, inputs, output):
+    g, index, patch_size, window, squash = inputs
+    ctx.save_for_backward(g, index, output if squash else None)
+    ctx.args = (patch_size, window, squash)
+
+
+def _make_maps_backward(backward_op):
+    def backward(ctx, grad):
+        g, index, out = ctx.saved_tensors
+        patch_size, window, squash = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            _, vjp = torch.func.vjp(lambda x: _core_differentiable(x, index, patch_size, window, squash), g)
+            return vjp(grad)[0], None, None, None, None
+        if squash:
+            grad = grad * (1 - out.float() * out.float()).to(grad.dtype) / reference.TANH_SCALE
+        return backward_op(grad.contiguous(), g, index, patch_size, window), None, None, None, None
+
+    return backward
+
+
+def _distance_setup_context(ctx, inputs, output):
+    g_src, g_tgt, index, patch_size, window, squash, mode = inputs
+    rows, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(g_src, g_tgt, index, stats)
+    ctx.args = (patch_size, window, squash, mode)
+
+
+def _make_distance_backward(backward_op):
+    def backward(ctx, grad_rows, grad_stats):
+        g_src, g_tgt, index, stats = ctx.saved_tensors
+        patch_size, window, squash, mode = ctx.args
+        if grad_rows is None:
+            grad_rows = torch.zeros_like(stats[..., 0])
+        if torch.is_grad_enabled():
+            raise RuntimeError("spatial_correlative_distance: double backward is not supported by the fused "
+                               "kernels; use the reference backend")
+        d_src, d_tgt = backward_op(grad_rows.contiguous(), g_src, g_tgt, index, stats, patch_size, window, squash,
+                                   mode)
+        return d_src, d_tgt, None, None, None, None, None
+
+    return backward
+
+
+# ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
+
+def _register_cpp_ops() -> None:
+    torch.library.register_fake("fastinpaint::self_similarity_forward")(_maps_fake)
+
+    @torch.library.register_fake("fastinpaint::self_similarity_backward")
+    def _(grad, g, index, patch_size, window):
+        return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+    torch.library.register_fake("fastinpaint::spatial_correlative_distance_forward")(_distance_fake)
+    torch.library.register_fake("fastinpaint::spatial_correlative_distance_backward")(_distance_backward_fake)
+
+    torch.library.register_autograd(
+        "fastinpaint::self_similarity_forward",
+        _make_maps_backward(lambda *a: torch.ops.fastinpaint.self_similarity_backward(*a)),
+        setup_context=_maps_setup_context)
+    torch.library.register_autograd(
+        "fastinpaint::spatial_correlative_distance_forward",
+        _make_distance_backward(lambda *a: torch.ops.fastinpaint.spatial_correlative_distance_backward(*a)),
+        setup_context=_distance_setup_context)
+
+
+_extension.on_load(_register_cpp_ops)
+
+
+# ----------------------------------------------------------------------------- Triton ops
+
+@torch.library.custom_op("fastinpaint::self_similarity_forward_triton", mutates_args=())
+def self_similarity_forward_triton(g: torch.Tensor, index: torch.Tensor, patch_size: int, window: int,
+                                   squash: bool) -> torch.Tensor:
+    from . import triton as kernels
+
+    return kernels.maps_forward(g, index, patch_size, window, squash)
+
+
+self_similarity_forward_triton.register_fake(_maps_fake)
+
+
+@torch.library.custom_op("fastinpaint::self_similarity_backward_triton", mutates_args=())
+def self_similarity_backward_triton(grad: torch.Tensor, g: torch.Tensor, index: torch.Tensor, patch_size: int,
+                                    window: int) -> torch.Tensor:
+    from . import triton as kernels
+
+    return kernels.maps_backward(grad, g, index, patch_size, window)
+
+
+@self_similarity_backward_triton.register_fake
+def _(grad, g, index, patch_size, window):
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+self_similarity_forward_triton.register_autograd(_make_maps_backward(self_similarity_backward_triton),
+                                                 setup_context=_maps_setup_context)
+
+
+@torch.library.custom_op("fastinpaint::spatial_correlative_distance_forward_triton", mutates_args=())
+def spatial_correlative_distance_forward_triton(g_src: torch.Tensor, g_tgt: torch.Tensor, index: torch.Tensor,
+                                                patch_size: int, window: int, squash: bool,
+                                                mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton as kernels
+
+    return kernels.distance_forward(g_src, g_tgt, index, patch_size, window, squash, mode)
+
+
+spatial_correlative_distance_forward_triton.register_fake(_distance_fake)
+
+
+@torch.library.custom_op("fastinpaint::spatial_correlative_distance_backward_triton", mutates_args=())
+def spatial_correlative_distance_backward_triton(grad_rows: torch.Tensor, g_src: torch.Tensor, g_tgt: torch.Tensor,
+                                                 index: torch.Tensor, stats: torch.Tensor, patch_size: int,
+                                                 window: int, squash: bool,
+                                                 mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton as kernels
+
+    return kernels.distance_backward(grad_rows, g_src, g_tgt, index, stats, patch_size, window, squash, mode)
+
+
+spatial_correlative_distance_backward_triton.register_fake(_distance_backward_fake)
+spatial_correlative_distance_forward_triton.register_autograd(
+    _make_distance_backward(spatial_correlative_distance_backward_triton), setup_context=_distance_setup_context)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _check_features(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    if min(t.shape[1:]) <= 0:
+        raise ValueError(f"{name} must have positive channels, height and width, got shape {tuple(t.shape)}")
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_window(window) -> int:
+    if window not in WINDOW_CODES:
+        raise ValueError(f"window must be one of {sorted(WINDOW_CODES)}, got {window!r}")
+    return WINDOW_CODES[window]
+
+
+def sample_query_index(height: int, width: int, num_queries: int = 256,
+                       generator: Optional[torch.Generator] = None,
+                       device: Optional[Union[torch.device, str]] = None) -> torch.Tensor:
+    """``min(num_queries, height*width)`` distinct flat positions drawn at random (a
+    ``randperm`` on the CPU, from ``generator`` or the global RNG, so a draw is the same on
+    every device), as int64 on ``device``. Pass the result as ``query_index`` to use the
+    same queries for several images."""
+    height, width = _check_int(height, "height", 1), _check_int(width, "width", 1)
+    num_queries = _check_int(num_queries, "num_queries", 1)
+    perm = torch.randperm(height * width, generator=generator, device="cpu")
+    return perm[:min(num_queries, height * width)].to(device or "cpu")
+
+
+def _resolve_index(query_index, height, width, num_queries, generator, device) -> torch.Tensor:
+    hw = height * width
+    if query_index is None:
+        return sample_query_index(height, width, num_queries, generator, device)
+    if isinstance(query_index, str):
+        if query_index != "all":
+            raise ValueError(f"query_index must be None, 'all' or a tensor of flat positions, got {query_index!r}")
+        return torch.arange(hw, device=device)
+    if not isinstance(query_index, torch.Tensor):
+        raise TypeError(f"query_index must be None, 'all' or an int64 tensor, got {type(query_index).__name__}")
+    if query_index.dtype.is_floating_point or query_index.dtype.is_complex or query_index.dtype == torch.bool:
+        raise TypeError(f"query_index must be an integer tensor, got {query_index.dtype}")
+    if query_index.dim() != 1 or query_index.numel() == 0:
+        raise ValueError(f"query_index must be 1-D and non-empty, got shape {tuple(query_index.shape)}")
+    if query_index.device != torch.device(device):
+        raise ValueError(f"query_index is on {query_index.device} but the features are on {device}")
+    if not torch.compiler.is_compiling():
+        lo, hi = int(query_index.min()), int(query_index.max())
+        if lo < 0 or hi >= hw:
+            raise ValueError(f"query_index must lie in [0, H*W) = [0, {hw}), got values in [{lo}, {hi}]")
+    return query_index.long().contiguous()
+
+
+class _NormalizeToBHWC(torch.autograd.Function):
+    """Centring + normalisation straight into the kernels' (B, H, W, C) layout, saving only
+    its output and the (B, H, W, 1) norms for backward (autograd of the eager formulation
+    also keeps the centred features); the input is saved too (no copy: it lives anyway), for
+    double backward, which differentiates the eager formulation."""
+
+    @staticmethod
+    def forward(ctx, feat, normalize):
+        x = (feat - feat.mean(dim=(-2, -1), keepdim=True)).permute(0, 2, 3, 1).contiguous()
+        if normalize:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+            g = x.div_(norm)
+        else:
+            norm = None
+            g = x.mul_(1.0 / math.sqrt(feat.shape[1]))
+        ctx.save_for_backward(feat, g, norm)
+        ctx.normalize = normalize
+        ctx.channels = feat.shape[1]
+        return g
+
+    @staticmethod
+    def backward(ctx, dg):
+        feat, g, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the eager formulation
+            with torch.enable_grad():
+                y = reference.normalize_features(feat, ctx.normalize).permute(0, 2, 3, 1)
+                (df,) = torch.autograd.grad(y, feat, dg, create_graph=True)
+            return df, None
+        # one (B, H, W, C) temporary: dx, updated in place
+        if ctx.normalize:
+            # y = x / max(|x|, eps): dx = (dy - y <y, dy> [|x| > eps]) / max(|x|, eps)
+            C = g.shape[-1]
+            radial = torch.bmm(g.reshape(-1, 1, C), dg.reshape(-1, C, 1)).view(norm.shape)
+            radial = radial * (norm > 1e-12).to(radial.dtype) / norm
+            dx = dg / norm
+            dx.addcmul_(g, radial, value=-1)
+        else:
+            dx = dg / math.sqrt(ctx.channels)
+        dx.sub_(dx.mean(dim=(1, 2), keepdim=True))
+        return dx.permute(0, 3, 1, 2), None
+
+
+def _normalized(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """(B, H, W, C) contiguous normalised features."""
+    return _NormalizeToBHWC.apply(feat, bool(normalize))
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def self_similarity(feat: torch.Tensor, query_index=None, num_queries: int = 256, patch_size: int = 32,
+                    window: str = "clamp", normalize: bool = True,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Self-similarity maps of F-LSeSim: each query position's similarity with every
+    position of its K x K window, on centred, normalised features.
+
+    Args:
+        feat: (B, C, H, W) float16/bfloat16/float32/float64, NCHW, channels_last or strided.
+        query_index: None (draw ``num_queries`` positions with :func:`sample_query_index`),
+            an integer tensor (Q,) of flat positions ``row * W + col`` on feat's device, or
+            ``"all"`` for the dense form (every position a query: a local correlation /
+            cost volume, Q = H*W).
+        num_queries: queries drawn when ``query_index`` is None (clamped to H*W).
+        patch_size: K >= 1.
+        window: ``"clamp"`` (window shifted to stay inside the map; the whole map when
+            K >= H or K >= W, as in the public code) or ``"zero"`` (centred at the query,
+            positions outside the map give 0).
+        normalize: L2-normalise over channels (else divide by sqrt(C) and take tanh(s / 10)).
+        generator: the torch.Generator for the query draw.
+
+    Returns:
+        (B, Q, N) in feat's dtype, N = K*K (H*W for a whole-map window); entry
+        ``i * kw + k`` is window position (r0 + i, c0 + k).
+
+    Memory saved for backward (kernel backends): the normalised features (B, H, W, C), their
+    (B, H, W) norms and the index (plus the output with ``normalize=False``); the reference's
+    eager graph also keeps the centred features and the (B, Q, H*W) full similarity matrix.
+    Kernels accumulate in float32 (float64 for float64).
+
+    Under ``torch.compile(fullgraph=True)`` pass ``query_index`` (a tensor or "all"): the
+    random draw is a graph break.
+    """
+    _check_features(feat, "feat")
+    patch_size = _check_int(patch_size, "patch_size", 1)
+    code = _check_window(window)
+    B, C, H, W = feat.shape
+    index = _resolve_index(query_index, H, W, num_queries, generator, feat.device)
+    backend = _backend.select(MAPS_OP, IMPLEMENTED, feat.device)
+    if backend == "reference":
+        return reference.self_similarity(feat, index, patch_size, window, bool(normalize))
+    if backend == "triton" and feat.dtype == torch.float64:
+        raise TypeError("feat is float64, which the triton backend does not take (float16, bfloat16, float32); "
+                        "use the reference or cpu backend for float64")
+    g = _normalized(feat, bool(normalize))
+    squash = not normalize
+    if backend == "triton":
+        if isinstance(query_index, str) and code == WINDOW_CODES["zero"]:
+            code = 2  # triton.DENSE_ZERO: the dense form's backward gathers instead of looping over queries
+        return self_similarity_forward_triton(g, index, patch_size, code, squash)
+    return torch.ops.fastinpaint.self_similarity_forward(g, index, patch_size, code, squash)
+
+
+def spatial_correlative_distance(f_src: torch.Tensor, f_tgt: torch.Tensor, query_index=None,
+                                 num_queries: int = 256, patch_size: int = 32, mode: str = "cos",
+                                 window: str = "clamp", normalize: bool = True,
+                                 f_other: Optional[torch.Tensor] = None, temperature: float = 0.1,
+                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The spatially-correlative distance between the self-similarity maps of ``f_src`` and
+    ``f_tgt`` (same queries for both), as a scalar in the features' dtype.
+
+    ``mode="l1"`` / ``"cos"``: top-quarter selection on the target's rows (entries of T below
+    the value at 0-based index N//4 of the row's descending sort are zeroed in both maps),
+    then ``mean(|(N/num)(S' - T')|)`` over all entries or ``mean(1 - cos(S'_row, T'_row))``
+    (num = N // 4; N >= 4 needed). The kernel backends compute both maps' rows and the
+    distance in one pass without writing the maps (float32 accumulation); backward
+    recomputes them from the normalised features saved for it (B, H, W, C per image) and
+    uses two transient (B, Q, N) float32 coefficient buffers.
+
+    ``mode="info"``: the patchwise InfoNCE loss against ``f_other`` (required) at
+    ``temperature``, through :func:`self_similarity` for the three maps.
+
+    Other arguments as :func:`self_similarity`.
+    """
+    _check_features(f_src, "f_src")
+    _check_features(f_tgt, "f_tgt")
+    if f_src.shape != f_tgt.shape:
+        raise ValueError(f"f_src and f_tgt must have the same shape, got {tuple(f_src.shape)} and "
+                         f"{tuple(f_tgt.shape)}")
+    if f_src.device != f_tgt.device:
+        raise ValueError(f"f_tgt is on {f_tgt.device} but f_src is on {f_src.device}")
+    if f_src.dtype != f_tgt.dtype:
+        raise TypeError(f"f_tgt has dtype {f_tgt.dtype} but f_src has {f_src.dtype}")
+    patch_size = _check_int(patch_size, "patch_size", 1)
+    code = _check_window(window)
+    if mode not in ("l1", "cos", "info"):
+        raise ValueError(f"mode must be 'l1', 'cos' or 'info', got {mode!r}")
+    B, C, H, W = f_src.shape
+    index = _resolve_index(query_index, H, W, num_queries, generator, f_src.device)
+    if mode == "info":
+        if f_other is None:
+            raise ValueError("mode='info' needs f_other (the features of a third image)")
+        _check_features(f_other, "f_other")
+        if f_other.shape != f_src.shape:
+            raise ValueError(f"f_other must have the shape of f_src {tuple(f_src.shape)}, got {tuple(f_other.shape)}")
+        maps = [self_similarity(f, index, patch_size=patch_size, window=window, normalize=normalize)
+                for f in (f_src, f_tgt, f_other)]
+        return reference.info_nce(*maps, temperature=temperature)
+    kh, kw, _ = window_shape(H, W, patch_size, window)
+    n = kh * kw
+    num = n // 4
+    if num == 0:
+        raise ValueError(f"patch_size {patch_size} gives {n} entries per map row; the {mode} distance needs at "
+                         "least 4 (patch_size >= 2 and a map of at least 2 x 2)")
+    backend = _backend.select(DISTANCE_OP, IMPLEMENTED, f_src.device)
+    if backend == "reference":
+        return reference.spatial_correlative_distance(f_src, f_tgt, index, patch_size, mode, window, bool(normalize))
+    if backend == "triton" and f_src.dtype == torch.float64:
+        raise TypeError("f_src is float64, which the triton backend does not take (float16, bfloat16, float32); "
+                        "use the reference or cpu backend for float64")
+    gs, gt = _normalized(f_src, bool(normalize)), _normalized(f_tgt, bool(normalize))
+    args = (gs, gt, index, patch_size, code, not normalize, MODE_CODES[mode])
+    if backend == "triton" and n > _TRITON_MAX_FUSED_ENTRIES:
+        # a row does not fit in one program's registers: the maps op, then the eager comparison
+        maps = [self_similarity_forward_triton(g, index, patch_size, code, not normalize) for g in (gs, gt)]
+        return reference.compare_maps(*maps, mode).to(f_src.dtype)
+    if backend == "triton":
+        rows, _ = spatial_correlative_distance_forward_triton(*args)
+    else:
+        rows, _ = torch.ops.fastinpaint.spatial_correlative_distance_forward(*args)
+    if mode == "l1":
+        loss = rows.sum() * ((n / num) / (B * index.shape[0] * n))
+    else:
+        loss = rows.mean()
+    return loss.to(f_src.dtype)
