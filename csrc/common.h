@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace fastinpaint {
 
@@ -18,6 +19,28 @@ inline Activation check_activation(int64_t code) {
               code);
   return static_cast<Activation>(code);
 }
+
+// Calls fn(std::integral_constant<int, A>{}) for the activation code (0 for anything
+// unknown: the code is checked by check_activation before a kernel runs).
+template <typename Fn>
+void dispatch_act(int64_t activation, Fn&& fn) {
+  switch (activation) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+// The type the kernels compute in: float for float and the half types, double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
 
 // When true, every output a kernel allocates is first filled with NaN, so an element
 // the kernel forgets to write fails the tests instead of passing by luck. Toggled

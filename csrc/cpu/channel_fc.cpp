@@ -20,18 +20,10 @@
 
 #include "channel_fc.h"
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace fastinpaint {
 namespace {
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 // Branch-free forms (a data-dependent branch per element mispredicts half the time on
 // random signs and blocks vectorisation): relu = max(v, 0), leaky = max(v, 0) +
@@ -93,7 +85,7 @@ inline T& at_byte(char* base, int64_t offset) {
 // plain pointer loop that the compiler vectorises.
 template <typename T, int A, bool kBias>
 void forward_loop(at::TensorIterator& iter, double slope_d) {
-  using acc_t = typename Acc<T>::type;
+  using acc_t = typename AccOf<T>::type;
   const acc_t slope = static_cast<acc_t>(slope_d);
   constexpr int nt = kBias ? 3 : 2;
   iter.for_each(
@@ -134,7 +126,7 @@ void forward_loop(at::TensorIterator& iter, double slope_d) {
 // Operands: d (out), dy, y.
 template <typename T, int A>
 void backward_loop(at::TensorIterator& iter, double slope_d) {
-  using acc_t = typename Acc<T>::type;
+  using acc_t = typename AccOf<T>::type;
   const acc_t slope = static_cast<acc_t>(slope_d);
   iter.for_each(
       [slope_m = slope](char** data, const int64_t* strides, int64_t n, int64_t m) {
@@ -164,27 +156,6 @@ void backward_loop(at::TensorIterator& iter, double slope_d) {
         }
       },
       kGrain);
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "fastinpaint: unsupported dtype ", st);
-  }
-}
-
-template <typename Fn>
-void dispatch_act(int64_t activation, Fn&& fn) {
-  switch (activation) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
 }
 
 struct CpuKernels {

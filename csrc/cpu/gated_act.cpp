@@ -28,20 +28,7 @@
 #include <string>
 
 #include "common.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FI_X86_MULTIVERSION 1
-#else
-#define FI_X86_MULTIVERSION 0
-#endif
-
-#if defined(__GNUC__)
-#define FI_INLINE inline __attribute__((always_inline))
-#define FI_RESTRICT __restrict__
-#else
-#define FI_INLINE inline
-#define FI_RESTRICT
-#endif
+#include "cpu/cpu_common.h"
 
 namespace fastinpaint {
 namespace {
@@ -372,8 +359,6 @@ void backward_default(char** data, const int64_t* strides, int64_t n, int64_t m,
 }
 
 #if FI_X86_MULTIVERSION
-#define FI_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
-#define FI_TARGET_V4 __attribute__((target("arch=x86-64-v4,prefer-vector-width=512")))
 
 template <typename T>
 FI_TARGET_V3 void forward_v3(char** data, const int64_t* strides, int64_t n, int64_t m,
@@ -394,36 +379,6 @@ template <typename T>
 FI_TARGET_V4 void backward_v4(char** data, const int64_t* strides, int64_t n, int64_t m,
                               int64_t act, double slope) {
   backward_loop<T>(data, strides, n, m, act, slope);
-}
-
-// 0 baseline, 1 x86-64-v3, 2 x86-64-v4: what the CPU (and OS) supports, capped by torch's
-// CPU capability so that ATEN_CPU_CAPABILITY=default / avx2 also selects our lower paths.
-int detect_isa_level() {
-  __builtin_cpu_init();
-  int level = 0;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
-      __builtin_cpu_supports("f16c")) {
-    level = 1;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512cd")) {
-      level = 2;
-    }
-  }
-  const std::string cap = at::get_cpu_capability();
-  int torch_level = 0;
-  if (cap.find("AVX512") != std::string::npos) {
-    torch_level = 2;
-  } else if (cap.find("AVX2") != std::string::npos) {
-    torch_level = 1;
-  }
-  return std::min(level, torch_level);
-}
-
-int isa_level() {
-  static const int level = detect_isa_level();
-  return level;
 }
 #endif  // FI_X86_MULTIVERSION
 
@@ -525,17 +480,6 @@ void run_rows(std::initializer_list<RowOperand> outputs,
         loop(data, strides, n, m);
       },
       kGrain);
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "fastinpaint: unsupported dtype ", st);
-  }
 }
 
 at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,

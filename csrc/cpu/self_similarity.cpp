@@ -34,21 +34,13 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 #include "self_similarity.h"
 
 namespace fastinpaint {
 namespace {
 
 using selfsim::Geometry;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 // Runs fn(task) for every task in [0, n), on torch's thread pool when n > 1.
 template <typename Fn>
@@ -81,12 +73,6 @@ void parallel_tasks(int64_t n, const Fn& fn) {
 }
 
 // <a, b> over n contiguous values, in acc_t, with 8 independent partial sums (vectorisable).
-#if defined(__GNUC__)
-#define FI_INLINE inline __attribute__((always_inline))
-#else
-#define FI_INLINE inline
-#endif
-
 template <typename T, typename acc_t>
 FI_INLINE acc_t dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
   acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -165,17 +151,6 @@ FI_INLINE void similarity_row_body(const T* gb, int64_t C, const Geometry& geo, 
         o[kk] = std::tanh(o[kk] / acc_t(selfsim::kTanhScale));
       }
     }
-  }
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "fastinpaint: unsupported dtype ", st);
   }
 }
 
@@ -264,59 +239,32 @@ void similarity_row_default(const T* gb, int64_t C, const Geometry& geo, int64_t
 
 // The hot loops compiled again for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512); the best one
 // the CPU supports, capped by torch's own CPU capability (ATEN_CPU_CAPABILITY), runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FI_SELFSIM_MULTIVERSION 1
-#define FI_SELFSIM_V3 __attribute__((target("arch=x86-64-v3")))
-#define FI_SELFSIM_V4 __attribute__((target("arch=x86-64-v4,prefer-vector-width=512")))
+#if FI_X86_MULTIVERSION
 template <typename T, typename acc_t>
-FI_SELFSIM_V3 void scatter_task_v3(const acc_t* G, const T* gp, const int64_t* ip, int64_t Q, int64_t C,
+FI_TARGET_V3 void scatter_task_v3(const acc_t* G, const T* gp, const int64_t* ip, int64_t Q, int64_t C,
                                    const Geometry& geo, int64_t b, int64_t c_lo, int64_t n, acc_t* acc) {
   scatter_task_body<T, acc_t>(G, gp, ip, Q, C, geo, b, c_lo, n, acc);
 }
 template <typename T, typename acc_t>
-FI_SELFSIM_V4 void scatter_task_v4(const acc_t* G, const T* gp, const int64_t* ip, int64_t Q, int64_t C,
+FI_TARGET_V4 void scatter_task_v4(const acc_t* G, const T* gp, const int64_t* ip, int64_t Q, int64_t C,
                                    const Geometry& geo, int64_t b, int64_t c_lo, int64_t n, acc_t* acc) {
   scatter_task_body<T, acc_t>(G, gp, ip, Q, C, geo, b, c_lo, n, acc);
 }
 template <typename T, typename acc_t>
-FI_SELFSIM_V3 void similarity_row_v3(const T* gb, int64_t C, const Geometry& geo, int64_t p, bool squash,
+FI_TARGET_V3 void similarity_row_v3(const T* gb, int64_t C, const Geometry& geo, int64_t p, bool squash,
                                      acc_t* out) {
   similarity_row_body<T, acc_t>(gb, C, geo, p, squash, out);
 }
 template <typename T, typename acc_t>
-FI_SELFSIM_V4 void similarity_row_v4(const T* gb, int64_t C, const Geometry& geo, int64_t p, bool squash,
+FI_TARGET_V4 void similarity_row_v4(const T* gb, int64_t C, const Geometry& geo, int64_t p, bool squash,
                                      acc_t* out) {
   similarity_row_body<T, acc_t>(gb, C, geo, p, squash, out);
 }
-
-int detect_isa_level() {
-  __builtin_cpu_init();
-  int level = 0;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
-      __builtin_cpu_supports("f16c")) {
-    level = 1;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512cd")) {
-      level = 2;
-    }
-  }
-  const std::string cap = at::get_cpu_capability();
-  const int torch_level = cap.find("AVX512") != std::string::npos ? 2 : (cap.find("AVX2") != std::string::npos ? 1 : 0);
-  return std::min(level, torch_level);
-}
-
-int isa_level() {
-  static const int level = detect_isa_level();
-  return level;
-}
-#else
-#define FI_SELFSIM_MULTIVERSION 0
-#endif
+#endif  // FI_X86_MULTIVERSION
 
 template <typename T, typename acc_t>
 ScatterFn<T, acc_t> pick_scatter() {
-#if FI_SELFSIM_MULTIVERSION
+#if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
     switch (isa_level()) {
       case 2: return &scatter_task_v4<T, acc_t>;
@@ -330,7 +278,7 @@ ScatterFn<T, acc_t> pick_scatter() {
 
 template <typename T, typename acc_t>
 RowFn<T, acc_t> pick_row() {
-#if FI_SELFSIM_MULTIVERSION
+#if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
     switch (isa_level()) {
       case 2: return &similarity_row_v4<T, acc_t>;
@@ -383,7 +331,7 @@ at::Tensor self_similarity_forward_cpu(const at::Tensor& g_, const at::Tensor& i
   const int64_t* ip = index.data_ptr<int64_t>();
   dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using acc_t = typename Acc<T>::type;
+    using acc_t = typename AccOf<T>::type;
     const T* gp = g.data_ptr<T>();
     T* op = out.data_ptr<T>();
     const int64_t per = rows_per_task(N, C);
@@ -425,7 +373,7 @@ at::Tensor self_similarity_backward_cpu(const at::Tensor& grad_, const at::Tenso
   const int64_t* ip = index.data_ptr<int64_t>();
   dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using acc_t = typename Acc<T>::type;
+    using acc_t = typename AccOf<T>::type;
     scatter_backward<T, acc_t>(G.data_ptr<acc_t>(), g.data_ptr<T>(), dg.data_ptr<T>(), ip, B, Q, C, geo);
   });
   return dg;
@@ -464,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
   const int64_t* ip = index.data_ptr<int64_t>();
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using acc_t = typename Acc<T>::type;
+    using acc_t = typename AccOf<T>::type;
     const T* sp = gs.data_ptr<T>();
     const T* tp = gt.data_ptr<T>();
     acc_t* rp = rows.data_ptr<acc_t>();
@@ -538,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
   const int64_t* ip = index.data_ptr<int64_t>();
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using acc_t = typename Acc<T>::type;
+    using acc_t = typename AccOf<T>::type;
     const T* sp = gs.data_ptr<T>();
     const T* tp = gt.data_ptr<T>();
     const acc_t* grp = grad_rows.data_ptr<acc_t>();

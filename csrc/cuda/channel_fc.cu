@@ -21,21 +21,10 @@
 
 #include "channel_fc.h"
 #include "common.h"
+#include "cuda/cuda_common.cuh"
 
 namespace fastinpaint {
 namespace {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float expm1_(float x) { return expm1f(x); }
-__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
 
 template <int A, typename acc_t>
 __device__ __forceinline__ acc_t act_fwd(acc_t v, acc_t slope) {
@@ -117,16 +106,6 @@ int64_t grid_for(int64_t n) {
 }
 
 Bcp strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
-
-template <typename Fn>
-void dispatch_act(int64_t activation, Fn&& fn) {
-  switch (activation) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
-}
 
 struct CudaKernels {
   static void forward_epilogue(const at::Tensor& t, const at::Tensor& bias, at::Tensor& y3,

@@ -26,23 +26,10 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/cuda_common.cuh"
 
 namespace fastinpaint {
 namespace {
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float expm1_(float x) { return expm1f(x); }
-__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
 
 // sigmoid(g) = 1 / (1 + exp(-g)): exp overflows to inf for g < -88 and gives exactly 0,
 // and underflows for g > 88 and gives exactly 1.
@@ -194,17 +181,6 @@ int64_t grid_for(int64_t work_items) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Calls fn(std::integral_constant<int, A>{}) for the activation code.
-template <typename Fn>
-void dispatch_activation(int64_t act, Fn&& fn) {
-  switch (act) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
-}
-
 // Launches kernel<V, index_t> for the problem: V = 16 / sizeof(T) when vec, else 1;
 // 32-bit indices when every index the grid-stride loop forms fits.
 template <typename T, typename Launch>
@@ -255,7 +231,7 @@ at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
         const bool vec = (inner * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
                          aligned16(pp) && aligned16(op);
         const acc_t slope = static_cast<acc_t>(negative_slope);
-        dispatch_activation(activation, [&](auto a_tag) {
+        dispatch_act(activation, [&](auto a_tag) {
           constexpr int A = decltype(a_tag)::value;
           launch_rows<scalar_t>(rows, inner, vec, [&](auto v_tag, auto map, auto total_v,
                                                       int64_t grid) {
@@ -294,7 +270,7 @@ at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
         const bool vec = (inner * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
                          aligned16(dp) && aligned16(pp) && aligned16(op);
         const acc_t slope = static_cast<acc_t>(negative_slope);
-        dispatch_activation(activation, [&](auto a_tag) {
+        dispatch_act(activation, [&](auto a_tag) {
           constexpr int A = decltype(a_tag)::value;
           launch_rows<scalar_t>(rows, inner, vec, [&](auto v_tag, auto map, auto total_v,
                                                       int64_t grid) {

@@ -36,15 +36,6 @@ namespace {
 
 using selfsim::Geometry;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
