@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.channel_fc import ChannelWiseFC
+from ._common import merge_loss_weights
 
 __all__ = ["ContextEncoderGenerator", "ContextEncoderDiscriminator", "ContextEncoderRecipe",
            "AlexNetEncoder", "ContextEncoderFeatureGenerator", "ContextEncoderFeaturesRecipe", "MEAN_FILL"]
@@ -227,15 +228,7 @@ class _Recipe:
     name = "?"
 
     def _weights(self, loss_weights):
-        weights = dict(self.default_weights)
-        for k, v in (loss_weights or {}).items():
-            if k not in weights:
-                raise ValueError(f"{self.name} has no loss {k!r}; its losses are {sorted(weights)}")
-            v = float(v)
-            if not v >= 0:
-                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
-            weights[k] = v
-        return weights
+        return merge_loss_weights(self.name, self.default_weights, loss_weights)
 
     composite = staticmethod(composite)
 

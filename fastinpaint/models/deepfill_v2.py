@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+from ._common import merge_loss_weights
 from .contextual_attention import ContextualAttention
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_state_dict",
@@ -293,14 +294,7 @@ class DeepFillV2Recipe:
 
     def __init__(self, cnum: int = 48, disc_cnum: int = 64, guided: bool = False,
                  attention_masking: str = "official", loss_weights: dict | None = None):
-        weights = dict(self.default_weights)
-        for k, v in (loss_weights or {}).items():
-            if k not in weights:
-                raise ValueError(f"deepfill_v2 has no loss {k!r}; its losses are {sorted(weights)}")
-            v = float(v)
-            if not v >= 0:
-                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
-            weights[k] = v
+        weights = merge_loss_weights(self.name, self.default_weights, loss_weights)
         if not isinstance(guided, bool):
             raise ValueError(f"guided must be true or false, got {guided!r}")
         self.loss_weights = weights

@@ -44,6 +44,7 @@ from torch import nn
 from ..losses.distillation import AttentionTransferLoss, EncoderDistillationLoss, SelfDistillationLoss
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ..nn.matmul_attention import MatmulAttention
+from ._common import merge_loss_weights
 from .tiny import composite as _composite
 
 __all__ = ["DGIIGenerator", "DGIINetwork", "DGIIRecipe"]
@@ -154,14 +155,7 @@ class DGIIRecipe:
     default_betas = (0.5, 0.999)
 
     def __init__(self, width: int = 16, distance: str = "l2", loss_weights: dict | None = None):
-        weights = dict(self.default_weights)
-        for k, v in (loss_weights or {}).items():
-            if k not in weights:
-                raise ValueError(f"dgii has no loss {k!r}; its losses are {sorted(weights)}")
-            v = float(v)
-            if not v >= 0:
-                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
-            weights[k] = v
+        weights = merge_loss_weights(self.name, self.default_weights, loss_weights)
         self.loss_weights = weights
         self.generator = DGIIGenerator(width, distance)
         self.discriminator = None

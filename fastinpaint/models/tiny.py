@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+from ._common import merge_loss_weights
 
 __all__ = ["PatchDiscriminator", "TinyGatedGenerator", "TinyGatedRecipe"]
 
@@ -111,14 +112,7 @@ class TinyGatedRecipe:
     default_size, default_batch_size, default_mask = 64, 4, "free_form"   # the demo setting
 
     def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
-        weights = dict(self.default_weights)
-        for k, v in (loss_weights or {}).items():
-            if k not in weights:
-                raise ValueError(f"tiny_gated has no loss {k!r}; its losses are {sorted(weights)}")
-            v = float(v)
-            if not v >= 0:
-                raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
-            weights[k] = v
+        weights = merge_loss_weights(self.name, self.default_weights, loss_weights)
         self.loss_weights = weights
         self.generator = TinyGatedGenerator(width)
         self.discriminator = PatchDiscriminator(disc_width) if weights["adv"] > 0 else None

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .. import functional as FI
-from ..ops.gated_conv.op import _pair
+from ..ops._common import conv_module_args, pair, reset_conv_parameters
 from ..ops.gated_conv.reference import ACTIVATION_CODES
 
 
@@ -23,17 +21,13 @@ class GatedConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding="auto", dilation=1,
                  bias: bool = True, activation: str = "elu", negative_slope: float = 0.2, device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.kernel_size, self.stride = conv_module_args(in_channels, out_channels, kernel_size, stride)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.dilation = _pair(dilation, "dilation", 1)
+        self.dilation = pair(dilation, "dilation", 1)
         if padding == "auto":
             self.padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
         else:
-            self.padding = _pair(padding, "padding", 0)
+            self.padding = pair(padding, "padding", 0)
         if activation not in ACTIVATION_CODES:
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
         self.activation, self.negative_slope = activation, negative_slope
@@ -44,11 +38,7 @@ class GatedConv2d(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Conv2d's initialisation, for the 2*out_channels filters
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        reset_conv_parameters(self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the single-conv layout of the public ports: <prefix>conv.weight / conv.bias

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ..ops.gated_conv.op import _pair
+from ..ops._common import conv_module_args, pair, reset_conv_parameters
 from ..ops.partial_conv.op import partial_conv2d
 
 
@@ -28,14 +26,10 @@ class PartialConv2d(nn.Module):
                  bias: bool = True, multi_channel: bool = False, return_mask: bool = False, device=None,
                  dtype=None):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.kernel_size, self.stride = conv_module_args(in_channels, out_channels, kernel_size, stride)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
-        self.dilation = _pair(dilation, "dilation", 1)
+        self.padding = pair(padding, "padding", 0)
+        self.dilation = pair(dilation, "dilation", 1)
         self.multi_channel, self.return_mask = bool(multi_channel), bool(return_mask)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
@@ -43,10 +37,7 @@ class PartialConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.weight[0].numel())
-            nn.init.uniform_(self.bias, -bound, bound)
+        reset_conv_parameters(self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(f"{prefix}weight_maskUpdater", None)

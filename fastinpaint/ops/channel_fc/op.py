@@ -27,13 +27,13 @@ from typing import Optional
 import torch
 
 from ... import _backend, _extension
+from .._common import autocast_cast, check_float_tensor, check_same_device, check_same_dtype
 from .._layout import suggest_memory_format
 from . import reference
 from .reference import ACTIVATION_CODES
 
 OP_NAME = "channel_fc"
 IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- shapes (fake kernels)
@@ -145,15 +145,6 @@ channel_fc_triton.register_autograd(_make_backward(channel_fc_backward_triton), 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _check_tensor(t, name: str, dim: int, what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D {what}, got shape {tuple(t.shape)}")
-
-
 def activation_code(activation: Optional[str], negative_slope: float) -> int:
     """Validate an activation name (None = "none") and its slope; return its kernel code."""
     if activation is None:
@@ -171,8 +162,8 @@ def activation_code(activation: Optional[str], negative_slope: float) -> int:
 
 def check_arguments(x, weight, bias, activation, negative_slope) -> int:
     """Validate a channel_fc call; return the activation code."""
-    _check_tensor(x, "x", 4, "(B, C, H, W)")
-    _check_tensor(weight, "weight", 3, "(C, H*W, H*W)")
+    check_float_tensor(x, "x", 4, "(B, C, H, W)")
+    check_float_tensor(weight, "weight", 3, "(C, H*W, H*W)")
     B, C, H, W = x.shape
     if C <= 0 or H <= 0 or W <= 0:
         raise ValueError(f"x must have positive channels, height and width, got shape {tuple(x.shape)}")
@@ -181,33 +172,15 @@ def check_arguments(x, weight, bias, activation, negative_slope) -> int:
         raise ValueError(f"weight must have shape (C, H*W, H*W) = ({C}, {P}, {P}) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(weight.shape)}")
     if bias is not None:
-        _check_tensor(bias, "bias", 2, "(C, H*W)")
+        check_float_tensor(bias, "bias", 2, "(C, H*W)")
         if tuple(bias.shape) != (C, P):
             raise ValueError(f"bias must have shape (C, H*W) = ({C}, {P}), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    check_same_device(x, (("weight", weight), ("bias", bias)))
+    check_same_dtype(x, (("weight", weight), ("bias", bias)))
     return activation_code(activation, negative_slope)
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-def _autocast(x, weight, bias):
-    """Cast like autocast does for bmm (every floating tensor but float64)."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-    return cast(x), cast(weight), cast(bias)
-
 
 def channel_fc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: Optional[str] = None, negative_slope: float = 0.2) -> torch.Tensor:
@@ -236,7 +209,7 @@ def channel_fc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     backend = _backend.select(OP_NAME, IMPLEMENTED, x.device)
     if backend == "reference":
         return reference.channel_fc(x, weight, bias, activation or "none", negative_slope)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_cast(x, weight, bias)
     if backend == "triton":
         if x.dtype == torch.float64:
             raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "

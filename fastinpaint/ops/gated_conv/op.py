@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ... import _backend, _extension
+from .._common import (autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype,
+                       needs_grad)
+from .._common import pair as _pair
 from .._layout import conv_output_format, is_channels_last
 from . import reference, upsample
 from .reference import ACTIVATION_CODES
 
 OP_NAME = "gated_conv2d"
 IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -140,35 +142,10 @@ def _(x, weight, bias, stride, padding, dilation, upsample, activation, negative
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
-
-
-def _check_tensor(t, name: str, dim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-
-
 def check_arguments(x, weight, bias, stride, padding, dilation, activation, negative_slope, scale_factor=1):
     """Validate a gated convolution call; return normalised (stride, padding, dilation, code)."""
-    _check_tensor(x, "x", 4)
-    _check_tensor(weight, "weight", 4)
+    check_float_tensor(x, "x", 4)
+    check_float_tensor(weight, "weight", 4)
     if weight.shape[0] == 0 or weight.shape[0] % 2:
         raise ValueError(
             f"weight must have 2*out_channels rows (feature filters, then gate filters), got {weight.shape[0]}")
@@ -179,16 +156,11 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
     if x.shape[2] <= 0 or x.shape[3] <= 0:
         raise ValueError(f"x must have a positive height and width, got shape {tuple(x.shape)}")
     if bias is not None:
-        _check_tensor(bias, "bias", 1)
+        check_float_tensor(bias, "bias", 1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} elements (2*out_channels), got {bias.shape[0]}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    check_same_device(x, (("weight", weight), ("bias", bias)))
+    check_same_dtype(x, (("weight", weight), ("bias", bias)))
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -198,34 +170,11 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, torch.SymInt, torch.SymFloat)) \
             or not -math.inf < negative_slope < math.inf:
         raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
-    for axis, (size, k, s, p, d) in enumerate(zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)):
-        span = d * (k - 1) + 1
-        if size * scale_factor + 2 * p < span:
-            raise ValueError(
-                f"kernel_size {k} with dilation {d} spans {span} pixels, more than the padded input "
-                f"({'height' if axis == 0 else 'width'} {size * scale_factor} + 2*padding {p})")
+    check_kernel_span(x.shape, weight.shape[2:], padding, dilation, scale_factor)
     return stride, padding, dilation, ACTIVATION_CODES[activation]
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-def _autocast(x, weight, bias):
-    """Cast like autocast does for conv2d (every floating tensor but float64); the fused
-    kernels then see one dtype."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-    return cast(x), cast(weight), cast(bias)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
 
 def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activation, negative_slope):
     stride, padding, dilation, code = check_arguments(
@@ -237,11 +186,11 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
                                             negative_slope, scale_factor)
         return reference.gated_conv2d(x, weight, bias, stride, padding, dilation, activation, negative_slope)
 
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_cast(x, weight, bias)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
                         "use the reference or cpu backend for float64")
-    if backend == "triton" and not _needs_grad(x, weight, bias) and scale_factor in (1, 2):
+    if backend == "triton" and not needs_grad(x, weight, bias) and scale_factor in (1, 2):
         return gated_conv2d_triton(x, weight, bias, list(stride), list(padding), list(dilation), scale_factor,
                                    code, float(negative_slope))
     if scale_factor != 1 and upsample.applies(weight.shape, stride, padding, dilation, scale_factor,

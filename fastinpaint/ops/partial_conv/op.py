@@ -27,12 +27,13 @@ import torch.nn.functional as F
 
 from ... import _backend, _extension
 from .._layout import suggest_memory_format
-from ..gated_conv.op import _pair, conv_output_size
+from .._common import (autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype,
+                       pair)
+from ..gated_conv.op import conv_output_size
 from . import reference
 
 OP_NAME = "partial_conv2d"
 IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -107,19 +108,10 @@ partial_conv_renorm_triton.register_autograd(_backward, setup_context=_setup_con
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_tensor(t, name: str, dim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-
-
 def check_arguments(x, mask, weight, bias, stride, padding, dilation):
-    _check_tensor(x, "x", 4)
-    _check_tensor(mask, "mask", 4)
-    _check_tensor(weight, "weight", 4)
+    check_float_tensor(x, "x", 4)
+    check_float_tensor(mask, "mask", 4)
+    check_float_tensor(weight, "weight", 4)
     if min(weight.shape) <= 0:
         raise ValueError(f"weight must have a positive shape, got {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
@@ -130,40 +122,19 @@ def check_arguments(x, mask, weight, bias, stride, padding, dilation):
         raise ValueError(f"mask must be (B, 1, H, W) or (B, Cin, H, W) matching x {tuple(x.shape)}, "
                          f"got {tuple(mask.shape)}")
     if bias is not None:
-        _check_tensor(bias, "bias", 1)
+        check_float_tensor(bias, "bias", 1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have {weight.shape[0]} elements (out_channels), got {bias.shape[0]}")
-    for name, t in (("mask", mask), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not torch.is_autocast_enabled(x.device.type):
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
-    for axis, (size, k, p, d) in enumerate(zip(x.shape[2:], weight.shape[2:], padding, dilation)):
-        span = d * (k - 1) + 1
-        if size + 2 * p < span:
-            raise ValueError(f"kernel_size {k} with dilation {d} spans {span} pixels, more than the padded input "
-                             f"({'height' if axis == 0 else 'width'} {size} + 2*padding {p})")
+    check_same_device(x, (("mask", mask), ("weight", weight), ("bias", bias)))
+    check_same_dtype(x, (("weight", weight), ("bias", bias)))
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
+    check_kernel_span(x.shape, weight.shape[2:], padding, dilation)
     return stride, padding, dilation
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-def _autocast(x, weight, bias):
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t if t is None or t.dtype == torch.float64 else t.to(dtype)
-
-    return cast(x), cast(weight), cast(bias)
-
 
 def partial_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    stride=1, padding=0, dilation=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +161,7 @@ def partial_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
     if backend == "reference":
         m = mask.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else mask
         return reference.partial_conv2d(x, m, weight, bias, stride, padding, dilation)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_cast(x, weight, bias)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
                         "use the reference or cpu backend for float64")

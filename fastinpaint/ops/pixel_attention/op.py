@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ... import _backend, _extension
+from .._common import FLOAT_DTYPES, autocast_cast, check_float_tensor, check_same_device, check_same_dtype
 from . import reference
 from .reference import DISTANCES
 
@@ -35,7 +36,6 @@ ATTN_OP = "pixel_attention"
 ATTN_IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
 LOSS_OP = "attention_transfer_loss"
 LOSS_IMPLEMENTED = ("reference", "triton", "cpu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype):
@@ -204,23 +204,28 @@ attention_transfer_triton.register_autograd(_loss_triton_backward, setup_context
 
 # ----------------------------------------------------------------------------- argument checks
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D (B, N, D), got shape {tuple(t.shape)}")
-    if t.shape[1] == 0 or t.shape[2] == 0:
-        raise ValueError(f"{name} must have positive N and D, got shape {tuple(t.shape)}")
+def _check_tensors(named) -> None:
+    """Each ``(name, tensor)`` must be a floating (B, N, D) tensor with positive N and D."""
+    for name, t in named:
+        check_float_tensor(t, name, 3, "(B, N, D)")
+        if t.shape[1] == 0 or t.shape[2] == 0:
+            raise ValueError(f"{name} must have positive N and D, got shape {tuple(t.shape)}")
 
 
 def _check_same(ref_name, ref, others) -> None:
-    for name, t in others:
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-        if t.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    for other in others:
+        check_same_device(ref, (other,), ref_name)
+        check_same_dtype(ref, (other,), ref_name)
+
+
+def _check_shape_of(name, t, ref_name, ref) -> None:
+    if tuple(t.shape) != tuple(ref.shape):
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def _check_rows(name, t, B: int, N: int, last: str) -> None:
+    if t.shape[0] != B or t.shape[1] != N:
+        raise ValueError(f"{name} must have shape (B, N, {last}) = ({B}, {N}, {last}), got {tuple(t.shape)}")
 
 
 def _check_row_tensor(t, name: str, B: int, N: int, ref: torch.Tensor, boolean: bool) -> None:
@@ -231,7 +236,7 @@ def _check_row_tensor(t, name: str, B: int, N: int, ref: torch.Tensor, boolean: 
     if boolean and t.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = {'excluded key' if name == 'key_mask' else 'row in the loss'}), "
                         f"got {t.dtype}")
-    if not boolean and t.dtype not in _FLOAT_DTYPES:
+    if not boolean and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if tuple(t.shape) != (B, N):
         raise ValueError(f"{name} must have shape (B, N) = ({B}, {N}), got {tuple(t.shape)}")
@@ -245,14 +250,6 @@ def _check_scale(scale, allow_none: bool) -> Optional[float]:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number{' or None' if allow_none else ''}, got {scale!r}")
     return float(scale)
-
-
-def _autocast(*tensors):
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
 # ----------------------------------------------------------------------------- pixel attention
@@ -290,13 +287,10 @@ def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask:
     the mask, the output and a (B, N) float32 row log-sum-exp. Limits: the triton backend takes
     Dqk <= 128 and, with gradients, Dv <= 256.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(t, name)
+    _check_tensors((("q", q), ("k", k), ("v", v)))
     B, N, Dqk = q.shape
-    if tuple(k.shape) != (B, N, Dqk):
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[0] != B or v.shape[1] != N:
-        raise ValueError(f"v must have shape (B, N, Dv) = ({B}, {N}, Dv), got {tuple(v.shape)}")
+    _check_shape_of("k", k, "q", q)
+    _check_rows("v", v, B, N, "Dv")
     _check_same("q", q, (("k", k), ("v", v)))
     _check_row_tensor(key_mask, "key_mask", B, N, q, boolean=True)
     scale = _check_scale(scale, allow_none=True)
@@ -305,7 +299,7 @@ def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask:
     backend = _backend.select(ATTN_OP, ATTN_IMPLEMENTED, q.device)
     if backend == "reference":
         return reference.pixel_attention(q, k, v, key_mask, scale)
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast_cast(q, k, v)
     if backend == "cuda":
         return _sdpa(q, k, v, key_mask, scale)
     if backend == "triton":
@@ -351,15 +345,11 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
     and never hold an N x N tensor; saved for backward: the inputs and three (B, N) row
     statistics. The sign in l1's gradient is that of float32 r_s - r_t (0 at ties).
     """
-    for name, t in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
-        _check_tensor(t, name)
+    _check_tensors((("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)))
     B, N, Ds = q_s.shape
-    if tuple(k_s.shape) != (B, N, Ds):
-        raise ValueError(f"k_s must have the shape of q_s {tuple(q_s.shape)}, got {tuple(k_s.shape)}")
-    if q_t.shape[0] != B or q_t.shape[1] != N:
-        raise ValueError(f"q_t must have shape (B, N, Dt) = ({B}, {N}, Dt), got {tuple(q_t.shape)}")
-    if tuple(k_t.shape) != tuple(q_t.shape):
-        raise ValueError(f"k_t must have the shape of q_t {tuple(q_t.shape)}, got {tuple(k_t.shape)}")
+    _check_shape_of("k_s", k_s, "q_s", q_s)
+    _check_rows("q_t", q_t, B, N, "Dt")
+    _check_shape_of("k_t", k_t, "q_t", q_t)
     _check_same("q_s", q_s, (("k_s", k_s), ("q_t", q_t), ("k_t", k_t)))
     _check_row_tensor(row_weight, "row_weight", B, N, q_s, boolean=False)
     _check_row_tensor(row_mask, "row_mask", B, N, q_s, boolean=True)
@@ -370,7 +360,7 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
     backend = _backend.select(LOSS_OP, LOSS_IMPLEMENTED, q_s.device)
     if backend == "reference":
         return reference.attention_transfer_loss(q_s, k_s, q_t, k_t, row_weight, row_mask, distance, scale)
-    q_s, k_s, q_t, k_t = _autocast(q_s, k_s, q_t, k_t)
+    q_s, k_s, q_t, k_t = autocast_cast(q_s, k_s, q_t, k_t)
     code = DISTANCES[distance]
     if backend == "triton":
         if q_s.dtype == torch.float64:

@@ -31,13 +31,13 @@ from typing import Optional, Union
 import torch
 
 from ... import _backend, _extension
+from .._common import check_float_tensor
 from . import reference
 from .reference import MODE_CODES, WINDOW_CODES, window_shape
 
 MAPS_OP = "self_similarity"
 DISTANCE_OP = "spatial_correlative_distance"
 IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_MAX_FUSED_ENTRIES = 4096  # triton.MAX_FUSED_ENTRIES (not imported here: triton may be missing)
 
 
@@ -210,12 +210,7 @@ spatial_correlative_distance_forward_triton.register_autograd(
 # ----------------------------------------------------------------------------- argument checks
 
 def _check_features(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+    check_float_tensor(t, name, 4, "(B, C, H, W)")
     if min(t.shape[1:]) <= 0:
         raise ValueError(f"{name} must have positive channels, height and width, got shape {tuple(t.shape)}")
 
