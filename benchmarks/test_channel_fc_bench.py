@@ -12,10 +12,11 @@ markdown tables (with GB/s against the measured copy bandwidth) come from
 import pytest
 import torch
 
+from fastinpaint import benchmark as B
 from fastinpaint.ops.channel_fc import bench as CF
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+DEVICE = B.default_device()
+DTYPE = B.resolve_dtype(None, DEVICE)
 IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
 
 _impls: dict = {}
@@ -31,27 +32,13 @@ def _implementations():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CF.CASES, ids=[c.name for c in CF.CASES])
 def test_channel_fc(benchmark, case, impl, mode):
-    impls = _implementations()
-    if impl not in impls:
-        pytest.skip(f"{impl} is not available on {DEVICE}")
-    fn = impls[impl]
+    fn = B.implementation_or_skip(_implementations(), impl, DEVICE)
     grad = mode == "fwd+bwd"
     (x,), w, b = CF.make_inputs(case, DEVICE, DTYPE, grad)
     benchmark.group = f"{case.name} {mode}"
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE))
+    gy = torch.randn_like(x) if grad else None  # in x's layout, as the next layer hands it back
     if grad:
-        gy = torch.randn_like(x)  # in x's layout, as the next layer hands it back
-        benchmark.extra_info["saved_MB"] = CF.B.saved_bytes(lambda: fn(x, w, b), exclude=(x, w, b)) / 2**20
-
-        def run():
-            torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-    else:
-        def run():
-            with torch.no_grad():
-                fn(x, w, b)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-
+        benchmark.extra_info["saved_MB"] = B.saved_bytes(lambda: fn(x, w, b), exclude=(x, w, b)) / 2**20
+    run = B.bench_call(fn, (x, w, b), grad, DEVICE, gy, wrt=(x, w, b))
     benchmark.pedantic(run, rounds=5 if case.size >= 32 and DEVICE == "cpu" else 10, warmup_rounds=2, iterations=1)

@@ -10,13 +10,13 @@ round on a small CPU; the results script runs them). ``extra_info`` carries the 
 """
 
 import pytest
-import torch
 
+from fastinpaint import benchmark as B
 from fastinpaint.models import deepfill_v2_bench as DB
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = B.default_device()
 GPU = DEVICE == "cuda"
-DTYPE = torch.bfloat16 if GPU else torch.float32
+DTYPE = B.resolve_dtype(None, DEVICE)
 CHANNELS_LAST = GPU
 CASES = [("G fwd+bwd", 8 if GPU else 1, 256 if GPU else 128),
          ("train step", 8 if GPU else 1, 256 if GPU else 128),
@@ -34,8 +34,7 @@ def test_deepfill_v2(benchmark, case, batch, size, impl):
 
     def timed():
         run()
-        if GPU:
-            torch.cuda.synchronize()
+        B.sync(DEVICE)
 
     benchmark.group = f"deepfill_v2 {case} b{batch} {size}"
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=batch, size=size,

@@ -13,8 +13,8 @@ import torch
 
 from fastinpaint import benchmark as B
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+DEVICE = B.default_device()
+DTYPE = B.resolve_dtype(None, DEVICE)
 BATCH = 8 if DEVICE == "cuda" else 1
 IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
 
@@ -31,28 +31,15 @@ def _impls(case):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", B.DEEPFILL_CASES, ids=[c.name for c in B.DEEPFILL_CASES])
 def test_gated_conv(benchmark, case, impl, mode):
-    impls = _impls(case)
-    if impl not in impls:
-        pytest.skip(f"{impl} is not available on {DEVICE}")
-    fn = impls[impl]
+    fn = B.implementation_or_skip(_impls(case), impl, DEVICE)
     grad = mode == "fwd+bwd"
     (x,), w, b = B._make_inputs(case, BATCH, DEVICE, DTYPE, True, grad)
     benchmark.group = f"{case.name} {mode}"
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH)
 
+    gy = None
     if grad:
         gy = torch.randn_like(fn(x, w, b).detach())
         benchmark.extra_info["saved_MB"] = B.saved_bytes(lambda: fn(x, w, b), exclude=(x, w, b)) / 2**20
-
-        def run():
-            fn(x, w, b).backward(gy)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-    else:
-        def run():
-            with torch.no_grad():
-                fn(x, w, b)
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-
+    run = B.bench_call(fn, (x, w, b), grad, DEVICE, gy)
     benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)

@@ -10,12 +10,12 @@ within a group. The JSON + markdown result files come from
 """
 
 import pytest
-import torch
 
+from fastinpaint import benchmark as B
 from fastinpaint.ops.pixel_attention import bench as PB
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+DEVICE = B.default_device()
+DTYPE = B.resolve_dtype(None, DEVICE)
 BATCH = 8 if DEVICE == "cuda" else 1
 SIZES = [4096, 16384] if DEVICE == "cuda" else [1024]
 ATTN_IMPLS = ["eager", "compile(eager)", "sdpa[auto]", "sdpa[flash]", "sdpa[efficient]", "sdpa[cudnn]",
@@ -33,10 +33,7 @@ def _impls(kind):
 
 
 def _run(benchmark, kind, impl, n, mode):
-    impls = _impls(kind)
-    if impl not in impls:
-        pytest.skip(f"{impl} is not available on {DEVICE}")
-    fn = impls[impl]
+    fn = B.implementation_or_skip(_impls(kind), impl, DEVICE)
     grad = mode == "fwd+bwd"
     make = PB.make_attention_inputs if kind == "attention" else PB.make_loss_inputs
     args = make(BATCH, n, DEVICE, DTYPE, grad)
@@ -44,15 +41,7 @@ def _run(benchmark, kind, impl, n, mode):
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH,
                                 GFLOP=PB.flops(kind, BATCH, n, grad) / 1e9)
 
-    def run():
-        if grad:
-            fn(*args).float().sum().backward()
-        else:
-            with torch.no_grad():
-                fn(*args)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
+    run = B.bench_call(fn, args, grad, DEVICE)  # backward of the output's sum
     try:
         run()  # a backend that rejects the shapes (Dqk != Dv, the mask) is skipped, not failed
     except RuntimeError as exc:

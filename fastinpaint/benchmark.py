@@ -10,12 +10,16 @@ device's measured ceiling (GPU).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -50,9 +54,13 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude=()) -> int:
     return sum(seen.values())
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+_sync = sync  # the former private name
 
 
 def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.5, max_reps: int = 200,
@@ -60,7 +68,7 @@ def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.5, max_
     """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     start_all = time.perf_counter()
     while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start_all < min_time_s):
@@ -135,6 +143,198 @@ def environment(device: str) -> dict:
         except Exception:  # noqa: BLE001
             env["driver"] = None
     return env
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+def cuda_peak_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory (MiB) of one ``fn()`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where unreadable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: /proc's VmHWM (per address space, so not inherited
+    from the parent the way getrusage's ru_maxrss is across fork + exec; ru_maxrss only
+    where /proc is missing)."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Lower the peak (VmHWM) to the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    """Peak resident-set growth (MiB) of one ``fn()`` in this process: VmHWM after the call,
+    reset to the current RSS just before it through /proc/self/clear_refs, minus the RSS
+    before it. None where /proc does not support this (never ru_maxrss, which cannot be
+    reset and is inherited by child processes). torch's CPU allocator keeps no statistics,
+    so callers run this in a fresh process, after a warm-up call."""
+    if not reset_peak_rss():
+        return None
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    peak = _proc_status_bytes("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) / 2**20
+
+
+def peak_line(peak_mb: float | None) -> str:
+    """The line a peak-memory child process prints for :func:`run_peak_child` to read."""
+    return f"PEAK_MB {'none' if peak_mb is None else repr(peak_mb)}"
+
+
+def run_peak_child(cmd: list[str], timeout: float = 600, threads: int | None = None) -> float | None:
+    """Run ``cmd`` (a Python process that prints :func:`peak_line`) and return its figure;
+    None when it fails, times out or reports none. ``OMP_NUM_THREADS`` is set to ``threads``
+    (default: this process's torch thread count) and the Triton interpreter is off."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS=str(threads or torch.get_num_threads()))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("PEAK_MB "):
+            value = line.split()[1]
+            return None if value == "none" else float(value)
+    return None
+
+
+# ----------------------------------------------------------------------------- command line and results
+
+def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, threads: bool = True,
+                    dtype_choices=None) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: --device (default cuda when available),
+    --dtype (default: see :func:`resolve_dtype`), --min-time, --threads, --json, --markdown."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=dtype_choices,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--min-time", type=float, default=min_time, help="seconds of timing per implementation")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", help="write the results (with the environment) as JSON here")
+    parser.add_argument("--markdown", help="write the results table as markdown here")
+    return parser
+
+
+def apply_common_args(args: argparse.Namespace) -> torch.dtype:
+    """Apply --threads (torch's and, for child processes, OMP_NUM_THREADS) and return the dtype."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return resolve_dtype(args.dtype, args.device)
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """``torch.<name>``; by default bfloat16 on cuda and float32 elsewhere."""
+    return getattr(torch, name or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).split(".")[-1]
+
+
+def error_text(exc: BaseException, limit: int | None = 300, first_line: bool = False) -> str:
+    """A result row's ``error``: the exception's type and message (its first line only if
+    ``first_line``), cut to ``limit`` characters (None: whole)."""
+    msg = str(exc)
+    if first_line:
+        msg = msg.splitlines()[0] if msg else ""
+    return f"{type(exc).__name__}: {msg}"[:limit]
+
+
+def speedups(row: dict, bases: dict[str, float]) -> dict:
+    """``{"x_vs_<name>": base_ms / row["ms"]}`` for each baseline time (above 1 = row faster)."""
+    if "ms" not in row:
+        return {}
+    return {f"x_vs_{k}": v / row["ms"] for k, v in bases.items()}
+
+
+def fmt(v, spec: str) -> str:
+    """``format(v, spec)`` for a number, "-" for anything else (a missing figure)."""
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def markdown_header(env: dict | None, ceilings: dict | None = None) -> list[str]:
+    """The lines above a results table: the environment and the measured ceilings."""
+    lines = []
+    if env:
+        lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
+    if ceilings:
+        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    return lines
+
+
+def default_device() -> str:
+    """cuda when available, else cpu (the pytest-benchmark suites' device)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fwd_bwd(fn: Callable, args: tuple, grad: bool, gy: torch.Tensor | None = None, wrt: tuple | None = None) -> None:
+    """One timed step: ``fn(*args)`` under no_grad when not ``grad``; else forward and
+    backward with ``gy`` (of the output's sum when None), into ``.grad`` or, given ``wrt``,
+    through ``torch.autograd.grad`` (no accumulation, as after ``zero_grad(set_to_none=True)``)."""
+    if not grad:
+        with torch.no_grad():
+            fn(*args)
+        return
+    out = fn(*args)
+    if gy is None:
+        out = out.float().sum()
+    if wrt is not None:
+        torch.autograd.grad(out, wrt, gy)
+    else:
+        out.backward(gy)
+
+
+def bench_call(fn: Callable, args: tuple, grad: bool, device: str, gy: torch.Tensor | None = None,
+               wrt: tuple | None = None) -> Callable[[], None]:
+    """A closure for pytest-benchmark: :func:`fwd_bwd`, then a device synchronisation
+    (pytest-benchmark times the wall clock)."""
+    def run():
+        fwd_bwd(fn, args, grad, gy, wrt)
+        sync(device)
+
+    return run
+
+
+def implementation_or_skip(impls: dict, impl: str, device: str, what: str = ""):
+    """``impls[impl]`` for a pytest-benchmark test, which is skipped when ``impl`` is not
+    available (``what``: e.g. " for <case>", added to the reason)."""
+    if impl not in impls:
+        import pytest
+
+        pytest.skip(f"{impl} is not available{what} on {device}")
+    return impls[impl]
 
 
 # ----------------------------------------------------------------------------- gated convolution cases
@@ -247,17 +447,10 @@ def bench_gated_conv(cases=None, device: str = "cpu", dtype=torch.float32, batch
             xs, w, b = _make_inputs(case, batch, device, dtype, channels_last, grad, sets)
             results = {}
             for label, fn in impls.items():
-                counter = [0]
+                next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
 
                 def run():
-                    x = xs[counter[0] % len(xs)]
-                    counter[0] += 1
-                    if grad:
-                        y = fn(x, w, b)
-                        y.backward(gy)
-                    else:
-                        with torch.no_grad():
-                            fn(x, w, b)
+                    fwd_bwd(fn, (next_x(), w, b), grad, gy)
 
                 gy = None
                 if grad:
@@ -298,20 +491,13 @@ def bench_gated_conv(cases=None, device: str = "cpu", dtype=torch.float32, batch
 
 
 def markdown_table(rows: list[dict], env: dict | None = None, ceilings: dict | None = None) -> str:
-    lines = []
-    if env:
-        lines.append("Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
-    if ceilings:
-        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    lines = markdown_header(env, ceilings)
     if lines:
         lines.append("")
     columns = ["case", "mode", "impl", "dtype", "batch", "ms", "x vs eager", "x vs compile(eager)", "saved MB",
                "saved / eager's", "peak MB", "TFLOP/s", "of matmul peak"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
+    f = fmt
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {r['batch']} | "
@@ -325,13 +511,17 @@ def markdown_table(rows: list[dict], env: dict | None = None, ceilings: dict | N
     return "\n".join(lines) + "\n"
 
 
-def write_results(path_json: str | None, path_md: str | None, rows, env, ceilings) -> None:
+def write_results(path_json: str | None, path_md: str | None, rows, env, ceilings,
+                  markdown: Callable[[list, dict, dict], str] | None = None) -> None:
+    """Write ``{"environment", "ceilings", "results"}`` as JSON to ``path_json`` and
+    ``markdown(rows, env, ceilings)`` (default :func:`markdown_table`) to ``path_md``;
+    either path may be None. Called after every case, so partial results survive."""
     if path_json:
         with open(path_json, "w") as fh:
             json.dump({"environment": env, "ceilings": ceilings, "results": rows}, fh, indent=1)
     if path_md:
         with open(path_md, "w") as fh:
-            fh.write(markdown_table(rows, env, ceilings))
+            fh.write((markdown or markdown_table)(rows, env, ceilings))
 
 
 def summary_table(rows: list[dict], impl: str) -> str:

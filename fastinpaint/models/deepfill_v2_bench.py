@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,8 @@ IMPLS = ("eager", "fastinpaint", "compile(eager)")   # compile last: a time limi
 # ----------------------------------------------------------------------------- CPU peak memory
 
 def _cpu_memory_setup() -> bool:
-    """Large allocations through mmap (returned on free): True when it could be arranged."""
+    """Large allocations through mmap (returned on free), and the peak RSS resettable:
+    True when it could be arranged."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -50,38 +50,20 @@ def _cpu_memory_setup() -> bool:
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 64 * 1024)
         libc.mallopt(m_trim_threshold, 128 * 1024)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
     except OSError:
         return False
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return B.reset_peak_rss()
 
 
 def peak_mb(fn, device: str) -> float | None:
-    """Peak memory of one ``fn()`` above what was held before it, in MiB."""
+    """Peak memory of one ``fn()`` above what was held before it, in MiB
+    (:func:`fastinpaint.benchmark.cuda_peak_mb` / :func:`~fastinpaint.benchmark.cpu_peak_mb`)."""
     gc.collect()
     if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return B.cuda_peak_mb(fn)
     if not _CPU_MEMORY:
         return None
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    fn()
-    return max(0, _status_kb("VmHWM") - base) / 1024
+    return B.cpu_peak_mb(fn)
 
 
 _CPU_MEMORY = False
@@ -162,17 +144,17 @@ def _ratios(rows, case, base):
     for r in rows:
         if r["case"] != case or "ms" not in r:
             continue
+        r.update(B.speedups(r, {name: b["ms"] for name, b in base.items()}))
         for name, b in base.items():
-            r[f"x_vs_{name}"] = b["ms"] / r["ms"]
             if b.get("peak_MB") and r.get("peak_MB") is not None:
                 r[f"peak_vs_{name}"] = r["peak_MB"] / b["peak_MB"]
 
 
 def _timed(fn, device) -> float:
-    B._sync(device)
+    B.sync(device)
     t0 = time.perf_counter()
     fn()
-    B._sync(device)
+    B.sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -194,7 +176,7 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
         image, mask = _inputs(batch, size_hw, device, dtype, channels_last)
         base, runs, case_rows = {}, {}, {}
         for impl in impls:
-            row = {"case": case, "impl": impl, "dtype": str(dtype).split(".")[-1], "batch": batch,
+            row = {"case": case, "impl": impl, "dtype": B.dtype_name(dtype), "batch": batch,
                    "size": f"{size_hw[0]}x{size_hw[1]}", "channels_last": channels_last, "cnum": cnum}
             try:
                 run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
@@ -207,7 +189,7 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
                     row["peak_MB"] = peak_mb(run, device)
                     del run
             except Exception as e:  # report, keep going
-                row["error"] = f"{type(e).__name__}: {e}"
+                row["error"] = B.error_text(e, limit=None)
             case_rows[impl] = row
             rows.append(row)
             if not interleave:
@@ -238,14 +220,10 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
     return rows
 
 
-def markdown(rows, env) -> str:
-    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None), "",
-             "| case | impl | dtype | batch | size | ms | x vs eager | x vs compile(eager) | peak MB | "
-             "peak / eager's |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
+def _row_lines(rows) -> list[str]:
+    """The markdown table's body: one line per row."""
+    lines = []
+    f = B.fmt
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | "
@@ -254,13 +232,19 @@ def markdown(rows, env) -> str:
         lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | {f(r['ms'], '.1f')} | "
                      f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
                      f"{f(r.get('peak_MB'), '.1f')} | {f(r.get('peak_vs_eager'), '.2f')} |")
+    return lines
+
+
+def markdown(rows, env, ceilings=None) -> str:
+    lines = [*B.markdown_header(env, ceilings), "",
+             "| case | impl | dtype | batch | size | ms | x vs eager | x vs compile(eager) | peak MB | "
+             "peak / eager's |", "|---|---|---|---|---|---|---|---|---|---|", *_row_lines(rows)]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    B.add_common_args(p, min_time=1.0)
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--size", type=int, default=None, help="training / fwd+bwd size (256 published)")
     p.add_argument("--batch", type=int, default=None, help="training batch (GPU default 8, CPU 1)")
@@ -268,16 +252,10 @@ def main(argv=None) -> int:
     p.add_argument("--cnum", type=int, default=48)
     p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"])
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
-    p.add_argument("--min-time", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
-    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
     channels_last = gpu if a.channels_last is None else a.channels_last
     size = a.size or 256
     batch = a.batch or (8 if gpu else 1)
@@ -287,12 +265,8 @@ def main(argv=None) -> int:
     env.update(channels_last=channels_last, cnum=a.cnum)
 
     def progress(case, rows):
-        print("\n".join(markdown([r for r in rows if r["case"] == case], {}).strip().splitlines()[4:]), flush=True)
-        if a.json or a.markdown:
-            B.write_results(a.json, None, rows, env, {})
-            if a.markdown:
-                with open(a.markdown, "w") as fh:
-                    fh.write(markdown(rows, env))
+        print("\n".join(_row_lines([r for r in rows if r["case"] == case])), flush=True)
+        B.write_results(a.json, a.markdown, rows, env, {}, markdown)
 
     rows = run_benchmarks(a.device, dtype, cases, channels_last, a.cnum, tuple(a.impls), a.min_time, progress)
     return 1 if any("error" in r for r in rows) else 0

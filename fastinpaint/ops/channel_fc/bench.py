@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import sys
 
@@ -113,16 +114,11 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
             gy = torch.randn_like(xs[0]) if grad else None
             results = {}
             for label, fn in impls.items():
-                counter = [0]
+                next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
 
                 def run():
-                    x = xs[counter[0] % len(xs)]
-                    counter[0] += 1
-                    if grad:
-                        torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
-                    else:
-                        with torch.no_grad():
-                            fn(x, w, b)
+                    x = next_x()
+                    B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
 
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -130,7 +126,7 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
                 try:
                     ms = B.time_fn(run, device, min_time_s=min_time_s)
                 except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
-                    results[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    results[label] = {"error": B.error_text(exc)}
                     continue
                 row = {"ms": ms}
                 if device == "cuda":
@@ -144,12 +140,9 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
                 results[label] = row
             base = {k: results[k]["ms"] for k in ("eager", "compile(eager)") if "ms" in results.get(k, {})}
             for label, row in results.items():
-                entry = {"case": case.name, "mode": mode, "impl": label, "batch": case.batch,
-                         "dtype": str(dtype).split(".")[-1], "channels_last": channels_last, **row}
-                if "ms" in row:
-                    for k, v in base.items():
-                        entry[f"x_vs_{k}"] = v / row["ms"]
-                rows.append(entry)
+                rows.append({"case": case.name, "mode": mode, "impl": label, "batch": case.batch,
+                             "dtype": B.dtype_name(dtype), "channels_last": channels_last, **row,
+                             **B.speedups(row, base)})
             del xs, w, b, gy
             if progress:
                 progress(rows, ceilings)
@@ -157,19 +150,14 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
 
 
 def markdown(rows, env, ceilings) -> str:
-    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)]
-    if ceilings:
-        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    lines = B.markdown_header(env, ceilings)
     lines.append(f"Activation {ACTIVATION}({SLOPE}); GB/s over the minimum traffic (each operand read once, "
                  "each result written once).")
     lines.append("")
     cols = ["case", "mode", "impl", "dtype", "ms", "x vs eager", "x vs compile(eager)", "saved MB", "peak MB",
             "TFLOP/s", "GB/s", "of copy bandwidth"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
+    f = B.fmt
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | error: {r['error'][:80]} |"
@@ -184,29 +172,18 @@ def markdown(rows, env, ceilings) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    B.add_common_args(p, min_time=0.5, dtype_choices=["float32", "float16", "bfloat16"])
     p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="+", default=None, help="substrings of case names")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--min-time", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = B.apply_common_args(args)
     cases = CASES if not args.cases else [c for c in CASES if any(s in c.name for s in args.cases)]
     env = B.environment(args.device)
 
     def save(rows, ceilings):
-        if args.json:
-            B.write_results(args.json, None, rows, env, ceilings)
-        if args.markdown:
-            with open(args.markdown, "w") as fh:
-                fh.write(markdown(rows, env, ceilings))
+        B.write_results(args.json, args.markdown, rows, env, ceilings, markdown)
 
     rows, ceilings = bench(cases, args.device, dtype, tuple(args.modes), args.channels_last, not args.no_compile,
                            args.min_time, progress=save)

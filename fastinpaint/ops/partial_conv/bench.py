@@ -85,7 +85,7 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
             x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
             base = {}
             for name, fn in impls.items():
-                row = {"case": case.name, "mode": mode, "impl": name, "dtype": str(dtype).split(".")[-1],
+                row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
                        "batch": batch}
                 try:
                     if grad:
@@ -103,22 +103,16 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
                                 fn(x, m, w, b)
                     row["ms"] = B.time_fn(step, device, min_time_s=min_time_s)
                     if device == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base_mem = torch.cuda.memory_allocated()
-                        step()
-                        torch.cuda.synchronize()
-                        row["peak_MB"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+                        row["peak_MB"] = B.cuda_peak_mb(step)
                 except Exception as e:  # report, keep going
-                    row["error"] = f"{type(e).__name__}: {e}"
+                    row["error"] = B.error_text(e, limit=None)
                 if name in ("eager", "compile(eager)") and "ms" in row:
                     base[name] = row
                 rows.append(row)
             eager_saved = base.get("eager", {}).get("saved_MB")
             for row in rows:
                 if row["case"] == case.name and row["mode"] == mode and "ms" in row:
-                    for k, v in base.items():
-                        row[f"x_vs_{k}"] = v["ms"] / row["ms"]
+                    row.update(B.speedups(row, {k: v["ms"] for k, v in base.items()}))
                     if eager_saved and "saved_MB" in row:
                         row["saved_vs_eager"] = row["saved_MB"] / eager_saved
             if progress:
@@ -128,21 +122,14 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="partial convolution benchmarks")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    B.add_common_args(p, min_time=0.5)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--min-time", type=float, default=0.5)
     p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
-    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
     batch = a.batch or (8 if gpu else 1)
     channels_last = gpu if a.channels_last is None else a.channels_last
     cases = [c for c in CASES if not a.cases or any(c.name.startswith(x) for x in a.cases)]

@@ -22,15 +22,13 @@ times that; the loss forward ``2 B N^2 (Ds + Dt)``, forward+backward plus ``4 B 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import subprocess
 import sys
 
 import torch
 
 from ... import _backend
-from ...benchmark import environment, measure_ceilings, time_fn, write_results
+from ... import benchmark as B
+from ...benchmark import peak_rss_bytes, reset_peak_rss  # noqa: F401 - re-exported (tests/test_pixel_attention.py)
 from . import reference
 from .op import attention_transfer_loss, pixel_attention
 
@@ -136,30 +134,9 @@ def flops(kind: str, batch: int, n: int, grad: bool) -> float:
 
 # ----------------------------------------------------------------------------- CPU peak memory
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set: /proc's VmHWM (per address space, so not inherited
-    from the parent the way getrusage's ru_maxrss is across fork + exec)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> None:
-    """Lower the peak to the current RSS (Linux >= 4.0); a no-op where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_child(kind, impl, batch, n, dtype_name, grad) -> int:
-    """Run in a fresh process: the peak-RSS increase (bytes) of one call (after a small warm-up)."""
+def _peak_rss_child(kind, impl, batch, n, dtype_name, grad) -> float | None:
+    """Run in a fresh process: the peak-RSS increase (MiB) of one call (after a small warm-up),
+    by :func:`fastinpaint.benchmark.cpu_peak_mb`."""
     dtype = getattr(torch, dtype_name)
     impls = attention_implementations("cpu", compile_baseline=False) if kind == "attention" \
         else loss_implementations("cpu", compile_baseline=False)
@@ -173,21 +150,14 @@ def _peak_rss_child(kind, impl, batch, n, dtype_name, grad) -> int:
 
     call(make(batch, 64, "cpu", dtype, grad))
     args = make(batch, n, "cpu", dtype, grad)
-    reset_peak_rss()
-    before = peak_rss_bytes()
-    call(args)
-    return peak_rss_bytes() - before
+    return B.cpu_peak_mb(lambda: call(args))
 
 
-def cpu_peak_rss(kind, impl, batch, n, dtype, grad) -> int | None:
+def cpu_peak_mb(kind, impl, batch, n, dtype, grad) -> float | None:
+    """Peak-RSS increase (MiB) of one call of ``impl``, in a fresh process; None if it failed."""
     cmd = [sys.executable, "-m", "fastinpaint.ops.pixel_attention.bench", "--_peak", kind, impl, str(batch), str(n),
-           str(dtype).split(".")[-1], "1" if grad else "0"]
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        return int(out.stdout.strip().splitlines()[-1])
-    except Exception:  # noqa: BLE001 - memory is reported as missing rather than failing the run
-        return None
+           B.dtype_name(dtype), "1" if grad else "0"]
+    return B.run_peak_child(cmd, timeout=600)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -218,9 +188,9 @@ def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype
                         base = torch.cuda.memory_allocated()
                         torch.cuda.reset_peak_memory_stats()
                     try:
-                        ms = time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
+                        ms = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
                     except Exception as exc:  # noqa: BLE001 - a rejecting or failing implementation is a result
-                        results[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]}
+                        results[label] = {"error": B.error_text(exc, limit=200, first_line=True)}
                         if device == "cuda":
                             torch.cuda.empty_cache()
                         continue
@@ -232,18 +202,15 @@ def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype
                     if device == "cuda":
                         row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                     elif cpu_memory and not label.startswith("compile"):
-                        peak = cpu_peak_rss(kind, label, batch, n, dtype, grad)
+                        peak = cpu_peak_mb(kind, label, batch, n, dtype, grad)
                         if peak is not None:
-                            row["peak_MB"] = peak / 2**20
+                            row["peak_MB"] = peak
                     results[label] = row
                 base_ms = {k: results[k]["ms"] for k in ("eager", "compile(eager)") if "ms" in results.get(k, {})}
                 eager_peak = results.get("eager", {}).get("peak_MB")
                 for label, row in results.items():
                     entry = {"case": f"{kind} N={n} B={batch}", "mode": mode, "impl": label, "batch": batch,
-                             "dtype": str(dtype).split(".")[-1], **row}
-                    if "ms" in row:
-                        for k, v in base_ms.items():
-                            entry[f"x_vs_{k}"] = v / row["ms"]
+                             "dtype": B.dtype_name(dtype), **row, **B.speedups(row, base_ms)}
                     if eager_peak and row.get("peak_MB") is not None:
                         entry["peak_vs_eager"] = row["peak_MB"] / eager_peak
                     rows.append(entry)
@@ -253,15 +220,10 @@ def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype
 
 
 def markdown(rows, env, ceilings) -> str:
-    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)]
-    if ceilings:
-        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    lines = B.markdown_header(env, ceilings)
     lines += ["", "| case | mode | impl | dtype | ms | x vs eager | x vs compile(eager) | peak MB | peak / eager's "
                   "| TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
+    f = B.fmt
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | not run: {r['error'][:90]} "
@@ -277,38 +239,26 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_peak":
         kind, impl, batch, n, dtype_name, grad = argv[1:7]
-        print(_peak_rss_child(kind, impl, int(batch), int(n), dtype_name, grad == "1"))
+        print(B.peak_line(_peak_rss_child(kind, impl, int(batch), int(n), dtype_name, grad == "1")))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    B.add_common_args(p, min_time=0.3)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--kinds", nargs="+", default=["attention", "loss"], choices=["attention", "loss"])
     p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--min-time", type=float, default=0.3)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
-    if a.threads:
-        torch.set_num_threads(a.threads)
-        os.environ["OMP_NUM_THREADS"] = str(a.threads)  # the peak-memory child processes too
-    dtype = getattr(torch, a.dtype or ("bfloat16" if gpu else "float32"))
+    dtype = B.apply_common_args(a)  # --threads reaches the peak-memory child processes too
     batch = a.batch or (8 if gpu else 1)
     sizes = a.sizes or ([4096, 16384] if gpu else [4096])
-    env = environment(a.device)
-    ceilings = measure_ceilings(a.device) if gpu else {}
+    env = B.environment(a.device)
+    ceilings = B.measure_ceilings(a.device) if gpu else {}
 
     def save(msg, rows):
         print(msg, flush=True)
-        if a.json:
-            write_results(a.json, None, rows, env, ceilings)
-        if a.markdown:
-            with open(a.markdown, "w") as fh:
-                fh.write(markdown(rows, env, ceilings))
+        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown)
 
     rows = bench(a.kinds, sizes, a.device, dtype, batch, a.modes, not a.no_compile, a.min_time, progress=save)
     print(markdown(rows, env, ceilings))

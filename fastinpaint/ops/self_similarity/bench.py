@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 
 import torch
 
 from ... import _backend
-from ...benchmark import environment, measure_ceilings, time_fn
+from ... import benchmark as B
 from . import reference as ref
 
 
@@ -121,39 +119,25 @@ def _peak_cpu_subprocess(case: Case, label: str, dtype) -> float | None:
     """Peak RSS growth (MiB) of one forward+backward, in a fresh process (after a warm-up call,
     so that one-time allocations and compilation do not count)."""
     code = (
-        "import resource, sys, json, torch, dataclasses\n"
+        "import json, torch\n"
+        "from fastinpaint import benchmark as B\n"
         "from fastinpaint.ops.self_similarity import bench as b\n"
         f"case = b.Case(**json.loads({json.dumps(json.dumps(dataclasses.asdict(case)))}))\n"
-        f"dtype = getattr(torch, {str(dtype).split('.')[-1]!r})\n"
+        f"dtype = getattr(torch, {B.dtype_name(dtype)!r})\n"
         "f, t, i = b._inputs(case, 'cpu', dtype)\n"
         f"fn = b.implementations(case, 'cpu', {label == 'compile(gather)'!r})[{label!r}]\n"
         "b._step(fn, f, t, i)\n"
         "import gc; gc.collect()\n"
-        "def status(key):\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith(key): return int(line.split()[1]) * 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) to the current RSS\n"
-        "before = status('VmRSS')\n"
-        "b._step(fn, f, t, i)\n"
-        "peak = status('VmHWM')\n"
-        "print('PEAK', max(0, peak - before))\n"
+        "print(B.peak_line(B.cpu_peak_mb(lambda: b._step(fn, f, t, i))))\n"
     )
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                             env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    except subprocess.TimeoutExpired:
-        return None
-    for line in out.stdout.splitlines():
-        if line.startswith("PEAK"):
-            return int(line.split()[1]) / 2**20
-    return None
+    return B.run_peak_child([sys.executable, "-c", code], timeout=900)
 
 
 def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: float = 0.5, compile_baseline=True,
           measure_peak: bool = True, progress=None, ceilings=None) -> list[dict]:
     cases = (GPU_CASES if device == "cuda" else CPU_CASES) if cases is None else cases
     if ceilings is None:
-        ceilings = measure_ceilings(device) if device == "cuda" else {}
+        ceilings = B.measure_ceilings(device) if device == "cuda" else {}
     rows = []
     for case in cases:
         f, t, index = _inputs(case, device, dtype)
@@ -164,20 +148,15 @@ def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: floa
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                     _step(fn, f, t, index)  # warm-up / compile
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    _step(fn, f, t, index)
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    ms = time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s)
+                    peak = B.cuda_peak_mb(lambda: _step(fn, f, t, index))
+                    ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s)
                 else:
                     slow = label == "loop (public)"
-                    ms = time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s,
-                                 max_reps=3 if slow else 200, warmup=1)
+                    ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s,
+                                   max_reps=3 if slow else 200, warmup=1)
                     peak = _peak_cpu_subprocess(case, label, dtype) if measure_peak else None
             except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
-                results[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                results[label] = {"error": B.error_text(exc)}
                 continue
             row = {"ms": ms, "peak_extra_MB": peak}
             if case.dense and ceilings:
@@ -196,10 +175,9 @@ def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: floa
                  if "ms" in results.get(k, {})}
         base_peaks = {k: results[k]["peak_extra_MB"] for k in bases if results[k].get("peak_extra_MB")}
         for label, row in results.items():
-            entry = {"case": case.name, "impl": label, "dtype": str(dtype).split(".")[-1], "mode": "fwd+bwd", **row}
+            entry = {"case": case.name, "impl": label, "dtype": B.dtype_name(dtype), "mode": "fwd+bwd", **row,
+                     **B.speedups(row, bases)}
             if "ms" in row:
-                for k, v in bases.items():
-                    entry[f"x_vs_{k}"] = v / row["ms"]
                 for k, v in base_peaks.items():
                     if row.get("peak_extra_MB") is not None:
                         entry[f"peak_vs_{k}"] = row["peak_extra_MB"] / v
@@ -210,18 +188,13 @@ def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: floa
 
 
 def markdown(rows, env, ceilings=None) -> str:
-    lines = ["Environment: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)]
-    if ceilings:
-        lines.append("Measured ceilings: " + ", ".join(f"{k}={v:.1f}" for k, v in ceilings.items()))
+    lines = B.markdown_header(env, ceilings)
     lines += ["", "Forward + backward. x vs B = B's time / this row's time (above 1: faster); peak = peak extra "
               "memory of one forward + backward.", ""]
     cols = ["case", "impl", "dtype", "ms", "x vs loop (public)", "x vs eager reference", "x vs compile(gather)",
             "peak extra MB", "peak / loop's", "peak / compile's", "of roofline"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
+    f = B.fmt
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | error: {r['error'][:80]} |" + " |" * 7)
@@ -236,29 +209,20 @@ def markdown(rows, env, ceilings=None) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--min-time", type=float, default=0.5)
+    B.add_common_args(p, min_time=0.5, threads=False)
     p.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-peak", action="store_true")
-    p.add_argument("--json")
-    p.add_argument("--markdown")
     a = p.parse_args(argv)
-    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
+    dtype = B.apply_common_args(a)
     cases = GPU_CASES if a.device == "cuda" else CPU_CASES
     if a.cases:
         cases = [c for c in cases if any(s in c.name for s in a.cases)]
-    env = environment(a.device)
-    ceilings = measure_ceilings(a.device) if a.device == "cuda" else {}
+    env = B.environment(a.device)
+    ceilings = B.measure_ceilings(a.device) if a.device == "cuda" else {}
 
     def save(_name, rows):
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump({"environment": env, "ceilings": ceilings, "results": rows}, fh, indent=1)
-        if a.markdown:
-            with open(a.markdown, "w") as fh:
-                fh.write(markdown(rows, env, ceilings))
+        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown)
         print(markdown(rows, env, ceilings), flush=True)
 
     bench(cases, a.device, dtype, a.min_time, not a.no_compile, not a.no_peak, progress=save, ceilings=ceilings)
