@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -100,3 +102,17 @@ def autocast_cast(*tensors):
 
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------- Triton launches
+
+#: Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_ctx(t: torch.Tensor):
+    """The CUDA device of ``t`` as a context (Triton launches on the current device); a
+    no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -24,26 +24,17 @@ Activation codes follow ``ACTIVATION_CODES`` of the gated convolution: 0 none, 1
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 from .._layout import suggest_memory_format
 from ..gated_conv.triton import _act
 
 __all__ = ["forward", "backward"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 @triton.jit

@@ -22,7 +22,6 @@ autotuning.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -30,17 +29,10 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 from .._layout import conv_output_format, is_channels_last
 
 __all__ = ["gate_forward", "gate_backward", "conv_forward"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------

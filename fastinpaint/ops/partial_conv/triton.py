@@ -13,19 +13,15 @@ Indices are int64.
 
 from __future__ import annotations
 
-import contextlib
-import os
 
-import torch
 import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 from .._layout import suggest_memory_format
 
 __all__ = ["renorm_forward"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -69,12 +65,6 @@ def _renorm_fwd_kernel(raw_ptr, ms_ptr, bias_ptr, out_ptr, scale_ptr, um_ptr,
         bv = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
         y += bv[None, :] * um[:, None]
     tl.store(out_ptr + dst, y.to(out_ptr.dtype.element_ty), mask=m2)
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 def renorm_forward(raw, mask_sum, bias, kernel, stride, padding, dilation, window_size):

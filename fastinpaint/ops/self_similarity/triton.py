@@ -25,30 +25,22 @@ All accumulation in float32 (tl.dot with input_precision="ieee").
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._common import device_ctx as _device_ctx
 
 __all__ = ["maps_forward", "maps_backward", "distance_forward", "distance_backward", "MAX_FUSED_ENTRIES"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FUSED_ENTRIES = 4096
 # window code 2: "zero" windows of the dense form, whose index is arange(H*W) (op.py passes it
 # only for query_index="all"); every kernel treats it as "zero", the backward gathers directly.
 DENSE_ZERO = 2
 _TANH_SCALE = 10.0
 _COS_EPS = 1e-8
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 def _geometry(H: int, W: int, K: int, window: int):
