@@ -15,20 +15,24 @@ import os
 import torch
 
 _poison = os.environ.get("FASTINPAINT_POISON", "0") == "1"
+_listeners: list = []  # called with the new flag: the C++ extension's switch, once it is loaded
 
 
 def poison_enabled() -> bool:
     return _poison
 
 
+def on_change(listener) -> None:
+    """Call ``listener(enabled)`` now and whenever poisoning is switched."""
+    _listeners.append(listener)
+    listener(_poison)
+
+
 def _set_poison(enabled: bool) -> None:
     global _poison
     _poison = bool(enabled)
-    from . import _extension  # late: loading the extension is lazy
-
-    lib = _extension.library(build=False)
-    if lib is not None:
-        torch.ops.fastinpaint._set_debug_poison(_poison)
+    for listener in _listeners:
+        listener(_poison)
 
 
 @contextlib.contextmanager

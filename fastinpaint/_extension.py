@@ -21,11 +21,10 @@ import warnings
 
 import torch
 
-from . import _build
+from . import _build, _debug
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "how": None, "error": None, "tried_prebuilt": False, "tried_jit": False}
-_on_load_hooks: list = []
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,25 +53,10 @@ def _torch_version_matches(built: str) -> bool:
     return built.split("+")[0] == torch.__version__.split("+")[0]
 
 
-def on_load(hook) -> None:
-    """Run ``hook()`` once the extension is loaded (now, if it already is)."""
-    _on_load_hooks.append(hook)
-    if _state["loaded"]:
-        hook()
-
-
 def _finish_load(how: str) -> None:
     _state["loaded"] = True
     _state["how"] = how
-    torch.ops.fastinpaint._set_debug_poison(_poison_flag())
-    for hook in _on_load_hooks:
-        hook()
-
-
-def _poison_flag() -> bool:
-    from . import _debug
-
-    return _debug.poison_enabled()
+    _debug.on_change(torch.ops.fastinpaint._set_debug_poison)
 
 
 def _try_prebuilt() -> str | None:

@@ -19,12 +19,20 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _cmd_backends(args) -> int:
     from . import backends, _extension
+    from .ops import _registry
 
     report = backends()
-    print(json.dumps(report, indent=1) if args.json else "\n".join(
-        f"{name:10s} cpu: {v['cpu']}\n{'':10s} cuda: {v['cuda']}" for name, v in report.items()))
+    ops = _registry.describe()
     how = _extension.library(build=False)
+    if args.json:
+        print(json.dumps({"backends": report, "ops": ops, "extension": how}, indent=1))
+        return 0
+    print("\n".join(f"{name:10s} cpu: {v['cpu']}\n{'':10s} cuda: {v['cuda']}" for name, v in report.items()))
     print(f"extension: {how or 'not loaded'}")
+    for op, per_backend in ops.items():
+        print(f"\n{op}")
+        for backend, entry in per_backend.items():
+            print(f"  {backend:10s} {entry['runs']}\n  {'':10s} cpu: {entry['cpu']}; cuda: {entry['cuda']}")
     return 0
 
 

@@ -147,7 +147,7 @@ def test_opcheck():
             ops.append((torch.ops.fastinpaint.attention_transfer_forward,
                         torch.ops.fastinpaint.attention_transfer_backward))
         if fastinpaint._backend.unavailable_reason("triton", "cpu") is None:
-            ops.append((torch.ops.fastinpaint.attention_transfer_triton,
+            ops.append((torch.ops.fastinpaint.attention_transfer_forward_triton,
                         torch.ops.fastinpaint.attention_transfer_backward_triton))
         assert ops
         for fwd, bwd in ops:

@@ -323,7 +323,7 @@ def test_opcheck_triton_ops():
     skip_unless_available("triton", "cpu")
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
     w, b = torch.randn(3, 20, 20, requires_grad=True), torch.randn(3, 20, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastinpaint.channel_fc_triton.default, (x, w, b, 1, 0.2))
+    torch.library.opcheck(torch.ops.fastinpaint.channel_fc_forward_triton.default, (x, w, b, 1, 0.2))
     y = torch.randn(2, 3, 4, 5)
     torch.library.opcheck(torch.ops.fastinpaint.channel_fc_backward_triton.default,
                           (torch.randn_like(y), x.detach(), w.detach(), y, 3, 0.2, True, True, True))

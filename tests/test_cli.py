@@ -1,4 +1,5 @@
-"""The fastinpaint command: the README's main job (the kernel benchmark) on tiny maps."""
+"""The fastinpaint command's bench and backends subcommands (the main job, train, is tested in
+test_readme.py and test_trainer.py)."""
 
 import json
 
@@ -45,3 +46,22 @@ def test_backends_command(capsys):
     out = capsys.readouterr().out
     for name in ("reference", "triton", "cuda", "cpu"):
         assert name in out
+
+
+def test_backends_command_describes_every_op(capsys):
+    from fastinpaint.ops import _registry
+
+    assert cli.main(["backends", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["ops"]) == set(_registry.OPS) >= {"gated_conv2d", "channel_fc", "partial_conv2d",
+                                                        "pixel_attention", "self_similarity"}
+    for op, per_backend in report["ops"].items():
+        assert list(per_backend) == list(_registry.OPS[op].implemented) or \
+            set(per_backend) == set(_registry.OPS[op].implemented)
+        for entry in per_backend.values():
+            assert entry["runs"] and entry["cpu"] and entry["cuda"]
+        assert per_backend["reference"]["cpu"] == "ok"
+    # what "cuda" means differs per op, and the report says so
+    assert "scaled_dot_product_attention" in report["ops"]["pixel_attention"]["cuda"]["runs"]
+    assert "csrc/cuda/gated_conv.cu" in report["ops"]["gated_conv2d"]["cuda"]["runs"]
+    assert "cuda" not in report["ops"]["attention_transfer_loss"]

@@ -248,7 +248,7 @@ BAD_INPUTS = [
     (dict(dilation=0), ValueError, r"dilation must be >= 1"),
     (dict(stride=(1, 2, 3)), TypeError, r"stride must be an int or a pair"),
     (dict(stride=1.5), TypeError, r"stride must be an int or a pair"),
-    (dict(activation="gelu"), ValueError, r"activation must be one of"),
+    (dict(activation="gelu"), ValueError, r"activation must be (None or )?one of"),
     (dict(x=torch.randn(2, 5, 2, 2), padding=0), ValueError, r"kernel_size 3 with dilation 1 spans 3 pixels"),
     (dict(dilation=8, padding=0), ValueError, r"spans 17 pixels"),
     (dict(x=torch.randn(2, 5, 0, 13)), ValueError, r"positive height and width"),
@@ -308,16 +308,16 @@ def test_opcheck_cpp_op():
     skip_unless_available("cpu", "cpu")
     for fmt in (torch.contiguous_format, torch.channels_last):
         pre = torch.randn(2, 6, 5, 7).contiguous(memory_format=fmt).requires_grad_()
-        torch.library.opcheck(torch.ops.fastinpaint.gated_act_forward.default, (pre, 3, 0.2))
-        torch.library.opcheck(torch.ops.fastinpaint.gated_act_backward.default,
+        torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_forward.default, (pre, 3, 0.2))
+        torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_backward.default,
                               (torch.randn(2, 3, 5, 7).contiguous(memory_format=fmt), pre.detach(), 2, 0.1))
 
 
 def test_opcheck_triton_ops():
     skip_unless_available("triton", "cpu")
     pre = torch.randn(2, 6, 5, 7, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastinpaint.gated_act_forward_triton.default, (pre, 3, 0.2))
-    torch.library.opcheck(torch.ops.fastinpaint.gated_act_backward_triton.default,
+    torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_forward_triton.default, (pre, 3, 0.2))
+    torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_backward_triton.default,
                           (torch.randn(2, 3, 5, 7), pre.detach(), 1, 0.2))
     x, w, b = torch.randn(1, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
     torch.library.opcheck(torch.ops.fastinpaint.gated_conv2d_triton.default,

@@ -25,11 +25,12 @@ pytest.importorskip("triton")
 import torch.nn.functional as F  # noqa: E402
 
 from fastinpaint import _debug  # noqa: E402
+from fastinpaint.ops._activation import ACTIVATION_CODES  # noqa: E402
 from fastinpaint.ops.gated_conv import reference  # noqa: E402
 from fastinpaint.ops.gated_conv import triton as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACTS = list(reference.ACTIVATION_CODES)  # none, relu, leaky_relu, elu
+ACTS = list(ACTIVATION_CODES)  # none, relu, leaky_relu, elu
 SLOPE = 0.2
 
 
@@ -90,7 +91,7 @@ def test_gate_forward_backward(act, layout, shape):
     (g_ref,) = torch.autograd.grad(y_ref, pre_ref, dy)
 
     pre = _layout(pre_ref.detach(), layout)
-    code = reference.ACTIVATION_CODES[act]
+    code = ACTIVATION_CODES[act]
     y = tk.gate_forward(pre, code, SLOPE)
     assert y.shape == (B, C, H, W) and y.dtype == pre.dtype
     _assert_no_nan(y)
@@ -114,7 +115,7 @@ def test_gate_fp16_and_mixed_grad_layout(act):
     pre32 = torch.randn(3, 10, 7, 13, device=DEVICE) * 2.0
     pre = pre32.half().contiguous(memory_format=torch.channels_last)
     dy = torch.randn(3, 5, 7, 13, device=DEVICE).half()  # NCHW grad for a channels_last pre
-    code = reference.ACTIVATION_CODES[act]
+    code = ACTIVATION_CODES[act]
 
     pre_ref = pre.float().requires_grad_(True)
     y_ref = reference.gate(pre_ref, act, SLOPE)
@@ -179,7 +180,7 @@ def _run_conv_case(case, layout, dtype, rtol=None, atol=None):
     ref = _conv_reference(x.float(), w.float(), b.float() if b is not None else None,
                           stride, padding, dilation, up, act)
     y = tk.conv_forward(x, w, b, stride, padding, dilation, up,
-                        reference.ACTIVATION_CODES[act], SLOPE)
+                        ACTIVATION_CODES[act], SLOPE)
     assert y.shape == ref.shape and y.dtype == dtype
     _assert_no_nan(y)
     if layout in ("cl", "cl_slice"):

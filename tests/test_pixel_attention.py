@@ -172,8 +172,8 @@ def test_opcheck_triton_ops():
     skip_unless_available("triton", "cpu")
     q, k, v, mask = make_inputs(2, 19, 8, 12, "cpu", torch.float32, "random")
     for m in (None, mask):
-        torch.library.opcheck(torch.ops.fastinpaint.pixel_attention_triton.default, (q, k, v, m, 0.5))
-    out, lse = torch.ops.fastinpaint.pixel_attention_triton(q.detach(), k.detach(), v.detach(), mask, 0.5)
+        torch.library.opcheck(torch.ops.fastinpaint.pixel_attention_forward_triton.default, (q, k, v, m, 0.5))
+    out, lse = torch.ops.fastinpaint.pixel_attention_forward_triton(q.detach(), k.detach(), v.detach(), mask, 0.5)
     torch.library.opcheck(torch.ops.fastinpaint.pixel_attention_backward_triton.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, lse, 0.5))
 

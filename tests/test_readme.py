@@ -49,3 +49,15 @@ def test_main_job_runs_with_a_tiny_step_count(tmp_path):
         path = Path(line.split(":", 1)[1].strip())
         assert path == out / name and path.is_file() and path.stat().st_size > 0, line
     assert re.search(r"PSNR \(dB\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", text), text   # start, trained, mean fill
+
+
+def test_backends_table_matches_the_ops_declarations():
+    """The README's Backends table says, per op, what each backend runs: the same sentences as
+    the ops' declarations (``fastinpaint backends``), and nothing else."""
+    from fastinpaint.ops import _registry
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Backends", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_0-9]+)` \| `([a-z]+)` \| (.*) \|$", section, re.M)
+    declared = [(name, b, op.backends[b]) for name, op in _registry.OPS.items() for b in op.implemented]
+    assert sorted(rows) == sorted(declared)

@@ -18,7 +18,7 @@ from conftest import assert_close_to_reference, backend_device_params, dtypes_fo
 
 def skip_unless_implemented(backend, device):
     skip_unless_available(backend, device)
-    if backend not in ss_op.IMPLEMENTED:
+    if backend not in ss_op.MAPS_OP.implemented:
         pytest.skip(f"self_similarity has no {backend} backend yet")
 
 
@@ -303,7 +303,7 @@ def test_info_mode_matches_reference_loss():
     f = [torch.randn(2, 6, 8, 8, requires_grad=True) for _ in range(3)]
     index = FI.sample_query_index(8, 8, 20, generator=torch.Generator().manual_seed(1))
     expected = ref.info_nce(*(ref.self_similarity(x, index, 4) for x in f))
-    for backend in ss_op.IMPLEMENTED:
+    for backend in ss_op.MAPS_OP.implemented:
         if unavailable_reason(backend, "cpu") is not None:
             continue
         with use_backend(backend):

@@ -2,7 +2,7 @@
 // the GEMMs run through at::bmm (MKL's batched GEMM on strided views, no copies of x for
 // NCHW input); this file holds the two fused elementwise passes, parallelised by
 // TensorIterator::for_each (torch's own parallel loop: at::parallel_for instantiated in
-// an extension built without -fopenmp would be serial, see gated_act.cpp).
+// an extension built without -fopenmp would be serial, see gated_conv.cpp).
 //   forward_epilogue:  y[b, c, p] = act(t[b, c, p] + bias[c, p])  (t: the GEMM result's view)
 //   backward_prologue: d[b, c, p] = dy[b, c, p] * act'(y[b, c, p])
 // act' comes from the output: relu / leaky_relu (slope >= 0): y > 0 <=> pre > 0; elu:

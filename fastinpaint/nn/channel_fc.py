@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.channel_fc.op import activation_code, channel_fc
+from ..ops._activation import activation_code
+from ..ops.channel_fc.op import channel_fc
 
 
 class ChannelWiseFC(nn.Module):
@@ -45,7 +46,7 @@ class ChannelWiseFC(nn.Module):
         for name, v in (("channels", channels), ("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        activation_code(activation, negative_slope)  # validates both
+        activation_code(activation, negative_slope, slope_from_output=True)  # validates both
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.channels, self.height, self.width = channels, height, width

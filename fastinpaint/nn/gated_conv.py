@@ -5,7 +5,7 @@ from torch import nn
 
 from .. import functional as FI
 from ..ops._common import conv_module_args, pair, reset_conv_parameters
-from ..ops.gated_conv.reference import ACTIVATION_CODES
+from ..ops._activation import activation_code
 
 
 class GatedConv2d(nn.Module):
@@ -28,8 +28,7 @@ class GatedConv2d(nn.Module):
             self.padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
         else:
             self.padding = pair(padding, "padding", 0)
-        if activation not in ACTIVATION_CODES:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+        activation_code(activation, negative_slope)  # validates both
         self.activation, self.negative_slope = activation, negative_slope
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(2 * out_channels, in_channels, *self.kernel_size, **factory))

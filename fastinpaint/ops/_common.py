@@ -79,6 +79,11 @@ def check_same_dtype(ref, others, ref_name: str = "x") -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """torch.nn.functional.conv2d's output size along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def check_kernel_span(x_shape, kernel, padding, dilation, scale_factor: int = 1) -> None:
     """The (dilated) kernel must fit in the padded (upsampled by ``scale_factor``) input."""
     for axis, (size, k, p, d) in enumerate(zip(x_shape[2:], kernel, padding, dilation)):
@@ -98,6 +103,11 @@ def autocast_cast(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def needs_grad(*tensors) -> bool:

@@ -21,33 +21,53 @@ also keeps the permuted GEMM result, the pre-activation and the bias-add's input
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from ... import _backend, _extension
+from .._activation import activation_code
 from .._common import autocast_cast, check_float_tensor, check_same_device, check_same_dtype
 from .._layout import suggest_memory_format
+from .._registry import Op, differentiable, kernel
 from . import reference
-from .reference import ACTIVATION_CODES
-
-OP_NAME = "channel_fc"
-IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
 
 
-# ----------------------------------------------------------------------------- shapes (fake kernels)
+# ----------------------------------------------------------------------------- kernels
 
 def _out_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape).contiguous(memory_format=suggest_memory_format(x))
 
 
-def _backward_fake(x, weight, need_x, need_weight, need_bias):
+def _forward_fake(x, weight, bias, activation, negative_slope):
+    return _out_like(x)
+
+
+def _backward_fake(grad_out, x, weight, out, activation, negative_slope, need_x, need_weight, need_bias):
     C, P = weight.shape[0], weight.shape[1]
     dx = _out_like(x) if need_x else x.new_empty((0,))
     dw = weight.new_empty((C, P, P)) if need_weight else x.new_empty((0,))
     db = x.new_empty((C, P)) if need_bias else x.new_empty((0,))
     return dx, dw, db
+
+
+# x (B, C, H, W), weight (C, H*W, H*W), bias (C, H*W); the backward reads act' from out;
+# gradients not asked for come back as empty tensors
+FORWARD = kernel("channel_fc_forward",
+                 "(Tensor x, Tensor weight, Tensor? bias, int activation, float negative_slope) -> Tensor",
+                 _forward_fake, triton="forward")
+BACKWARD = kernel("channel_fc_backward",
+                  "(Tensor grad_out, Tensor x, Tensor weight, Tensor? out, int activation, float negative_slope, "
+                  "bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+                  _backward_fake, triton="backward")
+OP = Op("channel_fc", {
+    "reference": "eager permute -> bmm -> permute back -> + bias -> act (reference.py)",
+    "triton": "batched-GEMM Triton kernels reading and writing x's layout in place, bias and activation "
+              "fused into the forward's epilogue and act' into the backward's loads",
+    "cuda": "one strided cuBLAS batched GEMM over channels (at::bmm), then one fused CUDA pass for bias, "
+            "activation and the transposition into y's layout (csrc/cuda/channel_fc.cu)",
+    "cpu": "one strided batched GEMM over channels (at::bmm, MKL/oneDNN), then one fused C++ pass for bias, "
+           "activation and the transposition into y's layout (csrc/cpu/channel_fc.cpp)",
+}, kernels=(FORWARD, BACKWARD))
 
 
 def _setup_context(ctx, inputs, output):
@@ -60,105 +80,24 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, weight)
 
 
-def _make_backward(backward_op):
-    def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        x, weight = saved[0], saved[1]
-        out = saved[2] if len(saved) > 2 else None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
-            dx, dw, db = reference.channel_fc_backward(grad_out, x, weight, out, ctx.activation, ctx.negative_slope)
-        else:
-            dx, dw, db = backward_op(grad_out, x, weight, out, ctx.activation, ctx.negative_slope,
+def _backward(ctx, backward_kernel, grad_out):
+    saved = ctx.saved_tensors
+    x, weight = saved[0], saved[1]
+    out = saved[2] if len(saved) > 2 else None
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
+        dx, dw, db = reference.channel_fc_backward(grad_out, x, weight, out, ctx.activation, ctx.negative_slope)
+    else:
+        dx, dw, db = backward_kernel(grad_out, x, weight, out, ctx.activation, ctx.negative_slope,
                                      need_x, need_w, need_b)
-        return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None)
-
-    return backward
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None, None, None)
 
 
-# ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
-
-def _cpp_ops_present() -> bool:
-    """False for an extension built before this op existed (a stale build)."""
-    try:
-        torch.ops.fastinpaint.channel_fc_forward.default
-        torch.ops.fastinpaint.channel_fc_backward.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _register_cpp_ops() -> None:
-    """Fake kernels and autograd of the C++ ops; runs once the extension is loaded."""
-    if not _cpp_ops_present():
-        return
-
-    @torch.library.register_fake("fastinpaint::channel_fc_forward")
-    def _(x, weight, bias, activation, negative_slope):
-        return _out_like(x)
-
-    @torch.library.register_fake("fastinpaint::channel_fc_backward")
-    def _(grad_out, x, weight, out, activation, negative_slope, need_x, need_weight, need_bias):
-        return _backward_fake(x, weight, need_x, need_weight, need_bias)
-
-    torch.library.register_autograd(
-        "fastinpaint::channel_fc_forward",
-        _make_backward(torch.ops.fastinpaint.channel_fc_backward),
-        setup_context=_setup_context)
-
-
-_extension.on_load(_register_cpp_ops)
-
-
-# ----------------------------------------------------------------------------- Triton ops
-
-@torch.library.custom_op("fastinpaint::channel_fc_triton", mutates_args=())
-def channel_fc_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: int,
-                      negative_slope: float) -> torch.Tensor:
-    from . import triton as kernels
-
-    return kernels.forward(x, weight, bias, activation, negative_slope)
-
-
-@channel_fc_triton.register_fake
-def _(x, weight, bias, activation, negative_slope):
-    return _out_like(x)
-
-
-@torch.library.custom_op("fastinpaint::channel_fc_backward_triton", mutates_args=())
-def channel_fc_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               out: Optional[torch.Tensor], activation: int, negative_slope: float, need_x: bool,
-                               need_weight: bool, need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.backward(grad_out, x, weight, out, activation, negative_slope, need_x, need_weight, need_bias)
-
-
-@channel_fc_backward_triton.register_fake
-def _(grad_out, x, weight, out, activation, negative_slope, need_x, need_weight, need_bias):
-    return _backward_fake(x, weight, need_x, need_weight, need_bias)
-
-
-channel_fc_triton.register_autograd(_make_backward(channel_fc_backward_triton), setup_context=_setup_context)
+differentiable(FORWARD, BACKWARD, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- argument checks
-
-def activation_code(activation: Optional[str], negative_slope: float) -> int:
-    """Validate an activation name (None = "none") and its slope; return its kernel code."""
-    if activation is None:
-        activation = "none"
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
-    if (not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool)
-            or not math.isfinite(negative_slope)):
-        raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
-    if activation == "leaky_relu" and negative_slope < 0:
-        raise ValueError(f"negative_slope must be >= 0 (the backward reads act' from the output's sign), "
-                         f"got {negative_slope}")
-    return ACTIVATION_CODES[activation]
-
 
 def check_arguments(x, weight, bias, activation, negative_slope) -> int:
     """Validate a channel_fc call; return the activation code."""
@@ -177,7 +116,7 @@ def check_arguments(x, weight, bias, activation, negative_slope) -> int:
             raise ValueError(f"bias must have shape (C, H*W) = ({C}, {P}), got {tuple(bias.shape)}")
     check_same_device(x, (("weight", weight), ("bias", bias)))
     check_same_dtype(x, (("weight", weight), ("bias", bias)))
-    return activation_code(activation, negative_slope)
+    return activation_code(activation, negative_slope, slope_from_output=True)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -206,16 +145,8 @@ def channel_fc(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     elements) dominates the memory traffic for large maps.
     """
     code = check_arguments(x, weight, bias, activation, negative_slope)
-    backend = _backend.select(OP_NAME, IMPLEMENTED, x.device)
+    backend = OP.select(x)
     if backend == "reference":
         return reference.channel_fc(x, weight, bias, activation or "none", negative_slope)
     x, weight, bias = autocast_cast(x, weight, bias)
-    if backend == "triton":
-        if x.dtype == torch.float64:
-            raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                            "use the reference or cpu backend for float64")
-        return channel_fc_triton(x, weight, bias, code, float(negative_slope))
-    if not _cpp_ops_present():
-        raise _backend.BackendUnavailableError(
-            f"{OP_NAME}: the loaded fastinpaint._C has no channel_fc kernels (a stale build); rebuild it")
-    return torch.ops.fastinpaint.channel_fc_forward(x, weight, bias, code, float(negative_slope))
+    return FORWARD(backend, x, weight, bias, code, float(negative_slope))

@@ -13,11 +13,10 @@ elementwise ops (which keep that layout).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..gated_conv.reference import ACTIVATION_CODES, activate
+from .._activation import ACTIVATION_CODES, activate, backward_from_output
 
-__all__ = ["ACTIVATION_CODES", "channel_fc", "activation_backward"]
+__all__ = ["ACTIVATION_CODES", "channel_fc", "channel_fc_backward"]
 
 
 def channel_fc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -32,28 +31,6 @@ def channel_fc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return activate(y, activation, negative_slope)
 
 
-def activation_backward(grad_out: torch.Tensor, out: torch.Tensor, activation, negative_slope: float = 0.2):
-    """d act / d pre times ``grad_out``, computed from the activation's *output*, with
-    differentiable torch ops (the kernels use it for a second derivative).
-
-    For relu, leaky_relu with ``negative_slope >= 0`` and elu, act'(pre) is a function of
-    act(pre): ``out > 0`` <=> ``pre > 0``, and elu's ``exp(pre) = out + 1`` for pre <= 0.
-    ``activation`` is a name or a code of ``ACTIVATION_CODES``.
-    """
-    if not isinstance(activation, str):
-        activation = {v: k for k, v in ACTIVATION_CODES.items()}[int(activation)]
-    if activation == "none":
-        return grad_out
-    pos = out > 0
-    if activation == "relu":
-        return torch.where(pos, grad_out, torch.zeros_like(grad_out))
-    if activation == "leaky_relu":
-        return torch.where(pos, grad_out, grad_out * negative_slope)
-    if activation == "elu":
-        return torch.where(pos, grad_out, grad_out * (out + 1))
-    raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
-
-
 def channel_fc_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out, activation,
                         negative_slope: float = 0.2):
     """(dx, dweight, dbias) of :func:`channel_fc` from its output ``out`` (None without an
@@ -61,7 +38,7 @@ def channel_fc_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
     derivative is asked for."""
     B, C, H, W = x.shape
     P = H * W
-    d = grad_out if out is None else activation_backward(grad_out, out, activation, negative_slope)
+    d = grad_out if out is None else backward_from_output(grad_out, out, activation, negative_slope)
     d3 = d.reshape(B, C, P).transpose(0, 1)        # (C, B, P)
     x3 = x.reshape(B, C, P).transpose(0, 1)
     dx = torch.bmm(d3, weight).transpose(0, 1).reshape(B, C, H, W)

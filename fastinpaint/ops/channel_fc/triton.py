@@ -18,8 +18,8 @@ written in place, with no copies. weight is (C, P, P) contiguous, bias (C, P).
 Math in float32 (``tl.dot`` accumulates in float32; float32 operands use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` is on). Offsets are 64-bit.
 
-Activation codes follow ``ACTIVATION_CODES`` of the gated convolution: 0 none, 1 relu,
-2 leaky_relu(negative_slope >= 0), 3 elu.
+Activation codes and device functions: ``ops/_activation_triton.py`` (leaky_relu with
+negative_slope >= 0: the backward reads act' from the output).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._activation_triton import act as _act, grad_from_output as _grad_from_out
 from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 from .._layout import suggest_memory_format
-from ..gated_conv.triton import _act
 
 __all__ = ["forward", "backward"]
 
@@ -43,20 +43,6 @@ def _pos(p, Wd, sh, sw):
     h = p // Wd
     w = p - h * Wd
     return h.to(tl.int64) * sh + w.to(tl.int64) * sw
-
-
-@triton.jit
-def _grad_from_out(y, slope, ACT: tl.constexpr):
-    """act'(pre) from y = act(pre): y > 0 <=> pre > 0 (slope >= 0); elu: exp(pre) = y + 1."""
-    if ACT == 1:
-        g = tl.where(y > 0.0, 1.0, 0.0)
-    elif ACT == 2:
-        g = tl.where(y > 0.0, 1.0, slope)
-    elif ACT == 3:
-        g = tl.where(y > 0.0, 1.0, y + 1.0)
-    else:
-        g = tl.full(y.shape, 1.0, tl.float32)
-    return g
 
 
 @triton.jit

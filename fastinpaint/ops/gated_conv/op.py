@@ -16,25 +16,19 @@ formulation also keeps act(f) and sigmoid(g).
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ... import _backend, _extension
-from .._common import (autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype,
-                       needs_grad)
-from .._common import pair as _pair
+from .._activation import activation_code
+from .._common import autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype, \
+    conv_output_size, needs_grad, pair
 from .._layout import conv_output_format, is_channels_last
+from .._registry import Op, differentiable, kernel
 from . import reference, upsample
-from .reference import ACTIVATION_CODES
 
-OP_NAME = "gated_conv2d"
-IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-
-
-# ----------------------------------------------------------------------------- shapes
+# ----------------------------------------------------------------------------- kernels
 
 def _gate_out_like(pre: torch.Tensor, channels: int) -> torch.Tensor:
     """Empty (B, channels, H, W) in the memory format the gating kernels produce for ``pre``."""
@@ -42,102 +36,57 @@ def _gate_out_like(pre: torch.Tensor, channels: int) -> torch.Tensor:
     return pre.new_empty((pre.shape[0], channels, pre.shape[2], pre.shape[3])).contiguous(memory_format=fmt)
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-# ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
-
-def _register_cpp_ops() -> None:
-    """Fake kernels and autograd of the C++ ops; runs once the extension is loaded."""
-
-    @torch.library.register_fake("fastinpaint::gated_act_forward")
-    def _(pre, activation, negative_slope):
-        return _gate_out_like(pre, pre.shape[1] // 2)
-
-    @torch.library.register_fake("fastinpaint::gated_act_backward")
-    def _(grad_out, pre, activation, negative_slope):
-        return _gate_out_like(pre, pre.shape[1])
-
-    def setup_context(ctx, inputs, output):
-        pre, activation, negative_slope = inputs
-        ctx.save_for_backward(pre)
-        ctx.activation, ctx.negative_slope = activation, negative_slope
-
-    def backward(ctx, grad_out):
-        (pre,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
-            return reference.gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
-        grad_pre = torch.ops.fastinpaint.gated_act_backward(grad_out, pre, ctx.activation, ctx.negative_slope)
-        return grad_pre, None, None
-
-    torch.library.register_autograd("fastinpaint::gated_act_forward", backward, setup_context=setup_context)
-
-
-_extension.on_load(_register_cpp_ops)
-
-
-# ----------------------------------------------------------------------------- Triton ops
-
-@torch.library.custom_op("fastinpaint::gated_act_forward_triton", mutates_args=())
-def gated_act_forward_triton(pre: torch.Tensor, activation: int, negative_slope: float) -> torch.Tensor:
-    from . import triton as kernels
-
-    return kernels.gate_forward(pre, activation, negative_slope)
-
-
-@gated_act_forward_triton.register_fake
-def _(pre, activation, negative_slope):
+def _gate_forward_fake(pre, activation, negative_slope):
     return _gate_out_like(pre, pre.shape[1] // 2)
 
 
-@torch.library.custom_op("fastinpaint::gated_act_backward_triton", mutates_args=())
-def gated_act_backward_triton(grad_out: torch.Tensor, pre: torch.Tensor, activation: int,
-                              negative_slope: float) -> torch.Tensor:
-    from . import triton as kernels
-
-    return kernels.gate_backward(grad_out, pre, activation, negative_slope)
-
-
-@gated_act_backward_triton.register_fake
-def _(grad_out, pre, activation, negative_slope):
+def _gate_backward_fake(grad_out, pre, activation, negative_slope):
     return _gate_out_like(pre, pre.shape[1])
 
 
-def _triton_setup_context(ctx, inputs, output):
-    pre, activation, negative_slope = inputs
-    ctx.save_for_backward(pre)
-    ctx.activation, ctx.negative_slope = activation, negative_slope
-
-
-def _triton_backward(ctx, grad_out):
-    (pre,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
-        return reference.gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
-    return gated_act_backward_triton(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
-
-
-gated_act_forward_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
-
-
-@torch.library.custom_op("fastinpaint::gated_conv2d_triton", mutates_args=())
-def gated_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                        upsample: int, activation: int, negative_slope: float) -> torch.Tensor:
-    """Inference only: implicit-GEMM convolution with the gating in its epilogue."""
-    from . import triton as kernels
-
-    return kernels.conv_forward(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), upsample,
-                                activation, negative_slope)
-
-
-@gated_conv2d_triton.register_fake
-def _(x, weight, bias, stride, padding, dilation, upsample, activation, negative_slope):
+def _conv_fake(x, weight, bias, stride, padding, dilation, upsample, activation, negative_slope):
     kh, kw = weight.shape[2], weight.shape[3]
     ho = conv_output_size(x.shape[2] * upsample, kh, stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3] * upsample, kw, stride[1], padding[1], dilation[1])
     return x.new_empty((x.shape[0], weight.shape[0] // 2, ho, wo)).contiguous(
         memory_format=conv_output_format(x, weight))
+
+
+# the fused gating y = act(pre[:, :C]) * sigmoid(pre[:, C:]) of a (B, 2C, H, W) pre-activation
+GATE_FORWARD = kernel("gated_conv_act_forward", "(Tensor pre, int activation, float negative_slope) -> Tensor",
+                      _gate_forward_fake, triton="gate_forward")
+GATE_BACKWARD = kernel("gated_conv_act_backward",
+                       "(Tensor grad_out, Tensor pre, int activation, float negative_slope) -> Tensor",
+                       _gate_backward_fake, triton="gate_backward")
+# inference only (Triton): implicit-GEMM convolution with the gating in its epilogue
+CONV_FORWARD = kernel("gated_conv2d",
+                      "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+                      "int upsample, int activation, float negative_slope) -> Tensor",
+                      _conv_fake, triton="conv_forward", cpp=False)
+OP = Op("gated_conv2d", {
+    "reference": "eager conv2d -> split -> act * sigmoid (reference.py)",
+    "triton": "with autograd: torch's conv2d, then the fused Triton gating kernel; inference: one "
+              "implicit-GEMM Triton convolution with the gating in its epilogue",
+    "cuda": "torch's conv2d (cuDNN), then fastinpaint's fused CUDA gating kernel (csrc/cuda/gated_conv.cu)",
+    "cpu": "torch's conv2d (oneDNN), then fastinpaint's fused, vectorised C++ gating kernel "
+           "(csrc/cpu/gated_conv.cpp)",
+}, kernels=(GATE_FORWARD, GATE_BACKWARD))
+
+
+def _setup_context(ctx, inputs, output):
+    pre, activation, negative_slope = inputs
+    ctx.save_for_backward(pre)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+
+
+def _backward(ctx, gate_backward, grad_out):
+    (pre,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
+        return reference.gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
+    return gate_backward(grad_out, pre, ctx.activation, ctx.negative_slope), None, None
+
+
+differentiable(GATE_FORWARD, GATE_BACKWARD, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -161,17 +110,12 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
             raise ValueError(f"bias must have {weight.shape[0]} elements (2*out_channels), got {bias.shape[0]}")
     check_same_device(x, (("weight", weight), ("bias", bias)))
     check_same_dtype(x, (("weight", weight), ("bias", bias)))
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
-    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the slope may be symbolic
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, torch.SymInt, torch.SymFloat)) \
-            or not -math.inf < negative_slope < math.inf:
-        raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
+    code = activation_code(activation, negative_slope)
     check_kernel_span(x.shape, weight.shape[2:], padding, dilation, scale_factor)
-    return stride, padding, dilation, ACTIVATION_CODES[activation]
+    return stride, padding, dilation, code
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -179,7 +123,7 @@ def check_arguments(x, weight, bias, stride, padding, dilation, activation, nega
 def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activation, negative_slope):
     stride, padding, dilation, code = check_arguments(
         x, weight, bias, stride, padding, dilation, activation, negative_slope, scale_factor)
-    backend = _backend.select(OP_NAME, IMPLEMENTED, x.device)
+    backend = OP.select(x)
     if backend == "reference":
         if scale_factor != 1:
             return reference.gated_deconv2d(x, weight, bias, stride, padding, dilation, activation,
@@ -187,12 +131,9 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         return reference.gated_conv2d(x, weight, bias, stride, padding, dilation, activation, negative_slope)
 
     x, weight, bias = autocast_cast(x, weight, bias)
-    if backend == "triton" and x.dtype == torch.float64:
-        raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                        "use the reference or cpu backend for float64")
     if backend == "triton" and not needs_grad(x, weight, bias) and scale_factor in (1, 2):
-        return gated_conv2d_triton(x, weight, bias, list(stride), list(padding), list(dilation), scale_factor,
-                                   code, float(negative_slope))
+        return CONV_FORWARD(backend, x, weight, bias, list(stride), list(padding), list(dilation), scale_factor,
+                            code, float(negative_slope))
     if scale_factor != 1 and upsample.applies(weight.shape, stride, padding, dilation, scale_factor,
                                               x.shape[2], x.shape[3]):
         pre = upsample.upsample_conv2d(x, weight, bias, padding, dilation, scale_factor)
@@ -200,9 +141,7 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         if scale_factor != 1:
             x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
         pre = F.conv2d(x, weight, bias, stride, padding, dilation)
-    if backend == "triton":
-        return gated_act_forward_triton(pre, code, float(negative_slope))
-    return torch.ops.fastinpaint.gated_act_forward(pre, code, float(negative_slope))
+    return GATE_FORWARD(backend, pre, code, float(negative_slope))
 
 
 def gated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,

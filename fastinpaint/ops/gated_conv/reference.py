@@ -10,20 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Activation codes shared with the kernels (csrc/common.h, triton.py).
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
-
-
-def activate(f: torch.Tensor, activation: str, negative_slope: float = 0.2) -> torch.Tensor:
-    if activation == "elu":
-        return F.elu(f)
-    if activation == "leaky_relu":
-        return F.leaky_relu(f, negative_slope)
-    if activation == "relu":
-        return F.relu(f)
-    if activation == "none":
-        return f
-    raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+from .._activation import activate, activate_with_derivative
 
 
 def gate(pre: torch.Tensor, activation: str = "elu", negative_slope: float = 0.2) -> torch.Tensor:
@@ -35,22 +22,10 @@ def gate(pre: torch.Tensor, activation: str = "elu", negative_slope: float = 0.2
 def gate_backward(grad_out: torch.Tensor, pre: torch.Tensor, activation, negative_slope: float = 0.2):
     """Gradient of :func:`gate` with respect to ``pre``, written with differentiable torch ops
     (the fused kernels use it when a second derivative is asked for). ``activation`` is a
-    name or a code of ``ACTIVATION_CODES``."""
-    if not isinstance(activation, str):
-        activation = {v: k for k, v in ACTIVATION_CODES.items()}[int(activation)]
+    name or a code of ``ops._activation.ACTIVATION_CODES``."""
     f, g = pre.chunk(2, dim=1)
     s = torch.sigmoid(g)
-    if activation == "elu":
-        a = F.elu(f)
-        da = torch.where(f > 0, torch.ones_like(f), a + 1)
-    elif activation in ("leaky_relu", "relu"):
-        slope = negative_slope if activation == "leaky_relu" else 0.0
-        a = F.leaky_relu(f, slope)
-        da = torch.where(f > 0, torch.ones_like(f), torch.full_like(f, slope))
-    elif activation == "none":
-        a, da = f, torch.ones_like(f)
-    else:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    a, da = activate_with_derivative(f, activation, negative_slope)
     return torch.cat([grad_out * s * da, grad_out * a * s * (1 - s)], dim=1)
 
 

@@ -11,8 +11,7 @@ Plain launchers (no autograd, no ``torch.library`` registration):
   2*Cout pre-activation is never written. ``upsample=2`` convolves the nearest-x2
   upsampled input without materialising it (DeepFill's gated "deconv").
 
-Activation codes follow ``reference.ACTIVATION_CODES``: 0 none, 1 relu,
-2 leaky_relu(negative_slope), 3 elu (alpha 1). All math is done in float32.
+Activation codes and device functions: ``ops/_activation_triton.py``. All math is done in float32.
 
 Only long-standing ``triton.language`` APIs are used (``tl.dot(...,
 input_precision=...)``, masked ``tl.load``/``tl.store``, ``triton.autotune``).
@@ -29,53 +28,11 @@ import triton
 import triton.language as tl
 
 from ..._debug import new_output
+from .._activation_triton import act as _act, act_and_grad as _act_and_grad, sigmoid as _sigmoid
 from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 from .._layout import conv_output_format, is_channels_last
 
 __all__ = ["gate_forward", "gate_backward", "conv_forward"]
-
-
-# --------------------------------------------------------------------------------------
-# elementwise helpers
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sigmoid(g):
-    return 1.0 / (1.0 + tl.exp(-g))
-
-
-@triton.jit
-def _act(f, negative_slope, ACT: tl.constexpr):
-    if ACT == 1:
-        f = tl.where(f > 0.0, f, 0.0)
-    elif ACT == 2:
-        f = tl.where(f > 0.0, f, f * negative_slope)
-    elif ACT == 3:
-        f = tl.where(f > 0.0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
-    return f
-
-
-@triton.jit
-def _act_and_grad(f, negative_slope, ACT: tl.constexpr):
-    """(act(f), act'(f))."""
-    if ACT == 1:
-        pos = f > 0.0
-        a = tl.where(pos, f, 0.0)
-        da = tl.where(pos, 1.0, 0.0)
-    elif ACT == 2:
-        pos = f > 0.0
-        a = tl.where(pos, f, f * negative_slope)
-        da = tl.where(pos, 1.0, negative_slope)
-    elif ACT == 3:
-        pos = f > 0.0
-        e = tl.exp(tl.minimum(f, 0.0))
-        a = tl.where(pos, f, e - 1.0)
-        da = tl.where(pos, 1.0, e)
-    else:
-        a = f
-        da = tl.full(f.shape, 1.0, tl.float32)
-    return a, da
 
 
 # --------------------------------------------------------------------------------------

@@ -19,32 +19,43 @@ differentiable.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ... import _backend, _extension
+from .._common import acc_dtype, autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype, \
+    pair
 from .._layout import suggest_memory_format
-from .._common import (autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype,
-                       pair)
-from ..gated_conv.op import conv_output_size
+from .._registry import Op, differentiable, kernel
 from . import reference
 
-OP_NAME = "partial_conv2d"
-IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ----------------------------------------------------------------------------- kernel
 
-
-def _fake_outputs(raw, mask_sum):
+def _renorm_fake(raw, mask_sum, bias, kernel, stride, padding, dilation, window_size):
     b, _, ho, wo = raw.shape
     out = raw.new_empty(raw.shape).contiguous(memory_format=suggest_memory_format(raw))
-    small = mask_sum.new_empty((b, 1, ho, wo))
-    return out, small, mask_sum.new_empty((b, 1, ho, wo))
+    return out, mask_sum.new_empty((b, 1, ho, wo)), mask_sum.new_empty((b, 1, ho, wo))
+
+
+# raw = conv2d(x * M, W) without bias (B, C, Ho, Wo), mask_sum = M summed over its channels
+# (B, 1, H, W) in the accumulation dtype -> (out, scale, new_mask), the last two (B, 1, Ho, Wo)
+RENORM = kernel("partial_conv_renorm",
+                "(Tensor raw, Tensor mask_sum, Tensor? bias, int[] kernel, int[] stride, int[] padding, "
+                "int[] dilation, float window_size) -> (Tensor, Tensor, Tensor)",
+                _renorm_fake, triton="renorm_forward")
+OP = Op("partial_conv2d", {
+    "reference": "the public formulation in eager PyTorch: a ones-kernel mask convolution, the ratio, four "
+                 "elementwise passes (reference.py)",
+    "triton": "torch's conv2d of x * M, then one fused Triton kernel: the mask's window sum, ratio, bias "
+              "and updated mask",
+    "cuda": "torch's conv2d of x * M (cuDNN), then the same fused renormalisation as a CUDA kernel "
+            "(csrc/cuda/partial_conv.cu)",
+    "cpu": "torch's conv2d of x * M (oneDNN), then the same fused renormalisation in C++ "
+           "(csrc/cpu/partial_conv.cpp)",
+}, kernels=(RENORM,))
 
 
 def _setup_context(ctx, inputs, output):
@@ -55,7 +66,8 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, grad_out, _grad_scale, _grad_um):
+def _backward(ctx, _no_kernel, grad_out, _grad_scale, _grad_um):
+    # torch ops, so the backward is itself differentiable
     scale, um = ctx.saved_tensors
     grad_raw = (grad_out * scale).to(grad_out.dtype)
     grad_bias = None
@@ -64,46 +76,7 @@ def _backward(ctx, grad_out, _grad_scale, _grad_um):
     return grad_raw, None, grad_bias, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------- C++ op (cpu, cuda)
-
-def _cpp_op_built() -> bool:
-    """False for an extension built before this op existed (rebuild it)."""
-    return hasattr(torch.ops.fastinpaint, "partial_conv_renorm")
-
-
-def _register_cpp_ops() -> None:
-    if not _cpp_op_built():
-        return
-
-    @torch.library.register_fake("fastinpaint::partial_conv_renorm")
-    def _(raw, mask_sum, bias, kernel, stride, padding, dilation, window_size):
-        return _fake_outputs(raw, mask_sum)
-
-    torch.library.register_autograd("fastinpaint::partial_conv_renorm", _backward, setup_context=_setup_context)
-
-
-_extension.on_load(_register_cpp_ops)
-
-
-# ----------------------------------------------------------------------------- Triton op
-
-@torch.library.custom_op("fastinpaint::partial_conv_renorm_triton", mutates_args=())
-def partial_conv_renorm_triton(raw: torch.Tensor, mask_sum: torch.Tensor, bias: Optional[torch.Tensor],
-                               kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                               dilation: Sequence[int], window_size: float
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.renorm_forward(raw, mask_sum, bias, tuple(kernel), tuple(stride), tuple(padding),
-                                  tuple(dilation), window_size)
-
-
-@partial_conv_renorm_triton.register_fake
-def _(raw, mask_sum, bias, kernel, stride, padding, dilation, window_size):
-    return _fake_outputs(raw, mask_sum)
-
-
-partial_conv_renorm_triton.register_autograd(_backward, setup_context=_setup_context)
+differentiable(RENORM, None, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -157,29 +130,18 @@ def partial_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
         channels) for a multi-channel one, in x's dtype.
     """
     stride, padding, dilation = check_arguments(x, mask, weight, bias, stride, padding, dilation)
-    backend = _backend.select(OP_NAME, IMPLEMENTED, x.device)
+    backend = OP.select(x)
     if backend == "reference":
         m = mask.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else mask
         return reference.partial_conv2d(x, m, weight, bias, stride, padding, dilation)
     x, weight, bias = autocast_cast(x, weight, bias)
-    if backend == "triton" and x.dtype == torch.float64:
-        raise TypeError("x is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                        "use the reference or cpu backend for float64")
     cm = mask.shape[1]
     window = float(cm * weight.shape[2] * weight.shape[3])
     m = mask.detach().to(x.dtype)
-    mask_sum = (m.sum(1, keepdim=True) if cm > 1 else m).to(_acc_dtype(x.dtype))
+    mask_sum = (m.sum(1, keepdim=True) if cm > 1 else m).to(acc_dtype(x.dtype))
     raw = F.conv2d(x * m, weight, None, stride, padding, dilation)
-    kernel = [int(weight.shape[2]), int(weight.shape[3])]
-    args = (raw, mask_sum, bias, kernel, list(stride), list(padding), list(dilation), window)
-    if backend == "triton":
-        out, _, um = partial_conv_renorm_triton(*args)
-    else:
-        if not _cpp_op_built():
-            raise _backend.BackendUnavailableError(
-                "the C++ extension fastinpaint._C was built without partial_conv_renorm: rebuild it "
-                "(pip install --no-build-isolation -e .)")
-        out, _, um = torch.ops.fastinpaint.partial_conv_renorm(*args)
+    ksize = [int(weight.shape[2]), int(weight.shape[3])]
+    out, _, um = RENORM(backend, raw, mask_sum, bias, ksize, list(stride), list(padding), list(dilation), window)
     new_mask = um.to(x.dtype)
     if cm > 1:
         new_mask = new_mask.expand(-1, weight.shape[0], -1, -1)

@@ -27,42 +27,64 @@ from typing import Optional
 
 import torch
 
-from ... import _backend, _extension
-from .._common import FLOAT_DTYPES, autocast_cast, check_float_tensor, check_same_device, check_same_dtype
+from .._common import acc_dtype, FLOAT_DTYPES, autocast_cast, check_float_tensor, check_same_device, check_same_dtype
+from .._registry import Op, differentiable, kernel
 from . import reference
 from .reference import DISTANCES
 
-ATTN_OP = "pixel_attention"
-ATTN_IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
-LOSS_OP = "attention_transfer_loss"
-LOSS_IMPLEMENTED = ("reference", "triton", "cpu")
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------- fake kernels (shared)
+# ----------------------------------------------------------------------------- kernels
 
 def _attn_fwd_fake(q, k, v, key_mask, scale):
     B, N, _ = q.shape
-    return q.new_empty((B, N, v.shape[2])), q.new_empty((B, N), dtype=_acc_dtype(q.dtype))
+    return q.new_empty((B, N, v.shape[2])), q.new_empty((B, N), dtype=acc_dtype(q.dtype))
 
 
 def _attn_bwd_fake(grad_out, q, k, v, key_mask, out, lse, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _loss_fwd_fake(q_s, k_s, q_t, k_t, scale, distance):
     B, N, _ = q_s.shape
-    return tuple(q_s.new_empty((B, N), dtype=_acc_dtype(q_s.dtype)) for _ in range(4))
+    return tuple(q_s.new_empty((B, N), dtype=acc_dtype(q_s.dtype)) for _ in range(4))
 
 
 def _loss_bwd_fake(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow, scale, distance):
-    return torch.empty_like(q_s, memory_format=torch.contiguous_format), \
-        torch.empty_like(k_s, memory_format=torch.contiguous_format)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q_s, k_s))
+
+
+# q, k (B, N, Dqk), v (B, N, Dv), key_mask (B, N) bool with True = key excluded -> (out, row log-sum-exp)
+ATTN_FORWARD = kernel("pixel_attention_forward",
+                      "(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale) -> (Tensor, Tensor)",
+                      _attn_fwd_fake, triton="attention_forward")
+ATTN_BACKWARD = kernel("pixel_attention_backward",
+                       "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor out, Tensor lse, "
+                       "float scale) -> (Tensor, Tensor, Tensor)",
+                       _attn_bwd_fake, triton="attention_backward")
+# distance 0 = l2, 1 = l1 -> (per-row distance, lse_s, lse_t, c_i = sum_j r_s g)
+LOSS_FORWARD = kernel("attention_transfer_forward",
+                      "(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float scale, int distance) "
+                      "-> (Tensor, Tensor, Tensor, Tensor)",
+                      _loss_fwd_fake, triton="transfer_forward")
+LOSS_BACKWARD = kernel("attention_transfer_backward",
+                       "(Tensor grad_dist, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor lse_s, "
+                       "Tensor lse_t, Tensor c, float scale, int distance) -> (Tensor, Tensor)",
+                       _loss_bwd_fake, triton="transfer_backward")
+
+ATTN_OP = Op("pixel_attention", {
+    "reference": "eager: the (B, N, N) affinities, softmax, bmm (reference.py)",
+    "triton": "flash-style Triton kernels with an online softmax: no N x N tensor",
+    "cuda": "torch's scaled_dot_product_attention (torch picks its kernel; fastinpaint adds the key mask "
+            "and the zero output of all-masked samples): no fastinpaint CUDA kernel",
+    "cpu": "C++ tasks of 64 query (or key) rows against all N, block products with at::mm "
+           "(csrc/cpu/pixel_attention.cpp): at most 64 x N per thread",
+}, kernels=(ATTN_FORWARD, ATTN_BACKWARD), cpp_backends=("cpu",))
+LOSS_OP = Op("attention_transfer_loss", {
+    "reference": "eager: both (B, N, N) affinity matrices (reference.py)",
+    "triton": "Triton kernels computing each row's distance in blocks from the two rows' log-sum-exps",
+    "cpu": "C++ kernels, blocks of rows (csrc/cpu/pixel_attention.cpp)",
+}, kernels=(LOSS_FORWARD, LOSS_BACKWARD))
 
 
 def _attn_setup_context(ctx, inputs, output):
@@ -73,6 +95,14 @@ def _attn_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _attn_backward(ctx, backward_kernel, grad_out, grad_lse):
+    q, k, v, key_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = backward_kernel(grad_out, q, k, v, key_mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
 def _loss_setup_context(ctx, inputs, output):
     q_s, k_s, q_t, k_t, scale, distance = inputs
     dist, lse_s, lse_t, crow = output
@@ -81,125 +111,16 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse_s, lse_t, crow)
 
 
-# ----------------------------------------------------------------------------- C++ ops (cpu)
-
-def _register_cpp_ops() -> None:
-    torch.library.register_fake("fastinpaint::pixel_attention_forward")(_attn_fwd_fake)
-    torch.library.register_fake("fastinpaint::pixel_attention_backward")(_attn_bwd_fake)
-    torch.library.register_fake("fastinpaint::attention_transfer_forward")(_loss_fwd_fake)
-    torch.library.register_fake("fastinpaint::attention_transfer_backward")(_loss_bwd_fake)
-
-    def attn_backward(ctx, grad_out, grad_lse):
-        q, k, v, key_mask, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            return None, None, None, None, None
-        dq, dk, dv = torch.ops.fastinpaint.pixel_attention_backward(
-            grad_out, q, k, v, key_mask, out, lse, ctx.scale)
-        return dq, dk, dv, None, None
-
-    def loss_backward(ctx, grad_dist, *_):
-        q_s, k_s, q_t, k_t, lse_s, lse_t, crow = ctx.saved_tensors
-        if grad_dist is None:
-            return (None,) * 6
-        dq, dk = torch.ops.fastinpaint.attention_transfer_backward(
-            grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow, ctx.scale, ctx.distance)
-        return dq, dk, None, None, None, None
-
-    torch.library.register_autograd("fastinpaint::pixel_attention_forward", attn_backward,
-                                    setup_context=_attn_setup_context)
-    torch.library.register_autograd("fastinpaint::attention_transfer_forward", loss_backward,
-                                    setup_context=_loss_setup_context)
-
-
-def _cpp_has_ops() -> bool:
-    try:
-        torch.ops.fastinpaint.pixel_attention_forward.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _register_cpp_if_present() -> None:
-    # An extension built before these ops existed lacks them: the cpu backend then reports
-    # itself unavailable for them instead of failing at import.
-    if _cpp_has_ops():
-        _register_cpp_ops()
-
-
-_extension.on_load(_register_cpp_if_present)
-
-
-# ----------------------------------------------------------------------------- Triton ops
-
-@torch.library.custom_op("fastinpaint::pixel_attention_triton", mutates_args=())
-def pixel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.attention_forward(q, k, v, key_mask, scale)
-
-
-pixel_attention_triton.register_fake(_attn_fwd_fake)
-
-
-@torch.library.custom_op("fastinpaint::pixel_attention_backward_triton", mutates_args=())
-def pixel_attention_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                    key_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.attention_backward(grad_out, q, k, v, key_mask, out, lse, scale)
-
-
-pixel_attention_backward_triton.register_fake(_attn_bwd_fake)
-
-
-def _attn_triton_backward(ctx, grad_out, grad_lse):
-    q, k, v, key_mask, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None
-    dq, dk, dv = pixel_attention_backward_triton(grad_out, q, k, v, key_mask, out, lse, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-pixel_attention_triton.register_autograd(_attn_triton_backward, setup_context=_attn_setup_context)
-
-
-@torch.library.custom_op("fastinpaint::attention_transfer_triton", mutates_args=())
-def attention_transfer_triton(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                              scale: float, distance: int
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.transfer_forward(q_s, k_s, q_t, k_t, scale, distance)
-
-
-attention_transfer_triton.register_fake(_loss_fwd_fake)
-
-
-@torch.library.custom_op("fastinpaint::attention_transfer_backward_triton", mutates_args=())
-def attention_transfer_backward_triton(grad_dist: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor,
-                                       q_t: torch.Tensor, k_t: torch.Tensor, lse_s: torch.Tensor,
-                                       lse_t: torch.Tensor, crow: torch.Tensor, scale: float,
-                                       distance: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.transfer_backward(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow, scale, distance)
-
-
-attention_transfer_backward_triton.register_fake(_loss_bwd_fake)
-
-
-def _loss_triton_backward(ctx, grad_dist, *_):
+def _loss_backward(ctx, backward_kernel, grad_dist, *_):
     q_s, k_s, q_t, k_t, lse_s, lse_t, crow = ctx.saved_tensors
     if grad_dist is None:
         return (None,) * 6
-    dq, dk = attention_transfer_backward_triton(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow,
-                                                ctx.scale, ctx.distance)
+    dq, dk = backward_kernel(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow, ctx.scale, ctx.distance)
     return dq, dk, None, None, None, None
 
 
-attention_transfer_triton.register_autograd(_loss_triton_backward, setup_context=_loss_setup_context)
+differentiable(ATTN_FORWARD, ATTN_BACKWARD, _attn_setup_context, _attn_backward)
+differentiable(LOSS_FORWARD, LOSS_BACKWARD, _loss_setup_context, _loss_backward)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -296,27 +217,20 @@ def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask:
     scale = _check_scale(scale, allow_none=True)
     if scale is None:
         scale = 1.0 / math.sqrt(Dqk)
-    backend = _backend.select(ATTN_OP, ATTN_IMPLEMENTED, q.device)
+    backend = ATTN_OP.select(q, "q")
     if backend == "reference":
         return reference.pixel_attention(q, k, v, key_mask, scale)
     q, k, v = autocast_cast(q, k, v)
     if backend == "cuda":
         return _sdpa(q, k, v, key_mask, scale)
     if backend == "triton":
-        if q.dtype == torch.float64:
-            raise TypeError("q is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                            "use the reference or cpu backend for float64")
         from .triton import MAX_QK, MAX_V
 
         if Dqk > MAX_QK:
             raise ValueError(f"the triton backend takes Dqk <= {MAX_QK}, got q with Dqk={Dqk}")
         if v.shape[2] > MAX_V and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError(f"the triton backend's backward takes Dv <= {MAX_V}, got v with Dv={v.shape[2]}")
-        return pixel_attention_triton(q, k, v, key_mask, scale)[0]
-    if not _cpp_has_ops():
-        raise _backend.BackendUnavailableError(
-            "pixel_attention: the loaded fastinpaint._C predates this op; rebuild the extension")
-    return torch.ops.fastinpaint.pixel_attention_forward(q, k, v, key_mask, scale)[0]
+    return ATTN_FORWARD(backend, q, k, v, key_mask, scale)[0]
 
 
 # ----------------------------------------------------------------------------- attention transfer
@@ -357,23 +271,15 @@ def attention_transfer_loss(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Ten
         raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
     scale = _check_scale(scale, allow_none=False)
     q_t, k_t = q_t.detach(), k_t.detach()
-    backend = _backend.select(LOSS_OP, LOSS_IMPLEMENTED, q_s.device)
+    backend = LOSS_OP.select(q_s, "q_s")
     if backend == "reference":
         return reference.attention_transfer_loss(q_s, k_s, q_t, k_t, row_weight, row_mask, distance, scale)
     q_s, k_s, q_t, k_t = autocast_cast(q_s, k_s, q_t, k_t)
     code = DISTANCES[distance]
     if backend == "triton":
-        if q_s.dtype == torch.float64:
-            raise TypeError("q_s is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                            "use the reference or cpu backend for float64")
         from .triton import MAX_QK
 
         if max(Ds, q_t.shape[2]) > MAX_QK:
             raise ValueError(f"the triton backend takes q/k channels <= {MAX_QK}, got Ds={Ds}, Dt={q_t.shape[2]}")
-        dist = attention_transfer_triton(q_s, k_s, q_t, k_t, scale, code)[0]
-    else:
-        if not _cpp_has_ops():
-            raise _backend.BackendUnavailableError(
-                "attention_transfer_loss: the loaded fastinpaint._C predates this op; rebuild the extension")
-        dist = torch.ops.fastinpaint.attention_transfer_forward(q_s, k_s, q_t, k_t, scale, code)[0]
+    dist = LOSS_FORWARD(backend, q_s, k_s, q_t, k_t, scale, code)[0]
     return reference.reduce_rows(dist, row_weight, row_mask)

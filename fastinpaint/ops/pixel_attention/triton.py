@@ -30,8 +30,6 @@ the grid in the forward; the backward takes Dv <= 256). float16, bfloat16, float
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -39,11 +37,9 @@ import triton.language as tl
 from ..._debug import new_output
 from .._common import INTERPRET as _INTERPRET, device_ctx as _device_ctx
 
-_AUTOTUNE = os.environ.get("FASTINPAINT_TRITON_AUTOTUNE", "1") != "0"
 MAX_QK = 128
 MAX_V = 256
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def _pow2(n: int, lo: int = 16) -> int:

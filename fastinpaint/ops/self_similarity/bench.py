@@ -91,10 +91,10 @@ def implementations(case: Case, device: str, compile_baseline: bool = True) -> d
             impls["compile(gather)"] = torch.compile(
                 lambda f, t, i: ref.compare_maps(ref.self_similarity_gather(f, i, case.K),
                                                  ref.self_similarity_gather(t, i, case.K), "cos"), dynamic=False)
-    from .op import IMPLEMENTED
+    from .op import MAPS_OP
 
     for backend in ("cpu", "cuda", "triton"):
-        if backend not in IMPLEMENTED or _backend.unavailable_reason(backend, device) is not None:
+        if backend not in MAPS_OP.implemented or _backend.unavailable_reason(backend, device) is not None:
             continue
         if backend == "triton" and device == "cpu":
             continue  # the interpreter is for correctness, not speed

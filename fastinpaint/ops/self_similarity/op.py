@@ -30,14 +30,11 @@ from typing import Optional, Union
 
 import torch
 
-from ... import _backend, _extension
-from .._common import check_float_tensor
+from .._common import acc_dtype, check_float_tensor
+from .._registry import Op, differentiable, kernel
 from . import reference
 from .reference import MODE_CODES, WINDOW_CODES, window_shape
 
-MAPS_OP = "self_similarity"
-DISTANCE_OP = "spatial_correlative_distance"
-IMPLEMENTED = ("reference", "triton", "cuda", "cpu")
 _TRITON_MAX_FUSED_ENTRIES = 4096  # triton.MAX_FUSED_ENTRIES (not imported here: triton may be missing)
 
 
@@ -48,18 +45,19 @@ def _entries(g: torch.Tensor, patch_size: int, window: int) -> int:
     return kh * kw
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _maps_fake(g, index, patch_size, window, squash):
     return g.new_empty((g.shape[0], index.shape[0], _entries(g, patch_size, window)))
 
 
 def _distance_fake(g_src, g_tgt, index, patch_size, window, squash, mode):
-    acc = _acc_dtype(g_src.dtype)
+    acc = acc_dtype(g_src.dtype)
     B, Q = g_src.shape[0], index.shape[0]
     return g_src.new_empty((B, Q), dtype=acc), g_src.new_empty((B, Q, 4), dtype=acc)
+
+
+def _maps_backward_fake(grad, g, index, patch_size, window):
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
 def _distance_backward_fake(grad_rows, g_src, g_tgt, index, stats, patch_size, window, squash, mode):
@@ -67,7 +65,36 @@ def _distance_backward_fake(grad_rows, g_src, g_tgt, index, stats, patch_size, w
         g_tgt, memory_format=torch.contiguous_format)
 
 
-# ----------------------------------------------------------------------------- autograd (shared)
+# g = normalised features (B, H, W, C), index = flat query positions (Q,) int64
+MAPS_FORWARD = kernel("self_similarity_forward",
+                      "(Tensor g, Tensor index, int patch_size, int window, bool squash) -> Tensor",
+                      _maps_fake, triton="maps_forward")
+MAPS_BACKWARD = kernel("self_similarity_backward",
+                       "(Tensor grad, Tensor g, Tensor index, int patch_size, int window) -> Tensor",
+                       _maps_backward_fake, triton="maps_backward")
+DISTANCE_FORWARD = kernel("spatial_correlative_distance_forward",
+                          "(Tensor g_src, Tensor g_tgt, Tensor index, int patch_size, int window, bool squash, "
+                          "int mode) -> (Tensor, Tensor)",
+                          _distance_fake, triton="distance_forward")
+DISTANCE_BACKWARD = kernel("spatial_correlative_distance_backward",
+                           "(Tensor grad_rows, Tensor g_src, Tensor g_tgt, Tensor index, Tensor stats, int patch_size, "
+                           "int window, bool squash, int mode) -> (Tensor, Tensor)",
+                           _distance_backward_fake, triton="distance_backward")
+
+_KERNEL_BACKENDS = {
+    "triton": "the normalisation in torch ops, then Triton kernels on the normalised features",
+    "cuda": "the normalisation in torch ops, then fastinpaint's CUDA kernels (csrc/cuda/self_similarity.cu)",
+    "cpu": "the normalisation in torch ops, then fastinpaint's C++ kernels (csrc/cpu/self_similarity.cpp)",
+}
+MAPS_OP = Op("self_similarity", {
+    "reference": "eager: one bmm per image against the whole map, then a gather of the windows (reference.py)",
+    **_KERNEL_BACKENDS}, kernels=(MAPS_FORWARD, MAPS_BACKWARD))
+DISTANCE_OP = Op("spatial_correlative_distance", {
+    "reference": "eager: both maps written, then compared (reference.py)",
+    **_KERNEL_BACKENDS}, kernels=(DISTANCE_FORWARD, DISTANCE_BACKWARD))
+
+
+# ----------------------------------------------------------------------------- autograd
 
 def _core_differentiable(g, index, patch_size, window, squash):
     """The maps from g (B, H, W, C) in torch ops: the double-backward path."""
@@ -87,18 +114,15 @@ def _maps_setup_context(ctx, inputs, output):
     ctx.args = (patch_size, window, squash)
 
 
-def _make_maps_backward(backward_op):
-    def backward(ctx, grad):
-        g, index, out = ctx.saved_tensors
-        patch_size, window, squash = ctx.args
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            _, vjp = torch.func.vjp(lambda x: _core_differentiable(x, index, patch_size, window, squash), g)
-            return vjp(grad)[0], None, None, None, None
-        if squash:
-            grad = grad * (1 - out.float() * out.float()).to(grad.dtype) / reference.TANH_SCALE
-        return backward_op(grad.contiguous(), g, index, patch_size, window), None, None, None, None
-
-    return backward
+def _maps_backward(ctx, backward_kernel, grad):
+    g, index, out = ctx.saved_tensors
+    patch_size, window, squash = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        _, vjp = torch.func.vjp(lambda x: _core_differentiable(x, index, patch_size, window, squash), g)
+        return vjp(grad)[0], None, None, None, None
+    if squash:
+        grad = grad * (1 - out.float() * out.float()).to(grad.dtype) / reference.TANH_SCALE
+    return backward_kernel(grad.contiguous(), g, index, patch_size, window), None, None, None, None
 
 
 def _distance_setup_context(ctx, inputs, output):
@@ -109,102 +133,21 @@ def _distance_setup_context(ctx, inputs, output):
     ctx.args = (patch_size, window, squash, mode)
 
 
-def _make_distance_backward(backward_op):
-    def backward(ctx, grad_rows, grad_stats):
-        g_src, g_tgt, index, stats = ctx.saved_tensors
-        patch_size, window, squash, mode = ctx.args
-        if grad_rows is None:
-            grad_rows = torch.zeros_like(stats[..., 0])
-        if torch.is_grad_enabled():
-            raise RuntimeError("spatial_correlative_distance: double backward is not supported by the fused "
-                               "kernels; use the reference backend")
-        d_src, d_tgt = backward_op(grad_rows.contiguous(), g_src, g_tgt, index, stats, patch_size, window, squash,
+def _distance_backward(ctx, backward_kernel, grad_rows, grad_stats):
+    g_src, g_tgt, index, stats = ctx.saved_tensors
+    patch_size, window, squash, mode = ctx.args
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(stats[..., 0])
+    if torch.is_grad_enabled():
+        raise RuntimeError("spatial_correlative_distance: double backward is not supported by the fused "
+                           "kernels; use the reference backend")
+    d_src, d_tgt = backward_kernel(grad_rows.contiguous(), g_src, g_tgt, index, stats, patch_size, window, squash,
                                    mode)
-        return d_src, d_tgt, None, None, None, None, None
-
-    return backward
+    return d_src, d_tgt, None, None, None, None, None
 
 
-# ----------------------------------------------------------------------------- C++ ops (cpu, cuda)
-
-def _register_cpp_ops() -> None:
-    torch.library.register_fake("fastinpaint::self_similarity_forward")(_maps_fake)
-
-    @torch.library.register_fake("fastinpaint::self_similarity_backward")
-    def _(grad, g, index, patch_size, window):
-        return torch.empty_like(g, memory_format=torch.contiguous_format)
-
-    torch.library.register_fake("fastinpaint::spatial_correlative_distance_forward")(_distance_fake)
-    torch.library.register_fake("fastinpaint::spatial_correlative_distance_backward")(_distance_backward_fake)
-
-    torch.library.register_autograd(
-        "fastinpaint::self_similarity_forward",
-        _make_maps_backward(lambda *a: torch.ops.fastinpaint.self_similarity_backward(*a)),
-        setup_context=_maps_setup_context)
-    torch.library.register_autograd(
-        "fastinpaint::spatial_correlative_distance_forward",
-        _make_distance_backward(lambda *a: torch.ops.fastinpaint.spatial_correlative_distance_backward(*a)),
-        setup_context=_distance_setup_context)
-
-
-_extension.on_load(_register_cpp_ops)
-
-
-# ----------------------------------------------------------------------------- Triton ops
-
-@torch.library.custom_op("fastinpaint::self_similarity_forward_triton", mutates_args=())
-def self_similarity_forward_triton(g: torch.Tensor, index: torch.Tensor, patch_size: int, window: int,
-                                   squash: bool) -> torch.Tensor:
-    from . import triton as kernels
-
-    return kernels.maps_forward(g, index, patch_size, window, squash)
-
-
-self_similarity_forward_triton.register_fake(_maps_fake)
-
-
-@torch.library.custom_op("fastinpaint::self_similarity_backward_triton", mutates_args=())
-def self_similarity_backward_triton(grad: torch.Tensor, g: torch.Tensor, index: torch.Tensor, patch_size: int,
-                                    window: int) -> torch.Tensor:
-    from . import triton as kernels
-
-    return kernels.maps_backward(grad, g, index, patch_size, window)
-
-
-@self_similarity_backward_triton.register_fake
-def _(grad, g, index, patch_size, window):
-    return torch.empty_like(g, memory_format=torch.contiguous_format)
-
-
-self_similarity_forward_triton.register_autograd(_make_maps_backward(self_similarity_backward_triton),
-                                                 setup_context=_maps_setup_context)
-
-
-@torch.library.custom_op("fastinpaint::spatial_correlative_distance_forward_triton", mutates_args=())
-def spatial_correlative_distance_forward_triton(g_src: torch.Tensor, g_tgt: torch.Tensor, index: torch.Tensor,
-                                                patch_size: int, window: int, squash: bool,
-                                                mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.distance_forward(g_src, g_tgt, index, patch_size, window, squash, mode)
-
-
-spatial_correlative_distance_forward_triton.register_fake(_distance_fake)
-
-
-@torch.library.custom_op("fastinpaint::spatial_correlative_distance_backward_triton", mutates_args=())
-def spatial_correlative_distance_backward_triton(grad_rows: torch.Tensor, g_src: torch.Tensor, g_tgt: torch.Tensor,
-                                                 index: torch.Tensor, stats: torch.Tensor, patch_size: int,
-                                                 window: int, squash: bool,
-                                                 mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton as kernels
-
-    return kernels.distance_backward(grad_rows, g_src, g_tgt, index, stats, patch_size, window, squash, mode)
-
-
-spatial_correlative_distance_backward_triton.register_fake(_distance_backward_fake)
-spatial_correlative_distance_forward_triton.register_autograd(
-    _make_distance_backward(spatial_correlative_distance_backward_triton), setup_context=_distance_setup_context)
+differentiable(MAPS_FORWARD, MAPS_BACKWARD, _maps_setup_context, _maps_backward)
+differentiable(DISTANCE_FORWARD, DISTANCE_BACKWARD, _distance_setup_context, _distance_backward)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -351,19 +294,15 @@ def self_similarity(feat: torch.Tensor, query_index=None, num_queries: int = 256
     code = _check_window(window)
     B, C, H, W = feat.shape
     index = _resolve_index(query_index, H, W, num_queries, generator, feat.device)
-    backend = _backend.select(MAPS_OP, IMPLEMENTED, feat.device)
+    backend = MAPS_OP.select(feat, "feat")
     if backend == "reference":
         return reference.self_similarity(feat, index, patch_size, window, bool(normalize))
-    if backend == "triton" and feat.dtype == torch.float64:
-        raise TypeError("feat is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                        "use the reference or cpu backend for float64")
     g = _normalized(feat, bool(normalize))
     squash = not normalize
     if backend == "triton":
         if isinstance(query_index, str) and code == WINDOW_CODES["zero"]:
             code = 2  # triton.DENSE_ZERO: the dense form's backward gathers instead of looping over queries
-        return self_similarity_forward_triton(g, index, patch_size, code, squash)
-    return torch.ops.fastinpaint.self_similarity_forward(g, index, patch_size, code, squash)
+    return MAPS_FORWARD(backend, g, index, patch_size, code, squash)
 
 
 def spatial_correlative_distance(f_src: torch.Tensor, f_tgt: torch.Tensor, query_index=None,
@@ -417,22 +356,16 @@ def spatial_correlative_distance(f_src: torch.Tensor, f_tgt: torch.Tensor, query
     if num == 0:
         raise ValueError(f"patch_size {patch_size} gives {n} entries per map row; the {mode} distance needs at "
                          "least 4 (patch_size >= 2 and a map of at least 2 x 2)")
-    backend = _backend.select(DISTANCE_OP, IMPLEMENTED, f_src.device)
+    backend = DISTANCE_OP.select(f_src, "f_src")
     if backend == "reference":
         return reference.spatial_correlative_distance(f_src, f_tgt, index, patch_size, mode, window, bool(normalize))
-    if backend == "triton" and f_src.dtype == torch.float64:
-        raise TypeError("f_src is float64, which the triton backend does not take (float16, bfloat16, float32); "
-                        "use the reference or cpu backend for float64")
     gs, gt = _normalized(f_src, bool(normalize)), _normalized(f_tgt, bool(normalize))
     args = (gs, gt, index, patch_size, code, not normalize, MODE_CODES[mode])
     if backend == "triton" and n > _TRITON_MAX_FUSED_ENTRIES:
         # a row does not fit in one program's registers: the maps op, then the eager comparison
-        maps = [self_similarity_forward_triton(g, index, patch_size, code, not normalize) for g in (gs, gt)]
+        maps = [MAPS_FORWARD(backend, g, index, patch_size, code, not normalize) for g in (gs, gt)]
         return reference.compare_maps(*maps, mode).to(f_src.dtype)
-    if backend == "triton":
-        rows, _ = spatial_correlative_distance_forward_triton(*args)
-    else:
-        rows, _ = torch.ops.fastinpaint.spatial_correlative_distance_forward(*args)
+    rows, _ = DISTANCE_FORWARD(backend, *args)
     if mode == "l1":
         loss = rows.sum() * ((n / num) / (B * index.shape[0] * n))
     else:

@@ -5,8 +5,10 @@ Plain launchers (no autograd, no registration; op.py wraps them):
 * ``maps_forward(g, index, patch_size, window, squash)``: g (B, H, W, C) contiguous -> (B, Q, N).
   One program per (query row, block of window entries): the window's keys gathered as a
   (BLOCK_N, BLOCK_C) tile per channel block, reduced against the query vector.
-* ``maps_backward(grad, g, index, patch_size, window)``: dg (B, H, W, C), deterministic
-  (no atomics), in two parts:
+* ``maps_backward(grad, g, index, patch_size, window)``: dg (B, H, W, C), in two parts; the
+  kernels use no atomics (each program owns what it writes); the queries' part is added by
+  torch's ``index_add_``, which on CUDA uses atomics: the sum is order-independent when the
+  query positions are distinct (as ``sample_query_index`` draws them), not when they repeat:
     - keys: one program per (batch, block of positions, block of channels) loops over the
       queries; the weight of (position p, query q) is grad[q, entry of p in q's window]
       (0 when p is outside it), and the block accumulates weights @ g[queries] with tl.dot.
@@ -14,7 +16,7 @@ Plain launchers (no autograd, no registration; op.py wraps them):
       query positions with ``index_add_``.
 * ``distance_forward(g_src, g_tgt, index, patch_size, window, squash, mode)``: one program
   per query row holds both maps' rows (N <= 4096 entries) in registers, finds the target
-  row's top-quarter threshold by a 32-step bisection over the float's order-preserving
+  row's top-quarter threshold by a 33-step bisection over the float's order-preserving
   integer key, and writes the row's l1 sum or 1 - cosine plus 4 statistics. The maps are
   never written.
 * ``distance_backward(...)``: the rows recomputed, the per-entry coefficients written to
@@ -24,7 +26,6 @@ All accumulation in float32 (tl.dot with input_precision="ieee").
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -39,8 +40,6 @@ MAX_FUSED_ENTRIES = 4096
 # window code 2: "zero" windows of the dense form, whose index is arange(H*W) (op.py passes it
 # only for query_index="all"); every kernel treats it as "zero", the backward gathers directly.
 DENSE_ZERO = 2
-_TANH_SCALE = 10.0
-_COS_EPS = 1e-8
 
 
 def _geometry(H: int, W: int, K: int, window: int):
@@ -90,7 +89,7 @@ def _row(g_b, p, offs_n, H, W, C, K, kh, kw, N, WHOLE: tl.constexpr, CLAMP: tl.c
                      other=0.0).to(tl.float32)
         acc += tl.sum(kv * qv[None, :], axis=1)
     if SQUASH:
-        acc = _tanh(acc / 10.0)
+        acc = _tanh(acc / 10.0)  # reference.TANH_SCALE
     return tl.where(valid, acc, 0.0)
 
 

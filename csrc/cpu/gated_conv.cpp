@@ -2,7 +2,7 @@
 //   y = act(f) * sigmoid(g),  f = pre[:, :C], g = pre[:, C:]
 // and its backward (act and sigmoid are recomputed from pre).
 //
-// Both memory layouts are read as rows x {feature, gate} x inner (common.h, gate_layout).
+// Both memory layouts are read as rows x {feature, gate} x inner (gated_conv.h, gate_layout).
 // The (rows x inner) problem is cut into tasks of whole or partial rows by torch's
 // parallel loop (run_rows), so the inner loop is a plain, contiguous, vectorisable loop.
 //
@@ -28,6 +28,7 @@
 #include <string>
 
 #include "common.h"
+#include "gated_conv.h"
 #include "cpu/cpu_common.h"
 
 namespace fastinpaint {
@@ -482,7 +483,7 @@ void run_rows(std::initializer_list<RowOperand> outputs,
       kGrain);
 }
 
-at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
+at::Tensor gated_conv_act_forward_cpu(const at::Tensor& pre, int64_t activation,
                                  double negative_slope) {
   GateOperands io = gate_forward_operands(pre, activation, c10::DeviceType::CPU);
   if (io.out.numel() == 0) {
@@ -504,7 +505,7 @@ at::Tensor gated_act_forward_cpu(const at::Tensor& pre, int64_t activation,
   return out;
 }
 
-at::Tensor gated_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
+at::Tensor gated_conv_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
                                   int64_t activation, double negative_slope) {
   GateOperands io = gate_backward_operands(grad_out, pre, activation, c10::DeviceType::CPU);
   if (io.out.numel() == 0) {
@@ -531,8 +532,8 @@ at::Tensor gated_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) {
-  m.impl("gated_act_forward", &gated_act_forward_cpu);
-  m.impl("gated_act_backward", &gated_act_backward_cpu);
+  m.impl("gated_conv_act_forward", &gated_conv_act_forward_cpu);
+  m.impl("gated_conv_act_backward", &gated_conv_act_backward_cpu);
 }
 
 }  // namespace fastinpaint

@@ -2,7 +2,7 @@
 //   y = act(f) * sigmoid(g),  f = pre[:, :C], g = pre[:, C:]
 // and its backward (act and sigmoid are recomputed from pre).
 //
-// Both memory layouts are read as rows x {feature, gate} x inner (common.h, gate_layout).
+// Both memory layouts are read as rows x {feature, gate} x inner (gated_conv.h, gate_layout).
 // One thread handles V consecutive elements of a row: 16-byte vector loads and stores when
 // inner * sizeof(T) is a multiple of 16 and the base pointers are 16-byte aligned (then
 // every row's feature, gate and output segments are aligned too), one element otherwise.
@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "gated_conv.h"
 #include "cuda/cuda_common.cuh"
 
 namespace fastinpaint {
@@ -93,7 +94,7 @@ struct RowMap {
 };
 
 template <typename T, int A, int V, typename index_t>
-__global__ void gated_act_forward_kernel(const T* __restrict__ pre, T* __restrict__ out,
+__global__ void gated_conv_act_forward_kernel(const T* __restrict__ pre, T* __restrict__ out,
                                          RowMap<index_t> map, index_t total_v,
                                          typename AccOf<T>::type slope) {
   using acc_t = typename AccOf<T>::type;
@@ -119,7 +120,7 @@ __global__ void gated_act_forward_kernel(const T* __restrict__ pre, T* __restric
 }
 
 template <typename T, int A, int V, typename index_t>
-__global__ void gated_act_backward_kernel(const T* __restrict__ dy, const T* __restrict__ pre,
+__global__ void gated_conv_act_backward_kernel(const T* __restrict__ dy, const T* __restrict__ pre,
                                           T* __restrict__ dpre, RowMap<index_t> map,
                                           index_t total_v, typename AccOf<T>::type slope) {
   using acc_t = typename AccOf<T>::type;
@@ -210,7 +211,7 @@ void launch_rows(int64_t rows, int64_t inner, bool vec, const Launch& launch) {
   }
 }
 
-at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
+at::Tensor gated_conv_act_forward_cuda(const at::Tensor& pre, int64_t activation,
                                   double negative_slope) {
   GateOperands io = gate_forward_operands(pre, activation, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(pre.device());
@@ -224,7 +225,7 @@ at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
   const int64_t rows = layout.rows, inner = layout.inner;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, p.scalar_type(), "fastinpaint_gated_act_forward", [&] {
+      at::kHalf, at::kBFloat16, p.scalar_type(), "fastinpaint_gated_conv_act_forward", [&] {
         using acc_t = typename AccOf<scalar_t>::type;
         const scalar_t* pp = p.const_data_ptr<scalar_t>();
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -237,7 +238,7 @@ at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
                                                       int64_t grid) {
             constexpr int V = decltype(v_tag)::value;
             using index_t = decltype(total_v);
-            gated_act_forward_kernel<scalar_t, A, V, index_t>
+            gated_conv_act_forward_kernel<scalar_t, A, V, index_t>
                 <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(pp, op, map, total_v,
                                                                        slope);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -247,7 +248,7 @@ at::Tensor gated_act_forward_cuda(const at::Tensor& pre, int64_t activation,
   return out;
 }
 
-at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& pre,
+at::Tensor gated_conv_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor& pre,
                                    int64_t activation, double negative_slope) {
   GateOperands io = gate_backward_operands(grad_out, pre, activation, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(pre.device());
@@ -262,7 +263,7 @@ at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
   const int64_t rows = layout.rows, inner = layout.inner;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, p.scalar_type(), "fastinpaint_gated_act_backward", [&] {
+      at::kHalf, at::kBFloat16, p.scalar_type(), "fastinpaint_gated_conv_act_backward", [&] {
         using acc_t = typename AccOf<scalar_t>::type;
         const scalar_t* dp = dy.const_data_ptr<scalar_t>();
         const scalar_t* pp = p.const_data_ptr<scalar_t>();
@@ -276,7 +277,7 @@ at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
                                                       int64_t grid) {
             constexpr int V = decltype(v_tag)::value;
             using index_t = decltype(total_v);
-            gated_act_backward_kernel<scalar_t, A, V, index_t>
+            gated_conv_act_backward_kernel<scalar_t, A, V, index_t>
                 <<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(dp, pp, op, map,
                                                                        total_v, slope);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -289,8 +290,8 @@ at::Tensor gated_act_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastinpaint, CUDA, m) {
-  m.impl("gated_act_forward", &gated_act_forward_cuda);
-  m.impl("gated_act_backward", &gated_act_backward_cuda);
+  m.impl("gated_conv_act_forward", &gated_conv_act_forward_cuda);
+  m.impl("gated_conv_act_backward", &gated_conv_act_backward_cuda);
 }
 
 }  // namespace fastinpaint
