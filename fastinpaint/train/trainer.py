@@ -1,4 +1,4 @@
-"""The training loop: ``train(TrainConfig) -> dict``.
+"""The training loop: ``train(TrainConfig) -> dict``, which runs a :class:`Trainer`.
 
 Single process by default; under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the
 environment, WORLD_SIZE > 1) it initialises torch.distributed (NCCL on CUDA, gloo on the
@@ -47,7 +47,7 @@ from ..models import build_model
 from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import TrainConfig
 
-__all__ = ["MaskedDataset", "build_structure_loss", "resolve_defaults", "train"]
+__all__ = ["MaskedDataset", "Trainer", "build_structure_loss", "resolve_defaults", "train"]
 
 
 class MaskedDataset(Dataset):
@@ -94,11 +94,6 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _unwrap(module):
-    module = getattr(module, "_orig_mod", module)   # torch.compile
-    return getattr(module, "module", module)        # DDP
 
 
 class _Logger:
@@ -293,160 +288,312 @@ def train(config: TrainConfig, on_step=None) -> dict:
                                              rank=rank, world_size=world)
         created_group = True
     try:
-        return _train(config, rank, world, device, on_step)
+        return Trainer(config, rank, world, device, on_step).fit()
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_step) -> dict:
-    distributed = world > 1
-    main = rank == 0
-    run_dir = Path(config.out)
-    ckpt_dir = run_dir / "checkpoints"
+class Trainer:
+    """One training run of ``config`` on ``device`` as process ``rank`` of ``world`` (the
+    process group, when ``world > 1``, is the caller's: :func:`train` sets it up).
 
-    # -- model and optimisers (every rank builds the same initial weights from the seed)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    recipe = build_model(config.model, loss_weights=config.loss_weights, **config.model_options)
-    config = resolve_defaults(config, recipe)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", config.to_dict())
-    generator = recipe.generator.to(device)
-    discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
-    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
-    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=config.lr_d, betas=config.betas, eps=config.eps)
-             if discriminator is not None else None)
-    ema = None
-    if config.ema > 0:
-        ema = copy.deepcopy(generator).eval()
-        for p in ema.parameters():
-            p.requires_grad_(False)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    weights = dict(recipe.loss_weights)
-    structure = build_structure_loss(config.structure_loss, device)
-    opt_s = None
-    if structure is not None:
-        weights["structure"] = structure.weight
-        if structure.learned:
-            opt_s = torch.optim.Adam(structure.head_parameters(), lr=structure.head_lr)
-    final_output = getattr(recipe, "final_output", None) or (lambda out: out)   # the image of a
-    # generator that returns more (DeepFill v2: coarse and refined)
+    :meth:`fit` runs the phases in this order, and the order is part of the contract (it
+    fixes the random draws, hence a resumed or distributed run's exactness):
 
-    # -- data
-    mask_gen = make_mask_generator(config.mask, **config.mask_options)
-    kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
-    train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
-                             mask_gen, config.seed + 1)
-    loader = make_loader(train_ds, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                         num_workers=config.num_workers, distributed=distributed,
-                         pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise ValueError(f"the training set has {len(train_ds)} samples per rank-share, fewer than "
-                         f"batch_size={config.batch_size}: no full batch can be drawn")
-    val_batches = []
-    if main:
-        val_batches = _val_batches(config, mask_gen)
+    1. :meth:`build_models`: seed, networks, optimisers, EMA copy, grad scaler, structure loss
+    2. :meth:`build_data`: mask generator, training loader, fixed validation batches
+    3. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
+    4. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
+    5. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
+    6. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
+    7. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
+       :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
+       :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
+    8. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
+    """
 
-    # -- resume
-    step, epoch, batch_in_epoch = 0, 0, 0
-    history = []
-    if config.resume:
-        found = load_latest(ckpt_dir)   # warns and falls back past unusable checkpoints
+    def __init__(self, config: TrainConfig, rank: int, world: int, device: torch.device, on_step=None):
+        self.config = config
+        self.rank, self.world, self.device = rank, world, device
+        self.distributed = world > 1
+        self.main = rank == 0
+        self.on_step = on_step
+        self.run_dir = Path(config.out)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics_path, self.grid_path = self.run_dir / "metrics.json", self.run_dir / "samples.png"
+        # the position: optimiser steps done, and the batches drawn in the current epoch
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.history: list = []          # validation metrics per validated step
+        self.baseline: dict = {}         # the mean-colour fill's validation metrics
+        self.last_val: dict = {}
+        self.last_grid: torch.Tensor | None = None
+        self.last_ckpt: Path | None = None
+        self.logger: _Logger | None = None
+
+    def fit(self) -> dict:
+        """Run every phase; returns the final metrics and the paths written (rank 0)."""
+        self.build_models()
+        self.build_data()
+        self.resume()
+        self.wrap_distributed()
+        self.seek_data(self.epoch, self.batch_in_epoch)
+        self.logger = _Logger(self.run_dir, self.main, self.config.steps, self.step)
+        self.generator.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
+        self.initial_validation()
+        try:
+            while self.step < self.config.steps:
+                logs = self.train_step()
+                self.after_step(logs)
+            self.run_validation()
+            if self.distributed:
+                torch.distributed.barrier()
+            return self.export()
+        finally:
+            self.logger.close()
+
+    # ------------------------------------------------------------------------- setup
+
+    def build_models(self) -> None:
+        """Networks and optimisers; every rank builds the same initial weights from the seed.
+        Fills the model's defaults into ``self.config`` and writes config.json (rank 0)."""
+        config, device = self.config, self.device
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        self.recipe = recipe = build_model(config.model, loss_weights=config.loss_weights, **config.model_options)
+        self.config = config = resolve_defaults(config, recipe)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(self.run_dir / "config.json", config.to_dict())
+        self.generator = recipe.generator.to(device)
+        self.discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
+        self.opt_d = (torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=config.betas,
+                                       eps=config.eps)
+                      if self.discriminator is not None else None)
+        self.ema = None
+        if config.ema > 0:
+            self.ema = copy.deepcopy(self.generator).eval()
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        self.loss_weights = dict(recipe.loss_weights)
+        self.structure = build_structure_loss(config.structure_loss, device)
+        self.opt_s = None
+        if self.structure is not None:
+            self.loss_weights["structure"] = self.structure.weight
+            if self.structure.learned:
+                self.opt_s = torch.optim.Adam(self.structure.head_parameters(), lr=self.structure.head_lr)
+        # the image of a generator that returns more (DeepFill v2: coarse and refined)
+        self.final_output = getattr(recipe, "final_output", None) or (lambda out: out)
+
+    def build_data(self) -> None:
+        """The training loader (each rank its share) and, on rank 0, the validation batches."""
+        config = self.config
+        self.mask_gen = make_mask_generator(config.mask, **config.mask_options)
+        kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
+        train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
+                                 self.mask_gen, config.seed + 1)
+        self.loader = make_loader(train_ds, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                                  num_workers=config.num_workers, distributed=self.distributed,
+                                  pin_memory=self.device.type == "cuda")
+        if len(self.loader) == 0:
+            raise ValueError(f"the training set has {len(train_ds)} samples per rank-share, fewer than "
+                             f"batch_size={config.batch_size}: no full batch can be drawn")
+        self.val_batches = []
+        if self.main:
+            self.val_batches = _val_batches(config, self.mask_gen)
+
+    def resume(self) -> None:
+        """With ``config.resume``, load the latest usable checkpoint of the run directory:
+        networks, optimisers, EMA, scaler, structure heads, position, history, RNG states."""
+        config = self.config
+        if not config.resume:
+            return
+        found = load_latest(self.ckpt_dir)   # warns and falls back past unusable checkpoints
         if found is None:
-            if main:
-                print(f"fastinpaint train: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-        else:
-            state, path = found
-            old = state.get("config", {})
-            for key in ("model", "data", "seed", "batch_size", "size", "mask", "grad_accum"):
-                if key in old and old[key] != getattr(config, key):
-                    warnings.warn(f"resuming {path} with {key}={getattr(config, key)!r}, the checkpoint was "
-                                  f"written with {old[key]!r}: the run will not continue exactly", RuntimeWarning)
-            generator.load_state_dict(state["generator"])
-            opt_g.load_state_dict(state["opt_g"])
-            if discriminator is not None:
-                if state.get("discriminator") is None:
-                    raise ValueError(f"{path} has no discriminator but the config uses one (loss_weights.adv > 0)")
-                discriminator.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["opt_d"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["generator"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if structure is not None and state.get("structure") is not None:
-                _load_structure_state(structure, opt_s, state["structure"])
-            step = int(state["step"])
-            epoch, batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
-            history = list(state.get("history", []))
-            set_rng_state(state["rng"])
-            if main:
-                print(f"fastinpaint train: resumed from {path} (step {step}, epoch {epoch}, "
-                      f"batch {batch_in_epoch})", flush=True)
+            if self.main:
+                print(f"fastinpaint train: no checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
+            return
+        state, path = found
+        old = state.get("config", {})
+        for key in ("model", "data", "seed", "batch_size", "size", "mask", "grad_accum"):
+            if key in old and old[key] != getattr(config, key):
+                warnings.warn(f"resuming {path} with {key}={getattr(config, key)!r}, the checkpoint was "
+                              f"written with {old[key]!r}: the run will not continue exactly", RuntimeWarning)
+        self.generator.load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.discriminator is not None:
+            if state.get("discriminator") is None:
+                raise ValueError(f"{path} has no discriminator but the config uses one (loss_weights.adv > 0)")
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["generator"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.structure is not None and state.get("structure") is not None:
+            _load_structure_state(self.structure, self.opt_s, state["structure"])
+        self.step = int(state["step"])
+        self.epoch, self.batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
+        self.history = list(state.get("history", []))
+        set_rng_state(state["rng"])
+        if self.main:
+            print(f"fastinpaint train: resumed from {path} (step {self.step}, epoch {self.epoch}, "
+                  f"batch {self.batch_in_epoch})", flush=True)
 
-    # -- wrappers
-    g_fwd, d_fwd = generator, discriminator
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
-        g_fwd = DDP(generator, device_ids=ids)
-        if discriminator is not None:
-            d_fwd = DDP(discriminator, device_ids=ids)
-    if config.compile:
-        g_fwd = torch.compile(g_fwd)
+    def wrap_distributed(self) -> None:
+        """``g_fwd`` / ``d_fwd``: the networks as the training steps call them (DDP-wrapped
+        when distributed, the generator compiled with ``config.compile``)."""
+        self.g_fwd, self.d_fwd = self.generator, self.discriminator
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g_fwd = DDP(self.generator, device_ids=ids)
+            if self.discriminator is not None:
+                self.d_fwd = DDP(self.discriminator, device_ids=ids)
+        if self.config.compile:
+            self.g_fwd = torch.compile(self.g_fwd)
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
+    # ------------------------------------------------------------------------- data stream
 
-    # -- the data stream, positioned at (epoch, batch_in_epoch)
-    def epoch_iter(e: int, skip: int):
-        set_epoch(loader, e)
-        it = iter(loader)
+    def seek_data(self, epoch: int, skip: int) -> None:
+        """Start the data stream at batch ``skip`` of ``epoch``."""
+        set_epoch(self.loader, epoch)
+        self._stream = iter(self.loader)
         for _ in range(skip):  # the order depends on (seed, epoch) only: replay and drop
-            next(it)
-        return it
+            next(self._stream)
 
-    it = epoch_iter(epoch, batch_in_epoch)
-
-    def next_batch():
-        nonlocal it, epoch, batch_in_epoch
+    def next_batch(self):
+        """The next batch of the stream, moving on to the next epoch at the end of one."""
         while True:
             try:
-                batch = next(it)
-                batch_in_epoch += 1
+                batch = next(self._stream)
+                self.batch_in_epoch += 1
                 return batch
             except StopIteration:
-                epoch, batch_in_epoch = epoch + 1, 0
-                it = epoch_iter(epoch, 0)
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.seek_data(self.epoch, 0)
 
-    def checkpoint() -> Path | None:
-        if not main:
-            return None
-        state = {
-            "step": step, "data": {"epoch": epoch, "batch": batch_in_epoch},
-            "generator": generator.state_dict(), "opt_g": opt_g.state_dict(),
-            "discriminator": discriminator.state_dict() if discriminator is not None else None,
-            "opt_d": opt_d.state_dict() if opt_d is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "structure": _structure_state(structure, opt_s) if structure is not None else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": rng_state(), "config": config.to_dict(), "history": history,
-        }
-        return save_checkpoint(ckpt_dir, step, state, keep=config.keep)
+    # ------------------------------------------------------------------------- one step
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step on ``config.grad_accum`` batches; returns the mean losses."""
+        batches = [self.next_batch() for _ in range(self.config.grad_accum)]
+        logs: dict[str, float] = {}
+        if self.discriminator is not None:
+            self.discriminator_step(batches, logs)
+            # frozen for the generator's step, which calls it unwrapped: its parameters get no
+            # gradient, so DDP has nothing of it to all-reduce
+            self.discriminator.requires_grad_(False)
+        self.generator_step(batches, logs)
+        if self.opt_s is not None:
+            self.structure_heads_step(batches, logs)
+        if self.discriminator is not None:
+            self.discriminator.requires_grad_(True)
+        if self.ema is not None:
+            self.update_ema()
+        self.step += 1
+        return logs
+
+    def discriminator_step(self, batches: list, logs: dict) -> None:
+        """The discriminator's step, on the generator's outputs computed without gradient."""
+        config, device, recipe, scaler = self.config, self.device, self.recipe, self.scaler
+        self.opt_d.zero_grad(set_to_none=True)
+        for i, (image, mask) in enumerate(batches):
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            sync = (i == len(batches) - 1) or not self.distributed
+            ctx = contextlib.nullcontext() if sync else self.d_fwd.no_sync()
+            with ctx:
+                with torch.no_grad(), self.autocast():
+                    out = self.g_fwd(recipe.prepare_input(image, mask))
+                with self.autocast():
+                    d_losses = recipe.discriminator_losses(image, mask, out, self.d_fwd)
+                total = sum(d_losses.values()) / config.grad_accum
+                scaler.scale(total).backward()
+            for k, v in d_losses.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
+        scaler.step(self.opt_d)
+
+    def generator_step(self, batches: list, logs: dict) -> None:
+        """The generator's step (and the grad scaler's update), the discriminator frozen."""
+        config, device, recipe, scaler, structure = self.config, self.device, self.recipe, self.scaler, self.structure
+        self.opt_g.zero_grad(set_to_none=True)
+        for i, (image, mask) in enumerate(batches):
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            sync = (i == len(batches) - 1) or not self.distributed
+            ctx = contextlib.nullcontext() if sync else _unwrap_ddp(self.g_fwd).no_sync()
+            with ctx:
+                with self.autocast():
+                    out = self.g_fwd(recipe.prepare_input(image, mask))
+                    g_losses = recipe.generator_losses(image, mask, out, self.discriminator)
+                    if structure is not None:   # the completed image's structure vs the truth's
+                        g_losses["structure"] = structure(recipe.composite(image, mask, out), image)
+                total = sum(self.loss_weights.get(k, 1.0) * v for k, v in g_losses.items())
+                scaler.scale(total / config.grad_accum).backward()
+            for k, v in g_losses.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
+            logs["g_total"] = logs.get("g_total", 0.0) + float(total.detach()) / config.grad_accum
+        scaler.step(self.opt_g)
+        scaler.update()
+
+    def structure_heads_step(self, batches: list, logs: dict) -> None:
+        """LSeSim: the heads learn their InfoNCE loss on augmented views."""
+        structure = self.structure
+        self.opt_s.zero_grad(set_to_none=True)
+        head_loss = 0.0
+        for image, _ in batches:
+            part = structure.head_loss(image.to(self.device, non_blocking=True)) / self.config.grad_accum
+            part.backward()
+            head_loss += float(part.detach())
+        if self.distributed:
+            for p in structure.head_parameters():
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world
+        self.opt_s.step()
+        logs["structure_heads"] = head_loss
 
     @torch.no_grad()
-    def evaluate(fill) -> tuple[dict, torch.Tensor | None]:
+    def update_ema(self) -> None:
+        for pe, p in zip(self.ema.parameters(), self.generator.parameters()):
+            pe.lerp_(p.detach(), 1.0 - self.config.ema)
+        for be, b in zip(self.ema.buffers(), self.generator.buffers()):
+            be.copy_(b)
+
+    def after_step(self, logs: dict) -> None:
+        """The non-finite check, then (when due) the log line, checkpoint, validation, ``on_step``."""
+        config, step = self.config, self.step
+        if not all(math.isfinite(v) for v in logs.values()) and config.amp != "fp16":
+            raise FloatingPointError(f"step {step}: non-finite loss {logs}")
+        if self.main and (step % config.log_every == 0 or step == config.steps):
+            self.logger.scalars(step, {**logs, "epoch": self.epoch})
+            self.logger.progress(step, logs)
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            self.last_ckpt = self.save_checkpoint() or self.last_ckpt
+        if step % config.val_every == 0 and step < config.steps:
+            self.run_validation()
+        if self.on_step is not None:
+            self.on_step(step)
+
+    # ------------------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def evaluate(self, fill) -> tuple[dict, torch.Tensor | None]:
         """Metrics and sample grid of ``fill(image, mask) -> output`` on the validation batches."""
         from ..metrics import InpaintingMetrics
 
-        metrics = InpaintingMetrics(sync_on_compute=False).to(device)
+        metrics = InpaintingMetrics(sync_on_compute=False).to(self.device)
         grids = []
-        for image, mask in val_batches:
-            image, mask = image.to(device), mask.to(device)
+        for image, mask in self.val_batches:
+            image, mask = image.to(self.device), mask.to(self.device)
             out = fill(image, mask).float()
             metrics.update(out, image, mask)
             grids.append(_grid(image, mask, out))
@@ -454,160 +601,92 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, on_
             return {}, None
         return metrics.compute(), torch.cat(grids, dim=1)
 
-    def validate() -> tuple[dict, torch.Tensor | None]:
-        net = ema if ema is not None else generator
+    def validate(self) -> tuple[dict, torch.Tensor | None]:
+        """:meth:`evaluate` of the EMA generator (else the generator) in eval mode."""
+        net = self.ema if self.ema is not None else self.generator
         was_training = net.training
         net.eval()
 
         def fill(image, mask):
-            with autocast():
-                return final_output(net(recipe.prepare_input(image, mask)))
+            with self.autocast():
+                return self.final_output(net(self.recipe.prepare_input(image, mask)))
 
         try:
-            return evaluate(fill)
+            return self.evaluate(fill)
         finally:
             net.train(was_training)
 
-    logger = _Logger(run_dir, main, config.steps, step)
-    metrics_path, grid_path = run_dir / "metrics.json", run_dir / "samples.png"
-    last_ckpt: Path | None = None
-    last_val: dict = {}
-    last_grid: list = [None]
-    generator.train()
-    if discriminator is not None:
-        discriminator.train()
-
-    baseline: dict = {}
-
-    def run_validation():
-        nonlocal last_val
-        if not main:
+    def run_validation(self) -> None:
+        """Rank 0: validate, record the metrics (history, metrics.json, log) and keep the grid."""
+        if not self.main:
             return
-        values, grid = validate()
-        last_val = values
-        history.append({"step": step, **values})
-        _write_json(metrics_path, {"step": step, "metrics": values, "history": history,
-                                   "baseline_mean_fill": baseline})
-        logger.scalars(step, values, kind="val")
+        step = self.step
+        values, grid = self.validate()
+        self.last_val = values
+        self.history.append({"step": step, **values})
+        _write_json(self.metrics_path, {"step": step, "metrics": values, "history": self.history,
+                                        "baseline_mean_fill": self.baseline})
+        self.logger.scalars(step, values, kind="val")
         if grid is not None:
-            last_grid[0] = grid
-            logger.image(step, grid)
+            self.last_grid = grid
+            self.logger.image(step, grid)
         print(f"fastinpaint train: step {step} validation " +
               " ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
 
-    if main and val_batches:
-        from ..metrics import mean_fill
+    def initial_validation(self) -> None:
+        """Rank 0: the mean-colour-fill baseline and, at step 0, the untrained network."""
+        if self.main and self.val_batches:
+            from ..metrics import mean_fill
 
-        baseline = evaluate(mean_fill)[0]   # what filling holes with the mean known colour scores
-        if step == 0:
-            run_validation()                # the untrained network, for comparison
+            self.baseline = self.evaluate(mean_fill)[0]   # what filling holes with the mean known colour scores
+            if self.step == 0:
+                self.run_validation()                     # the untrained network, for comparison
 
-    try:
-        while step < config.steps:
-            batches = [next_batch() for _ in range(config.grad_accum)]
-            logs: dict[str, float] = {}
+    # ------------------------------------------------------------------------- files
 
-            # discriminator step
-            if discriminator is not None:
-                opt_d.zero_grad(set_to_none=True)
-                for i, (image, mask) in enumerate(batches):
-                    image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-                    sync = (i == len(batches) - 1) or not distributed
-                    ctx = contextlib.nullcontext() if sync else d_fwd.no_sync()
-                    with ctx:
-                        with torch.no_grad(), autocast():
-                            out = g_fwd(recipe.prepare_input(image, mask))
-                        with autocast():
-                            d_losses = recipe.discriminator_losses(image, mask, out, d_fwd)
-                        total = sum(d_losses.values()) / config.grad_accum
-                        scaler.scale(total).backward()
-                    for k, v in d_losses.items():
-                        logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
-                scaler.step(opt_d)
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0: write the checkpoint of the current step."""
+        if not self.main:
+            return None
+        structure, opt_d = self.structure, self.opt_d
+        state = {
+            "step": self.step, "data": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "generator": self.generator.state_dict(), "opt_g": self.opt_g.state_dict(),
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+            "opt_d": opt_d.state_dict() if opt_d is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "structure": _structure_state(structure, self.opt_s) if structure is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng_state(), "config": self.config.to_dict(), "history": self.history,
+        }
+        # checkpoint.save_checkpoint (atomic write, keeps the last ``keep``), not this method
+        return save_checkpoint(self.ckpt_dir, self.step, state, keep=self.config.keep)
 
-            # generator step. The discriminator is frozen and called unwrapped: its
-            # parameters get no gradient, so DDP has nothing of it to all-reduce.
-            opt_g.zero_grad(set_to_none=True)
-            if discriminator is not None:
-                discriminator.requires_grad_(False)
-            for i, (image, mask) in enumerate(batches):
-                image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-                sync = (i == len(batches) - 1) or not distributed
-                ctx = contextlib.nullcontext() if sync else _unwrap_ddp(g_fwd).no_sync()
-                with ctx:
-                    with autocast():
-                        out = g_fwd(recipe.prepare_input(image, mask))
-                        g_losses = recipe.generator_losses(image, mask, out, discriminator)
-                        if structure is not None:   # the completed image's structure vs the truth's
-                            g_losses["structure"] = structure(recipe.composite(image, mask, out), image)
-                    total = sum(weights.get(k, 1.0) * v for k, v in g_losses.items())
-                    scaler.scale(total / config.grad_accum).backward()
-                for k, v in g_losses.items():
-                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / config.grad_accum
-                logs["g_total"] = logs.get("g_total", 0.0) + float(total.detach()) / config.grad_accum
-            scaler.step(opt_g)
-            scaler.update()
-            if opt_s is not None:   # LSeSim: the heads learn their InfoNCE loss on augmented views
-                opt_s.zero_grad(set_to_none=True)
-                head_loss = 0.0
-                for image, _ in batches:
-                    part = structure.head_loss(image.to(device, non_blocking=True)) / config.grad_accum
-                    part.backward()
-                    head_loss += float(part.detach())
-                if distributed:
-                    for p in structure.head_parameters():
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-                opt_s.step()
-                logs["structure_heads"] = head_loss
-            if discriminator is not None:
-                discriminator.requires_grad_(True)
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), generator.parameters()):
-                        pe.lerp_(p.detach(), 1.0 - config.ema)
-                    for be, b in zip(ema.buffers(), generator.buffers()):
-                        be.copy_(b)
-            step += 1
-
-            if not all(math.isfinite(v) for v in logs.values()) and config.amp != "fp16":
-                raise FloatingPointError(f"step {step}: non-finite loss {logs}")
-            if main and (step % config.log_every == 0 or step == config.steps):
-                logger.scalars(step, {**logs, "epoch": epoch})
-                logger.progress(step, logs)
-            if step % config.checkpoint_every == 0 and step < config.steps:
-                last_ckpt = checkpoint() or last_ckpt
-            if step % config.val_every == 0 and step < config.steps:
-                run_validation()
-            if on_step is not None:
-                on_step(step)
-
-        # -- the end: validation, checkpoint, grid, weights
-        run_validation()
-        if distributed:
-            torch.distributed.barrier()
-        result = {"step": step, "metrics": last_val, "baseline_mean_fill": baseline,
+    def export(self) -> dict:
+        """The end of the run: rank 0 writes the final checkpoint, the sample grid, the weights
+        (and the EMA's) and the metrics; returns the result of :func:`train`."""
+        config, run_dir, step, history = self.config, self.run_dir, self.step, self.history
+        result = {"step": step, "metrics": self.last_val, "baseline_mean_fill": self.baseline,
                   "initial_metrics": history[0] if history and history[0]["step"] == 0 else {},
                   "run_dir": str(run_dir),
                   "config": str(run_dir / "config.json")}
-        if main:
-            last_ckpt = checkpoint()
-            if last_grid[0] is not None:
-                _save_png(last_grid[0], grid_path)
-                result["grid"] = str(grid_path)
+        if self.main:
+            self.last_ckpt = self.save_checkpoint()
+            if self.last_grid is not None:
+                _save_png(self.last_grid, self.grid_path)
+                result["grid"] = str(self.grid_path)
             meta = {"model": config.model, "step": str(step), "config": config.to_json()}
-            weights_path = save_weights(run_dir / "weights.safetensors", generator.state_dict(), meta)
+            weights_path = save_weights(run_dir / "weights.safetensors", self.generator.state_dict(), meta)
             result["weights"] = str(weights_path)
-            if ema is not None:
-                result["weights_ema"] = str(save_weights(run_dir / "weights_ema.safetensors", ema.state_dict(), meta))
-            result["checkpoint"] = str(last_ckpt)
-            result["metrics_path"] = str(metrics_path)
+            if self.ema is not None:
+                result["weights_ema"] = str(save_weights(run_dir / "weights_ema.safetensors", self.ema.state_dict(),
+                                                         meta))
+            result["checkpoint"] = str(self.last_ckpt)
+            result["metrics_path"] = str(self.metrics_path)
             if not history or history[-1]["step"] != step:
-                _write_json(metrics_path, {"step": step, "metrics": last_val, "history": history,
-                                           "baseline_mean_fill": baseline})
+                _write_json(self.metrics_path, {"step": step, "metrics": self.last_val, "history": history,
+                                                "baseline_mean_fill": self.baseline})
         return result
-    finally:
-        logger.close()
 
 
 def _structure_state(structure, opt_s) -> dict:
