@@ -170,3 +170,41 @@ print('OK')
                           timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_registry_reports_a_stale_build_and_refuses_float64_on_triton():
+    """A kernel that the loaded fastinpaint._C does not implement (an extension built before the
+    op existed) makes the op's C++ backends unavailable, with an error that says to rebuild."""
+    from fastinpaint.ops import _registry
+
+    if _extension.library() is None:
+        pytest.skip(f"the C++ extension is unavailable: {_extension.error()}")
+
+    def fake(x):
+        return torch.empty_like(x)
+
+    k = _registry.kernel("_test_not_built_forward", "(Tensor x) -> Tensor", fake)
+    op = _registry.Op("_test_not_built", {"reference": "eager", "cpu": "C++", "triton": "Triton"}, kernels=(k,))
+    try:
+        assert op.missing_kernels("cpu") == ["_test_not_built_forward"]
+        with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="stale build.*rebuild"):
+            op.select(torch.randn(3))
+        assert "stale build" in _registry.describe()["_test_not_built"]["cpu"]["cpu"]
+        with use_backend("reference"):
+            assert op.select(torch.randn(3)) == "reference"
+        if _backend.unavailable_reason("triton", "cpu") is None:
+            with use_backend("triton"), pytest.raises(TypeError, match="feat is float64.*triton"):
+                op.select(torch.randn(3, dtype=torch.float64), "feat")
+        # a real op's kernels are all there
+        assert _registry.OPS["channel_fc"].missing_kernels("cpu") == []
+    finally:
+        del _registry.OPS["_test_not_built"]
+
+
+def test_registry_rejects_a_bad_declaration():
+    from fastinpaint.ops import _registry
+
+    with pytest.raises(ValueError, match="backends must include 'reference'"):
+        _registry.Op("_test_bad", {"cpu": "C++"})
+    with pytest.raises(ValueError, match="declare it in ops/<op>/op.py"):
+        _registry.kernel("_test_misplaced", "(Tensor x) -> Tensor", lambda x: x, triton="forward")

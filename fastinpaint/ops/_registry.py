@@ -125,6 +125,7 @@ class Op:
         self.implemented = tuple(b for b in _backend.BACKENDS if b in backends)
         self.kernels = tuple(kernels)
         self.cpp_backends = tuple(b for b in cpp_backends if b in backends)
+        self._complete: set[str] = set()  # device types whose kernels were all found (a loaded library stays)
         OPS[name] = self
 
     def missing_kernels(self, device_type: str) -> list[str]:
@@ -138,11 +139,14 @@ class Op:
         if backend == "triton" and x.dtype == torch.float64:
             raise TypeError(f"{arg} is float64, which the triton backend does not take (float16, bfloat16, "
                             "float32); use the reference or cpu backend for float64")
-        if backend in self.cpp_backends and not torch.compiler.is_compiling():
-            missing = self.missing_kernels(x.device.type)
+        device = x.device.type
+        if backend in self.cpp_backends and device not in self._complete and not torch.compiler.is_compiling():
+            missing = self.missing_kernels(device)
+            if not missing:
+                self._complete.add(device)
             if missing:
                 raise _backend.BackendUnavailableError(
-                    f"{self.name}: the loaded fastinpaint._C has no {x.device.type} kernel for "
+                    f"{self.name}: the loaded fastinpaint._C has no {device} kernel for "
                     f"{', '.join(missing)} (a stale build); rebuild it: pip install --no-build-isolation -e .")
         return backend
 
