@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastinpaint import benchmark as B
+from fastinpaint.ops.gated_conv import bench as GB
 
 DEVICE = B.default_device()
 DTYPE = B.resolve_dtype(None, DEVICE)
@@ -23,17 +24,17 @@ _impl_cache: dict = {}
 
 def _impls(case):
     if case not in _impl_cache:
-        _impl_cache[case] = B.gated_conv_implementations(case, DEVICE)
+        _impl_cache[case] = GB.implementations(case, DEVICE)
     return _impl_cache[case]
 
 
 @pytest.mark.parametrize("mode", ["fwd+bwd", "fwd"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", B.DEEPFILL_CASES, ids=[c.name for c in B.DEEPFILL_CASES])
+@pytest.mark.parametrize("case", GB.DEEPFILL_CASES, ids=[c.name for c in GB.DEEPFILL_CASES])
 def test_gated_conv(benchmark, case, impl, mode):
     fn = B.implementation_or_skip(_impls(case), impl, DEVICE)
     grad = mode == "fwd+bwd"
-    (x,), w, b = B._make_inputs(case, BATCH, DEVICE, DTYPE, True, grad)
+    (x,), w, b = GB.make_inputs(case, BATCH, DEVICE, DTYPE, True, grad)
     benchmark.group = f"{case.name} {mode}"
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH)
 

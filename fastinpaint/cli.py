@@ -12,10 +12,6 @@ import argparse
 import json
 import sys
 
-import torch
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _cmd_backends(args) -> int:
     from . import backends, _extension
@@ -37,54 +33,9 @@ def _cmd_backends(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from . import benchmark
+    from .ops.gated_conv import bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("fastinpaint bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
-    batch = args.batch or (8 if device == "cuda" else 1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cases = benchmark.DEEPFILL_CASES
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases)]
-        if not cases:
-            print(f"fastinpaint bench: no case matches {args.cases}", file=sys.stderr)
-            return 2
-    if args.quick:
-        cases = benchmark.quick_cases(cases)
-    env = benchmark.environment(device)
-    print(f"fastinpaint bench: gated convolution, DeepFill v2 generator layers{' (quick: maps 8x smaller)' if args.quick else ''}; "
-          f"{device}, {args.dtype or str(dtype).split('.')[-1]}, batch {batch}, "
-          f"{'channels_last' if args.layout == 'channels_last' else 'NCHW'}, {torch.get_num_threads()} threads",
-          flush=True)
-    ceilings = benchmark.measure_ceilings(device) if device == "cuda" else {}
-    peak = next((v for k, v in ceilings.items() if k.startswith("matmul")), None)
-    def progress(msg, rows_so_far):
-        print(f"  done: {msg}", flush=True)
-        for r in rows_so_far:
-            if peak and "TFLOPs" in r:
-                r["frac_of_matmul_peak"] = r["TFLOPs"] / peak
-        benchmark.write_results(args.json, args.markdown, rows_so_far, env, ceilings)  # partial results survive
-
-    rows = benchmark.bench_gated_conv(
-        cases, device=device, dtype=dtype, batch=batch, channels_last=args.layout == "channels_last",
-        modes=tuple(args.modes), compile_baseline=not args.no_compile, min_time_s=0.1 if args.quick else args.min_time,
-        progress=progress)
-    print()
-    print(benchmark.markdown_table(rows, env, ceilings))
-    benchmark.write_results(args.json, args.markdown, rows, env, ceilings)
-    for path in (args.json, args.markdown):
-        if path:
-            print(f"wrote {path}")
-    errors = [r for r in rows if "error" in r]
-    for r in errors:
-        print(f"ERROR {r['case']} {r['mode']} {r['impl']}: {r['error']}", file=sys.stderr)
-    # a baseline that cannot run here (torch.compile without a working toolchain) is
-    # reported in the table; a fastinpaint implementation that fails is a failure
-    return 1 if any(r["impl"].startswith("fastinpaint") for r in errors) else 0
+    return bench.run_args(args)
 
 
 def _cmd_train(args) -> int:
@@ -145,18 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="time the kernels against eager and torch.compile(eager)")
-    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
-    b.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    b.add_argument("--batch", type=int, help="default: 1 on cpu, 8 on cuda")
-    b.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last")
-    b.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these strings")
-    b.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
-    b.add_argument("--quick", action="store_true", help="maps 8x smaller, short timing: a smoke run")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) baseline")
-    b.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per implementation")
-    b.add_argument("--threads", type=int, help="torch CPU threads")
-    b.add_argument("--json", help="write the results as JSON here")
-    b.add_argument("--markdown", help="write the results as a markdown table here")
+    from .ops.gated_conv.bench import add_arguments as bench_arguments
+
+    bench_arguments(b)
     b.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)")
@@ -190,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", None) is not None and args.batch < 1:
-        print("fastinpaint bench: --batch must be >= 1", file=sys.stderr)
-        return 2
     return args.func(args)
 
 

@@ -218,7 +218,7 @@ def test_saves_only_linear_memory_for_backward():
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import fastinpaint.functional as FI
-    from fastinpaint.ops.pixel_attention.bench import peak_rss_bytes, reset_peak_rss
+    from fastinpaint.benchmark import peak_rss_bytes, reset_peak_rss
     from fastinpaint import use_backend
     fn_name, backend, sizes = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3:]]
     torch.set_num_threads(1)

@@ -28,7 +28,6 @@ import torch
 
 from ... import _backend
 from ... import benchmark as B
-from ...benchmark import peak_rss_bytes, reset_peak_rss  # noqa: F401 - re-exported (tests/test_pixel_attention.py)
 from . import reference
 from .op import attention_transfer_loss, pixel_attention
 

@@ -29,6 +29,7 @@ import torch
 from ... import _backend
 from ... import benchmark as B
 from . import reference as ref
+from .op import MAPS_OP, self_similarity, spatial_correlative_distance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +76,6 @@ def _inputs(case: Case, device: str, dtype, seed: int = 0):
 
 def implementations(case: Case, device: str, compile_baseline: bool = True) -> dict:
     """{label: fn(f, t, index) -> scalar loss}."""
-    from ... import functional as FI
-
     impls = {}
     if case.dense:
         impls["eager reference"] = lambda f, t, i: ref.self_similarity(f, i, case.K, case.window).square().mean()
@@ -91,8 +90,6 @@ def implementations(case: Case, device: str, compile_baseline: bool = True) -> d
             impls["compile(gather)"] = torch.compile(
                 lambda f, t, i: ref.compare_maps(ref.self_similarity_gather(f, i, case.K),
                                                  ref.self_similarity_gather(t, i, case.K), "cos"), dynamic=False)
-    from .op import MAPS_OP
-
     for backend in ("cpu", "cuda", "triton"):
         if backend not in MAPS_OP.implemented or _backend.unavailable_reason(backend, device) is not None:
             continue
@@ -102,8 +99,8 @@ def implementations(case: Case, device: str, compile_baseline: bool = True) -> d
         def fn(f, t, i, backend=backend):
             with _backend.use_backend(backend):
                 if case.dense:
-                    return FI.self_similarity(f, "all", patch_size=case.K, window=case.window).square().mean()
-                return FI.spatial_correlative_distance(f, t, i, patch_size=case.K, mode="cos", window=case.window)
+                    return self_similarity(f, "all", patch_size=case.K, window=case.window).square().mean()
+                return spatial_correlative_distance(f, t, i, patch_size=case.K, mode="cos", window=case.window)
 
         impls[f"fastinpaint[{backend}]"] = fn
     return impls
