@@ -31,6 +31,7 @@ AUTO_ORDER = {
 }
 
 _forced: list[str] = []  # use_backend() stack
+_capture_mode: list[bool] = []  # ops.resources.recording(): Triton launches are recorded, not run
 
 
 class BackendUnavailableError(RuntimeError):
@@ -94,7 +95,9 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
         if device_type == "cuda":
             return None
         if device_type == "cpu":
-            return None if _triton_interpret() else "triton runs CPU tensors only with TRITON_INTERPRET=1"
+            if _triton_interpret() or _capture_mode:
+                return None
+            return "triton runs CPU tensors only with TRITON_INTERPRET=1"
         return f"triton does not run on {device_type} tensors"
     if backend == "cpu":
         if device_type != "cpu":

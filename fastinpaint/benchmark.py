@@ -1,11 +1,13 @@
-"""Kernel benchmarks against the eager reference, timed in the same run.
+"""The benchmarks' shared harness: timing, bytes saved for backward, peak memory, the
+device's measured ceilings, the environment, command-line options, result files and tables.
 
-Used by ``fastinpaint bench``, by the pytest-benchmark suite in benchmarks/ and by
-the one-call GPU suite. Baselines per case: the eager reference and
-``torch.compile`` of the eager reference. Figures per case: median time, the
-ratio of each baseline's time to fastinpaint's (above 1 = fastinpaint faster),
-bytes saved for backward, peak memory (GPU), and achieved TFLOP/s against the
-device's measured ceiling (GPU).
+Each op's cases live in ``fastinpaint/ops/<op>/bench.py`` (the gated convolution's are
+what ``fastinpaint bench`` runs), the whole-model ones in ``fastinpaint/models/*_bench.py``;
+the pytest-benchmark suite in benchmarks/ times the same cases. Baselines per case: the
+eager reference and ``torch.compile`` of the eager reference. Figures per case: median
+time, the ratio of each baseline's time to fastinpaint's (above 1 = fastinpaint faster),
+bytes saved for backward, peak memory, and achieved rates against the device's measured
+ceilings (GPU). This module imports no op.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import time
 from typing import Callable
 
 import torch
-
 
 
 # ----------------------------------------------------------------------------- measurement helpers
@@ -127,8 +128,6 @@ def environment(device: str) -> dict:
                    capability=f"{props.major}.{props.minor}")
         env["l2_MB"] = getattr(props, "L2_cache_size", 0) / 2**20
         try:
-            import subprocess
-
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=20).stdout.strip()
         except Exception:  # noqa: BLE001
@@ -307,6 +306,17 @@ def fwd_bwd(fn: Callable, args: tuple, grad: bool, gy: torch.Tensor | None = Non
         out.backward(gy)
 
 
+def capture_steps(fn: Callable, make_args: Callable[[bool], tuple]) -> None:
+    """For ``ops/resources.py``: ``fn(*make_args(grad))`` with autograd (forward and backward)
+    and without (no_grad), on the ``triton`` backend, so that every kernel the two paths
+    launch is recorded."""
+    from ._backend import use_backend
+
+    with use_backend("triton"):
+        for grad in (True, False):
+            fwd_bwd(fn, make_args(grad), grad)
+
+
 def bench_call(fn: Callable, args: tuple, grad: bool, device: str, gy: torch.Tensor | None = None,
                wrt: tuple | None = None) -> Callable[[], None]:
     """A closure for pytest-benchmark: :func:`fwd_bwd`, then a device synchronisation
@@ -328,35 +338,48 @@ def implementation_or_skip(impls: dict, impl: str, device: str, what: str = ""):
     return impls[impl]
 
 
-def markdown_table(rows: list[dict], env: dict | None = None, ceilings: dict | None = None) -> str:
-    lines = markdown_header(env, ceilings)
-    if lines:
-        lines.append("")
-    columns = ["case", "mode", "impl", "dtype", "batch", "ms", "x vs eager", "x vs compile(eager)", "saved MB",
-               "saved / eager's", "peak MB", "TFLOP/s", "of matmul peak"]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    f = fmt
+# ----------------------------------------------------------------------------- result tables and files
+
+def markdown_rows(rows: list[dict], columns: list[tuple[str, str, str | None]], error_prefix: str = "error: ",
+                  error_chars: int = 80) -> list[str]:
+    """One markdown table line per result row. ``columns``: (header, row key, format spec);
+    a column with a spec prints ``fmt(row.get(key), spec)`` ("-" when missing), one without
+    prints ``row[key]`` as it is (the row's identity: case, mode, impl, ...). A row with an
+    ``error`` keeps the columns before the first formatted one, then ``error_prefix`` and the
+    error's first ``error_chars`` characters, then empty cells."""
+    ids = next((i for i, (_, _, spec) in enumerate(columns) if spec is not None), len(columns))
+    lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {r['batch']} | "
-                         f"error: {r['error'][:80]} | | | | | | | |")
+            cells = [str(r[key]) for _, key, _ in columns[:ids]] + [f"{error_prefix}{r['error'][:error_chars]}"]
+            lines.append("| " + " | ".join(cells) + " |" + " |" * (len(columns) - ids - 1))
             continue
-        lines.append(
-            f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {r['batch']} | {f(r['ms'], '.3f')} | "
-            f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
-            f"{f(r.get('saved_MB'), '.2f')} | {f(r.get('saved_vs_eager'), '.2f')} | {f(r.get('peak_MB'), '.1f')} | "
-            f"{f(r.get('TFLOPs'), '.2f')} | {f(r.get('frac_of_matmul_peak'), '.1%')} |")
+        cells = [str(r[key]) if spec is None else fmt(r.get(key), spec) for _, key, spec in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str | None]], env: dict | None = None,
+                   ceilings: dict | None = None, notes: tuple[str, ...] = (), error_prefix: str = "error: ",
+                   error_chars: int = 80) -> str:
+    """A results table: :func:`markdown_header`, the ``notes`` lines, a blank line (when
+    anything comes before the table), the header row, then :func:`markdown_rows`."""
+    lines = markdown_header(env, ceilings) + list(notes)
+    if lines:
+        lines.append("")
+    lines += ["| " + " | ".join(header for header, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += markdown_rows(rows, columns, error_prefix, error_chars)
     return "\n".join(lines) + "\n"
 
 
 def write_results(path_json: str | None, path_md: str | None, rows, env, ceilings,
-                  markdown: Callable[[list, dict, dict], str] | None = None) -> None:
+                  markdown: Callable[[list, dict, dict], str]) -> None:
     """Write ``{"environment", "ceilings", "results"}`` as JSON to ``path_json`` and
-    ``markdown(rows, env, ceilings)`` (default :func:`markdown_table`) to ``path_md``;
-    either path may be None. Called after every case, so partial results survive."""
+    ``markdown(rows, env, ceilings)`` (the benchmark's table) to ``path_md``; either path
+    may be None. Called after every case, so partial results survive."""
     if path_json:
         with open(path_json, "w") as fh:
             json.dump({"environment": env, "ceilings": ceilings, "results": rows}, fh, indent=1)
     if path_md:
         with open(path_md, "w") as fh:
-            fh.write((markdown or markdown_table)(rows, env, ceilings))
+            fh.write(markdown(rows, env, ceilings))

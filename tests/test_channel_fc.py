@@ -384,3 +384,17 @@ def test_module_rejects_bad_configuration():
     m = fastinpaint.nn.ChannelWiseFC(3, 4, 4)
     with pytest.raises(ValueError, match="weight must have shape"):
         m(torch.randn(1, 3, 4, 5))
+
+
+def test_triton_flat_positions_only_where_rows_follow_each_other():
+    """The Triton kernels address position p as p * stride_w (no division in the K loop) only
+    for maps whose rows follow each other; a view that skips columns keeps (p // W, p % W). The
+    layout tests above check both paths' values."""
+    pytest.importorskip("triton")
+    from fastinpaint.ops.channel_fc import triton as ck
+
+    x = torch.randn(2, 3, 4, 6)
+    assert ck._flat(x) and ck._flat(x.contiguous(memory_format=torch.channels_last))
+    assert not ck._flat(x[..., :5]) and not ck._flat(x, x[:, :, ::2])
+    assert ck._flat(x[..., ::2])  # every other column: rows still follow each other at stride 2
+    assert ck._flat(x[:, :, :1, :5])  # one row: nothing to divide

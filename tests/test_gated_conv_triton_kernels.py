@@ -225,3 +225,28 @@ def test_conv_forward_tf32_gpu(monkeypatch):
     """fp32 with cudnn.allow_tf32 on runs the tf32 dot: close, not exact."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     _run_conv_case(CONV_CASES[7], "cl", torch.float32, rtol=1e-2, atol=1e-2)
+
+
+def test_conv_forward_arranges_a_weight_once_until_it_changes(monkeypatch):
+    """Inference calls a layer's weight again and again: the (2, K, NPAD) arrangement is made
+    once per weight and version, and made again after an in-place update."""
+    calls = []
+    real = tk._arrange_weight
+    monkeypatch.setattr(tk, "_arrange_weight", lambda w, d: calls.append(1) or real(w, d))
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 7, 6, device=DEVICE)
+    w = torch.randn(10, 3, 3, 3, device=DEVICE)
+    args = ((1, 1), (1, 1), (1, 1), 1, ACTIVATION_CODES["elu"], SLOPE)
+    y1 = tk.conv_forward(x, w, None, *args)
+    y2 = tk.conv_forward(x, w, None, *args)
+    assert len(calls) == 1
+    torch.testing.assert_close(y1, y2)
+    with torch.no_grad():
+        w.mul_(-1.0)  # an optimiser step: the version changes, the cached arrangement is stale
+    y3 = tk.conv_forward(x, w, None, *args)
+    assert len(calls) == 2
+    ref = _conv_reference(x.double(), w.double(), None, (1, 1), (1, 1), (1, 1), 1, "elu")
+    torch.testing.assert_close(y3.double(), ref, rtol=1e-4, atol=1e-5)
+    other = w.clone()  # another tensor: never served the cached arrangement of w
+    tk.conv_forward(x, other, None, *args)
+    assert len(calls) == 3

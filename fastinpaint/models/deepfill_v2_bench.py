@@ -220,26 +220,15 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
     return rows
 
 
-def _row_lines(rows) -> list[str]:
-    """The markdown table's body: one line per row."""
-    lines = []
-    f = B.fmt
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | "
-                         f"error: {r['error'][:100]} | | | | |")
-            continue
-        lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['size']} | {f(r['ms'], '.1f')} | "
-                     f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
-                     f"{f(r.get('peak_MB'), '.1f')} | {f(r.get('peak_vs_eager'), '.2f')} |")
-    return lines
+COLUMNS = [("case", "case", None), ("impl", "impl", None), ("dtype", "dtype", None), ("batch", "batch", None),
+           ("size", "size", None), ("ms", "ms", ".1f"), ("x vs eager", "x_vs_eager", ".2f"),
+           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"), ("peak MB", "peak_MB", ".1f"),
+           ("peak / eager's", "peak_vs_eager", ".2f")]
+ERROR_CHARS = 100
 
 
 def markdown(rows, env, ceilings=None) -> str:
-    lines = [*B.markdown_header(env, ceilings), "",
-             "| case | impl | dtype | batch | size | ms | x vs eager | x vs compile(eager) | peak MB | "
-             "peak / eager's |", "|---|---|---|---|---|---|---|---|---|---|", *_row_lines(rows)]
-    return "\n".join(lines) + "\n"
+    return B.markdown_table(rows, COLUMNS, env, ceilings, error_chars=ERROR_CHARS)
 
 
 def main(argv=None) -> int:
@@ -265,7 +254,8 @@ def main(argv=None) -> int:
     env.update(channels_last=channels_last, cnum=a.cnum)
 
     def progress(case, rows):
-        print("\n".join(_row_lines([r for r in rows if r["case"] == case])), flush=True)
+        print("\n".join(B.markdown_rows([r for r in rows if r["case"] == case], COLUMNS, error_chars=ERROR_CHARS)),
+              flush=True)
         B.write_results(a.json, a.markdown, rows, env, {}, markdown)
 
     rows = run_benchmarks(a.device, dtype, cases, channels_last, a.cnum, tuple(a.impls), a.min_time, progress)

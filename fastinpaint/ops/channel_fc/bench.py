@@ -149,25 +149,27 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
     return rows, ceilings
 
 
+COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
+           ("ms", "ms", ".3f"), ("x vs eager", "x_vs_eager", ".2f"),
+           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"),
+           ("saved MB", "saved_MB", ".2f"), ("peak MB", "peak_MB", ".1f"), ("TFLOP/s", "TFLOPs", ".3f"),
+           ("GB/s", "GBps", ".1f"), ("of copy bandwidth", "frac_of_copy_bw", ".1%")]
+
+
 def markdown(rows, env, ceilings) -> str:
-    lines = B.markdown_header(env, ceilings)
-    lines.append(f"Activation {ACTIVATION}({SLOPE}); GB/s over the minimum traffic (each operand read once, "
-                 "each result written once).")
-    lines.append("")
-    cols = ["case", "mode", "impl", "dtype", "ms", "x vs eager", "x vs compile(eager)", "saved MB", "peak MB",
-            "TFLOP/s", "GB/s", "of copy bandwidth"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    f = B.fmt
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | error: {r['error'][:80]} |"
-                         + " |" * (len(cols) - 5))
-            continue
-        lines.append(f"| {r['case']} | {r['mode']} | {r['impl']} | {r['dtype']} | {f(r['ms'], '.3f')} | "
-                     f"{f(r.get('x_vs_eager'), '.2f')} | {f(r.get('x_vs_compile(eager)'), '.2f')} | "
-                     f"{f(r.get('saved_MB'), '.2f')} | {f(r.get('peak_MB'), '.1f')} | {f(r.get('TFLOPs'), '.3f')} | "
-                     f"{f(r.get('GBps'), '.1f')} | {f(r.get('frac_of_copy_bw'), '.1%')} |")
-    return "\n".join(lines) + "\n"
+    note = (f"Activation {ACTIVATION}({SLOPE}); GB/s over the minimum traffic (each operand read once, "
+            "each result written once).")
+    return B.markdown_table(rows, COLUMNS, env, ceilings, notes=(note,))
+
+
+def capture_calls(dtype: torch.dtype) -> None:
+    """Every Triton launch of the Context Encoder cases in ``dtype``, NCHW and channels_last,
+    forward and backward (``ops/resources.py`` records them)."""
+    for case in CASES:
+        for channels_last in (False, True):
+            B.capture_steps(lambda x, w, b: channel_fc(x, w, b, ACTIVATION, SLOPE),
+                            lambda grad, case=case, cl=channels_last: (lambda xs, w, b: (xs[0], w, b))(
+                                *make_inputs(case, "cpu", dtype, grad, cl)))
 
 
 def main(argv=None) -> int:

@@ -174,6 +174,17 @@ def run(cases=None, device: str = "cpu", dtype=torch.float32, batch: int = 1, ch
     return rows
 
 
+COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
+           ("batch", "batch", None), ("ms", "ms", ".3f"), ("x vs eager", "x_vs_eager", ".2f"),
+           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"), ("saved MB", "saved_MB", ".2f"),
+           ("saved / eager's", "saved_vs_eager", ".2f"), ("peak MB", "peak_MB", ".1f"),
+           ("TFLOP/s", "TFLOPs", ".2f"), ("of matmul peak", "frac_of_matmul_peak", ".1%")]
+
+
+def markdown(rows: list[dict], env: dict | None = None, ceilings: dict | None = None) -> str:
+    return B.markdown_table(rows, COLUMNS, env, ceilings)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of this script and of ``fastinpaint bench``."""
     B.add_common_args(parser, dtype_choices=["bfloat16", "float16", "float32"])
@@ -222,14 +233,14 @@ def run_args(args: argparse.Namespace) -> int:
         for r in rows_so_far:
             if peak and "TFLOPs" in r:
                 r["frac_of_matmul_peak"] = r["TFLOPs"] / peak
-        B.write_results(args.json, args.markdown, rows_so_far, env, ceilings)  # partial results survive
+        B.write_results(args.json, args.markdown, rows_so_far, env, ceilings, markdown)  # partial results survive
 
     rows = run(cases, device=device, dtype=dtype, batch=batch, channels_last=args.layout == "channels_last",
                modes=tuple(args.modes), compile_baseline=not args.no_compile,
                min_time_s=0.1 if args.quick else args.min_time, progress=progress)
     print()
-    print(B.markdown_table(rows, env, ceilings))
-    B.write_results(args.json, args.markdown, rows, env, ceilings)
+    print(markdown(rows, env, ceilings))
+    B.write_results(args.json, args.markdown, rows, env, ceilings, markdown)
     for path in (args.json, args.markdown):
         if path:
             print(f"wrote {path}")
@@ -239,6 +250,16 @@ def run_args(args: argparse.Namespace) -> int:
     # a baseline that cannot run here (torch.compile without a working toolchain) is
     # reported in the table; a fastinpaint implementation that fails is a failure
     return 1 if any(r["impl"].startswith("fastinpaint") for r in errors) else 0
+
+
+def capture_calls(dtype: torch.dtype, batch: int = 1) -> None:
+    """Every Triton launch of the DeepFill v2 cases in ``dtype``, channels_last, training and
+    inference paths (``ops/resources.py`` records them; the kernels' specialization does not
+    depend on the batch, so the host-side convolutions run at batch 1)."""
+    for case in DEEPFILL_CASES:
+        B.capture_steps(_fastinpaint_fn(case, "triton"),
+                        lambda grad, case=case: (lambda xs, w, b: (xs[0], w, b))(
+                            *make_inputs(case, batch, "cpu", dtype, True, grad)))
 
 
 def main(argv=None) -> int:

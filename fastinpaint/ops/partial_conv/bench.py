@@ -120,6 +120,25 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
     return rows
 
 
+COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
+           ("batch", "batch", None), ("ms", "ms", ".3f"), ("x vs eager", "x_vs_eager", ".2f"),
+           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"), ("saved MB", "saved_MB", ".2f"),
+           ("saved / eager's", "saved_vs_eager", ".2f"), ("peak MB", "peak_MB", ".1f")]
+
+
+def markdown(rows, env, ceilings=None) -> str:
+    return B.markdown_table(rows, COLUMNS, env, ceilings)
+
+
+def capture_calls(dtype: torch.dtype) -> None:
+    """Every Triton launch of the PConv U-Net cases in ``dtype``, channels_last, forward and
+    backward (``ops/resources.py`` records them), at batch 1 (the host-side convolution)."""
+    for case in CASES:
+        pad = case.k // 2
+        B.capture_steps(lambda x, m, w, b, case=case, pad=pad: partial_conv2d(x, m, w, b, case.stride, pad, 1)[0],
+                        lambda grad, case=case: _inputs(case, 1, "cpu", dtype, True, grad))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="partial convolution benchmarks")
     B.add_common_args(p, min_time=0.5)
@@ -137,10 +156,10 @@ def main(argv=None) -> int:
     env["channels_last"] = channels_last
 
     def progress(rows):
-        B.write_results(a.json, a.markdown, rows, env, {})
+        B.write_results(a.json, a.markdown, rows, env, {}, markdown)
 
     rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress)
-    print(B.markdown_table(rows, env))
+    print(markdown(rows, env))
     return 1 if any("error" in r for r in rows) else 0
 
 

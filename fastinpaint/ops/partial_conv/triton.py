@@ -24,6 +24,10 @@ from .._layout import suggest_memory_format
 __all__ = ["renorm_forward"]
 
 
+#: the kernels on the op's hot path: none may spill registers at any config its launcher can
+#: pick, on sm_90 or sm_80 (tests/test_kernel_resources.py compiles each; ops/resources.py)
+HOT_KERNELS = ("_renorm_fwd_kernel",)
+
 @triton.jit
 def _renorm_fwd_kernel(raw_ptr, ms_ptr, bias_ptr, out_ptr, scale_ptr, um_ptr,
                        C, H, W, Ho, Wo, n_pix,
@@ -41,7 +45,7 @@ def _renorm_fwd_kernel(raw_ptr, ms_ptr, bias_ptr, out_ptr, scale_ptr, um_ptr,
     oy = r // Wo
     ox = r - oy * Wo
     msum = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for ky in tl.static_range(KH):
+    for ky in range(KH):  # a loop, not unrolled: a 7x7 window's 49 loads in flight at once spill
         iy = oy * sh - ph + ky * dh
         row_ok = pm & (iy >= 0) & (iy < H)
         for kx in tl.static_range(KW):

@@ -54,6 +54,10 @@ def _precision(t: torch.Tensor) -> str:
 
 # ----------------------------------------------------------------------------- pixel attention
 
+#: the kernels on the op's hot path: none may spill registers at any config its launcher can
+#: pick, on sm_90 or sm_80 (tests/test_kernel_resources.py compiles each; ops/resources.py)
+HOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_transfer_fwd_kernel", "_transfer_bwd_dq_kernel", "_transfer_bwd_dk_kernel")
+
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, MASK, O, LSE, N, DQK, DV, scale_log2,
                      sqb, sqn, sqd, skb, skn, skd, svb, svn, svd, sob, son, sod, smb, smn,
@@ -187,17 +191,24 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, N, DQK, DV, scale, sc
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < DQK))
 
 
-def _attn_meta(dqk: int, dv_block: int, kind: str) -> dict:
+def _attn_meta(dqk: int, dv_block: int, kind: str, esize: int) -> dict:
     """Block sizes and warps (fixed: these kernels stream over all of N, so the best block
-    size depends mostly on the head dims)."""
+    size depends mostly on the head dims). The fp32 accumulators of the output rows (or of
+    dk and dv) grow with Dv: with Dv = 256 and with float32 operands (``esize`` 4: twice the
+    registers) the tiles shrink so that no config spills on sm_90 or sm_80
+    (tests/test_kernel_resources.py)."""
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
     big = dv_block > 128
+    wide = esize >= 4
     if kind == "fwd":
-        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2)
+        return dict(BLOCK_M=32 if wide else (64 if big else 128), BLOCK_N=64, num_warps=8 if big or wide else 4,
+                    num_stages=2)
     if kind == "dkdv":
-        return dict(BLOCK_M=32 if big else 64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
+        if big and wide:  # exact float32 dots and 256-wide dv accumulators: small tiles, no pipelining
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16 if big else 64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32 if (big and wide) else 64, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
 
 
 def _mask_arg(key_mask, q):
@@ -215,8 +226,10 @@ def attention_forward(q, k, v, key_mask, scale: float):
     lse = new_output((B, N), dtype=torch.float32, device=q.device)
     if B == 0 or N == 0:
         return out, lse
-    bdv = min(_pow2(DV), MAX_V)
-    meta = _attn_meta(DQK, bdv, "fwd")
+    # the grid's third axis splits Dv: 128 columns per program for float32 (the fp32 output
+    # accumulator and V tile of 256 columns spill on sm_80), 256 otherwise
+    bdv = min(_pow2(DV), MAX_V if q.element_size() < 4 else MAX_V // 2)
+    meta = _attn_meta(DQK, bdv, "fwd", q.element_size())
     m, smb, smn, has_mask = _mask_arg(key_mask, q)
     grid = (triton.cdiv(N, meta["BLOCK_M"]), B, triton.cdiv(DV, bdv))
     with _device_ctx(q):
@@ -248,10 +261,10 @@ def attention_backward(grad_out, q, k, v, key_mask, out, lse, scale: float):
     args = (N, DQK, DV, float(scale), float(scale) * _LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), smb, smn)
     with _device_ctx(q):
-        meta = _attn_meta(DQK, bdv, "dkdv")
+        meta = _attn_meta(DQK, bdv, "dkdv", q.element_size())
         _attn_bwd_dkdv_kernel[(triton.cdiv(N, meta["BLOCK_N"]), B)](
             q, k, v, m, grad_out, lse, delta, dk, dv, *args, **common, **meta)
-        meta = _attn_meta(DQK, bdv, "dq")
+        meta = _attn_meta(DQK, bdv, "dq", q.element_size())
         _attn_bwd_dq_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B)](
             q, k, v, m, grad_out, lse, delta, dq, *args, **common, **meta)
     return dq, dk, dv
@@ -412,10 +425,11 @@ def _transfer_bwd_dk_kernel(QS, KS, QT, KT, LSE_S, LSE_T, CROW, GD, DK, N, DS, D
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (offs_s[None, :] < DS))
 
 
-def _transfer_meta() -> dict:
+def _transfer_meta(esize: int) -> dict:
+    """float32 operands (``esize`` 4) take twice the registers: 8 warps (no spill on sm_80)."""
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if esize >= 4 else 4, num_stages=2)
 
 
 def transfer_forward(q_s, k_s, q_t, k_t, scale: float, distance: int):
@@ -425,7 +439,7 @@ def transfer_forward(q_s, k_s, q_t, k_t, scale: float, distance: int):
     outs = [new_output((B, N), dtype=torch.float32, device=q_s.device) for _ in range(4)]
     if B == 0 or N == 0:
         return tuple(outs)
-    meta = _transfer_meta()
+    meta = _transfer_meta(q_s.element_size())
     with _device_ctx(q_s):
         _transfer_fwd_kernel[(triton.cdiv(N, meta["BLOCK_M"]), B)](
             q_s, k_s, q_t, k_t, *outs, N, DS, DT, float(scale) * _LOG2E,
@@ -444,7 +458,7 @@ def transfer_backward(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, crow, scale: 
         return dq, dk
     gd = grad_dist.float().contiguous()
     lse_s, lse_t, crow = lse_s.contiguous(), lse_t.contiguous(), crow.contiguous()
-    meta = _transfer_meta()
+    meta = _transfer_meta(q_s.element_size())
     args = (N, DS, DT, float(scale), float(scale) * _LOG2E,
             *q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(), *dq.stride())
     common = dict(L1=bool(distance == 1), BLOCK_DS=_pow2(DS), BLOCK_DT=_pow2(DT), PRECISION=_precision(q_s))

@@ -184,24 +184,33 @@ def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: floa
     return rows
 
 
+COLUMNS = [("case", "case", None), ("impl", "impl", None), ("dtype", "dtype", None), ("ms", "ms", ".2f"),
+           ("x vs loop (public)", "x_vs_loop (public)", ".1f"), ("x vs eager reference", "x_vs_eager reference", ".2f"),
+           ("x vs compile(gather)", "x_vs_compile(gather)", ".2f"), ("peak extra MB", "peak_extra_MB", ".1f"),
+           ("peak / loop's", "peak_vs_loop (public)", ".3f"), ("peak / compile's", "peak_vs_compile(gather)", ".3f"),
+           ("of roofline", "of_roofline", ".1%")]
+
+
 def markdown(rows, env, ceilings=None) -> str:
-    lines = B.markdown_header(env, ceilings)
-    lines += ["", "Forward + backward. x vs B = B's time / this row's time (above 1: faster); peak = peak extra "
-              "memory of one forward + backward.", ""]
-    cols = ["case", "impl", "dtype", "ms", "x vs loop (public)", "x vs eager reference", "x vs compile(gather)",
-            "peak extra MB", "peak / loop's", "peak / compile's", "of roofline"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    f = B.fmt
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | error: {r['error'][:80]} |" + " |" * 7)
-            continue
-        lines.append(" | ".join([
-            f"| {r['case']}", r["impl"], r["dtype"], f(r["ms"], ".2f"), f(r.get("x_vs_loop (public)"), ".1f"),
-            f(r.get("x_vs_eager reference"), ".2f"), f(r.get("x_vs_compile(gather)"), ".2f"),
-            f(r.get("peak_extra_MB"), ".1f"), f(r.get("peak_vs_loop (public)"), ".3f"),
-            f(r.get("peak_vs_compile(gather)"), ".3f"), f(r.get("of_roofline"), ".1%")]) + " |")
-    return "\n".join(lines) + "\n"
+    note = ("Forward + backward. x vs B = B's time / this row's time (above 1: faster); peak = peak extra "
+            "memory of one forward + backward.")
+    return B.markdown_table(rows, COLUMNS, env, ceilings, notes=("", note))
+
+
+def capture_calls(dtype: torch.dtype) -> None:
+    """Every Triton launch of the GPU cases in ``dtype``: the sparse distance and the dense
+    maps, forward and backward (``ops/resources.py`` records them)."""
+    for case in GPU_CASES:
+        def fn(f, t, i, case=case):
+            if case.dense:
+                return self_similarity(f, "all", patch_size=case.K, window=case.window).square().mean()
+            return spatial_correlative_distance(f, t, i, patch_size=case.K, mode="cos", window=case.window)
+
+        def args(grad, case=case):
+            f, t, i = _inputs(case, "cpu", dtype)
+            return f.requires_grad_(grad), t.requires_grad_(grad), i
+
+        B.capture_steps(fn, args)
 
 
 def main(argv=None) -> None:

@@ -49,6 +49,10 @@ def _geometry(H: int, W: int, K: int, window: int):
     return K, K, False
 
 
+#: the kernels on the op's hot path: none may spill registers at any config its launcher can
+#: pick, on sm_90 or sm_80 (tests/test_kernel_resources.py compiles each; ops/resources.py)
+HOT_KERNELS = ("_maps_fwd_kernel", "_keys_bwd_kernel", "_dense_keys_bwd_kernel", "_query_bwd_kernel", "_dist_fwd_kernel", "_dist_coef_kernel")
+
 @triton.jit
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp overflow to inf gives 1)

@@ -1,0 +1,133 @@
+"""Every Triton kernel specialization the library launches at its benchmark shapes, compiled
+with Triton's real compiler for sm_90 and sm_80 (no GPU needed), and every CUDA kernel of
+fastinpaint._C read with cuobjdump: nothing fails to compile, nothing exceeds the
+architecture's shared memory, no hot kernel spills. See fastinpaint/ops/resources.py.
+
+The capture runs in a child process without the Triton interpreter; compiled results are
+cached by the kernels' source hash, so a second run takes seconds."""
+
+import importlib
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fastinpaint.ops import resources as R  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report():
+    return R.report_in_child()
+
+
+@pytest.fixture(scope="module")
+def launches(report):
+    return report[0]
+
+
+@pytest.fixture(scope="module")
+def rows(report):
+    return report[1]
+
+
+def _kernels_in_code() -> set[str]:
+    """Every ``*_kernel`` JIT function defined in the ops' triton.py modules."""
+    found = set()
+    for op in R.OPS:
+        mod = importlib.import_module(f"fastinpaint.ops.{op}.triton")
+        for name, obj in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(obj, "arg_names") and obj.fn.__module__ == mod.__name__:
+                found.add(f"{mod.__name__}:{name}")
+    return found
+
+
+def test_every_kernel_is_captured_and_every_launch_is_known(launches):
+    captured = {launch.kernel for launch in launches}
+    defined = _kernels_in_code()
+    assert defined, "no Triton kernels found in fastinpaint/ops/*/triton.py"
+    assert defined - captured == set(), f"kernels no op launches at its benchmark shapes: {sorted(defined - captured)}"
+    assert captured - defined == set(), f"launched kernels not named *_kernel in an op's triton.py: {captured - defined}"
+    dtypes = {launch.dtype for launch in launches}
+    assert dtypes == {"bfloat16", "float16", "float32"}
+
+
+def test_hot_kernels_exist():
+    hot = R.hot_kernels()
+    assert hot and hot <= _kernels_in_code(), sorted(hot - _kernels_in_code())
+
+
+def test_every_specialization_compiles_fits_and_hot_ones_do_not_spill(rows):
+    assert {r["arch"] for r in rows} == {"sm_90", "sm_80"}
+    bad = R.problems(rows, R.hot_kernels())
+    assert not bad, "\n".join(bad)
+
+
+def test_problems_are_reported():
+    """The check itself: an error, too much shared memory, and a hot kernel's spill are found."""
+    base = {"op": "x", "kernel": "k", "module": "m", "dtype": "bfloat16", "config": "c", "arch": "sm_80",
+            "shared_limit": 100}
+    rows = [{**base, "error": "CompilationError: boom"},
+            {**base, "registers": 40, "shared": 101, "stack": 0, "local": 0},
+            {**base, "registers": 255, "shared": 10, "stack": 8, "local": 0},
+            {**base, "kernel": "cold", "registers": 255, "shared": 10, "stack": 8, "local": 0}]
+    found = R.problems(rows, {"m:k"})
+    assert len(found) == 3 and "does not compile" in found[0] and "shared memory" in found[1] and "spills" in found[2]
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+def test_gated_conv_pruning_respects_shared_memory_and_shapes():
+    from fastinpaint.ops.gated_conv import triton as gk
+
+    configs = gk._gpu_configs()
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(1, dtype=dtype)
+        for cin, cout in ((5, 24), (96, 96), (48, 24), (512, 512)):
+            kept = gk._prune_configs(configs, {"x_ptr": x, "Cin": cin, "Cout": cout})
+            assert kept
+            for cfg in kept:
+                assert gk.config_shared_bytes(cfg, x.element_size()) <= 163 * 1024  # sm_80's opt-in limit
+                assert cfg.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
+                assert cfg.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin))
+    # fp32 tiles are twice as large: the pruning drops some that bf16 keeps
+    big = {"Cin": 512, "Cout": 512}
+    assert len(gk._prune_configs(configs, {"x_ptr": torch.empty(1), **big})) < len(
+        gk._prune_configs(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16), **big})) or all(
+        gk.config_shared_bytes(c, 4) <= gk._SMEM_LIMIT for c in configs)
+
+
+def test_gated_conv_autotune_key_has_what_changes_the_best_config():
+    from fastinpaint.ops.gated_conv import triton as gk
+
+    assert {"Cin", "Cout", "KH", "KW", "M", "stride_h", "stride_w", "dil_h", "dil_w", "UP"} <= set(gk.AUTOTUNE_KEY)
+    assert set(gk.AUTOTUNE_KEY) <= set(gk._gated_conv_fwd_kernel.arg_names)
+
+
+# ----------------------------------------------------------------------------- the CUDA extension
+
+def _extension_with_cuda():
+    from fastinpaint import _extension
+
+    path = _extension.prebuilt_path()
+    if path is None:
+        pytest.skip("no prebuilt fastinpaint._C")
+    info = _extension.read_build_info(path) or {}
+    if info.get("cuda") != "1":
+        pytest.skip("fastinpaint._C was built without CUDA kernels (FASTINPAINT_CUDA=1 builds them)")
+    return path
+
+
+def test_cuda_extension_kernels_do_not_spill():
+    path = _extension_with_cuda()
+    out = subprocess.run([R.cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                         check=True).stdout
+    kernels = R.parse_resource_dump(out)
+    assert len(kernels) >= 20, out[:2000]
+    archs = {k["arch"] for k in kernels}
+    assert {"sm_80", "sm_90"} <= archs, archs
+    spills = [k for k in kernels if k["local"] > 0 or k["stack"] > 0]
+    assert not spills, "\n".join(f"{k['arch']} {k['name']}: stack {k['stack']} B, local {k['local']} B"
+                                 for k in spills)
+
