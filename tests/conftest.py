@@ -36,8 +36,18 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=[gpu, requires_cuda])]
 
 
-def backend_device_params(backends=("reference", "cpu", "triton", "cuda")):
-    """(backend, device) pairs that make sense: cpu on CPU tensors, cuda on CUDA tensors."""
+# The backends under test. ``reference`` is the oracle they are compared with, so it is
+# not among them: a comparison with the reference would compare the reference with itself.
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def backend_device_params(backends=KERNEL_BACKENDS, *, with_reference=False):
+    """(backend, device) pairs that make sense: cpu on CPU tensors, cuda on CUDA tensors.
+
+    ``with_reference=True`` adds the reference backend, for tests that check something of the
+    reference itself (a memory-format rule, determinism, output shapes), not a match with it."""
+    if with_reference:
+        backends = ("reference", *backends)
     pairs = []
     for device in ("cpu", "cuda"):
         for backend in backends:
@@ -53,9 +63,31 @@ def dtypes_for(device):
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
-# FASTINPAINT_REQUIRE=cuda,triton (the GPU suite sets it): those backends must be available,
-# so a broken build fails the run instead of turning into skipped tests.
+# FASTINPAINT_REQUIRE=cpu,triton (CI) or cuda,triton (the GPU suite): those backends must be
+# available, so a broken build or a missing package fails the run instead of turning into
+# skipped tests. The token cuda_build requires the extension to have CUDA kernels (CI sets it
+# where nvcc exists; tests/test_backend.py checks it). A CUDA-device test still skips where
+# there is no CUDA device.
+REQUIREMENTS = ("reference", "cpu", "triton", "cuda", "cuda_build")
 REQUIRED = {b.strip() for b in os.environ.get("FASTINPAINT_REQUIRE", "").split(",") if b.strip()}
+
+
+def required(backend: str, device: str) -> bool:
+    """Whether FASTINPAINT_REQUIRE makes ``backend`` on ``device`` tensors a must. Triton runs
+    CPU tensors only under the interpreter (set above when there is no GPU), so on a GPU
+    machine Triton is required on CUDA tensors and its CPU-tensor tests skip."""
+    if backend not in REQUIRED:
+        return False
+    if backend == "triton" and device == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return True
+
+
+def skip_or_fail(requirement: str, reason: str, must: bool) -> None:
+    """Skip with ``reason``, or fail when ``must`` (FASTINPAINT_REQUIRE names ``requirement``)."""
+    if must:
+        pytest.fail(f"FASTINPAINT_REQUIRE names {requirement}, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def skip_unless_available(backend: str, device: str) -> None:
@@ -63,9 +95,21 @@ def skip_unless_available(backend: str, device: str) -> None:
         pytest.skip("needs a CUDA device")
     why = unavailable_reason(backend, device)
     if why is not None:
-        if backend in REQUIRED and (device == "cuda" or backend in ("cpu", "reference")):
-            pytest.fail(f"backend {backend} is required (FASTINPAINT_REQUIRE) but unavailable on {device}: {why}")
-        pytest.skip(f"backend {backend} unavailable on {device}: {why}")
+        skip_or_fail(backend, f"backend {backend} unavailable on {device}: {why}", required(backend, device))
+
+
+def pytest_configure(config):
+    """A misspelt requirement would require nothing: refuse it. A required backend that is
+    unavailable stops the run before any test (some modules skip at import otherwise)."""
+    unknown = sorted(REQUIRED - set(REQUIREMENTS))
+    if unknown:
+        raise pytest.UsageError(f"FASTINPAINT_REQUIRE names {unknown}; it takes {', '.join(REQUIREMENTS)}")
+    where = {"cpu": "cpu", "triton": "cuda" if HAS_CUDA else "cpu", **({"cuda": "cuda"} if HAS_CUDA else {})}
+    for backend, device in where.items():
+        why = unavailable_reason(backend, device) if required(backend, device) else None
+        if why is not None:
+            raise pytest.UsageError(f"backend {backend} is required (FASTINPAINT_REQUIRE) but unavailable on "
+                                    f"{device}: {why}")
 
 
 def assert_close_to_reference(out, ref_same_dtype, ref_fp64, name="output"):

@@ -17,6 +17,7 @@ ROWS = ["all", "hole", "empty_hole"]
 
 
 def backend_params():
+    """The kernel backends of this op (it has no cuda one)."""
     return [p for p in backend_device_params() if p.values[0] != "cuda"]
 
 
@@ -61,6 +62,17 @@ def test_forward_backward_matches_reference(backend, device, case, rows, distanc
             assert_close_to_reference(g, g_ref, g64, f"{backend} grad {name} {dtype} {distance}")
         if rows == "empty_hole":
             assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_reference_empty_hole_is_zero(distance):
+    """The reference's own rule, which the kernels are held to above: a row mask with no row
+    gives a float32 loss of 0 and zero gradients."""
+    q_s, k_s, q_t, k_t, w, mask = make_inputs(2, 11, 4, 6, "cpu", torch.float16, "empty_hole")
+    with use_backend("reference"):
+        loss = FI.attention_transfer_loss(q_s, k_s, q_t, k_t, w, mask, distance)
+    assert loss.dtype == torch.float32 and loss.item() == 0.0
+    assert all((g == 0).all() for g in torch.autograd.grad(loss, (q_s, k_s, w)))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -139,22 +151,18 @@ def test_bad_input_gives_clear_error(backend, over, exc, match):
 
 # ----------------------------------------------------------------------------- torch.library / compile
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    skip_unless_available(backend, "cpu")
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.fastinpaint, "attention_transfer_forward" + suffix)
+    bwd = getattr(torch.ops.fastinpaint, "attention_transfer_backward" + suffix)
     q_s, k_s, q_t, k_t, _, _ = make_inputs(2, 19, 8, 12, "cpu", torch.float32, "all")
     for distance in (0, 1):
-        ops = []
-        if fastinpaint._backend.unavailable_reason("cpu", "cpu") is None:
-            ops.append((torch.ops.fastinpaint.attention_transfer_forward,
-                        torch.ops.fastinpaint.attention_transfer_backward))
-        if fastinpaint._backend.unavailable_reason("triton", "cpu") is None:
-            ops.append((torch.ops.fastinpaint.attention_transfer_forward_triton,
-                        torch.ops.fastinpaint.attention_transfer_backward_triton))
-        assert ops
-        for fwd, bwd in ops:
-            torch.library.opcheck(fwd.default, (q_s, k_s, q_t, k_t, 0.7, distance))
-            dist, lse_s, lse_t, c = fwd(q_s.detach(), k_s.detach(), q_t, k_t, 0.7, distance)
-            torch.library.opcheck(bwd.default, (torch.rand_like(dist), q_s.detach(), k_s.detach(), q_t, k_t,
-                                                lse_s, lse_t, c, 0.7, distance))
+        torch.library.opcheck(fwd.default, (q_s, k_s, q_t, k_t, 0.7, distance))
+        dist, lse_s, lse_t, c = fwd(q_s.detach(), k_s.detach(), q_t, k_t, 0.7, distance)
+        torch.library.opcheck(bwd.default, (torch.rand_like(dist), q_s.detach(), k_s.detach(), q_t, k_t,
+                                            lse_s, lse_t, c, 0.7, distance))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
+import conftest
 import fastinpaint
 from fastinpaint import BackendUnavailableError, _backend, _extension, use_backend
+from conftest import REQUIRED, skip_unless_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,11 +96,12 @@ def test_prebuilt_extension_matches_running_torch():
 
 
 def test_cuda_kernels_compiled_when_asked():
-    """CI sets FASTINPAINT_CUDA=1 where nvcc exists: then the CUDA kernels must be in the build."""
-    if os.environ.get("FASTINPAINT_CUDA") != "1":
-        pytest.skip("FASTINPAINT_CUDA=1 not set for this run")
+    """CI sets FASTINPAINT_CUDA=1 and FASTINPAINT_REQUIRE=...,cuda_build where nvcc exists: then
+    the CUDA kernels must be in the build."""
+    if "cuda_build" not in REQUIRED and os.environ.get("FASTINPAINT_CUDA") != "1":
+        pytest.skip("neither FASTINPAINT_REQUIRE=cuda_build nor FASTINPAINT_CUDA=1 is set for this run")
     assert _extension.library() is not None, _extension.error()
-    assert _extension.has_cuda_kernels()
+    assert _extension.has_cuda_kernels(), "fastinpaint._C was built without CUDA kernels"
 
 
 def test_import_without_extension_or_triton(tmp_path):
@@ -177,8 +180,7 @@ def test_registry_reports_a_stale_build_and_refuses_float64_on_triton():
     op existed) makes the op's C++ backends unavailable, with an error that says to rebuild."""
     from fastinpaint.ops import _registry
 
-    if _extension.library() is None:
-        pytest.skip(f"the C++ extension is unavailable: {_extension.error()}")
+    skip_unless_available("cpu", "cpu")
 
     def fake(x):
         return torch.empty_like(x)
@@ -192,7 +194,7 @@ def test_registry_reports_a_stale_build_and_refuses_float64_on_triton():
         assert "stale build" in _registry.describe()["_test_not_built"]["cpu"]["cpu"]
         with use_backend("reference"):
             assert op.select(torch.randn(3)) == "reference"
-        if _backend.unavailable_reason("triton", "cpu") is None:
+        if _backend.unavailable_reason("triton", "cpu") is None or conftest.required("triton", "cpu"):
             with use_backend("triton"), pytest.raises(TypeError, match="feat is float64.*triton"):
                 op.select(torch.randn(3, dtype=torch.float64), "feat")
         # a real op's kernels are all there
@@ -208,3 +210,48 @@ def test_registry_rejects_a_bad_declaration():
         _registry.Op("_test_bad", {"cpu": "C++"})
     with pytest.raises(ValueError, match="declare it in ops/<op>/op.py"):
         _registry.kernel("_test_misplaced", "(Tensor x) -> Tensor", lambda x: x, triton="forward")
+
+
+# ----------------------------------------------------------------------------- FASTINPAINT_REQUIRE
+
+def test_a_required_backend_that_is_unavailable_fails_instead_of_skipping(monkeypatch):
+    """tests/conftest.py's rule: an unavailable backend skips its tests, unless
+    FASTINPAINT_REQUIRE names it; then they fail. The C++ extension and triton are made
+    unavailable here the way a broken build and a missing package make them."""
+    monkeypatch.setattr(_extension, "library", lambda build=True: None)
+    monkeypatch.setattr(_extension, "error", lambda: "simulated broken build")
+    monkeypatch.setattr(_backend, "_triton_import_error", ["triton cannot be imported: simulated"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for backend in ("cpu", "triton"):
+        monkeypatch.setattr(conftest, "REQUIRED", set())
+        with pytest.raises(pytest.skip.Exception, match=f"backend {backend} unavailable on cpu: .*simulated"):
+            skip_unless_available(backend, "cpu")
+        monkeypatch.setattr(conftest, "REQUIRED", {backend})
+        with pytest.raises(pytest.fail.Exception, match=f"FASTINPAINT_REQUIRE names {backend}, but .*simulated"):
+            skip_unless_available(backend, "cpu")
+    # Triton takes CPU tensors only under the interpreter, which a GPU run leaves off: there
+    # its CPU-tensor tests skip even when triton is required (its CUDA-tensor tests do not).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "_triton_import_error", [None])
+    monkeypatch.setattr(conftest, "REQUIRED", {"triton"})
+    with pytest.raises(pytest.skip.Exception, match="TRITON_INTERPRET"):
+        skip_unless_available("triton", "cpu")
+    # a CUDA-device test skips without a CUDA device, required or not
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(conftest, "REQUIRED", {"cuda"})
+        with pytest.raises(pytest.skip.Exception, match="needs a CUDA device"):
+            skip_unless_available("cuda", "cuda")
+
+
+def test_a_misspelt_or_unavailable_requirement_stops_the_run(monkeypatch):
+    """FASTINPAINT_REQUIRE=trtion would require nothing, and a required backend that is
+    unavailable would leave modules that skip at import skipped: both stop the run at start."""
+    monkeypatch.setattr(conftest, "REQUIRED", {"cpu", "trtion"})
+    with pytest.raises(pytest.UsageError, match=r"FASTINPAINT_REQUIRE names \['trtion'\]"):
+        conftest.pytest_configure(None)
+    monkeypatch.setattr(conftest, "REQUIRED", {"cpu", "cuda_build"})
+    conftest.pytest_configure(None)  # cpu is available here (the tests above need it)
+    monkeypatch.setattr(_extension, "library", lambda build=True: None)
+    monkeypatch.setattr(_extension, "error", lambda: "simulated broken build")
+    with pytest.raises(pytest.UsageError, match="backend cpu is required .* simulated broken build"):
+        conftest.pytest_configure(None)

@@ -1,4 +1,4 @@
-"""Pixel (matmul) attention: every backend against ``reference``, forward and backward."""
+"""Pixel (matmul) attention: every kernel backend against ``reference``, forward and backward."""
 
 import json
 import os
@@ -70,6 +70,18 @@ def test_forward_backward_matches_reference(backend, device, case, mask_kind):
             assert (out[0] == 0).all()
             for gr in grads:
                 assert (gr[0] == 0).all()
+
+
+def test_reference_sample_without_valid_key_is_zero():
+    """The reference's own rule, which the kernels are held to above: a sample whose keys are
+    all masked gets a zero output and zero gradients; the other sample does not."""
+    q, k, v, mask = make_inputs(2, 9, 4, 6, "cpu", torch.float32, "one_sample_empty")
+    with use_backend("reference"):
+        out = FI.pixel_attention(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (out[0] == 0).all() and (out[1] != 0).any()
+    for name, g in zip("qkv", grads):
+        assert (g[0] == 0).all() and (g[1] != 0).any(), name
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())
