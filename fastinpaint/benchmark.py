@@ -306,6 +306,26 @@ def fwd_bwd(fn: Callable, args: tuple, grad: bool, gy: torch.Tensor | None = Non
         out.backward(gy)
 
 
+def measure(run: Callable[[], None], device: str, min_time_s: float, saved: tuple | None = None) -> dict:
+    """Time ``run``: ``{"ms", "peak_MB" (CUDA), "saved_MB" (when ``saved`` = (fn, inputs) is
+    given: the bytes ``fn()`` saves for backward beyond ``inputs``)}``, or ``{"error"}`` for an
+    implementation that fails (a result, not a crash)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = time_fn(run, device, min_time_s=min_time_s)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": error_text(exc)}
+    row = {"ms": ms}
+    if device == "cuda":
+        row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+    if saved is not None:
+        fn, inputs = saved
+        row["saved_MB"] = saved_bytes(fn, exclude=inputs) / 2**20
+    return row
+
+
 def capture_steps(fn: Callable, make_args: Callable[[bool], tuple]) -> None:
     """For ``ops/resources.py``: ``fn(*make_args(grad))`` with autograd (forward and backward)
     and without (no_grad), on the ``triton`` backend, so that every kernel the two paths

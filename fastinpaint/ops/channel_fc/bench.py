@@ -120,21 +120,13 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
                     x = next_x()
                     B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
 
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    ms = B.time_fn(run, device, min_time_s=min_time_s)
-                except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
-                    results[label] = {"error": B.error_text(exc)}
+                saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
+                row = B.measure(run, device, min_time_s, saved)
+                if "error" in row:
+                    results[label] = row
                     continue
-                row = {"ms": ms}
-                if device == "cuda":
-                    row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
-                if grad:
-                    row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
-                row["TFLOPs"] = case.flops(grad) / (ms * 1e-3) / 1e12
-                row["GBps"] = case.min_bytes(esize, grad) / (ms * 1e-3) / 1e9
+                row["TFLOPs"] = case.flops(grad) / (row["ms"] * 1e-3) / 1e12
+                row["GBps"] = case.min_bytes(esize, grad) / (row["ms"] * 1e-3) / 1e9
                 if copy_bw:
                     row["frac_of_copy_bw"] = row["GBps"] / copy_bw
                 results[label] = row

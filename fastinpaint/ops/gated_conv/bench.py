@@ -140,21 +140,13 @@ def run(cases=None, device: str = "cpu", dtype=torch.float32, batch: int = 1, ch
                 if grad:
                     with torch.no_grad():
                         gy = torch.randn_like(_reference_fn(case)(xs[0], w, b))
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    ms = B.time_fn(run, device, min_time_s=min_time_s)
-                except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
-                    results[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
+                row = B.measure(run, device, min_time_s, saved)
+                if "error" in row:
+                    results[label] = row
                     continue
-                row = {"ms": ms}
-                if device == "cuda":
-                    row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
-                if grad:
-                    row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
                 flops = case.flops(batch) * (3 if grad else 1)
-                row["TFLOPs"] = flops / (ms * 1e-3) / 1e12
+                row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
                 results[label] = row
                 for t in [*xs, w, b]:
                     t.grad = None
