@@ -16,6 +16,10 @@ triton = pytest.importorskip("triton")
 
 from fastinpaint.ops import resources as R  # noqa: E402
 
+# minutes of compiling on a cold cache: the default suite (CI) runs it; the GPU suite, whose
+# device time is short and which measures the real kernels, leaves it out (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report():

@@ -71,9 +71,9 @@ class Launch:
                 self.num_stages)
 
     def config(self) -> str:
-        """The launch's tile and pipeline settings, for the table."""
-        shown = {k: v for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in ("ROWS_PER",)}
-        parts = [f"{k}={v}" for k, v in sorted(shown.items())]
+        """The launch's constexprs (tiles, filter size, flags) and pipeline settings, for the table."""
+        shown = {k: v for k, v in self.constexprs.items() if v is not None and k != "PRECISION"}
+        parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(shown.items())]
         return " ".join(parts + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
 
 
