@@ -4,13 +4,20 @@
   fastinpaint backends   show which backends are built and usable here
   fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
   fastinpaint inpaint    fill user images (any size) with a trained generator
+
+A mistake in the arguments or the files given is reported as one line on stderr, naming
+the argument and the fix, with exit status 2; --debug (or FASTINPAINT_DEBUG=1) shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from .errors import UserError
 
 
 def _cmd_backends(args) -> int:
@@ -39,18 +46,14 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train.config import ConfigError, load_config
+    from .train.config import load_config
 
     values = {"model": args.model, "data": args.data, "mask": args.mask, "steps": args.steps, "out": args.out,
               "resume": True if args.resume else None}
-    try:
-        config = load_config(args.config, overrides=args.set, **values)
-    except (ConfigError, OSError) as e:
-        print(f"fastinpaint train: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides=args.set, **values)
     from .train.trainer import train
 
-    result = train(config)
+    result = train(config, overwrite=args.overwrite)
     if "checkpoint" in result:  # rank 0
         print(_summary(result))
         print(f"checkpoint: {result['checkpoint']}")
@@ -79,60 +82,151 @@ def _summary(result: dict) -> str:
 def _cmd_inpaint(args) -> int:
     from .inpaint import inpaint_files
 
-    try:
-        written = inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
-                                ema=args.ema, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"fastinpaint inpaint: {exc}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(f"wrote {path}")
+    inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
+                  resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print)
     return 0
 
 
+MASK_RULE = """\
+Mask files (--mask): a hole is every pixel brighter than halfway between the mask's darkest
+and brightest values, brightness being the largest of a pixel's colour channels. So white,
+or any colour, on black marks the holes, whether the file is 0/255 or 0/1, gray, RGB or
+16-bit. A mask with transparency (RGBA, LA, a palette with a transparent colour) is read by
+its alpha channel instead: painted (alpha > 0) = hole, fully transparent = known. With
+--invert-mask the other pixels are the holes (black = hole, or transparent = hole). A mask
+that marks no hole, or marks every pixel as one, is an error; so is a mask of another size
+than its image, unless --resize-mask. The output keeps the input's mode: gray stays gray,
+an alpha channel is kept as it was."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (the usage is in --help), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # SUPPRESS in the subcommands, so `fastinpaint --debug train` is not reset by train's default
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an error (also FASTINPAINT_DEBUG=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastinpaint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastinpaint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("bench", help="time the kernels against eager and torch.compile(eager)")
     from .ops.gated_conv.bench import add_arguments as bench_arguments
 
     bench_arguments(b)
+    _common(b)
     b.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)")
-    p.add_argument("--checkpoint", required=True, help="a run folder, its weights.safetensors, or a checkpoint .pt")
+    p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)",
+                       description="Fill the holes of images with a trained generator; every known pixel is "
+                                   "kept exactly.", epilog=MASK_RULE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, or a "
+                        "checkpoints/ckpt_*.pt file")
     p.add_argument("--image", required=True, help="an image, or a folder of images")
-    p.add_argument("--mask", required=True, help="a mask (white = hole), or a folder of masks named like the images")
-    p.add_argument("--out", required=True, help="output file, or folder for a folder of images")
-    p.add_argument("--invert-mask", action="store_true", help="the mask files use white = known")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights of a run")
-    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--mask", required=True,
+                   help="a mask (white or any colour on black = hole; see below), or a folder of masks named "
+                        "like the images")
+    p.add_argument("--out", required=True,
+                   help="output file (.png, .jpg, .webp, .bmp, .tif), or folder (an existing one, or a path "
+                        "ending in /; always for a folder of images)")
+    p.add_argument("--invert-mask", action="store_true",
+                   help="the masks mark holes the other way: black = hole (or, with transparency, "
+                        "transparent = hole)")
+    p.add_argument("--resize-mask", action="store_true",
+                   help="stretch a mask of another size than its image to the image's size (nearest) instead "
+                        "of refusing it")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a run trained with --set ema=...")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    _common(p)
     p.set_defaults(func=_cmd_inpaint)
 
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")
+    _common(k)
     k.set_defaults(func=_cmd_backends)
 
     t = sub.add_parser("train", help="train an inpainting network",
-                       description="Train a model. Precedence: defaults < --config file < options < --set.")
+                       description="Train a model. Precedence: defaults < --config file < options < --set. "
+                                   "A --out folder that already holds a run is refused unless --resume or "
+                                   "--overwrite is given.")
     t.add_argument("--config", help="a TOML or YAML file of TrainConfig keys")
     t.add_argument("--model", help="model name (default tiny_gated)")
     t.add_argument("--data", help="'demo' or an image folder")
     t.add_argument("--mask", help="mask kind: center, block, region, free_form, file")
     t.add_argument("--steps", type=int, help="optimiser steps")
-    t.add_argument("--out", help="run directory")
+    t.add_argument("--out", help="run directory (default runs/fastinpaint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set lr=2e-4 --set loss_weights.adv=0.1")
-    t.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in --out")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its latest valid checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run in --out (config, checkpoints, log, metrics, samples, weights, "
+                            "TensorBoard files) and start over")
+    _common(t)
     t.set_defaults(func=_cmd_train)
     return parser
 
 
+def _option(parser: argparse.ArgumentParser, argument: str) -> str:
+    """``argument`` as the command line spells it: ``--name`` when the command has that option."""
+    flag = "--" + argument.replace("_", "-")
+    return flag if flag in parser._option_string_actions else argument
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command, parser)
+    return parser
+
+
+def _user_message(exc: BaseException, parser: argparse.ArgumentParser) -> str | None:
+    """The one line an error gets, or None for an error that is not the user's (a bug: its
+    traceback is kept). UserError names its argument; the other errors listed here are the
+    library's predictable ones, whose messages name the file or key at fault."""
+    from ._backend import BackendUnavailableError
+
+    if isinstance(exc, UserError):
+        return exc.describe(_option(parser, exc.argument) if exc.argument else None)
+    predictable = [BackendUnavailableError]
+    for module, name in (("fastinpaint.train.checkpoint", "CheckpointError"),
+                         ("fastinpaint.data.datasets", "UnreadableImageError"),
+                         ("fastinpaint.metrics", "MetricUnavailableError")):
+        if module in sys.modules:   # an error class of a module never imported cannot have been raised
+            predictable.append(getattr(sys.modules[module], name))
+    if isinstance(exc, tuple(predictable)):
+        return " ".join(str(exc).split())
+    return None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FASTINPAINT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        hint = " (continue the run with --resume)" if args.command == "train" else ""
+        print(f"fastinpaint {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = None if debug else _user_message(exc, _subparser(parser, args.command))
+        if message is None:
+            raise
+        print(f"fastinpaint {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

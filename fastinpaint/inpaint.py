@@ -1,9 +1,18 @@
 """Filling user images with a trained generator: ``fastinpaint inpaint``.
 
 Any image size: the image is padded (reflect) to the network's size multiple, filled, and
-cropped back; the result keeps every known pixel of the input *exactly* (compositing is
-done on the 8-bit values that are written). Mask files: white (> 127) = hole, unless
-``invert``.
+cropped back. The result keeps every known pixel of the input *exactly*, in the input's own
+mode: compositing is done on the values that are written, gray stays gray (8 or 16 bit), and
+an alpha channel is kept as it was (the network sees the colour channels).
+
+Mask files are read by one rule, :func:`fastinpaint.data.masks.hole_from_image`: a hole is
+every pixel brighter than half the mask's brightest value (white or any colour on black, 0/1
+or 0/255), or, in a mask with transparency, every painted (not fully transparent) pixel;
+``invert`` swaps holes and known pixels. A mask with no hole or no known pixel, or of another
+size than its image (unless ``resize_mask``), is refused.
+
+Every mistake in the arguments raises a :class:`fastinpaint.errors.UserError` naming the
+argument (``checkpoint``, ``image``, ``mask``, ``out``, ``ema``, ``device``) and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +25,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from .errors import InputNotFoundError, InvalidInputError, UnreadableInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# output extension -> (PIL format, the modes it writes back unchanged, save options)
+OUTPUT_FORMATS = {
+    ".png": ("PNG", ("L", "LA", "RGB", "RGBA", "I;16"), {}),
+    ".tif": ("TIFF", ("L", "LA", "RGB", "RGBA", "I;16"), {}),
+    ".tiff": ("TIFF", ("L", "LA", "RGB", "RGBA", "I;16"), {}),
+    ".webp": ("WEBP", ("RGB", "RGBA"), {"lossless": True}),
+    ".jpg": ("JPEG", ("L", "RGB"), {"quality": 95}),
+    ".jpeg": ("JPEG", ("L", "RGB"), {"quality": 95}),
+    ".bmp": ("BMP", ("L", "RGB"), {}),
+}
+_MODE_WORDS = {"L": "gray", "LA": "gray + alpha", "RGB": "RGB", "RGBA": "RGB + alpha", "I;16": "16-bit gray"}
+_CHECKPOINT_FIX = ("give a run folder (the --out of fastinpaint train), its weights.safetensors, or one of its "
+                   "checkpoints/ckpt_*.pt files")
+_MASK_RULE = ("holes are the pixels brighter than half the mask's brightest (white or any colour on black), "
+              "or, in a mask with transparency, the painted ones")
 
 
 def _strip_prefixes(state: dict) -> dict:
@@ -29,53 +55,224 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- the generator
+
+def _no_ema(where: Path, run_config: dict | None = None) -> InvalidInputError:
+    trained = "" if run_config is None else f" (ema = {run_config.get('ema', 0)})"
+    run = f"the run in {where}" if where.is_dir() else f"the run of {where}"
+    return InvalidInputError(f"{run} was trained without EMA{trained}, so it has no EMA weights",
+                             argument="ema", fix="leave out --ema, or train with --set ema=0.999 to keep an EMA "
+                                                 "of the generator")
+
+
+def _weights_of_run(run: Path, ema: bool) -> Path:
+    """The weights file of the run folder ``run``, or the error saying why there is none."""
+    from .train.checkpoint import list_checkpoints
+
+    name = "weights_ema.safetensors" if ema else "weights.safetensors"
+    if (run / name).is_file():
+        return run / name
+    run_config = None
+    if (run / "config.json").is_file():
+        try:
+            run_config = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            run_config = None
+    if ema and (run / "weights.safetensors").is_file():
+        if run_config is None or not run_config.get("ema"):
+            raise _no_ema(run, run_config)
+        raise InputNotFoundError(f"{run} has no weights_ema.safetensors although it was trained with "
+                                 f"ema = {run_config['ema']}", argument="checkpoint",
+                                 fix="give the run's latest checkpoints/ckpt_*.pt with --ema instead")
+    checkpoints = list_checkpoints(run / "checkpoints")
+    if checkpoints:
+        raise InputNotFoundError(f"the run in {run} has not finished: it has no {name} yet", argument="checkpoint",
+                                 fix=f"give its latest checkpoint {checkpoints[-1]}, or finish the run "
+                                     "(fastinpaint train with the same options and --resume)")
+    raise InputNotFoundError(f"{run} holds no fastinpaint run (no {name})", argument="checkpoint",
+                             fix=_CHECKPOINT_FIX)
+
+
 def load_generator(path, ema: bool = False, device="cpu"):
     """(recipe, generator in eval mode) from a run folder, a ``.safetensors`` weights file
-    (its metadata holds the config) or a training checkpoint."""
+    (its metadata holds the config) or a training checkpoint. ``ema``: the EMA of the
+    generator (a run folder's weights_ema.safetensors, a checkpoint's EMA state); a run
+    trained without EMA is refused, never silently replaced by the plain weights."""
     from .models import build_model
-    from .train.checkpoint import load_checkpoint, load_weights, weights_metadata
+    from .train.checkpoint import CheckpointError, load_checkpoint, load_weights, weights_metadata
 
     path = Path(path)
     if path.is_dir():
-        name = "weights_ema.safetensors" if ema else "weights.safetensors"
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint: {path} has no {name} (is it a fastinpaint run folder?)")
-        path = path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: {path} does not exist")
-    if path.suffix == ".safetensors":
-        meta = weights_metadata(path)
-        if "config" not in meta:
-            raise ValueError(f"checkpoint: {path} carries no training config in its metadata")
-        config = json.loads(meta["config"])
-        state = load_weights(path)
-    else:
-        ckpt = load_checkpoint(path)
-        config = ckpt["config"]
-        state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["generator"]
+        path = _weights_of_run(path, ema)
+    elif not path.exists():
+        raise InputNotFoundError(f"{path} does not exist", argument="checkpoint", fix=_CHECKPOINT_FIX)
+    elif not path.is_file():
+        raise InvalidInputError(f"{path} is not a file or a folder", argument="checkpoint", fix=_CHECKPOINT_FIX)
+    try:
+        if path.suffix == ".safetensors":
+            meta = weights_metadata(path)
+            if "config" not in meta:
+                raise UnreadableInputError(f"{path} carries no training config in its metadata (it was not "
+                                           "written by fastinpaint train)", argument="checkpoint",
+                                           fix=_CHECKPOINT_FIX)
+            config = json.loads(meta["config"])
+            if ema and meta.get("weights") != "ema" and path.name != "weights_ema.safetensors":
+                sibling = path.with_name("weights_ema.safetensors")
+                if sibling.is_file():
+                    raise InvalidInputError(f"{path} holds the generator's plain weights, not its EMA",
+                                            argument="ema", fix=f"give {sibling} (or the run folder) with --ema")
+                raise _no_ema(path, config)
+            state = load_weights(path)
+        else:
+            ckpt = load_checkpoint(path)
+            config = ckpt["config"]
+            if ema and ckpt.get("ema") is None:
+                raise _no_ema(path, config)
+            state = ckpt["ema"] if ema else ckpt["generator"]
+    except CheckpointError as e:
+        what = "an image, not a checkpoint" if path.suffix.lower() in IMAGE_EXTENSIONS else \
+            f"not a fastinpaint checkpoint or weights file ({e.reason})"
+        raise UnreadableInputError(f"{path} is {what}", argument="checkpoint", fix=_CHECKPOINT_FIX) from e
     recipe = build_model(config["model"], loss_weights=config.get("loss_weights"), **config.get("model_options", {}))
     generator = recipe.generator
     generator.load_state_dict(_strip_prefixes(state))
     return recipe, generator.to(device).eval()
 
 
-def read_image(path) -> np.ndarray:
-    from PIL import Image
+# ----------------------------------------------------------------------------- files
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+def _open(path, argument: str):
+    """The decoded PIL image of ``path``, turned upright by its EXIF orientation."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file",
+                                 argument=argument, fix=f"give an existing {argument} file")
+    try:
+        with Image.open(path) as im:
+            im.load()   # decodes now: a truncated file fails here
+            return ImageOps.exif_transpose(im)
+    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UnreadableInputError(f"cannot read {path} as an image ({reason})", argument=argument,
+                                   fix="give a PNG, JPEG, WebP, BMP or TIFF file (a complete one)") from e
 
 
-def read_mask(path, size_hw, invert: bool = False) -> np.ndarray:
-    """(H, W) bool hole mask, resized (nearest) to ``size_hw`` if needed."""
-    from PIL import Image
+class Photo:
+    """An image's pixels in its own mode (``mode``: L, LA, RGB, RGBA or I;16; palette and
+    other modes are read as RGB or RGBA), and :attr:`rgb`, the (H, W, 3) uint8 the network sees."""
 
-    with Image.open(path) as im:
+    def __init__(self, pixels: np.ndarray, mode: str):
+        self.pixels, self.mode = pixels, mode
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        return self.pixels.shape[:2]
+
+    @property
+    def rgb(self) -> np.ndarray:
+        if self.mode == "I;16":
+            gray = ((self.pixels.astype(np.float64) / 257.0).round()).astype(np.uint8)
+        elif self.mode in ("L", "LA"):
+            gray = self.pixels if self.mode == "L" else self.pixels[..., 0]
+        else:
+            return np.ascontiguousarray(self.pixels[..., :3])
+        return np.repeat(gray[..., None], 3, axis=2)
+
+    def with_fill(self, filled_rgb: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        """The pixels with those of ``hole`` taken from ``filled_rgb`` (converted to this mode:
+        ITU-R 601 luma for gray, as PIL's conversion); the rest, and any alpha, unchanged."""
+        out = self.pixels.copy()
+        if self.mode in ("L", "LA", "I;16"):
+            rgb = filled_rgb.astype(np.float64)
+            luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+            if self.mode == "I;16":
+                value = np.clip(np.round(luma * 257.0), 0, 65535).astype(np.uint16)
+            else:
+                value = np.clip(np.round(luma), 0, 255).astype(np.uint8)
+            if out.ndim == 2:
+                out[hole] = value[hole]
+            else:
+                out[..., 0][hole] = value[hole]
+        else:
+            out[..., :3][hole] = filled_rgb[hole]
+        return out
+
+
+def read_photo(path) -> Photo:
+    """An image file as a :class:`Photo` (UserError naming ``image`` if it cannot be read)."""
+    im = _open(path, "image")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return Photo(np.clip(np.asarray(im), 0, 65535).astype(np.uint16), "I;16")
+    transparent = "transparency" in im.info
+    if im.mode == "1":
         im = im.convert("L")
-        if im.size != (size_hw[1], size_hw[0]):
-            im = im.resize((size_hw[1], size_hw[0]), Image.NEAREST)
-        hole = np.asarray(im) > 127
-    return ~hole if invert else hole
+    if im.mode in ("P", "PA", "RGBa"):
+        im = im.convert("RGBA" if transparent or im.mode != "P" else "RGB")
+    elif im.mode == "La" or (im.mode == "L" and transparent):
+        im = im.convert("LA")
+    elif im.mode == "RGB" and transparent:
+        im = im.convert("RGBA")
+    elif im.mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGB")   # CMYK, YCbCr, float, ...
+    return Photo(np.asarray(im, dtype=np.uint8).copy(), im.mode)
+
+
+def read_image(path) -> np.ndarray:
+    """(H, W, 3) uint8: the image as the network sees it."""
+    return read_photo(path).rgb
+
+
+def read_mask(path, size_hw, invert: bool = False, resize: bool = False, image_name: str = "the image") -> np.ndarray:
+    """(H, W) bool hole mask of the mask file ``path`` for an image of ``size_hw``.
+
+    The rule of :func:`fastinpaint.data.masks.hole_from_image`; ``invert`` swaps holes and known
+    pixels. A mask of another size is an error unless ``resize`` (nearest-neighbour stretch).
+    A mask that marks no hole, or no known pixel, is an error."""
+    from PIL import Image
+
+    from .data.masks import hole_from_image
+
+    im = _open(path, "mask")
+    hole, read_by = hole_from_image(im)
+    if invert:
+        hole = ~hole
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if hole.shape != (h, w):
+        if not resize:
+            raise InvalidInputError(f"{path} is {hole.shape[1]}x{hole.shape[0]} but {image_name} is {w}x{h}",
+                                    argument="mask", fix="give a mask of the image's size, or add --resize-mask to "
+                                                         "stretch it to the image (nearest neighbour)")
+        hole = np.asarray(Image.fromarray(hole.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+    n = int(hole.sum())
+    if n == 0 or n == hole.size:
+        desc = _uniform(im, read_by)
+        flag = " with --invert-mask" if invert else ""
+        if n == 0:
+            raise InvalidInputError(
+                f"{path} marks no hole{flag} ({desc})", argument="mask",
+                fix="leave out --invert-mask" if invert else f"{_MASK_RULE}; if your mask marks holes the other way "
+                                                             "(black or transparent), add --invert-mask")
+        raise InvalidInputError(
+            f"{path} marks every pixel as a hole{flag} ({desc}), so nothing of the image would be kept",
+            argument="mask", fix="leave out --invert-mask" if invert else
+            "if black or transparent marks the holes in your mask, add --invert-mask")
+    return hole
+
+
+def _uniform(im, read_by: str) -> str:
+    if read_by == "alpha":
+        return "read by its alpha channel, since it has transparency"
+    extrema = im.getextrema()
+    if isinstance(extrema[0], tuple):   # one (min, max) per band
+        extrema = extrema[:3] if len(extrema) >= 3 else extrema[:1]
+        lo, hi = min(e[0] for e in extrema), max(e[1] for e in extrema)
+    else:
+        lo, hi = extrema
+    if lo == hi:
+        return "it is black everywhere" if hi == 0 else f"every pixel has the value {hi}"
+    return f"its values range from {lo} to {hi}"
 
 
 @torch.no_grad()
@@ -102,44 +299,120 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
     return np.where(hole[..., None], filled, image)
 
 
+def _output_format(path: Path):
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        what = "has no image file extension" if not suffix else f"has the extension {suffix!r}, not an image one"
+        raise InvalidInputError(f"{path} {what}", argument="out",
+                                fix=f"end it in {', '.join(OUTPUT_FORMATS)}, or give a folder (an existing one, "
+                                    "or a path ending in /)")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def _pairs(image, mask, out):
     """(image path, mask path, output path) for a file or a folder of images."""
+    out_text = str(out)
     image, mask, out = Path(image), Path(mask), Path(out)
+    out_is_folder = out.is_dir() or out_text.endswith(("/", os.sep))
     if image.is_dir():
+        if out.exists() and not out.is_dir():
+            raise InvalidInputError(f"{out} is a file, but --image {image} is a folder", argument="out",
+                                    fix="give a folder for the outputs of a folder of images")
+        if not mask.exists():
+            raise InputNotFoundError(f"{mask} does not exist", argument="mask",
+                                     fix="give a mask file, or a folder of masks named like the images")
         files = sorted(p for p in image.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise FileNotFoundError(f"image: no images in {image}")
+            raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image}", argument="image",
+                                     fix="give an image file, or a folder that holds images")
         pairs = []
         for f in files:
             rel = f.relative_to(image)
             if mask.is_dir():
-                candidates = [mask / rel.with_suffix(e) for e in (f.suffix, ".png")]
+                candidates = [mask / rel.with_suffix(e) for e in dict.fromkeys((f.suffix, ".png"))]
                 m = next((c for c in candidates if c.is_file()), None)
                 if m is None:
-                    raise FileNotFoundError(f"mask: no mask for {rel} in {mask}")
+                    raise InputNotFoundError(f"no mask for {rel} in {mask}", argument="mask",
+                                             fix=f"name each mask like its image ({candidates[-1]})")
             else:
                 m = mask
             pairs.append((f, m, out / rel.with_suffix(".png")))
-        return pairs
-    if not image.is_file():
-        raise FileNotFoundError(f"image: {image} does not exist")
-    if not mask.is_file():
-        raise FileNotFoundError(f"mask: {mask} is not a file (a folder of masks goes with a folder of images)")
-    target = out / (image.stem + ".png") if out.is_dir() else out
-    return [(image, mask, target)]
+    else:
+        if not image.exists():
+            raise InputNotFoundError(f"{image} does not exist", argument="image",
+                                     fix="give an existing image file, or a folder of images")
+        if not mask.exists():
+            raise InputNotFoundError(f"{mask} does not exist", argument="mask", fix="give an existing mask file")
+        if mask.is_dir():
+            raise InvalidInputError(f"{mask} is a folder", argument="mask",
+                                    fix="give a mask file (a folder of masks goes with a folder of images)")
+        target = out / (image.stem + ".png") if out_is_folder else out
+        _output_format(target)
+        pairs = [(image, mask, target)]
+    for src, _, target in pairs:
+        if _same_file(src, target):
+            raise InvalidInputError(f"{target} would overwrite the input image {src}", argument="out",
+                                    fix="give another file or folder")
+    return pairs
 
 
-def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: bool = False,
-                  device=None) -> list[Path]:
+def _check_writable(path: Path, mode: str, source: Path) -> None:
+    """Refuse an output format that would change the input's mode (gray, alpha, 16 bit)."""
+    if mode not in _output_format(path)[1]:
+        raise InvalidInputError(f"a {path.suffix} file cannot hold the {_MODE_WORDS[mode]} pixels of {source}",
+                                argument="out", fix="write a .png (or .tif), which keeps them")
+
+
+def _save(path: Path, pixels: np.ndarray, mode: str) -> None:
+    """Write ``pixels`` (``mode``) to ``path`` atomically."""
     from PIL import Image
 
+    fmt, _, options = _output_format(path)
+    if mode == "LA":
+        im = Image.merge("LA", [Image.fromarray(np.ascontiguousarray(pixels[..., i])) for i in range(2)])
+    else:
+        im = Image.fromarray(np.ascontiguousarray(pixels))
+    os.makedirs(path.parent, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        im.save(tmp, format=fmt, **options)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: bool = False, device=None,
+                  resize_mask: bool = False, report=None) -> list[Path]:
+    """Fill ``image`` (a file, or a folder of images) by ``mask`` (a file, or a folder of masks
+    named like the images) and write ``out`` (a file, or a folder: every output is a .png).
+    ``report(line)`` (optional) gets one line per file written, with its hole's share of the
+    image, and a note where a mask marks most of its image as hole."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
+                                fix="use --device cpu, or leave --device out")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pairs = _pairs(image, mask, out)
     recipe, generator = load_generator(checkpoint, ema=ema, device=device)
     written = []
-    for img_path, mask_path, out_path in _pairs(image, mask, out):
-        arr = read_image(img_path)
-        result = inpaint_array(recipe, generator, arr, read_mask(mask_path, arr.shape[:2], invert_mask), device)
-        os.makedirs(out_path.parent, exist_ok=True)
-        Image.fromarray(result).save(out_path)
+    for img_path, mask_path, out_path in pairs:
+        photo = read_photo(img_path)
+        _check_writable(out_path, photo.mode, img_path)
+        hole = read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
+        filled = inpaint_array(recipe, generator, photo.rgb, hole, device)
+        _save(out_path, photo.with_fill(filled, hole), photo.mode)
         written.append(out_path)
+        if report is not None:
+            share = hole.mean()
+            report(f"wrote {out_path} (hole: {100 * share:.1f}% of the image)")
+            if share > 0.5:
+                report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
+                       "marks the holes in your masks, add --invert-mask")
     return written

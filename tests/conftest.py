@@ -152,3 +152,21 @@ def _no_tf32():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def train_tiny_run(out, *extra):
+    """A 3-step run of the default model at 32x32 on the demo photos, through the CLI."""
+    from fastinpaint import cli
+
+    code = cli.main(["train", "--data", "demo", "--mask", "free_form", "--steps", "3", "--out", str(out),
+                     "--set", "size=32", "--set", "batch_size=2", "--set", "val_every=100",
+                     "--set", "checkpoint_every=3", "--set", "samples_per_epoch=8", "--set", "val_batches=1",
+                     *extra])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run folder trained without EMA (shared by the CLI and inpainting tests)."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny_run"))

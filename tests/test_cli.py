@@ -65,3 +65,161 @@ def test_backends_command_describes_every_op(capsys):
     assert "scaled_dot_product_attention" in report["ops"]["pixel_attention"]["cuda"]["runs"]
     assert "csrc/cuda/gated_conv.cu" in report["ops"]["gated_conv2d"]["cuda"]["runs"]
     assert "cuda" not in report["ops"]["attention_transfer_loss"]
+
+
+# ----------------------------------------------------------------------------- errors: one line, exit 2
+
+def _one_line_error(capsys, command, flag):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(f"fastinpaint {command}: {flag}"), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A photo, a mask for it, a truncated image and a text file named .png."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    photo = data.astronaut()[:48, :48]
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    hole = np.zeros((48, 48), np.uint8)
+    hole[10:30, 10:30] = 255
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    Image.fromarray(hole[:24, :24]).save(tmp_path / "small_mask.png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((48, 48), 255, np.uint8)).save(tmp_path / "white.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "photo.png").read_bytes()[:500])
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+INPAINT_ERRORS = [
+    # (what the user got wrong: argv pieces, the option named, words the line must hold)
+    ({"image": "truncated.png"}, "--image", ["truncated.png", "cannot read"]),
+    ({"image": "notes.png"}, "--image", ["notes.png", "cannot read"]),
+    ({"mask": "truncated.png"}, "--mask", ["truncated.png", "cannot read"]),
+    ({"mask": "notes.png"}, "--mask", ["notes.png", "cannot read"]),
+    ({"image": "missing.png"}, "--image", ["missing.png", "does not exist"]),
+    ({"checkpoint": "photo.png"}, "--checkpoint", ["photo.png", "not a checkpoint", "run folder"]),
+    ({"checkpoint": "notes.png"}, "--checkpoint", ["not a checkpoint"]),
+    ({"checkpoint": "empty"}, "--checkpoint", ["holds no fastinpaint run"]),
+    ({"out": "noext"}, "--out", ["no image file extension", ".png"]),
+    ({"out": "result.txt"}, "--out", ["'.txt'", ".png"]),
+    ({"mask": "small_mask.png"}, "--mask", ["24x24", "48x48", "--resize-mask"]),
+    ({"mask": "black.png"}, "--mask", ["no hole", "--invert-mask"]),
+    ({"mask": "white.png"}, "--mask", ["every pixel", "--invert-mask"]),
+    ({"extra": ["--ema"]}, "--ema", ["without EMA", "no EMA weights", "leave out --ema"]),
+]
+
+
+@pytest.mark.parametrize("wrong,flag,words", INPAINT_ERRORS, ids=[f"{f}-{list(w.values())[0]}"
+                                                                  for w, f, _ in INPAINT_ERRORS])
+def test_inpaint_mistakes_are_one_line_naming_the_option(tiny_run, files, capsys, wrong, flag, words):
+    args = {"checkpoint": str(tiny_run), "image": "photo.png", "mask": "mask.png", "out": "filled.png"}
+    args.update({k: v for k, v in wrong.items() if k != "extra"})
+    argv = ["inpaint"]
+    for key, value in args.items():
+        argv += [f"--{key}", value if key == "checkpoint" and value == str(tiny_run) else str(files / value)]
+    capsys.readouterr()
+    assert cli.main(argv + wrong.get("extra", [])) == 2
+    err = _one_line_error(capsys, "inpaint", f"{flag}: ")
+    for word in words:
+        assert word in err, (word, err)
+    assert "unknown file extension" not in err and "is it a fastinpaint run folder" not in err
+    assert not (files / "filled.png").exists()
+
+
+TRAIN_ERRORS = [
+    (["--data", "/nonexistent"], "--data", ["/nonexistent", "does not exist", "demo"]),
+    (["--data", "{empty}"], "--data", ["no image files", "demo"]),
+    (["--data", "{photo}"], "--data", ["not a directory"]),
+    (["--model", "nosuch"], "--model", ["unknown model 'nosuch'", "tiny_gated"]),
+    (["--mask", "nosuch"], "--mask", ["unknown mask kind 'nosuch'", "free_form"]),
+    (["--mask", "file"], "--mask", ["mask_options.paths"]),
+    (["--set", "batch_size=0"], "batch_size", ["must be an int >= 1"]),
+    (["--set", "nosuch=1"], "unknown config key", ["valid keys"]),
+    (["--config", "{missing}"], "config file", ["does not exist"]),
+]
+
+
+@pytest.mark.parametrize("wrong,flag,words", TRAIN_ERRORS, ids=[" ".join(w) for w, _, _ in TRAIN_ERRORS])
+def test_train_mistakes_are_one_line_and_write_nothing(files, capsys, wrong, flag, words):
+    names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml"}
+    argv = ["train", "--steps", "1", "--out", str(files / "run"), "--set", "size=32",
+            *[w.format(**names) for w in wrong]]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, "train", flag)
+    for word in words:
+        assert word in err, (word, err)
+    assert not (files / "run").exists()      # nothing written: the corrected command is not refused
+
+
+def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "my_notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    base = ["train", "--data", "demo", "--out", str(run), "--set", "size=32", "--set", "batch_size=2",
+            "--set", "samples_per_epoch=8", "--set", "val_batches=1", "--set", "val_every=100"]
+    capsys.readouterr()
+    assert cli.main(base + ["--steps", "5"]) == 2
+    err = _one_line_error(capsys, "train", "--out: ")
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before   # untouched
+    # --overwrite: the old run's files are gone (its checkpoint of step 3, its log lines), others kept
+    assert cli.main(base + ["--steps", "2", "--overwrite", "--set", "checkpoint_every=1"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_000000001.pt", "ckpt_000000002.pt"]
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if x["kind"] == "train"] == [2]
+    assert (run / "my_notes.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    # --resume continues it
+    assert cli.main(base + ["--steps", "3", "--resume", "--set", "checkpoint_every=1"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(base + ["--resume", "--overwrite"])
+    assert info.value.code == 2
+    _one_line_error(capsys, "train", "argument --overwrite")
+
+
+def test_debug_shows_the_traceback(files, monkeypatch):
+    from fastinpaint.errors import UserError
+
+    argv = ["train", "--model", "nosuch", "--out", str(files / "run")]
+    with pytest.raises(UserError, match="unknown model"):
+        cli.main(argv + ["--debug"])
+    with pytest.raises(UserError, match="unknown model"):
+        cli.main(["--debug"] + argv)
+    monkeypatch.setenv("FASTINPAINT_DEBUG", "1")
+    with pytest.raises(UserError, match="unknown model"):
+        cli.main(argv)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the user's mistakes are turned into one line; an error of ours is not hidden."""
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_backends", broken)
+    with pytest.raises(KeyError):
+        cli.main(["backends"])
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(files):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fastinpaint.cli", "inpaint", "--checkpoint", str(files / "photo.png"),
+                           "--image", str(files / "photo.png"), "--mask", str(files / "mask.png"),
+                           "--out", str(files / "o.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fastinpaint inpaint: --checkpoint: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stdout == ""

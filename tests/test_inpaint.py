@@ -1,22 +1,45 @@
-"""fastinpaint inpaint: any size, folders, known pixels kept exactly."""
+"""fastinpaint inpaint: any size, folders, known pixels kept exactly, every common mask form
+read by the one rule, the input's mode kept, and the mistakes refused with one line."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import train_tiny_run
 from fastinpaint import cli
-from fastinpaint.inpaint import inpaint_array, load_generator
+from fastinpaint.errors import InvalidInputError, UserError
+from fastinpaint.inpaint import inpaint_array, load_generator, read_mask
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    code = cli.main(["train", "--data", "demo", "--mask", "free_form", "--steps", "3", "--out", str(out),
-                     "--set", "size=32", "--set", "batch_size=2", "--set", "val_every=100",
-                     "--set", "checkpoint_every=3", "--set", "samples_per_epoch=8"])
-    assert code == 0
-    return out
+def run_dir(tiny_run):
+    return tiny_run
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("ema_run"), "--set", "ema=0.5")
+
+
+def _photo(h=64, w=64):
+    """A crop of scikit-image's astronaut photo, (h, w, 3) uint8."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[100:100 + h, 180:180 + w])
+
+
+def _gray_photo(h=64, w=48):
+    from skimage import data
+
+    return np.ascontiguousarray(data.camera()[200:200 + h, 220:220 + w])
+
+
+def _hole(h, w):
+    hole = np.zeros((h, w), bool)
+    hole[h // 4: h // 2, w // 5: 3 * w // 5] = True
+    hole[3 * h // 4, :] = True   # a one-pixel stroke
+    return hole
 
 
 def _write(tmp_path, name, h, w, seed, mask_fraction=0.3):
@@ -28,12 +51,16 @@ def _write(tmp_path, name, h, w, seed, mask_fraction=0.3):
     return img, hole
 
 
+def _inpaint(run_dir, image, mask, out, *extra):
+    return cli.main(["inpaint", "--checkpoint", str(run_dir), "--image", str(image), "--mask", str(mask),
+                     "--out", str(out), *extra])
+
+
 @pytest.mark.parametrize("h,w", [(32, 32), (33, 47), (7, 5), (64, 17)])
 def test_known_pixels_exact_and_odd_sizes(run_dir, tmp_path, h, w):
     img, hole = _write(tmp_path, "a", h, w, seed=h * w)
     out = tmp_path / "out.png"
-    assert cli.main(["inpaint", "--checkpoint", str(run_dir), "--image", str(tmp_path / "a.png"),
-                     "--mask", str(tmp_path / "a_mask.png"), "--out", str(out)]) == 0
+    assert _inpaint(run_dir, tmp_path / "a.png", tmp_path / "a_mask.png", out) == 0
     result = np.asarray(Image.open(out))
     assert result.shape == img.shape
     assert np.array_equal(result[~hole], img[~hole])        # known pixels untouched
@@ -73,9 +100,185 @@ def test_inverted_masks_and_errors(run_dir, tmp_path):
     with pytest.raises(ValueError, match="mask must be"):
         inpaint_array(recipe, gen, img, np.zeros((5, 5), bool))
     _write(tmp_path, "b", 16, 16, seed=3)
-    assert cli.main(["inpaint", "--checkpoint", str(tmp_path / "nope"), "--image", str(tmp_path / "b.png"),
-                     "--mask", str(tmp_path / "b_mask.png"), "--out", str(tmp_path / "o.png")]) == 2
-    assert cli.main(["inpaint", "--checkpoint", str(run_dir), "--image", str(tmp_path / "missing.png"),
-                     "--mask", str(tmp_path / "b_mask.png"), "--out", str(tmp_path / "o.png")]) == 2
-    assert cli.main(["inpaint", "--checkpoint", str(run_dir), "--image", str(tmp_path / "b.png"),
-                     "--mask", str(tmp_path / "b_mask.png"), "--out", str(tmp_path / "o.png"), "--invert-mask"]) == 0
+    assert _inpaint(tmp_path / "nope", tmp_path / "b.png", tmp_path / "b_mask.png", tmp_path / "o.png") == 2
+    assert _inpaint(run_dir, tmp_path / "missing.png", tmp_path / "b_mask.png", tmp_path / "o.png") == 2
+    assert _inpaint(run_dir, tmp_path / "b.png", tmp_path / "b_mask.png", tmp_path / "o.png", "--invert-mask") == 0
+
+
+# ----------------------------------------------------------------------------- the mask rule
+
+def _mask_forms(hole):
+    """Every common way of saving the hole map ``hole`` (True = hole), by name."""
+    h, w = hole.shape
+    u8 = hole.astype(np.uint8)
+    red = np.zeros((h, w, 3), np.uint8)
+    red[hole] = (255, 0, 0)
+    green = np.zeros((h, w, 3), np.uint8)
+    green[hole] = (0, 90, 0)                                  # a dark colour
+    strokes = np.zeros((h, w, 4), np.uint8)
+    strokes[hole] = (0, 0, 0, 255)                            # black paint on a transparent layer
+    opaque = np.dstack([u8 * 255] * 3 + [np.full((h, w), 255, np.uint8)])   # RGBA, no transparency
+    palette = Image.fromarray(u8 * 255).convert("P")
+    return {
+        "gray 0/255": Image.fromarray(u8 * 255),
+        "gray 0/1": Image.fromarray(u8),
+        "bool": Image.fromarray(hole),
+        "red on black": Image.fromarray(red),
+        "dark green on black": Image.fromarray(green),
+        "alpha strokes": Image.fromarray(strokes),
+        "opaque RGBA": Image.fromarray(opaque),
+        "16-bit": Image.fromarray(u8.astype(np.uint16) * 65535),
+        "palette": palette,
+    }
+
+
+@pytest.mark.parametrize("form", list(_mask_forms(np.zeros((2, 2), bool))))
+def test_every_mask_form_reads_the_same_hole(tmp_path, form):
+    hole = _hole(40, 30)
+    path = tmp_path / "m.png"
+    _mask_forms(hole)[form].save(path)
+    assert np.array_equal(read_mask(path, hole.shape), hole), form
+    assert np.array_equal(read_mask(path, hole.shape, invert=True), ~hole), form
+
+
+def test_jpeg_mask_and_the_inverse_conventions(tmp_path):
+    hole = _hole(48, 48)
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "m.jpg", quality=85)
+    read = read_mask(tmp_path / "m.jpg", hole.shape)
+    assert (read != hole).mean() < 0.02          # only compression noise at the edges
+    # black = hole on white; transparent = hole (an erased photo): --invert-mask
+    Image.fromarray((~hole).astype(np.uint8) * 255).save(tmp_path / "black_holes.png")
+    assert np.array_equal(read_mask(tmp_path / "black_holes.png", hole.shape, invert=True), hole)
+    erased = np.dstack([_photo(48, 48), np.where(hole, 0, 255).astype(np.uint8)])
+    Image.fromarray(erased).save(tmp_path / "erased.png")
+    assert np.array_equal(read_mask(tmp_path / "erased.png", hole.shape, invert=True), hole)
+
+
+@pytest.mark.parametrize("form", ["gray 0/1", "red on black", "alpha strokes"])
+def test_cli_fills_exactly_the_hole_of_each_form(run_dir, tmp_path, capsys, form):
+    img = _photo()
+    hole = _hole(*img.shape[:2])
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    _mask_forms(hole)[form].save(tmp_path / "mask.png")
+    assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "mask.png", tmp_path / "out.png") == 0
+    result = np.asarray(Image.open(tmp_path / "out.png"))
+    changed = (result != img).any(-1)
+    assert np.array_equal(result[~hole], img[~hole])
+    assert changed.sum() > 0.5 * hole.sum()      # the hole was filled (not silently left as it was)
+    assert f"hole: {100 * hole.mean():.1f}% of the image" in capsys.readouterr().out
+
+
+def test_mask_with_no_hole_or_all_hole_is_refused(run_dir, tmp_path, capsys):
+    Image.fromarray(_photo()).save(tmp_path / "photo.png")
+    for name, value in (("black", 0), ("white", 255), ("ones", 1)):
+        Image.fromarray(np.full((64, 64), value, np.uint8)).save(tmp_path / f"{name}.png")
+    clear = np.zeros((64, 64, 4), np.uint8)
+    Image.fromarray(clear).save(tmp_path / "clear.png")
+    cases = [("black.png", [], "marks no hole"), ("clear.png", [], "marks no hole"),
+             ("white.png", [], "marks every pixel as a hole"), ("ones.png", [], "marks every pixel as a hole"),
+             ("white.png", ["--invert-mask"], "marks no hole with --invert-mask"),
+             ("black.png", ["--invert-mask"], "marks every pixel as a hole with --invert-mask")]
+    for mask, extra, says in cases:
+        capsys.readouterr()
+        assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / mask, tmp_path / "o.png", *extra) == 2, mask
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fastinpaint inpaint: --mask: ") and says in err and "--invert-mask" in err, err
+        assert "\n" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_mask_of_another_size_needs_resize_mask(run_dir, tmp_path, capsys):
+    img = _photo(64, 64)
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    for size in ((32, 32), (40, 64)):                  # smaller; another aspect ratio
+        small = _hole(*size)
+        Image.fromarray(small.astype(np.uint8) * 255).save(tmp_path / "m.png")
+        capsys.readouterr()
+        assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "m.png", tmp_path / "o.png") == 2
+        err = capsys.readouterr().err
+        assert f"is {size[1]}x{size[0]} but" in err and "64x64" in err and "--resize-mask" in err, err
+        assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "m.png", tmp_path / "o.png", "--resize-mask") == 0
+        expect = np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 0
+        result = np.asarray(Image.open(tmp_path / "o.png"))
+        assert np.array_equal(result[~expect], img[~expect])
+        assert (result != img).any(-1).sum() > 0.5 * expect.sum()
+
+
+# ----------------------------------------------------------------------------- the input's mode kept
+
+def test_output_keeps_the_input_mode(run_dir, tmp_path):
+    gray = _gray_photo()
+    rgb = _photo(48, 40)
+    alpha = np.linspace(0, 255, 48 * 40).reshape(48, 40).astype(np.uint8)
+    inputs = {
+        "gray.png": (Image.fromarray(gray), "L"),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, alpha])), "RGBA"),
+        "la.png": (Image.merge("LA", [Image.fromarray(gray[:48, :40]), Image.fromarray(alpha)]), "LA"),
+        "gray16.png": (Image.fromarray(gray.astype(np.uint16) * 257 + 3), "I;16"),
+        "palette.png": (Image.fromarray(rgb).convert("P"), "RGB"),
+        "gray.jpg": (Image.fromarray(gray), "L"),
+    }
+    for name, (im, mode) in inputs.items():
+        im.save(tmp_path / name)
+        src = np.asarray(Image.open(tmp_path / name).convert(mode) if mode == "RGB" else Image.open(tmp_path / name))
+        hole = _hole(*src.shape[:2])
+        Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "m.png")
+        out = tmp_path / f"out_{name}.png"
+        assert _inpaint(run_dir, tmp_path / name, tmp_path / "m.png", out) == 0, name
+        result = Image.open(out)
+        assert result.mode == mode, (name, result.mode)
+        res = np.asarray(result)
+        assert res.shape == src.shape and np.array_equal(res[~hole], src[~hole]), name
+        if mode in ("RGBA", "LA"):
+            assert np.array_equal(res[..., -1], src[..., -1]), name     # alpha kept, in the hole too
+            assert (res[..., 0] != src[..., 0])[hole].sum() > 0.5 * hole.sum(), name
+        else:
+            assert (res != src).reshape(hole.shape + (-1,)).any(-1)[hole].sum() > 0.5 * hole.sum(), name
+
+
+def test_output_format_that_would_change_the_mode_is_refused(run_dir, tmp_path, capsys):
+    rgba = np.dstack([_photo(32, 32), np.full((32, 32), 128, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(_hole(32, 32).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    assert _inpaint(run_dir, tmp_path / "rgba.png", tmp_path / "m.png", tmp_path / "o.jpg") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint inpaint: --out: ") and ".png" in err, err
+    assert not (tmp_path / "o.jpg").exists()
+
+
+def test_out_folder_and_never_over_the_input(run_dir, tmp_path, capsys):
+    Image.fromarray(_photo(32, 32)).save(tmp_path / "photo.png")
+    Image.fromarray(_hole(32, 32).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    out_dir = tmp_path / "results"
+    assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "m.png", str(out_dir) + "/") == 0
+    assert (out_dir / "photo.png").is_file()
+    before = (tmp_path / "photo.png").read_bytes()
+    assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "m.png", tmp_path / "photo.png") == 2
+    assert "would overwrite the input image" in capsys.readouterr().err
+    assert (tmp_path / "photo.png").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- EMA weights
+
+def test_ema_weights_of_a_run_with_and_without_ema(run_dir, ema_run, tmp_path):
+    _, plain = load_generator(ema_run)
+    for source in (ema_run, ema_run / "weights_ema.safetensors", sorted((ema_run / "checkpoints").glob("*.pt"))[-1]):
+        _, ema = load_generator(source, ema=True)
+        assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ema.state_dict().values()))
+    with pytest.raises(InvalidInputError, match="weights_ema.safetensors"):   # the plain file with --ema
+        load_generator(ema_run / "weights.safetensors", ema=True)
+    ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
+    for source in (run_dir, run_dir / "weights.safetensors", ckpt):   # trained without EMA: refused, never replaced
+        with pytest.raises(UserError, match="no EMA weights") as info:
+            load_generator(source, ema=True)
+        assert info.value.argument == "ema" and "fastinpaint run folder" not in str(info.value)
+
+
+def test_unfinished_run_folder_names_its_checkpoint(run_dir, tmp_path):
+    import shutil
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "weights.safetensors").unlink()
+    with pytest.raises(UserError, match="has not finished.*ckpt_000000003.pt.*--resume"):
+        load_generator(unfinished)

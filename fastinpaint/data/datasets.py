@@ -39,6 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ..errors import InputNotFoundError, InvalidInputError, UserError
+
 __all__ = [
     "DEMO_PHOTOS",
     "DemoDataset",
@@ -82,6 +84,10 @@ _DEMO_VAL_POSITIONS = ((0.5, 0.5), (0.0, 0.0), (1.0, 1.0))
 
 class UnreadableImageError(OSError):
     """An image file that cannot be decoded (truncated, corrupt, or not an image)."""
+
+
+class NoReadableImageError(UserError, RuntimeError):
+    """Not one image file of a split can be decoded."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -258,9 +264,10 @@ class ImageFolderDataset(Dataset):
         else:
             self.files = [f for f in every if split_of(f, self.val_fraction) == split]
         if not self.files:
-            raise ValueError(
+            raise InvalidInputError(
                 f"split {split!r} of {str(self.root)!r} is empty: {len(every)} image files, "
-                f"val_fraction={self.val_fraction} (use split='all' or another val_fraction)")
+                f"val_fraction={self.val_fraction}", argument="data",
+                fix="add images to the folder, or use split='all' or another val_fraction")
         self._bad: set[int] = set()  # indices known to be unreadable (this process)
         self._lock = threading.Lock()
 
@@ -294,8 +301,9 @@ class ImageFolderDataset(Dataset):
                 if self.strict:
                     raise
                 self._warn_bad(i, e)
-        raise RuntimeError(f"none of the {n} image files in split {self.split!r} under "
-                           f"{str(self.root)!r} can be read")
+        raise NoReadableImageError(f"none of the {n} image files in split {self.split!r} under "
+                                   f"{str(self.root)!r} can be read (see the warnings above)", argument="data",
+                                   fix="replace the broken files, or give another folder")
 
     def __getitem__(self, index: int) -> torch.Tensor:
         index = int(index)
@@ -445,9 +453,13 @@ def make_dataset(data: str, size: int = 256, split: str = "train", seed: int = 0
     if str(data) == "demo":
         return DemoDataset(size=size, split=split, seed=seed, **kw)
     path = Path(data).expanduser()
+    fix = "give a folder of images (png, jpg, webp, bmp; searched recursively), or 'demo'"
     if not path.exists():
-        raise FileNotFoundError(f"dataset {str(data)!r}: no such directory (give an image folder or 'demo')")
-    return ImageFolderDataset(path, size=size, split=split, seed=seed, **kw)
+        raise InputNotFoundError(f"{str(data)!r} does not exist", argument="data", fix=fix)
+    try:
+        return ImageFolderDataset(path, size=size, split=split, seed=seed, **kw)
+    except (FileNotFoundError, NotADirectoryError) as e:   # not a folder, or no image in it
+        raise InputNotFoundError(str(e), argument="data", fix=fix) from e
 
 
 # ----------------------------------------------------------------------------- loading

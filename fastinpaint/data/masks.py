@@ -12,6 +12,12 @@ called as ``generator(height, width, rng)`` and returns a ``torch.float32`` tens
 * :class:`FileMask` -- masks read from image files.
 
 ``make_mask_generator(kind, **options)`` builds one by name from :data:`MASKS`.
+
+Mask files (:class:`FileMask`, ``fastinpaint inpaint``) are read by one rule,
+:func:`hole_from_image`: a hole is every pixel brighter than half the file's brightest value,
+brightness being the largest colour channel (white or any colour on black, 0/1 or 0/255,
+gray, RGB or 16-bit); a file with transparency is read by its alpha channel instead
+(painted = hole, fully transparent = known).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError
+
 __all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "FileMask", "MASKS",
-           "make_mask_generator", "MASK_FILE_EXTENSIONS"]
+           "make_mask_generator", "MASK_FILE_EXTENSIONS", "hole_from_image"]
 
 MASK_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -384,19 +392,61 @@ class FreeFormMask:
 
 # --------------------------------------------------------------------------- masks from files
 
+def hole_from_image(image, threshold: float = 0.5) -> tuple[np.ndarray, str]:
+    """The hole map of a mask image (a PIL image): ``(hole, read_by)``, ``hole`` a bool
+    ``(H, W)`` array (True = hole), ``read_by`` "alpha" or "brightness".
+
+    The rule, for every mask form: a pixel is a hole when its value is above ``threshold``
+    times the image's largest value, its value being
+      * its alpha, when the image has transparency (an alpha channel with a pixel that is not
+        fully opaque, or a palette or gray image with a transparent colour): painted = hole,
+        transparent = known, as a layer of strokes exported from an image editor;
+      * else its brightness, the largest of its colour channels: white or any colour on black
+        are holes, and a 0/1 file reads like a 0/255 one (8-bit, 16-bit or float).
+    An image that is black (or fully transparent) everywhere has no hole.
+    """
+    im = image
+    if im.mode == "P" or ("transparency" in im.info and im.mode in ("L", "RGB", "I", "I;16")):
+        im = im.convert("RGBA" if im.mode in ("P", "RGB") else "LA")
+    elif im.mode in ("RGBa", "La", "PA"):
+        im = im.convert("RGBA")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
+        im = im.convert("RGB")   # CMYK, YCbCr, ...
+    bands = im.getbands()
+    values = np.asarray(im)
+    if values.ndim == 2:
+        values = values[..., None]
+    read_by = "brightness"
+    if "A" in bands:
+        alpha = values[..., bands.index("A")]
+        colour = np.delete(values, bands.index("A"), axis=-1)
+        if (alpha < 255).any():
+            values, read_by = alpha[..., None], "alpha"
+        else:
+            values = colour
+    values = values.max(axis=-1).astype(np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 0:
+        return np.zeros(values.shape, dtype=bool), read_by
+    return values > threshold * peak, read_by
+
+
+
 def _collect_files(paths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     try:
         paths = list(paths)
     except TypeError:
-        raise ValueError(f"paths must be a path or a list of paths, got {paths!r}") from None
+        raise InvalidInputError(f"must be a path or a list of paths, got {paths!r}", argument="paths") from None
     if not paths:
-        raise ValueError("paths is empty: give mask image files or folders")
+        raise InvalidInputError("paths is empty", argument="paths", fix="give mask image files or folders")
     files: list[Path] = []
     for entry in paths:
         if not isinstance(entry, (str, os.PathLike)):
-            raise ValueError(f"paths must hold file or folder paths, got {entry!r}")
+            raise InvalidInputError(f"must hold file or folder paths, got {entry!r}", argument="paths")
         path = Path(entry)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
@@ -405,10 +455,11 @@ def _collect_files(paths) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise ValueError(f"paths: {str(path)!r} does not exist")
+            raise InvalidInputError(f"{str(path)!r} does not exist", argument="paths",
+                                    fix="give existing mask files or folders")
     if not files:
-        raise ValueError(f"paths: no mask images ({', '.join(MASK_FILE_EXTENSIONS)}) found in "
-                         f"{[str(p) for p in paths]}")
+        raise InvalidInputError(f"no mask images ({', '.join(MASK_FILE_EXTENSIONS)}) found in "
+                                f"{[str(p) for p in paths]}", argument="paths")
     return files
 
 
@@ -417,9 +468,10 @@ class FileMask:
 
     ``paths`` is a file or folder or a list of them; folders are searched recursively for
     png/jpg/jpeg/bmp/webp files (sorted, so the choice depends only on ``rng``). A file is
-    converted to grayscale, resized to ``(height, width)`` with nearest-neighbour sampling and
-    binarised: values above ``threshold * 255`` are holes, or, with ``invert=True`` (files that
-    draw known pixels white), values at or below it.
+    read by :func:`hole_from_image` (values above ``threshold`` times the file's largest value
+    are holes: white or any colour on black, 0/1 or 0/255, or the alpha of a file with
+    transparency), or, with ``invert=True`` (files that draw known pixels white), the other
+    pixels; then resized to ``(height, width)`` with nearest-neighbour sampling.
     """
 
     name = "file"
@@ -445,15 +497,15 @@ class FileMask:
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                gray = image.convert("L")
-                if gray.size != (width, height):
-                    gray = gray.resize((width, height), Image.NEAREST)
-                values = np.asarray(gray)
+                image.load()
+                hole = hole_from_image(image, self.threshold)[0]
         except Exception as exc:  # PIL raises a zoo of errors for broken files
             raise OSError(f"cannot read mask file {str(path)!r}: {exc}") from exc
-        hole = values > self.threshold * 255
         if self.invert:
             hole = ~hole
+        if hole.shape != (height, width):
+            small = Image.fromarray(hole.astype(np.uint8) * 255)
+            hole = np.asarray(small.resize((width, height), Image.NEAREST)) > 0
         return _to_tensor(hole)
 
     def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
@@ -478,5 +530,9 @@ def make_mask_generator(kind: str, **options):
     try:
         cls = MASKS[kind]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown mask kind {kind!r}; choose one of {', '.join(sorted(MASKS))}") from None
+        raise InvalidInputError(f"unknown mask kind {kind!r}", argument="mask",
+                                fix=f"choose one of {', '.join(sorted(MASKS))}") from None
+    if cls is FileMask and "paths" not in options:
+        raise InvalidInputError("the 'file' mask kind reads mask images and none were given", argument="mask",
+                                fix="name them with --set mask_options.paths=FOLDER (a folder or file of masks)")
     return cls(**options)

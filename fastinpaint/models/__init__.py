@@ -3,6 +3,7 @@ the generator's input recipe. ``build_model(name, **options)`` builds one from :
 
 from __future__ import annotations
 
+from ..errors import InvalidInputError
 from .tiny import PatchDiscriminator, TinyGatedGenerator, TinyGatedRecipe
 # Context Encoders (Pathak et al., CVPR 2016)
 from .context_encoder import (ContextEncoderDiscriminator, ContextEncoderFeaturesRecipe, ContextEncoderGenerator,
@@ -31,5 +32,6 @@ def build_model(name: str, **options):
     try:
         cls = MODELS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}") from None
+        raise InvalidInputError(f"unknown model {name!r}", argument="model",
+                                fix=f"choose one of {', '.join(sorted(MODELS))}") from None
     return cls(**options)

@@ -11,11 +11,14 @@ from typing import Optional
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InvalidInputError
+
 __all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_config_file"]
 
 
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used (unknown key, bad value)."""
+class ConfigError(InvalidInputError):
+    """A configuration file or override that cannot be used (unknown key, bad value); a
+    ``ValueError``, and a :class:`fastinpaint.errors.UserError` (one line from the CLI)."""
 
 
 _AMP = ("none", "bf16", "fp16")

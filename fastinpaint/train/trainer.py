@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -43,11 +44,17 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import make_dataset, make_loader, make_mask_generator, sample_rng, set_epoch
+from ..errors import InvalidInputError, RunExistsError
 from ..models import build_model
 from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
-__all__ = ["MaskedDataset", "Trainer", "build_structure_loss", "resolve_defaults", "train"]
+__all__ = ["MaskedDataset", "RUN_FILES", "Trainer", "build_structure_loss", "existing_run", "resolve_defaults",
+           "train"]
+
+# what a run writes into its folder (config.out); a folder holding any of them holds a run
+RUN_FILES = ("config.json", "checkpoints", "log.jsonl", "metrics.json", "samples.png", "weights.safetensors",
+             "weights_ema.safetensors", "tensorboard")
 
 
 class MaskedDataset(Dataset):
@@ -90,7 +97,7 @@ def _dist_env() -> tuple[int, int, int]:
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' asked for, but torch sees no CUDA device")
+            raise ConfigError("device='cuda' asked for, but torch sees no CUDA device; use device=cpu or auto")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -272,8 +279,44 @@ def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
                                mask_options=mask_options).validate()
 
 
-def train(config: TrainConfig, on_step=None) -> dict:
+def existing_run(run_dir) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``run_dir``: non-empty when it holds a run."""
+    run_dir = Path(run_dir)
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _check_run_dir(config: TrainConfig, overwrite: bool) -> None:
+    """Refuse a run folder that already holds a run unless ``resume`` or ``overwrite``."""
+    if config.resume and overwrite:
+        raise InvalidInputError("resume and overwrite contradict each other", argument="overwrite",
+                                fix="give --resume to continue the run, or --overwrite to start over, not both")
+    found = existing_run(config.out)
+    if found and not config.resume and not overwrite:
+        raise RunExistsError(f"{config.out} already holds a run ({', '.join(found)})", argument="out",
+                             fix="add --resume to continue it, or --overwrite to delete it and start over, "
+                                 "or give another --out")
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete what a run wrote into ``run_dir`` (:data:`RUN_FILES` and their temporary files);
+    other files in it are left alone."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            tmp.unlink()
+
+
+def train(config: TrainConfig, on_step=None, overwrite: bool = False) -> dict:
     """Train as ``config`` says; returns the final metrics and the paths written.
+
+    A ``config.out`` that already holds a run (any of :data:`RUN_FILES`) raises
+    :class:`~fastinpaint.errors.RunExistsError` before anything is written, unless
+    ``config.resume`` (continue it) or ``overwrite`` (delete that run's files, once the model
+    and the data have been checked, and start over).
 
     ``on_step(step)`` (optional) is called after every optimiser step (and its checkpoint)."""
     if isinstance(config, dict):
@@ -288,7 +331,19 @@ def train(config: TrainConfig, on_step=None) -> dict:
                                              rank=rank, world_size=world)
         created_group = True
     try:
-        return Trainer(config, rank, world, device, on_step).fit()
+        # rank 0 (the one that writes) looks at the folder before any rank writes; every rank
+        # gets its verdict, so all of them stop or none does
+        refusal = [None]
+        if rank == 0:
+            try:
+                _check_run_dir(config, overwrite)
+            except (InvalidInputError, RunExistsError) as e:
+                refusal = [e]
+        if distributed:
+            torch.distributed.broadcast_object_list(refusal, src=0)
+        if refusal[0] is not None:
+            raise refusal[0]
+        return Trainer(config, rank, world, device, on_step, overwrite=overwrite).fit()
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
@@ -303,18 +358,21 @@ class Trainer:
 
     1. :meth:`build_models`: seed, networks, optimisers, EMA copy, grad scaler, structure loss
     2. :meth:`build_data`: mask generator, training loader, fixed validation batches
-    3. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
-    4. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
-    5. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
-    6. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
-    7. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
+    3. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
+    4. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
+    5. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
+    6. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
+    7. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
+    8. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
        :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
        :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
-    8. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
+    9. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
     """
 
-    def __init__(self, config: TrainConfig, rank: int, world: int, device: torch.device, on_step=None):
+    def __init__(self, config: TrainConfig, rank: int, world: int, device: torch.device, on_step=None,
+                 overwrite: bool = False):
         self.config = config
+        self.overwrite = overwrite
         self.rank, self.world, self.device = rank, world, device
         self.distributed = world > 1
         self.main = rank == 0
@@ -335,6 +393,7 @@ class Trainer:
         """Run every phase; returns the final metrics and the paths written (rank 0)."""
         self.build_models()
         self.build_data()
+        self.prepare_run_dir()
         self.resume()
         self.wrap_distributed()
         self.seek_data(self.epoch, self.batch_in_epoch)
@@ -364,9 +423,6 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         self.recipe = recipe = build_model(config.model, loss_weights=config.loss_weights, **config.model_options)
         self.config = config = resolve_defaults(config, recipe)
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(self.run_dir / "config.json", config.to_dict())
         self.generator = recipe.generator.to(device)
         self.discriminator = recipe.discriminator.to(device) if recipe.discriminator is not None else None
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=config.betas, eps=config.eps)
@@ -406,6 +462,16 @@ class Trainer:
         self.val_batches = []
         if self.main:
             self.val_batches = _val_batches(config, self.mask_gen)
+
+    def prepare_run_dir(self) -> None:
+        """Rank 0, once the model and the data are known to work: with ``overwrite``, delete the
+        previous run's files; then write the resolved config.json."""
+        if not self.main:
+            return
+        if self.overwrite:
+            _clear_run(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "config.json", self.config.to_dict())
 
     def resume(self) -> None:
         """With ``config.resume``, load the latest usable checkpoint of the run directory:
@@ -676,11 +742,12 @@ class Trainer:
                 _save_png(self.last_grid, self.grid_path)
                 result["grid"] = str(self.grid_path)
             meta = {"model": config.model, "step": str(step), "config": config.to_json()}
-            weights_path = save_weights(run_dir / "weights.safetensors", self.generator.state_dict(), meta)
+            weights_path = save_weights(run_dir / "weights.safetensors", self.generator.state_dict(),
+                                        {**meta, "weights": "generator"})
             result["weights"] = str(weights_path)
             if self.ema is not None:
                 result["weights_ema"] = str(save_weights(run_dir / "weights_ema.safetensors", self.ema.state_dict(),
-                                                         meta))
+                                                         {**meta, "weights": "ema"}))
             result["checkpoint"] = str(self.last_ckpt)
             result["metrics_path"] = str(self.metrics_path)
             if not history or history[-1]["step"] != step:

@@ -1,0 +1,55 @@
+"""Errors that are the user's to fix: a wrong argument, a missing or unreadable file, a run
+folder that already holds a run.
+
+``UserError`` carries the ``argument`` it concerns (a parameter or config key such as
+``"mask"``, ``"data"`` or ``"checkpoint"``, the name of the ``fastinpaint`` option too) and the
+``fix``. The ``fastinpaint`` command prints it as one line, ``fastinpaint <command>: --<argument>:
+<message>; <fix>``, and exits with status 2, with no traceback (``--debug`` or
+``FASTINPAINT_DEBUG=1`` shows it). Library callers catch it, or the builtin type each subclass
+also is (``ValueError``, ``FileNotFoundError``, ...).
+
+Standard library only: every layer of the package may raise these.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InvalidInputError", "InputNotFoundError", "RunExistsError", "UnreadableInputError", "UserError"]
+
+
+class UserError(Exception):
+    """A mistake in what the user gave, with the argument it concerns and how to fix it."""
+
+    def __init__(self, message: str, *, argument: str | None = None, fix: str | None = None):
+        self.message, self.argument, self.fix = str(message), argument, fix
+        super().__init__(self.describe())
+
+    def describe(self, argument: str | None = None) -> str:
+        """One line: ``<argument>: <message>; <fix>`` (``argument`` as the caller spells it)."""
+        name = argument or self.argument
+        text = f"{name}: {self.message}" if name else self.message
+        if self.fix:
+            text += f"; {self.fix}"
+        return " ".join(text.split())   # one line, whatever the parts hold
+
+    def __reduce__(self):   # picklable across DataLoader workers and processes
+        return (_rebuild, (type(self), self.message, self.argument, self.fix))
+
+
+def _rebuild(cls, message, argument, fix):
+    return cls(message, argument=argument, fix=fix)
+
+
+class InvalidInputError(UserError, ValueError):
+    """A value that cannot be used: an unknown model or mask kind, a mask with no hole, ..."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A file or folder that does not exist, or holds nothing usable."""
+
+
+class UnreadableInputError(UserError, OSError):
+    """A file that exists but cannot be decoded (truncated, not an image, not a checkpoint)."""
+
+
+class RunExistsError(UserError, FileExistsError):
+    """``train`` pointed at a folder that already holds a run, without resume or overwrite."""
