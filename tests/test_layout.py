@@ -132,3 +132,31 @@ def test_layout_checker_sees_a_cycle_and_an_upward_import():
     """The checks above can fail: the graph built from the source holds the edges they look for."""
     assert "fastinpaint.ops._registry" in GRAPH["fastinpaint.ops.channel_fc.op"]
     assert "fastinpaint.functional" in GRAPH["fastinpaint.nn.gated_conv"]
+
+
+def test_import_is_light_and_the_rest_is_reachable():
+    """``import fastinpaint`` loads the ops only; models, losses, data, metrics, train and
+    inpaint load at their first access as attributes (PEP 562)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastinpaint\n"
+        "lazy = ['models', 'losses', 'data', 'metrics', 'train', 'inpaint']\n"
+        "early = [m for m in lazy if 'fastinpaint.' + m in sys.modules]\n"
+        "assert not early, early\n"
+        "assert 'PIL' not in sys.modules and 'torchmetrics' not in sys.modules\n"
+        "assert set(lazy) <= set(dir(fastinpaint))\n"
+        "assert callable(fastinpaint.models.build_model)\n"
+        "assert fastinpaint.losses.SpatialCorrelativeLoss and fastinpaint.data.FreeFormMask\n"
+        "assert fastinpaint.metrics.InpaintingMetrics and fastinpaint.train.train and fastinpaint.inpaint\n"
+        "assert fastinpaint.models is sys.modules['fastinpaint.models']\n"
+        "try:\n"
+        "    fastinpaint.nosuch\n"
+        "except AttributeError as e:\n"
+        "    assert 'nosuch' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -143,3 +143,35 @@ def test_structure_loss_from_config():
         StructureLoss.from_config({"variant": "both"}, extractor=ext)
     with pytest.raises(ValueError, match="mode must be"):
         StructureLoss.from_config({"mode": "l2"}, extractor=ext)
+
+
+def test_extractor_returning_one_tensor_is_one_layer():
+    """A single (B, C, H, W) tensor is taken as a one-layer list, in FSeSim and LSeSim alike."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    target, pred = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 12, 12)
+    single = SpatialCorrelativeLoss(conv, patch_size=4, num_queries=16, generator=torch.Generator().manual_seed(1))
+    listed = SpatialCorrelativeLoss(lambda x: [conv(x)], patch_size=4, num_queries=16,
+                                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(single(pred, target), listed(pred, target))
+    learned = SpatialCorrelativeLoss(conv, channels=[8], learned=True, patch_size=4, num_queries=16)
+    assert torch.isfinite(learned.head_loss(target)) and torch.isfinite(learned(pred, target))
+
+
+@pytest.mark.parametrize("returns,says", [
+    (lambda x: 3.0, r"returned an object of type float"),
+    (lambda x: None, r"returned an object of type NoneType"),
+    (lambda x: [], r"returned no feature map"),
+    (lambda x: [x[0]], r"returned a tensor of shape \(3, 12, 12\) as feature map 0"),
+    (lambda x: [x, x[:1]], r"returned a tensor of shape \(1, 3, 12, 12\) as feature map 1"),
+    (lambda x: (x, "relu3"), r"returned an object of type str as feature map 1"),
+])
+def test_extractor_output_is_checked_with_a_clear_error(returns, says):
+    x = torch.rand(2, 3, 12, 12)
+    loss = SpatialCorrelativeLoss(returns, patch_size=4, num_queries=16)
+    with pytest.raises((TypeError, ValueError), match=says) as info:
+        loss(x, x)
+    message = str(info.value)
+    assert "the extractor <lambda>" in message and "list or tuple of (B, C, H, W) feature maps" in message
+    learned = SpatialCorrelativeLoss(returns, channels=[3], learned=True, patch_size=4, num_queries=16)
+    with pytest.raises((TypeError, ValueError), match=says):
+        learned.head_loss(x)

@@ -127,12 +127,45 @@ def color_jitter(x: torch.Tensor, strength: float = 0.5, generator: Optional[tor
     return y.clamp(0, 1) * (hi - lo) + lo
 
 
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"an object of type {type(value).__name__}"
+
+
+def _feature_list(extractor, feats, x: torch.Tensor) -> list[torch.Tensor]:
+    """``feats`` (what ``extractor`` returned for the batch ``x``) as a list of feature maps,
+    or a clear error naming the extractor and what it must return."""
+    name = type(extractor).__name__ if isinstance(extractor, nn.Module) else \
+        getattr(extractor, "__qualname__", type(extractor).__name__)
+    must = ("it must return a list or tuple of (B, C, H, W) feature maps, one per layer, B being the "
+            f"input's batch size ({x.shape[0]}); or one (B, C, H, W) tensor for a single layer")
+    if isinstance(feats, torch.Tensor):
+        feats = [feats]   # one layer
+    elif isinstance(feats, dict):
+        feats = list(feats.values())
+    elif isinstance(feats, (list, tuple)):
+        feats = list(feats)
+    else:
+        raise TypeError(f"SpatialCorrelativeLoss: the extractor {name} returned {_describe(feats)}; {must}")
+    if not feats:
+        raise ValueError(f"SpatialCorrelativeLoss: the extractor {name} returned no feature map; {must}")
+    for i, f in enumerate(feats):
+        if not isinstance(f, torch.Tensor) or f.dim() != 4 or f.shape[0] != x.shape[0]:
+            raise ValueError(f"SpatialCorrelativeLoss: the extractor {name} returned {_describe(f)} as feature "
+                             f"map {i}; {must}")
+    return feats
+
+
 class SpatialCorrelativeLoss(nn.Module):
     """F-LSeSim's spatially-correlative loss over several feature layers.
 
     Args:
-        extractor: a frozen module mapping an image batch to a list of feature maps (one per
-            layer). None: :class:`VGG16Features` (``vgg_layers``, ``vgg_weights``).
+        extractor: a frozen module (or callable) mapping an image batch to a list or tuple of
+            (B, C, H, W) feature maps, one per layer (a dict's values are taken in order); a
+            single (B, C, H, W) tensor is taken as one layer. Anything else raises a TypeError
+            or ValueError naming the extractor. None: :class:`VGG16Features` (``vgg_layers``,
+            ``vgg_weights``).
         channels: channel count of each of the extractor's layers (needed for
             ``learned=True`` with a user extractor).
         learned: LSeSim (1x1 heads trained with :meth:`head_loss`) instead of FSeSim.
@@ -186,9 +219,12 @@ class SpatialCorrelativeLoss(nn.Module):
             self.extractor.eval()
         return self
 
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The extractor's feature maps of ``x``, checked: a list of (B, C, H, W) tensors."""
+        return _feature_list(self.extractor, self.extractor(x), x)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.extractor(x)
-        feats = list(feats.values()) if isinstance(feats, dict) else list(feats)
+        feats = self.extract(x)
         if self.heads is not None:
             if len(feats) != len(self.heads):
                 raise ValueError(f"the extractor gave {len(feats)} feature maps for {len(self.heads)} heads")
@@ -238,10 +274,11 @@ class SpatialCorrelativeLoss(nn.Module):
             augmented = self.augment(image, generator=self.generator) if self.augment is color_jitter \
                 else self.augment(image)
         with torch.no_grad():
-            raw = [self.extractor(x) for x in (image, augmented.detach(), image.flip(-1, -2))]
-        raw = [list(r.values()) if isinstance(r, dict) else list(r) for r in raw]
+            raw = [self.extract(x) for x in (image, augmented.detach(), image.flip(-1, -2))]
         total = 0.0
         n = len(self.heads)
+        if len(raw[0]) != n:
+            raise ValueError(f"the extractor gave {len(raw[0])} feature maps for {n} heads")
         for layer, (head, w) in enumerate(zip(self.heads, self._weights(n))):
             fs, ft, fo = (head(r[layer].detach()) for r in raw)
             total = total + w * self._distance(fs, ft, "info", fo)
