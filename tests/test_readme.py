@@ -1,5 +1,6 @@
 """The README's quick start: exactly two commands, .ci/run runs the second verbatim, and the
-first one's main job (``fastinpaint train`` on the demo data) runs and reports its files."""
+first one's main job (``fastinpaint train`` on the demo data) runs and reports its files; and
+every Python block of the README runs as written, each one alone."""
 
 import os
 import re
@@ -8,7 +9,35 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python_blocks():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+
+
+PYTHON_BLOCKS = _python_blocks()
+
+
+def test_readme_has_its_python_blocks():
+    assert len(PYTHON_BLOCKS) >= 5, PYTHON_BLOCKS
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS,
+                         ids=[next(line.split("=")[0].strip() for line in b.splitlines()
+                                   if line.strip() and not line.startswith(("import", "from", "#")))
+                              for b in PYTHON_BLOCKS])
+def test_readme_python_block_runs_as_written(block, tmp_path):
+    """The block alone, in a fresh interpreter, in an empty folder: it brings its own imports
+    and data."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{block}\n{proc.stderr[-3000:]}"
 
 
 def _quick_start_commands():
