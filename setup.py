@@ -2,7 +2,8 @@
 toolkit and a CUDA build of torch are present.
 
 Environment:
-  FASTINPAINT_CUDA=0|1|auto   skip, require, or detect the CUDA kernels (default auto)
+  FASTINPAINT_CUDA=0|1|auto   skip, require, or detect the CUDA kernels (default auto: built
+                              when a CUDA toolkit, a CUDA build of torch and a GPU are there)
   TORCH_CUDA_ARCH_LIST        GPU architectures (default "8.0;9.0")
   CUDA_HOME                   the toolkit root (the folder whose lib64 holds libcudart.so)
   MAX_JOBS                    parallel compile jobs for ninja
@@ -28,6 +29,7 @@ def extension_modules():
     home = build.cuda_home()
     if home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = home  # before torch.utils.cpp_extension reads it
+    build.quiet_cuda_home_notice()
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -43,12 +45,13 @@ def extension_modules():
             f"(CUDA_HOME={home!r}, torch.version.cuda={torch.version.cuda!r}): set CUDA_HOME to the "
             "toolkit root and install a CUDA build of torch"
         )
-    with_cuda = mode == "1" or (mode == "auto" and has_toolkit)
+    with_cuda, why = build.with_cuda_kernels(mode, has_toolkit)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS)
-    print(f"fastinpaint: building _C with CUDA kernels={with_cuda} "
-          f"(FASTINPAINT_CUDA={mode}, CUDA_HOME={home}, archs={os.environ.get('TORCH_CUDA_ARCH_LIST')})",
-          file=sys.stderr)
+        print(f"fastinpaint: building _C with the CUDA kernels: {why} (CUDA_HOME={home}, "
+              f"archs={os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+    else:
+        print(f"fastinpaint: building _C with the CPU kernels only: {why}", file=sys.stderr)
 
     srcs = [os.path.relpath(s) for s in build.sources(with_cuda)]
     flags = {"cxx": build.CXX_FLAGS + build.defines(with_cuda)}

@@ -28,6 +28,10 @@ _state: dict = {"loaded": None, "how": None, "error": None, "tried_prebuilt": Fa
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
+# no "No CUDA runtime is found" notice from torch.utils.cpp_extension on a CPU machine, whoever
+# imports it (the JIT build below, torch.compile)
+_build.quiet_cuda_home_notice()
+
 
 def prebuilt_path() -> str | None:
     """The compiled module for *this* interpreter (its extension suffix), if present."""

@@ -255,3 +255,47 @@ def test_a_misspelt_or_unavailable_requirement_stops_the_run(monkeypatch):
     monkeypatch.setattr(_extension, "error", lambda: "simulated broken build")
     with pytest.raises(pytest.UsageError, match="backend cpu is required .* simulated broken build"):
         conftest.pytest_configure(None)
+
+
+def test_default_build_compiles_cuda_only_where_a_gpu_is_visible(monkeypatch, tmp_path):
+    """FASTINPAINT_CUDA=auto: the CUDA sources only with a toolkit *and* a visible GPU;
+    1 always (CI links every CUDA source on a machine with no GPU); 0 never."""
+    build = _extension._build
+    monkeypatch.setattr(build, "gpu_visible", lambda: False)
+    assert build.with_cuda_kernels("auto", True)[0] is False
+    assert "no GPU visible" in build.with_cuda_kernels("auto", True)[1]
+    assert build.with_cuda_kernels("1", True)[0] is True and build.with_cuda_kernels("1", False)[0] is True
+    assert build.with_cuda_kernels("0", True)[0] is False
+    monkeypatch.setattr(build, "gpu_visible", lambda: True)
+    assert build.with_cuda_kernels("auto", True)[0] is True
+    assert build.with_cuda_kernels("auto", False)[0] is False
+    monkeypatch.undo()
+    # gpu_visible: a /dev/nvidia<N> device, else what nvidia-smi -L lists (never torch.cuda)
+    monkeypatch.setattr(build.glob, "glob", lambda pattern: [])
+    smi = tmp_path / "nvidia-smi"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    smi.chmod(0o755)
+    assert build.gpu_visible() is False
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    assert build.gpu_visible() is True
+    smi.unlink()
+    assert build.gpu_visible() is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about machines without a GPU")
+def test_no_cuda_notice_on_a_machine_without_gpu(tmp_path):
+    """torch.utils.cpp_extension, imported after fastinpaint (as torch.compile and the JIT
+    build do), prints no "No CUDA runtime is found" on a CPU machine that has a toolkit."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}   # a toolkit root torch will take: its notice's condition
+    code = "import fastinpaint, torch.utils.cpp_extension as c; assert c.CUDA_HOME"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CUDA" not in proc.stderr, proc.stderr
+    # the default build's decision on such a machine, without compiling anything
+    setup = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env={k: v for k, v in env.items() if k != "FASTINPAINT_CUDA"})
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    if not _extension._build.gpu_visible():
+        assert "CPU kernels only: FASTINPAINT_CUDA=auto and no GPU visible" in setup.stderr, setup.stderr
+    assert "No CUDA runtime" not in setup.stderr, setup.stderr
