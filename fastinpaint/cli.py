@@ -88,15 +88,15 @@ def _cmd_inpaint(args) -> int:
 
 
 MASK_RULE = """\
-Mask files (--mask): a hole is every pixel brighter than halfway between the mask's darkest
-and brightest values, brightness being the largest of a pixel's colour channels. So white,
-or any colour, on black marks the holes, whether the file is 0/255 or 0/1, gray, RGB or
-16-bit. A mask with transparency (RGBA, LA, a palette with a transparent colour) is read by
-its alpha channel instead: painted (alpha > 0) = hole, fully transparent = known. With
---invert-mask the other pixels are the holes (black = hole, or transparent = hole). A mask
-that marks no hole, or marks every pixel as one, is an error; so is a mask of another size
-than its image, unless --resize-mask. The output keeps the input's mode: gray stays gray,
-an alpha channel is kept as it was."""
+Mask files (--mask): a hole is every pixel brighter than half the mask's brightest value,
+brightness being the largest of the pixel's colour channels. So white, or any colour, on
+black marks the holes, whether the file is 0/255 or 0/1, gray, RGB or 16-bit. A mask with
+transparency (an alpha channel with a pixel that is not fully opaque, or a transparent
+palette colour) is read by its alpha instead: painted (alpha > 0) = hole, fully
+transparent = known. --invert-mask swaps holes and known pixels (black = hole, or
+transparent = hole). A mask that marks no hole, or every pixel as one, is an error; so is
+a mask of another size than its image, unless --resize-mask. The output keeps the input's
+mode: gray stays gray, an alpha channel is kept as it was."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -117,6 +117,9 @@ def _mask_forms(hole):
     green[hole] = (0, 90, 0)                                  # a dark colour
     strokes = np.zeros((h, w, 4), np.uint8)
     strokes[hole] = (0, 0, 0, 255)                            # black paint on a transparent layer
+    faint = np.full((h, w, 4), 255, np.uint8)
+    faint[..., 3] = 0
+    faint[hole, 3] = 20                                       # white paint at low opacity
     opaque = np.dstack([u8 * 255] * 3 + [np.full((h, w), 255, np.uint8)])   # RGBA, no transparency
     palette = Image.fromarray(u8 * 255).convert("P")
     return {
@@ -126,6 +129,7 @@ def _mask_forms(hole):
         "red on black": Image.fromarray(red),
         "dark green on black": Image.fromarray(green),
         "alpha strokes": Image.fromarray(strokes),
+        "faint alpha strokes": Image.fromarray(faint),
         "opaque RGBA": Image.fromarray(opaque),
         "16-bit": Image.fromarray(u8.astype(np.uint16) * 65535),
         "palette": palette,

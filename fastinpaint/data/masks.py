@@ -17,7 +17,7 @@ Mask files (:class:`FileMask`, ``fastinpaint inpaint``) are read by one rule,
 :func:`hole_from_image`: a hole is every pixel brighter than half the file's brightest value,
 brightness being the largest colour channel (white or any colour on black, 0/1 or 0/255,
 gray, RGB or 16-bit); a file with transparency is read by its alpha channel instead
-(painted = hole, fully transparent = known).
+(painted, alpha > 0, = hole; fully transparent = known).
 """
 
 from __future__ import annotations
@@ -396,13 +396,15 @@ def hole_from_image(image, threshold: float = 0.5) -> tuple[np.ndarray, str]:
     """The hole map of a mask image (a PIL image): ``(hole, read_by)``, ``hole`` a bool
     ``(H, W)`` array (True = hole), ``read_by`` "alpha" or "brightness".
 
-    The rule, for every mask form: a pixel is a hole when its value is above ``threshold``
-    times the image's largest value, its value being
-      * its alpha, when the image has transparency (an alpha channel with a pixel that is not
-        fully opaque, or a palette or gray image with a transparent colour): painted = hole,
-        transparent = known, as a layer of strokes exported from an image editor;
-      * else its brightness, the largest of its colour channels: white or any colour on black
-        are holes, and a 0/1 file reads like a 0/255 one (8-bit, 16-bit or float).
+    The rule, for every mask form:
+      * an image with transparency (an alpha channel with a pixel that is not fully opaque,
+        or a palette or gray image with a transparent colour) is read by its alpha: painted
+        (alpha > 0) = hole, fully transparent = known, as a layer of strokes exported from an
+        image editor;
+      * any other image by brightness, the largest of a pixel's colour channels: a hole is a
+        pixel brighter than ``threshold`` times the image's brightest value, so white or any
+        colour on black are holes, and a 0/1 file reads like a 0/255 one (8-bit, 16-bit or
+        float; a JPEG's compression noise stays below the half).
     An image that is black (or fully transparent) everywhere has no hole.
     """
     im = image
@@ -423,9 +425,8 @@ def hole_from_image(image, threshold: float = 0.5) -> tuple[np.ndarray, str]:
         alpha = values[..., bands.index("A")]
         colour = np.delete(values, bands.index("A"), axis=-1)
         if (alpha < 255).any():
-            values, read_by = alpha[..., None], "alpha"
-        else:
-            values = colour
+            return alpha > 0, "alpha"
+        values = colour
     values = values.max(axis=-1).astype(np.float64)
     peak = float(values.max()) if values.size else 0.0
     if peak <= 0:
@@ -469,7 +470,7 @@ class FileMask:
     ``paths`` is a file or folder or a list of them; folders are searched recursively for
     png/jpg/jpeg/bmp/webp files (sorted, so the choice depends only on ``rng``). A file is
     read by :func:`hole_from_image` (values above ``threshold`` times the file's largest value
-    are holes: white or any colour on black, 0/1 or 0/255, or the alpha of a file with
+    are holes: white or any colour on black, 0/1 or 0/255; or the painted pixels of a file with
     transparency), or, with ``invert=True`` (files that draw known pixels white), the other
     pixels; then resized to ``(height, width)`` with nearest-neighbour sampling.
     """
