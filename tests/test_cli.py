@@ -144,12 +144,16 @@ TRAIN_ERRORS = [
     (["--set", "batch_size=0"], "batch_size", ["must be an int >= 1"]),
     (["--set", "nosuch=1"], "unknown config key", ["valid keys"]),
     (["--config", "{missing}"], "config file", ["does not exist"]),
+    (["--data", "{one}", "--set", "batch_size=4"], "--data", ["fewer than batch_size=4", "--set batch_size"]),
 ]
 
 
 @pytest.mark.parametrize("wrong,flag,words", TRAIN_ERRORS, ids=[" ".join(w) for w, _, _ in TRAIN_ERRORS])
 def test_train_mistakes_are_one_line_and_write_nothing(files, capsys, wrong, flag, words):
-    names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml"}
+    one = files / "one"
+    one.mkdir(exist_ok=True)
+    (one / "photo.png").write_bytes((files / "photo.png").read_bytes())
+    names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml", "one": one}
     argv = ["train", "--steps", "1", "--out", str(files / "run"), "--set", "size=32",
             *[w.format(**names) for w in wrong]]
     capsys.readouterr()
@@ -181,6 +185,13 @@ def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tiny_run, tmp_
     assert [x["step"] for x in log if x["kind"] == "train"] == [2]
     assert (run / "my_notes.txt").read_text() == "mine"
     assert json.loads((run / "config.json").read_text())["steps"] == 2
+    # --resume with another model: one line naming --model, and the run untouched
+    config_before = (run / "config.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(base + ["--steps", "3", "--resume", "--model", "context_encoder"]) == 2
+    err = _one_line_error(capsys, "train", "--model: ")
+    assert "was trained with model 'tiny_gated'" in err and "--model tiny_gated" in err
+    assert (run / "config.json").read_bytes() == config_before
     # --resume continues it
     assert cli.main(base + ["--steps", "3", "--resume", "--set", "checkpoint_every=1"]) == 0
     assert "resumed from" in capsys.readouterr().out

@@ -457,8 +457,10 @@ class Trainer:
                                   num_workers=config.num_workers, distributed=self.distributed,
                                   pin_memory=self.device.type == "cuda")
         if len(self.loader) == 0:
-            raise ValueError(f"the training set has {len(train_ds)} samples per rank-share, fewer than "
-                             f"batch_size={config.batch_size}: no full batch can be drawn")
+            raise InvalidInputError(
+                f"the training set of {config.data} has {len(train_ds)} samples per process, fewer than "
+                f"batch_size={config.batch_size}: no full batch can be drawn", argument="data",
+                fix="add images to the folder, or lower the batch (--set batch_size=N)")
         self.val_batches = []
         if self.main:
             self.val_batches = _val_batches(config, self.mask_gen)
@@ -468,6 +470,15 @@ class Trainer:
         previous run's files; then write the resolved config.json."""
         if not self.main:
             return
+        if self.config.resume and (self.run_dir / "config.json").is_file():
+            try:
+                trained = json.loads((self.run_dir / "config.json").read_text()).get("model")
+            except (OSError, ValueError):
+                trained = None
+            if trained and trained != self.config.model:
+                raise InvalidInputError(
+                    f"{self.run_dir} was trained with model {trained!r}, not {self.config.model!r}",
+                    argument="model", fix=f"give --model {trained} to resume it, or another --out for a new run")
         if self.overwrite:
             _clear_run(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
