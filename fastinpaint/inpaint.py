@@ -325,6 +325,9 @@ def _pairs(image, mask, out):
         if out.exists() and not out.is_dir():
             raise InvalidInputError(f"{out} is a file, but --image {image} is a folder", argument="out",
                                     fix="give a folder for the outputs of a folder of images")
+        if not out.exists() and out.suffix.lower() in IMAGE_EXTENSIONS and not out_is_folder:
+            raise InvalidInputError(f"{out} names an image file, but --image {image} is a folder", argument="out",
+                                    fix="give a folder for the outputs (an existing one, or a name ending in /)")
         if not mask.exists():
             raise InputNotFoundError(f"{mask} does not exist", argument="mask",
                                      fix="give a mask file, or a folder of masks named like the images")

@@ -114,6 +114,7 @@ INPAINT_ERRORS = [
     ({"mask": "black.png"}, "--mask", ["no hole", "--invert-mask"]),
     ({"mask": "white.png"}, "--mask", ["every pixel", "--invert-mask"]),
     ({"extra": ["--ema"]}, "--ema", ["without EMA", "no EMA weights", "leave out --ema"]),
+    ({"image": ".", "out": "x.png"}, "--out", ["names an image file", "is a folder", "ending in /"]),
 ]
 
 
