@@ -95,12 +95,11 @@ def test_gated_conv_pruning_respects_shared_memory_and_shapes():
                 assert gk.config_shared_bytes(cfg, x.element_size()) <= 163 * 1024  # sm_80's opt-in limit
                 assert cfg.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(cout))
                 assert cfg.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(cin))
-    # fp32 tiles are twice as large: the pruning drops some that bf16 keeps
+    # fp32 tiles are twice as large: for a 512-channel layer the pruning drops configs bf16 keeps
     big = {"Cin": 512, "Cout": 512}
-    assert len(gk._prune_configs(configs, {"x_ptr": torch.empty(1), **big})) < len(
-        gk._prune_configs(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16), **big})) or all(
-        gk.config_shared_bytes(c, 4) <= gk._SMEM_LIMIT for c in configs)
-
+    kept32 = gk._prune_configs(configs, {"x_ptr": torch.empty(1), **big})
+    kept16 = gk._prune_configs(configs, {"x_ptr": torch.empty(1, dtype=torch.bfloat16), **big})
+    assert len(kept32) < len(kept16)
 
 def test_gated_conv_autotune_key_has_what_changes_the_best_config():
     from fastinpaint.ops.gated_conv import triton as gk

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -113,10 +114,9 @@ def _record(fn, args, kwargs, num_warps, num_stages, sink: list) -> None:
     for i, name in enumerate(names):
         param = fn.params[i]
         if name not in bound:
-            default = param.default
-            if default is param.__class__ or default is None and not param.is_constexpr:
+            if param.default is inspect.Parameter.empty:
                 raise TypeError(f"{fn.__name__}: no value for {name}")
-            bound[name] = default
+            bound[name] = param.default
         value = bound[name]
         if param.is_constexpr or value is None:
             signature[name] = "constexpr"
@@ -188,7 +188,7 @@ def capture(ops=OPS, dtypes=DTYPES) -> list[Launch]:
 def _jit_function(kernel: str):
     module, _, name = kernel.partition(":")
     fn = getattr(importlib.import_module(module), name)
-    return getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    return fn if hasattr(fn, "arg_names") else fn.fn  # an autotuned kernel wraps its JIT function
 
 
 def cuobjdump() -> str:
