@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)",
                        description="Fill the holes of images with a trained generator; every known pixel is "
-                                   "kept exactly.", epilog=MASK_RULE,
+                                   "kept exactly (in a lossless output: not in a .jpg).", epilog=MASK_RULE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a run folder (the --out of fastinpaint train), its weights.safetensors, or a "
@@ -178,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _option(parser: argparse.ArgumentParser, argument: str) -> str:
-    """``argument`` as the command line spells it: ``--name`` when the command has that option."""
+    """``argument`` as the command line spells it: ``--name`` when the command has that option,
+    else ``--set name`` when the command takes ``--set`` (a config key of ``train``)."""
     flag = "--" + argument.replace("_", "-")
-    return flag if flag in parser._option_string_actions else argument
+    if flag in parser._option_string_actions:
+        return flag
+    return f"--set {argument}" if "--set" in parser._option_string_actions else argument
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

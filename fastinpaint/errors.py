@@ -13,7 +13,10 @@ Standard library only: every layer of the package may raise these.
 
 from __future__ import annotations
 
-__all__ = ["InvalidInputError", "InputNotFoundError", "RunExistsError", "UnreadableInputError", "UserError"]
+import inspect
+
+__all__ = ["InvalidInputError", "InputNotFoundError", "RunExistsError", "UnreadableInputError", "UserError",
+           "check_keywords"]
 
 
 class UserError(Exception):
@@ -53,3 +56,23 @@ class UnreadableInputError(UserError, OSError):
 
 class RunExistsError(UserError, FileExistsError):
     """``train`` pointed at a folder that already holds a run, without resume or overwrite."""
+
+
+def check_keywords(target, options, *, what: str, argument: str, prefix: str = "") -> None:
+    """Raise :class:`InvalidInputError` when ``options`` holds a keyword that ``target`` (a
+    class or function) does not take, naming it and listing the ones it does take.
+    ``what`` names the target in the message ("model 'tiny_gated'"); ``prefix`` is how the
+    user spells a keyword (``"model_options."``)."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):   # no signature to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [name for name, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        raise InvalidInputError(
+            f"{what} has no option {', '.join(prefix + k for k in unknown)}", argument=argument,
+            fix=f"its options: {', '.join(prefix + k for k in takes)}" if takes else f"{what} takes no options")

@@ -415,6 +415,9 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
         if report is not None:
             share = hole.mean()
             report(f"wrote {out_path} (hole: {100 * share:.1f}% of the image)")
+            if _output_format(out_path)[0] == "JPEG":
+                report(f"note: JPEG is lossy, so the known pixels in {out_path} differ slightly from the input's; "
+                       "write a .png (or .webp, .tif, .bmp) to keep them exactly")
             if share > 0.5:
                 report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
                        "marks the holes in your masks, add --invert-mask")

@@ -6,6 +6,7 @@ import io
 import os
 import random
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -566,6 +567,10 @@ def test_safetensors_weights_round_trip(tmp_path):
         assert torch.equal(loaded[name], t.detach()), name
         assert loaded[name].is_contiguous()
     assert weights_metadata(path) == {"format": "pt", "step": "1200"}
+    # The file gets the usual permissions (0o666 less the umask), like every other output.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     # The originals were not touched.
     assert tensors["head.weight"] is base and not tensors["head.weight_t"].is_contiguous()
 

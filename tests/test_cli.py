@@ -2,6 +2,7 @@
 test_readme.py and test_trainer.py)."""
 
 import json
+import warnings
 
 import pytest
 
@@ -21,7 +22,8 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     assert "eager" in impls
     if unavailable_reason("cpu", "cpu") is None:
         assert "fastinpaint[cpu]" in impls
-    assert {r["case"] for r in rows} == {"conv1 5->24 5x5 @256", "deconv 96->48 @64->128"}
+    # --quick runs the layers on maps 8x smaller, and the labels say so
+    assert {r["case"] for r in rows} == {"conv1 5->24 5x5 @32", "deconv 96->48 @8->16"}
     assert {r["mode"] for r in rows} == {"fwd+bwd", "fwd"}
     for r in rows:
         assert r["ms"] > 0 and r["x_vs_eager"] > 0, r
@@ -35,7 +37,10 @@ def test_bench_quick_writes_results(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_arguments(capsys):
+    capsys.readouterr()
     assert cli.main(["bench", "--cases", "no-such-layer"]) == 2
+    err = _one_line_error(capsys, "bench", "--cases: ")
+    assert "'no-such-layer'" in err and "conv1 5->24 5x5 @256" in err   # the cases there are
     assert cli.main(["bench", "--batch", "0"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["bench", "--dtype", "int8"])
@@ -142,9 +147,18 @@ TRAIN_ERRORS = [
     (["--model", "nosuch"], "--model", ["unknown model 'nosuch'", "tiny_gated"]),
     (["--mask", "nosuch"], "--mask", ["unknown mask kind 'nosuch'", "free_form"]),
     (["--mask", "file"], "--mask", ["mask_options.paths"]),
-    (["--set", "batch_size=0"], "batch_size", ["must be an int >= 1"]),
-    (["--set", "nosuch=1"], "unknown config key", ["valid keys"]),
-    (["--config", "{missing}"], "config file", ["does not exist"]),
+    (["--set", "batch_size=0"], "--set batch_size: ", ["must be an integer >= 1, got 0"]),
+    (["--steps", "-5"], "--steps: ", ["must be an integer >= 0, got -5"]),
+    (["--set", "lr=abc"], "--set: ", ["lr=abc", "not a number", "give lr a number"]),
+    (["--set", "nosuch=1"], "--set: ", ["unknown config key 'nosuch'", "valid keys", "batch_size"]),
+    (["--set", "model_options.nosuch=1"], "--set model_options: ", ["model 'tiny_gated' has no option nosuch",
+                                                                     "its options: width"]),
+    (["--set", "mask_options.nosuch=1"], "--set mask_options: ", ["mask kind 'free_form' has no option nosuch",
+                                                                   "its options:"]),
+    (["--config", "{missing}"], "--config: ", ["missing.toml", "does not exist", ".toml"]),
+    (["--config", "{photo}"], "--config: ", ["unknown format '.png'", ".toml"]),
+    (["--data", "{unreadable}", "--set", "batch_size=1"], "--data: ", ["none of the", "can be read", "the first:",
+                                               "replace the broken files"]),
     (["--data", "{one}", "--set", "batch_size=4"], "--data", ["fewer than batch_size=4", "--set batch_size"]),
 ]
 
@@ -154,11 +168,19 @@ def test_train_mistakes_are_one_line_and_write_nothing(files, capsys, wrong, fla
     one = files / "one"
     one.mkdir(exist_ok=True)
     (one / "photo.png").write_bytes((files / "photo.png").read_bytes())
-    names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml", "one": one}
+    unreadable = files / "unreadable"
+    unreadable.mkdir(exist_ok=True)
+    for i in range(3):
+        (unreadable / f"broken{i}.png").write_bytes((files / "truncated.png").read_bytes())
+    names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml", "one": one,
+             "unreadable": unreadable}
     argv = ["train", "--steps", "1", "--out", str(files / "run"), "--set", "size=32",
             *[w.format(**names) for w in wrong]]
     capsys.readouterr()
-    assert cli.main(argv) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 2
+    assert not [w for w in caught if "unreadable" in str(w.message)]   # no warning per file before the line
     err = _one_line_error(capsys, "train", flag)
     for word in words:
         assert word in err, (word, err)
@@ -200,6 +222,44 @@ def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tiny_run, tmp_
         cli.main(base + ["--resume", "--overwrite"])
     assert info.value.code == 2
     _one_line_error(capsys, "train", "argument --overwrite")
+
+
+def test_resume_keeps_the_runs_settings_and_history(tiny_run, tmp_path, capsys):
+    """`train --resume` needs only --out (and --steps to go further): the run's config.json gives
+    the rest; resuming a finished run adds no validation twice; a --steps below the run's step
+    and a run whose every checkpoint is broken are one-line errors that change nothing."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    saved = json.loads((run / "config.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    # a finished run (step 3 of 3): nothing to train, its outputs written again, no duplicate entry
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["history"] == history
+    # two steps further, with only --steps given: the size, batch, data of the run are kept
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "5"]) == 0
+    now = json.loads((run / "config.json").read_text())
+    assert now == {**saved, "steps": 5, "resume": True, "out": str(run)}
+    steps = [h["step"] for h in json.loads((run / "metrics.json").read_text())["history"]]
+    assert steps == [h["step"] for h in history] + [5]
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "4"]) == 2
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    err = _one_line_error(capsys, "train", "--steps: ")
+    assert "already at step 5" in err and "above 5" in err
+    for ckpt in (run / "checkpoints").iterdir():
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert cli.main(["train", "--out", str(run), "--resume", "--steps", "9"]) == 2
+    err = _one_line_error(capsys, "train", "--resume: ")
+    assert "none of its" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_debug_shows_the_traceback(files, monkeypatch):

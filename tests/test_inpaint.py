@@ -250,6 +250,20 @@ def test_output_format_that_would_change_the_mode_is_refused(run_dir, tmp_path, 
     assert not (tmp_path / "o.jpg").exists()
 
 
+@pytest.mark.parametrize("suffix,lossy", [(".jpg", True), (".webp", False), (".tif", False), (".bmp", False)])
+def test_a_lossy_output_says_so_and_the_lossless_ones_keep_the_known_pixels(run_dir, tmp_path, capsys, suffix,
+                                                                             lossy):
+    photo, hole = _photo(32, 32), _hole(32, 32)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    capsys.readouterr()
+    assert _inpaint(run_dir, tmp_path / "photo.png", tmp_path / "m.png", tmp_path / f"o{suffix}") == 0
+    out = capsys.readouterr().out
+    result = np.asarray(Image.open(tmp_path / f"o{suffix}").convert("RGB"))
+    assert np.array_equal(result[~hole], photo[~hole]) != lossy
+    assert ("JPEG is lossy" in out and "write a .png" in out) == lossy, out
+
+
 def test_out_folder_and_never_over_the_input(run_dir, tmp_path, capsys):
     Image.fromarray(_photo(32, 32)).save(tmp_path / "photo.png")
     Image.fromarray(_hole(32, 32).astype(np.uint8) * 255).save(tmp_path / "m.png")

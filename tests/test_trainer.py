@@ -137,9 +137,9 @@ def test_unset_optimiser_settings_come_from_the_model():
     c = resolve_defaults(load_config(overrides=["mask=block", "size=32"]), CenterModel())
     assert (c.size, c.mask, c.mask_options) == (32, "block", {})   # the model's mask options go with its mask
     assert load_config(overrides=["lr=0.01", "lr=none"]).lr is None
-    with pytest.raises(ConfigError, match="lr must be"):
+    with pytest.raises(ConfigError, match="lr: must be"):
         load_config(overrides=["lr=-1"])
-    with pytest.raises(ConfigError, match="eps must be"):
+    with pytest.raises(ConfigError, match="eps: must be"):
         load_config(overrides=["eps=0"])
 
 

@@ -302,7 +302,7 @@ class ImageFolderDataset(Dataset):
                     raise
                 self._warn_bad(i, e)
         raise NoReadableImageError(f"none of the {n} image files in split {self.split!r} under "
-                                   f"{str(self.root)!r} can be read (see the warnings above)", argument="data",
+                                   f"{str(self.root)!r} can be read", argument="data",
                                    fix="replace the broken files, or give another folder")
 
     def __getitem__(self, index: int) -> torch.Tensor:

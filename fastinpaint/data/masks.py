@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_keywords
 
 __all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "FileMask", "MASKS",
            "make_mask_generator", "MASK_FILE_EXTENSIONS", "hole_from_image"]
@@ -536,4 +536,5 @@ def make_mask_generator(kind: str, **options):
     if cls is FileMask and "paths" not in options:
         raise InvalidInputError("the 'file' mask kind reads mask images and none were given", argument="mask",
                                 fix="name them with --set mask_options.paths=FOLDER (a folder or file of masks)")
+    check_keywords(cls, options, what=f"mask kind {kind!r}", argument="mask_options")
     return cls(**options)

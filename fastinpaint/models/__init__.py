@@ -3,7 +3,7 @@ the generator's input recipe. ``build_model(name, **options)`` builds one from :
 
 from __future__ import annotations
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_keywords
 from .tiny import PatchDiscriminator, TinyGatedGenerator, TinyGatedRecipe
 # Context Encoders (Pathak et al., CVPR 2016)
 from .context_encoder import (ContextEncoderDiscriminator, ContextEncoderFeaturesRecipe, ContextEncoderGenerator,
@@ -34,4 +34,5 @@ def build_model(name: str, **options):
     except (KeyError, TypeError):
         raise InvalidInputError(f"unknown model {name!r}", argument="model",
                                 fix=f"choose one of {', '.join(sorted(MODELS))}") from None
+    check_keywords(cls, options, what=f"model {name!r}", argument="model_options")
     return cls(**options)

@@ -52,6 +52,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import struct
 import warnings
 import zlib
@@ -485,9 +486,11 @@ def save_weights(path, tensors: Mapping[str, torch.Tensor],
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     tmp, fd = _create_temp(directory, f".{path.name}.")
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)   # 0o666 less the umask
     os.close(fd)
     try:
         save_file(copies, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)   # safetensors replaces the file with one of mode 0o600
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

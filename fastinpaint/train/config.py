@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_config_file"]
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_config_file", "read_run_config"]
 
 
 class ConfigError(InvalidInputError):
@@ -62,45 +62,42 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
-        def positive(name, allow_zero=False):
-            v = getattr(self, name)
-            if v is None and name in ("size", "batch_size"):   # the model's default
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise ConfigError(f"{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
+        def bad(name, expected):
+            return ConfigError(f"must be {expected}, got {getattr(self, name)!r}", argument=name)
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("size", "batch_size", "grad_accum", "keep", "val_batches", "log_every", "samples_per_epoch",
-                     "checkpoint_every", "val_every"):
-            positive(name)
-        for name in ("steps", "num_workers", "seed"):
-            positive(name, allow_zero=True)
+                     "checkpoint_every", "val_every", "steps", "num_workers", "seed"):
+            v, least = getattr(self, name), 0 if name in ("steps", "num_workers", "seed") else 1
+            if v is None and name in ("size", "batch_size"):   # the model's default
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise bad(name, f"an integer >= {least}")
         if self.amp not in _AMP:
-            raise ConfigError(f"amp must be one of {_AMP}, got {self.amp!r}")
+            raise bad("amp", f"one of {', '.join(_AMP)}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
-                                        and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a number > 0 (or unset for the model's default), got {self.lr!r}")
-        if self.lr_d is not None and not (isinstance(self.lr_d, (int, float)) and not isinstance(self.lr_d, bool)
-                                          and math.isfinite(self.lr_d) and self.lr_d > 0):
-            raise ConfigError(f"lr_d must be a number > 0 (or unset for the model's default), got {self.lr_d!r}")
-        if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and self.eps > 0
-                and math.isfinite(self.eps)):
-            raise ConfigError(f"eps must be a number > 0, got {self.eps!r}")
+            raise bad("device", "auto, cpu or cuda")
+        for name in ("lr", "lr_d"):
+            v = getattr(self, name)
+            if v is not None and not (number(v) and v > 0):
+                raise bad(name, "a number > 0 (or none for the model's default)")
+        if not (number(self.eps) and self.eps > 0):
+            raise bad("eps", "a number > 0")
         if self.betas is not None:
             betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
-            if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-                raise ConfigError(f"betas must be two numbers in [0, 1) (or unset for the model's default), "
-                                  f"got {self.betas!r}")
+            if len(betas) != 2 or not all(number(b) and 0 <= b < 1 for b in betas):
+                raise bad("betas", "two numbers in [0, 1) (or none for the model's default)")
             self.betas = tuple(float(b) for b in betas)
-        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
-            raise ConfigError(f"ema must be a decay in [0, 1) (0 = off), got {self.ema!r}")
+        if not (number(self.ema) and 0 <= self.ema < 1):
+            raise bad("ema", "a decay in [0, 1) (0 = off)")
         for name in ("model_options", "mask_options", "loss_weights", "structure_loss"):
             if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{name} must be a table/dict, got {getattr(self, name)!r}")
+                raise bad(name, "a table of keys")
         for name in ("compile", "resume"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise bad(name, "true or false")
         return self
 
     def to_dict(self) -> dict:
@@ -116,7 +113,8 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         unknown = sorted(set(values) - set(_fields()))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(_fields()))}")
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}", argument="config",
+                              fix=f"valid keys: {', '.join(sorted(_fields()))}")
         values = dict(values)
         if "betas" in values and isinstance(values["betas"], list):
             values["betas"] = tuple(values["betas"])
@@ -138,7 +136,8 @@ def read_config_file(path) -> dict:
     """The key/value table of a ``.toml``, ``.yaml`` or ``.yml`` file (keys unchecked)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{str(path)!r} does not exist" if not path.exists() else f"{str(path)!r} is not a file",
+                          argument="config", fix="give the path of a .toml or .yaml file of train settings")
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
@@ -149,26 +148,30 @@ def read_config_file(path) -> dict:
             with open(path, "rb") as f:
                 values = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path}: invalid TOML: {e}") from e
+            raise ConfigError(f"{path} is not valid TOML: {e}", argument="config") from e
     elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ConfigError(f"reading the YAML config {path} needs the PyYAML package "
-                              "(pip install pyyaml), or write the config as TOML") from None
+            raise ConfigError(f"reading the YAML file {path} needs the PyYAML package", argument="config",
+                              fix="pip install pyyaml, or write the config as TOML") from None
         try:
             with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+            raise ConfigError(f"{path} is not valid YAML: {e}", argument="config") from e
     else:
-        raise ConfigError(f"config file {path}: unknown format {suffix!r}; use .toml, .yaml or .yml")
+        raise ConfigError(f"{path}: unknown format {suffix!r}", argument="config",
+                          fix="write the settings as .toml, .yaml or .yml")
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path}: expected a table of keys, got {type(values).__name__}")
+        raise ConfigError(f"{path} holds a {type(values).__name__}, not a table of keys", argument="config",
+                          fix="write key = value lines (TOML) or key: value lines (YAML)")
     return values
 
 
 _TRUE = {"1", "true", "yes", "on"}
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "numbers separated by commas", dict: "a JSON object"}
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -205,8 +208,9 @@ def _convert(key: str, kind, text: str):
                 raise ValueError("expected a JSON object, e.g. {\"adv\": 0.1}")
             return value
     except ValueError as e:
-        raise ConfigError(f"--set {key}={text}: cannot convert to {kind.__name__}: {e}") from None
-    raise ConfigError(f"--set {key}: unsupported type {kind}")
+        raise ConfigError(f"{key}={text}: not {_KIND_WORDS[kind]} ({e})", argument="set",
+                          fix=f"give {key} {_KIND_WORDS[kind]}") from None
+    raise ConfigError(f"{key}: unsupported type {kind}", argument="set")
 
 
 def apply_overrides(values: dict, overrides) -> dict:
@@ -216,12 +220,13 @@ def apply_overrides(values: dict, overrides) -> dict:
     hints = typing.get_type_hints(TrainConfig)
     for item in overrides or ():
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
+            raise ConfigError(f"{item!r} is not key=value", argument="set", fix="write e.g. --set lr=2e-4")
         key, text = item.split("=", 1)
         key = key.strip()
         top, _, sub = key.partition(".")
         if top not in hints:
-            raise ConfigError(f"unknown config key {top!r} in --set {item}; valid keys: {', '.join(sorted(hints))}")
+            raise ConfigError(f"unknown config key {top!r} in {item}", argument="set",
+                              fix=f"valid keys: {', '.join(sorted(hints))}")
         kind = hints[top]
         if typing.get_origin(kind) is typing.Union:   # Optional[X]: "none" unsets, else X
             if text.strip().lower() in ("none", "null", "default"):
@@ -230,7 +235,8 @@ def apply_overrides(values: dict, overrides) -> dict:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if sub:
             if kind is not dict:
-                raise ConfigError(f"--set {item}: {top} is not a table, so {key!r} has no meaning")
+                raise ConfigError(f"{item}: {top} is not a table, so {key!r} has no meaning", argument="set",
+                                  fix=f"write --set {top}=VALUE")
             table = dict(values.get(top) or {})
             table[sub] = _parse_scalar(text)
             values[top] = table
@@ -239,9 +245,37 @@ def apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
+def read_run_config(run_dir) -> dict | None:
+    """The settings a run was trained with (its ``config.json``), or None when it has none."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e})", argument="resume",
+                          fix="repair or delete it (the options given then set the run up)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} is not a table of settings", argument="resume",
+                          fix="repair or delete it (the options given then set the run up)")
+    return {k: v for k, v in values.items() if k in _fields()}
+
+
 def load_config(path=None, overrides=None, **values) -> TrainConfig:
-    """Defaults < the config file at ``path`` < ``values`` < ``overrides`` (``key=value`` strings)."""
-    merged = read_config_file(path) if path is not None else {}
-    merged.update({k: v for k, v in values.items() if v is not None})
-    merged = apply_overrides(merged, overrides)
+    """Defaults < the config file at ``path`` < ``values`` < ``overrides`` (``key=value`` strings).
+
+    With ``resume`` set, the run's own ``config.json`` (in ``out``) comes first of all: a
+    resumed run keeps the settings it was trained with, save those given again here."""
+    def merge(base):
+        merged = dict(base)
+        merged.update(read_config_file(path) if path is not None else {})
+        merged.update({k: v for k, v in values.items() if v is not None})
+        return apply_overrides(merged, overrides)
+
+    merged = merge({})
+    if merged.get("resume"):
+        out = merged.get("out", TrainConfig.out)
+        saved = read_run_config(out)
+        if saved is not None:
+            merged = {**merge(saved), "out": str(out), "resume": True}
     return TrainConfig.from_dict(merged)

@@ -44,9 +44,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import make_dataset, make_loader, make_mask_generator, sample_rng, set_epoch
-from ..errors import InvalidInputError, RunExistsError
+from ..errors import InvalidInputError, RunExistsError, UnreadableInputError
 from ..models import build_model
-from .checkpoint import load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
+from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import ConfigError, TrainConfig
 
 __all__ = ["MaskedDataset", "RUN_FILES", "Trainer", "build_structure_loss", "existing_run", "resolve_defaults",
@@ -223,6 +223,24 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
         return []
 
 
+def _probe(dataset) -> None:
+    """Decode one training sample before the run folder is touched: a folder none of whose
+    images can be read fails here, as one error naming the first fault, instead of one
+    warning per file and a half-written run folder."""
+    from ..data.datasets import NoReadableImageError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            dataset[0]
+        except NoReadableImageError as e:
+            first = str(caught[0].message) if caught else ""
+            raise NoReadableImageError(e.message + (f" (the first: {first})" if first else ""),
+                                       argument=e.argument, fix=e.fix) from None
+    for w in caught:   # the files skipped on the way to a readable one
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 # ----------------------------------------------------------------------------- train
 
 def _import_object(path: str):
@@ -358,8 +376,8 @@ class Trainer:
 
     1. :meth:`build_models`: seed, networks, optimisers, EMA copy, grad scaler, structure loss
     2. :meth:`build_data`: mask generator, training loader, fixed validation batches
-    3. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
-    4. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
+    3. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
+    4. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
     5. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
     6. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
     7. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
@@ -393,8 +411,8 @@ class Trainer:
         """Run every phase; returns the final metrics and the paths written (rank 0)."""
         self.build_models()
         self.build_data()
-        self.prepare_run_dir()
         self.resume()
+        self.prepare_run_dir()
         self.wrap_distributed()
         self.seek_data(self.epoch, self.batch_in_epoch)
         self.logger = _Logger(self.run_dir, self.main, self.config.steps, self.step)
@@ -461,24 +479,16 @@ class Trainer:
                 f"the training set of {config.data} has {len(train_ds)} samples per process, fewer than "
                 f"batch_size={config.batch_size}: no full batch can be drawn", argument="data",
                 fix="add images to the folder, or lower the batch (--set batch_size=N)")
+        _probe(train_ds.dataset)
         self.val_batches = []
         if self.main:
             self.val_batches = _val_batches(config, self.mask_gen)
 
     def prepare_run_dir(self) -> None:
-        """Rank 0, once the model and the data are known to work: with ``overwrite``, delete the
-        previous run's files; then write the resolved config.json."""
+        """Rank 0, once the model, the data and (resuming) the checkpoint are known to work: with
+        ``overwrite``, delete the previous run's files; then write the resolved config.json."""
         if not self.main:
             return
-        if self.config.resume and (self.run_dir / "config.json").is_file():
-            try:
-                trained = json.loads((self.run_dir / "config.json").read_text()).get("model")
-            except (OSError, ValueError):
-                trained = None
-            if trained and trained != self.config.model:
-                raise InvalidInputError(
-                    f"{self.run_dir} was trained with model {trained!r}, not {self.config.model!r}",
-                    argument="model", fix=f"give --model {trained} to resume it, or another --out for a new run")
         if self.overwrite:
             _clear_run(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -490,7 +500,20 @@ class Trainer:
         config = self.config
         if not config.resume:
             return
-        found = load_latest(self.ckpt_dir)   # warns and falls back past unusable checkpoints
+        if (self.run_dir / "config.json").is_file():
+            try:
+                trained = json.loads((self.run_dir / "config.json").read_text()).get("model")
+            except (OSError, ValueError, AttributeError):
+                trained = None
+            if trained and trained != config.model:
+                raise InvalidInputError(
+                    f"{self.run_dir} was trained with model {trained!r}, not {config.model!r}",
+                    argument="model", fix=f"give --model {trained} to resume it, or another --out for a new run")
+        try:
+            found = load_latest(self.ckpt_dir)   # warns and falls back past unusable checkpoints
+        except CheckpointError as e:
+            raise UnreadableInputError(str(e), argument="resume",
+                                       fix="restore a checkpoint, or start the run over with --overwrite") from e
         if found is None:
             if self.main:
                 print(f"fastinpaint train: no checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
@@ -515,6 +538,10 @@ class Trainer:
         if self.structure is not None and state.get("structure") is not None:
             _load_structure_state(self.structure, self.opt_s, state["structure"])
         self.step = int(state["step"])
+        if self.step > config.steps:
+            raise InvalidInputError(f"the run in {self.run_dir} is already at step {self.step}, past steps="
+                                    f"{config.steps}", argument="steps",
+                                    fix=f"give --steps above {self.step} to train it further")
         self.epoch, self.batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch"])
         self.history = list(state.get("history", []))
         set_rng_state(state["rng"])
@@ -700,7 +727,10 @@ class Trainer:
         step = self.step
         values, grid = self.validate()
         self.last_val = values
-        self.history.append({"step": step, **values})
+        if self.history and self.history[-1]["step"] == step:   # a finished run resumed: validated again
+            self.history[-1] = {"step": step, **values}
+        else:
+            self.history.append({"step": step, **values})
         _write_json(self.metrics_path, {"step": step, "metrics": values, "history": self.history,
                                         "baseline_mean_fill": self.baseline})
         self.logger.scalars(step, values, kind="val")

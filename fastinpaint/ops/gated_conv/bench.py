@@ -65,7 +65,12 @@ DEEPFILL_CASES = [
 
 def quick_cases(cases=DEEPFILL_CASES, size_scale: int = 8) -> list[GatedCase]:
     """The same layers on maps ``size_scale`` times smaller: for smoke tests."""
-    return [dataclasses.replace(c, size=max(c.size // size_scale, 2 * c.dilation + 1)) for c in cases]
+    small = []
+    for c in cases:
+        c = dataclasses.replace(c, size=max(c.size // size_scale, 2 * c.dilation + 1))
+        sizes = f"@{c.size}->{c.size * c.up}" if c.up > 1 else f"@{c.size}"
+        small.append(dataclasses.replace(c, name=c.name.split("@")[0] + sizes))   # the label says the size run
+    return small
 
 
 def make_inputs(case: GatedCase, batch: int, device: str, dtype, channels_last: bool, requires_grad: bool,
@@ -208,7 +213,8 @@ def run_args(args: argparse.Namespace) -> int:
     if args.cases:
         cases = [c for c in cases if any(s in c.name for s in args.cases)]
         if not cases:
-            print(f"fastinpaint bench: no case matches {args.cases}", file=sys.stderr)
+            print(f"fastinpaint bench: --cases: no case name contains {' or '.join(map(repr, args.cases))}; "
+                  f"the cases: {'; '.join(c.name for c in DEEPFILL_CASES)}", file=sys.stderr)
             return 2
     if args.quick:
         cases = quick_cases(cases)
