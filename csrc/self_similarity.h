@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define FI_HD __host__ __device__ __forceinline__
@@ -20,7 +21,9 @@
 namespace fastinpaint {
 namespace selfsim {
 
-enum Window : int64_t { kClamp = 0, kZero = 1 };
+// kDenseZero: the zero window, with the caller's promise that the queries are every position in
+// order (index = 0 .. H*W-1): the kernels may then invert the windows (the CUDA backward gathers).
+enum Window : int64_t { kClamp = 0, kZero = 1, kDenseZero = 2 };
 enum Mode : int64_t { kL1 = 0, kCos = 1 };
 constexpr double kTanhScale = 10.0;  // normalize=False: s -> tanh(s / 10)
 constexpr double kCosEps = 1e-8;     // F.cosine_similarity's eps
@@ -30,7 +33,8 @@ constexpr int kStats = 4;            // per row: threshold, <S', T'>, |S'|^2, |T
 struct Geometry {
   int64_t H, W, K, kh, kw;
   bool whole;  // clamp mode with K >= H or K >= W: the window is the whole map
-  int64_t window;
+  int64_t window;  // kClamp or kZero
+  bool dense;      // kDenseZero given: query q is position q
 
   FI_HD int64_t entries() const { return kh * kw; }
 
@@ -53,9 +57,12 @@ struct Geometry {
 
 inline Geometry make_geometry(int64_t H, int64_t W, int64_t K, int64_t window) {
   TORCH_CHECK(K >= 1, "fastinpaint: patch_size must be >= 1, got ", K);
-  TORCH_CHECK(window == kClamp || window == kZero,
-              "fastinpaint: window must be 0 (clamp) or 1 (zero), got ", window);
-  Geometry geo{H, W, K, K, K, false, window};
+  TORCH_CHECK(window == kClamp || window == kZero || window == kDenseZero,
+              "fastinpaint: window must be 0 (clamp), 1 (zero) or 2 (zero, every position a query), got ",
+              window);
+  TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max() && K <= 46340,
+              "fastinpaint: the map (", H, "x", W, ") or patch_size (", K, ") is too large for one window index");
+  Geometry geo{H, W, K, K, K, false, window == kClamp ? kClamp : kZero, window == kDenseZero};
   if (window == kClamp && (K >= H || K >= W)) {
     geo.kh = H;
     geo.kw = W;

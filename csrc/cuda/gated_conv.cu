@@ -86,7 +86,7 @@ struct alignas(sizeof(T) * V) Pack {
 // output / grad_out pack k = r*inner_v + i, feature pack r*2*inner_v + i, gate + inner_v.
 template <typename index_t>
 struct RowMap {
-  at::cuda::detail::IntDivider<index_t> inner_v;
+  Divider<index_t> inner_v;
   __device__ __forceinline__ index_t feature(index_t k) const {
     const auto qr = inner_v.divmod(k);
     return qr.div * 2 * inner_v.divisor + qr.mod;
@@ -152,33 +152,7 @@ __global__ void gated_conv_act_backward_kernel(const T* __restrict__ dy, const T
   }
 }
 
-constexpr int kThreads = 256;
-
-// Threads the current device keeps resident (SMs x max threads per SM), cached per
-// device. Plain device attributes rather than at::cuda::getCurrentDeviceProperties():
-// ATen/cuda/CUDAContext.h needs the cuBLAS / cuSPARSE headers, which a bare toolkit lacks.
-int64_t resident_threads() {
-  static std::atomic<int64_t> cache[C10_COMPILE_TIME_MAX_GPUS] = {};
-  const c10::DeviceIndex device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS);
-  int64_t value = cache[device].load(std::memory_order_relaxed);
-  if (value == 0) {
-    int sms = 0, threads_per_sm = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm,
-                                          cudaDevAttrMaxThreadsPerMultiProcessor, device));
-    value = static_cast<int64_t>(sms) * threads_per_sm;
-    cache[device].store(value, std::memory_order_relaxed);
-  }
-  return value;
-}
-
-// Blocks for a grid-stride loop over work_items: enough to fill the device once.
-int64_t grid_for(int64_t work_items) {
-  const int64_t resident_blocks = std::max<int64_t>(1, resident_threads() / kThreads);
-  const int64_t needed = (work_items + kThreads - 1) / kThreads;
-  return std::max<int64_t>(1, std::min(needed, resident_blocks));
-}
+constexpr int kThreads = kElementwiseThreads;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -194,15 +168,11 @@ void launch_rows(int64_t rows, int64_t inner, bool vec, const Launch& launch) {
     const int64_t grid = grid_for(total_v);
     // Largest index formed: a feature/gate pack index (< 2 * total_v) or k + stride. The
     // 32-bit fast divider also needs its dividend k <= INT32_MAX.
-    const int64_t max_index = 2 * total_v + grid * kThreads;
-    if (max_index <= static_cast<int64_t>(std::numeric_limits<int32_t>::max())) {
-      launch(v_tag, RowMap<uint32_t>{at::cuda::detail::IntDivider<uint32_t>(
-                        static_cast<uint32_t>(inner_v))},
-             static_cast<uint32_t>(total_v), grid);
-    } else {
-      launch(v_tag, RowMap<int64_t>{at::cuda::detail::IntDivider<int64_t>(inner_v)}, total_v,
-             grid);
-    }
+    with_index_type(2 * total_v + grid * kThreads, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      launch(v_tag, RowMap<index_t>{Divider<index_t>(static_cast<index_t>(inner_v))},
+             static_cast<index_t>(total_v), grid);
+    });
   };
   if (vec) {
     go(std::integral_constant<int, kVec>{});

@@ -6,8 +6,10 @@
 //                     striding over C (coalesced), warp-shuffle reduction.
 //   maps backward     deterministic, no atomics: (1) one block per query row computes
 //                     vq = sum_j G[q,j] g[key j] (B, Q, C float32); (2) one thread per
-//                     (position, channel) loops over the queries and sums
-//                     G[q, entry of p in q's window] * g[query q] plus vq[q] where p is q.
+//                     (position, channel) sums G[q, entry of p in q's window] * g[query q]
+//                     plus vq[q] where p is q: over the K*K queries whose window holds p in
+//                     the dense form (every position a query, zero windows: a gather), else
+//                     looping over the queries.
 //   distance forward  one block per query row: both rows computed into shared memory (never
 //                     written to global memory), the target row's top-quarter threshold by a
 //                     33-step bisection over the floats' order-preserving integer keys (block
@@ -80,8 +82,10 @@ __device__ void compute_rows(const T* const* gb, acc_t* const* gq, R* const* row
   int64_t r0, c0;
   geo.start(p, r0, c0);
   const int64_t N = geo.entries();
+  const uint32_t kw = static_cast<uint32_t>(geo.kw);  // N < 2^31: make_geometry checks it
   for (int64_t j = warp; j < N; j += kWarps) {
-    const int64_t r = r0 + j / geo.kw, c = c0 + j % geo.kw;
+    const uint32_t ju = static_cast<uint32_t>(j);
+    const int64_t r = r0 + ju / kw, c = c0 + ju % kw;
     const bool valid = r >= 0 && r < geo.H && c >= 0 && c < geo.W;
     acc_t acc[NIMG];
 #pragma unroll
@@ -170,12 +174,15 @@ __global__ void query_grad_kernel(const acc_t* __restrict__ G, const T* __restri
     geo.start(p, r0, c0);
     const T* gb = g + b * HW * C;
     const acc_t* Gr = G + row * N;
-    for (int64_t j = 0; j < N; ++j) {
-      const int64_t r = r0 + j / geo.kw, c = c0 + j % geo.kw;
-      if (r < 0 || r >= geo.H || c < 0 || c >= geo.W) {
+    for (int64_t i = 0; i < geo.kh; ++i) {  // window row by row: no division per entry
+      const int64_t r = r0 + i;
+      if (r < 0 || r >= geo.H) {
         continue;
       }
-      acc += Gr[j] * static_cast<acc_t>(gb[(r * geo.W + c) * C + ch]);
+      const int64_t k_lo = c0 < 0 ? -c0 : 0, k_hi = geo.W - c0 < geo.kw ? geo.W - c0 : geo.kw;
+      for (int64_t k = k_lo; k < k_hi; ++k) {
+        acc += Gr[i * geo.kw + k] * static_cast<acc_t>(gb[(r * geo.W + c0 + k) * C + ch]);
+      }
     }
   }
   out[ch] = acc;
@@ -238,6 +245,40 @@ __global__ void key_grad_kernel(const acc_t* __restrict__ G, const T* __restrict
   }
 }
 
+// Dense form (geo.dense: query q is position q, zero windows): the queries whose window holds
+// position p are p - (i - K/2, k - K/2), at entry i*K + k, so dg[b, p, c] gathers those K*K
+// directly, plus vq[b, p, c] (p's own query): O(K*K) per output instead of a loop over all queries.
+// Threads: 32 channels x 8 positions per block, like key_grad_kernel.
+template <typename T, typename acc_t>
+__global__ void dense_key_grad_kernel(const acc_t* __restrict__ G, const T* __restrict__ g,
+                                      const acc_t* __restrict__ vq, T* __restrict__ dg, Geometry geo, int64_t C) {
+  const int64_t b = blockIdx.z;
+  const int64_t HW = geo.H * geo.W, N = geo.entries(), K = geo.K, half = geo.K / 2;
+  const int64_t ch = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.y;
+  if (ch >= C || pos >= HW) {
+    return;
+  }
+  const int64_t pr = pos / geo.W, pc = pos - pr * geo.W;  // once per thread
+  const T* gb = g + b * HW * C;
+  const acc_t* Gb = G + b * HW * N;
+  acc_t acc = vq[(b * HW + pos) * C + ch];
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t qr = pr + half - i;
+    if (qr < 0 || qr >= geo.H) {
+      continue;
+    }
+    // qc = pc + half - k in [0, W)  <=>  k in (pc + half - W, pc + half]
+    const int64_t k_lo = pc + half - geo.W + 1 > 0 ? pc + half - geo.W + 1 : 0;
+    const int64_t k_hi = pc + half + 1 < K ? pc + half + 1 : K;
+    for (int64_t k = k_lo; k < k_hi; ++k) {
+      const int64_t q = qr * geo.W + pc + half - k;
+      acc += Gb[q * N + i * K + k] * static_cast<acc_t>(gb[q * C + ch]);
+    }
+  }
+  dg[(b * HW + pos) * C + ch] = static_cast<T>(acc);
+}
+
 template <typename T, typename acc_t>
 void scatter_backward(const at::Tensor& G, const at::Tensor& g, const at::Tensor& index, at::Tensor& dg,
                       const Geometry& geo, cudaStream_t stream) {
@@ -253,9 +294,17 @@ void scatter_backward(const at::Tensor& G, const at::Tensor& g, const at::Tensor
   {
     const dim3 grid(static_cast<unsigned>((HW + 7) / 8), static_cast<unsigned>((C + 31) / 32),
                     static_cast<unsigned>(B));
-    key_grad_kernel<T, acc_t><<<grid, dim3(32, 8), 0, stream>>>(
-        G.const_data_ptr<acc_t>(), g.const_data_ptr<T>(), index.const_data_ptr<int64_t>(),
-        vq.const_data_ptr<acc_t>(), dg.mutable_data_ptr<T>(), geo, Q, C);
+    if (geo.dense) {
+      TORCH_CHECK(Q == HW, "fastinpaint: window code 2 (dense) needs every position as a query, got ", Q,
+                  " queries for ", HW, " positions");
+      dense_key_grad_kernel<T, acc_t><<<grid, dim3(32, 8), 0, stream>>>(
+          G.const_data_ptr<acc_t>(), g.const_data_ptr<T>(), vq.const_data_ptr<acc_t>(),
+          dg.mutable_data_ptr<T>(), geo, C);
+    } else {
+      key_grad_kernel<T, acc_t><<<grid, dim3(32, 8), 0, stream>>>(
+          G.const_data_ptr<acc_t>(), g.const_data_ptr<T>(), index.const_data_ptr<int64_t>(),
+          vq.const_data_ptr<acc_t>(), dg.mutable_data_ptr<T>(), geo, Q, C);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -450,14 +499,18 @@ __global__ void distance_coef_kernel(const T* __restrict__ gs, const T* __restri
   }
 }
 
-// Shared memory of the row kernels, checked against the device's opt-in limit.
+// Dynamic shared memory of the row kernels, checked with the kernel's own static shared memory
+// (cudaFuncGetAttributes: the block reductions' scratch) against the device's opt-in limit.
 template <typename Kernel>
 size_t prepare_smem(Kernel kernel, size_t bytes) {
   int device = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes + 4096 <= static_cast<size_t>(limit), "fastinpaint: a map row of this size (",
-              bytes, " bytes of shared memory with the query vectors) exceeds the GPU's ", limit,
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  TORCH_CHECK(bytes + attr.sharedSizeBytes <= static_cast<size_t>(limit), "fastinpaint: a map row of this size (",
+              bytes, " bytes of shared memory with the query vectors, ", attr.sharedSizeBytes,
+              " more for the kernel's reductions) exceeds the GPU's ", limit,
               " bytes per block; use fewer channels, a smaller patch_size, or the reference backend");
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

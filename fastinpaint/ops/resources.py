@@ -18,7 +18,12 @@ Three steps:
    registers, stack and local memory from the cubin; Triton's metadata gives the shared
    memory.
 
-``python -m fastinpaint.ops.resources --out benchmarks/results`` writes the table;
+The CUDA extension (``fastinpaint._C`` built with ``FASTINPAINT_CUDA=1``) holds its kernels'
+cubins for sm_80 and sm_90 already: ``extension_kernels()`` reads them with the same
+cuobjdump (names demangled by ``c++filt`` where it is installed).
+
+``python -m fastinpaint.ops.resources --out benchmarks/results`` writes the Triton table,
+``--cuda-extension`` the CUDA extension's;
 ``tests/test_kernel_resources.py`` fails on a kernel that does not compile, exceeds the
 architecture's shared memory, or (a hot kernel) spills. Results are cached by a hash of
 the kernel's source (with its callees), the specialization and the target, in
@@ -233,6 +238,64 @@ def parse_resource_dump(text: str) -> list[dict]:
     return kernels
 
 
+def _short_name(name: str) -> str:
+    """A demangled kernel name without its namespaces and parameter list:
+    ``channel_fc::forward_epilogue_kernel<float, 1, true, unsigned int>``."""
+    name = re.sub(r"^void |fastinpaint::|\(anonymous namespace\)::|c10::", "", name)
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+def _demangle(names: list[str]) -> list[str]:
+    import shutil
+
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return names
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    return [_short_name(n) for n in lines] if len(lines) == len(names) else names
+
+
+def extension_kernels(path: str) -> list[dict]:
+    """Every kernel of the CUDA extension at ``path``, per architecture: :func:`parse_resource_dump`'s
+    rows with ``kernel``, the demangled short name, and ``base``, that name without template
+    arguments."""
+    out = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                         check=True).stdout
+    kernels = parse_resource_dump(out)
+    for k, name in zip(kernels, _demangle([k["name"] for k in kernels])):
+        k["kernel"] = name
+        k["base"] = name.split("<", 1)[0]
+        source = re.search(r"_GLOBAL__N__[0-9a-f]+_\d+_(\w+?)_cu_", k["name"])   # the anonymous namespace's file
+        k["source"] = f"{source.group(1)}.cu" if source else ""
+    return kernels
+
+
+def extension_markdown(kernels: list[dict], env: dict) -> str:
+    """One row per kernel template and architecture: its instantiations' register range and
+    their largest shared memory, stack and local memory."""
+    groups: dict[tuple, list[dict]] = {}
+    for k in kernels:
+        groups.setdefault((k["source"], k["base"], k["arch"]), []).append(k)
+    lines = ["# CUDA extension kernel resources (fastinpaint._C, read with cuobjdump)", "",
+             ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+             "Shared memory is the static amount (sm_90 reserves 1 KB per block); the self-similarity row "
+             "kernels add their dynamic shared memory at launch, checked against the device's limit.", "",
+             "| source | kernel | arch | instantiations | registers | shared (B) | stack (B) | local (B) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (source, base, arch), ks in sorted(groups.items()):
+        regs = sorted(k["registers"] for k in ks)
+        reg = f"{regs[0]}" if regs[0] == regs[-1] else f"{regs[0]}-{regs[-1]}"
+        lines.append(f"| {source} | {base} | {arch} | {len(ks)} | {reg} | {max(k['shared'] for k in ks)} | "
+                     f"{max(k['stack'] for k in ks)} | {max(k['local'] for k in ks)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _source_hash(fn) -> str:
     return fn.cache_key  # the source of the kernel and of every JIT function it calls
 
@@ -385,7 +448,12 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--print-json", action="store_true", help="print the rows as JSON instead of writing files")
+    p.add_argument("--cuda-extension", action="store_true",
+                   help="instead, the table of the CUDA extension's kernels (fastinpaint._C built with "
+                        "FASTINPAINT_CUDA=1)")
     a = p.parse_args(argv)
+    if a.cuda_extension:
+        return _extension_main(a.out)
     launches = collect(a.ops)
     rows = table(launches, jobs=a.jobs)
     if a.print_json:
@@ -404,6 +472,33 @@ def main(argv=None) -> int:
     for line in bad:
         print("PROBLEM", line)
     return 1 if bad else 0
+
+
+def _extension_main(out_dir: str) -> int:
+    import datetime
+
+    from .. import _extension
+
+    path = _extension.prebuilt_path()
+    info = (_extension.read_build_info(path) or {}) if path else {}
+    if info.get("cuda") != "1":
+        print("fastinpaint._C is not built with CUDA kernels: build it with FASTINPAINT_CUDA=1", file=sys.stderr)
+        return 2
+    kernels = extension_kernels(path)
+    env = {"torch": torch.__version__.split("+")[0], "cuda": torch.version.cuda,
+           "date": datetime.date.today().isoformat(), "kernels": len(kernels)}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"cuda_kernel_resources_{datetime.date.today():%Y%m%d}")
+    with open(stem + ".json", "w") as fh:
+        json.dump({"environment": env, "kernels": [{k: v for k, v in x.items() if k != "name"} for x in kernels]},
+                  fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write(extension_markdown(kernels, env))
+    spills = [k for k in kernels if k["stack"] or k["local"]]
+    print(f"{len(kernels)} kernels; wrote {stem}.json and {stem}.md")
+    for k in spills:
+        print(f"PROBLEM {k['kernel']} on {k['arch']} spills: {k['stack']} B of stack, {k['local']} B of local memory")
+    return 1 if spills else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 from .._common import acc_dtype, check_float_tensor
 from .._registry import Op, differentiable, kernel
 from . import reference
-from .reference import MODE_CODES, WINDOW_CODES, window_shape
+from .reference import DENSE_ZERO, MODE_CODES, WINDOW_CODES, window_shape
 
 _TRITON_MAX_FUSED_ENTRIES = 4096  # triton.MAX_FUSED_ENTRIES (not imported here: triton may be missing)
 
@@ -299,9 +299,10 @@ def self_similarity(feat: torch.Tensor, query_index=None, num_queries: int = 256
         return reference.self_similarity(feat, index, patch_size, window, bool(normalize))
     g = _normalized(feat, bool(normalize))
     squash = not normalize
-    if backend == "triton":
-        if isinstance(query_index, str) and code == WINDOW_CODES["zero"]:
-            code = 2  # triton.DENSE_ZERO: the dense form's backward gathers instead of looping over queries
+    if isinstance(query_index, str) and code == WINDOW_CODES["zero"]:
+        # every position a query, in order (DENSE_ZERO): the triton and cuda backwards gather each
+        # position's K*K queries instead of looping over all of them
+        code = DENSE_ZERO
     return MAPS_FORWARD(backend, g, index, patch_size, code, squash)
 
 

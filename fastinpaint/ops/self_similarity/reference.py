@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 
 WINDOW_CODES = {"clamp": 0, "zero": 1}
+# the kernels' window code 2: "zero" windows with every position a query, in order (index =
+# arange(H*W); op.py passes it only for query_index="all"). The kernels treat it as "zero"; the
+# triton and cuda backwards invert the windows and gather instead of looping over the queries.
+DENSE_ZERO = 2
 MODE_CODES = {"l1": 0, "cos": 1}
 TANH_SCALE = 10.0  # normalize=False: s -> tanh(s / TANH_SCALE)
 COS_EPS = 1e-8

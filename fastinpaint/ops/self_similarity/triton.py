@@ -33,13 +33,11 @@ import triton.language as tl
 
 from ..._debug import new_output
 from .._common import device_ctx as _device_ctx
+from .reference import DENSE_ZERO
 
 __all__ = ["maps_forward", "maps_backward", "distance_forward", "distance_backward", "MAX_FUSED_ENTRIES"]
 
 MAX_FUSED_ENTRIES = 4096
-# window code 2: "zero" windows of the dense form, whose index is arange(H*W) (op.py passes it
-# only for query_index="all"); every kernel treats it as "zero", the backward gathers directly.
-DENSE_ZERO = 2
 
 
 def _geometry(H: int, W: int, K: int, window: int):
