@@ -137,3 +137,18 @@ def test_cuda_extension_kernels_do_not_spill():
     assert not spills, "\n".join(f"{k['arch']} {k['name']}: stack {k['stack']} B, local {k['local']} B"
                                  for k in spills)
 
+
+
+def test_cuda_elementwise_kernels_have_32bit_index_forms():
+    """Every grid-stride elementwise kernel is built for 32-bit indices (at::cuda's fast
+    divider: no 64-bit division per element) besides the 64-bit fallback for huge tensors."""
+    import shutil
+
+    path = _extension_with_cuda()
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt (binutils) is needed to read the kernels' template arguments")
+    kernels = R.extension_kernels(path)
+    for base in ("forward_epilogue_kernel", "backward_prologue_kernel", "window_sum_kernel", "apply_kernel",
+                 "gated_conv_act_forward_kernel", "gated_conv_act_backward_kernel"):
+        forms = {("unsigned int" in k["kernel"], "long" in k["kernel"]) for k in kernels if k["base"] == base}
+        assert (True, False) in forms and (False, True) in forms, (base, forms)

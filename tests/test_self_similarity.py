@@ -507,3 +507,46 @@ def test_deterministic(backend, device):
         torch.use_deterministic_algorithms(False)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------- the dense form
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("H,W,K", [(5, 7, 3), (6, 4, 4), (3, 9, 5), (4, 4, 9)])
+def test_dense_form_gathers_the_same_gradient_as_the_query_loop(backend, device, H, W, K, monkeypatch):
+    """query_index="all" with zero windows reaches the kernels as window code 2 (every position
+    a query, in order), whose backward inverts the windows (the triton and cuda backwards gather
+    K*K queries per position); an explicit arange index takes the general path (code 1). Both
+    give the same maps and the same gradient, odd and even K, windows larger than the map."""
+    skip_unless_available(backend, device)
+    codes = []
+    forward = ss_op.MAPS_FORWARD
+
+    def spy(backend_name, g, index, patch_size, window, squash):
+        codes.append(window)
+        return forward(backend_name, g, index, patch_size, window, squash)
+
+    monkeypatch.setattr(ss_op, "MAPS_FORWARD", spy)
+    feat = torch.randn(2, 5, H, W, device=device, dtype=torch.float32)
+    weight = torch.randn(2, H * W, K * K, device=device)
+    results = []
+    for index in ("all", torch.arange(H * W, device=device)):
+        f = feat.clone().requires_grad_(True)
+        with use_backend(backend):
+            maps = FI.self_similarity(f, index, patch_size=K, window="zero")
+        (maps * weight).sum().backward()
+        results.append((maps.detach(), f.grad))
+    assert codes == [ref.DENSE_ZERO, ref.WINDOW_CODES["zero"]]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_row_too_large_for_shared_memory_is_a_clear_error():
+    """The CUDA row kernels' shared memory (the query vectors, C floats, plus the kernel's own
+    static share read with cudaFuncGetAttributes) is checked before the launch."""
+    skip_unless_available("cuda", "cuda")
+    feat = torch.randn(1, 60000, 2, 2, device="cuda")
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="exceeds the GPU's .* bytes per block"):
+        FI.self_similarity(feat, "all", patch_size=3)
