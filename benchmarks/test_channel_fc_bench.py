@@ -17,7 +17,7 @@ from fastinpaint.ops.channel_fc import bench as CF
 
 DEVICE = B.default_device()
 DTYPE = B.resolve_dtype(None, DEVICE)
-IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
+IMPLS = [*B.BASELINES, *B.FASTINPAINT_IMPLS]
 
 _impls: dict = {}
 

@@ -4,7 +4,7 @@
     pytest benchmarks/ --benchmark-only --benchmark-group-by=param:case
 
 Every case is timed for the eager reference (the public ports' formulation),
-torch.compile of it, and each fastinpaint backend available on the device, in the
+torch.compile of it, each fastinpaint backend available on the device and torch.compile of it, in the
 same run; compare within a group. ``extra_info`` carries bytes saved for backward.
 """
 
@@ -17,7 +17,7 @@ from fastinpaint.ops.gated_conv import bench as GB
 DEVICE = B.default_device()
 DTYPE = B.resolve_dtype(None, DEVICE)
 BATCH = 8 if DEVICE == "cuda" else 1
-IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
+IMPLS = [*B.BASELINES, *B.FASTINPAINT_IMPLS]
 
 _impl_cache: dict = {}
 

@@ -18,7 +18,7 @@ from fastinpaint.ops.partial_conv import bench as PB
 DEVICE = B.default_device()
 DTYPE = B.resolve_dtype(None, DEVICE)
 BATCH = 8 if DEVICE == "cuda" else 1
-IMPLS = ["eager", "compile(eager)", "fastinpaint[cpu]", "fastinpaint[cuda]", "fastinpaint[triton]"]
+IMPLS = [*B.BASELINES, *B.FASTINPAINT_IMPLS]
 
 
 @functools.cache

@@ -19,8 +19,8 @@ DTYPE = B.resolve_dtype(None, DEVICE)
 BATCH = 8 if DEVICE == "cuda" else 1
 SIZES = [4096, 16384] if DEVICE == "cuda" else [1024]
 ATTN_IMPLS = ["eager", "compile(eager)", "sdpa[auto]", "sdpa[flash]", "sdpa[efficient]", "sdpa[cudnn]",
-              "sdpa[math]", "fastinpaint[triton]", "fastinpaint[cpu]"]
-LOSS_IMPLS = ["eager", "compile(eager)", "fastinpaint[triton]", "fastinpaint[cpu]"]
+              "sdpa[math]", *B.FASTINPAINT_IMPLS]
+LOSS_IMPLS = [*B.BASELINES, *B.FASTINPAINT_IMPLS]
 
 _cache: dict = {}
 

@@ -19,8 +19,7 @@ from fastinpaint.ops.self_similarity import bench as SB
 DEVICE = B.default_device()
 DTYPE = B.resolve_dtype(None, DEVICE)
 CASES = SB.GPU_CASES if DEVICE == "cuda" else SB.CPU_CASES
-IMPLS = ["loop (public)", "eager reference", "compile(gather)", "fastinpaint[cpu]", "fastinpaint[cuda]",
-         "fastinpaint[triton]"]
+IMPLS = ["loop (public)", "eager reference", "compile(gather)", *B.FASTINPAINT_IMPLS]
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-// The fastinpaint library's housekeeping ops (debug poisoning, build info).
+// The fastinpaint library's housekeeping ops (debug poisoning, build info, the parallel
+// loop's thread count).
 //
 // The kernels' schemas are not here: each op declares its kernels once, in Python
 // (fastinpaint/ops/<op>/op.py, through fastinpaint/ops/_registry.py), and that one schema
@@ -11,9 +12,13 @@
 #include <torch/version.h>
 
 #include <atomic>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace fastinpaint {
 
@@ -36,6 +41,18 @@ __attribute__((used)) const char kBuildInfo[] =
 
 std::string build_info() { return kBuildInfo; }
 
+// How many distinct threads run the chunks of parallel_for(0, n, grain): the test that the
+// CPU kernels' one parallel loop really uses torch's threads (tests/test_backend.py).
+int64_t parallel_threads(int64_t n, int64_t grain) {
+  std::mutex lock;
+  std::set<std::thread::id> seen;
+  parallel_for(0, n, grain, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(lock);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 bool has_cuda_kernels() {
 #ifdef FASTINPAINT_WITH_CUDA
   return true;
@@ -52,6 +69,7 @@ TORCH_LIBRARY(fastinpaint, m) {
   m.def("_set_debug_poison(bool enabled) -> ()", &set_debug_poison);
   m.def("_build_info() -> str", &build_info);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
+  m.def("_parallel_threads(int n, int grain) -> int", &parallel_threads);
 }
 
 }  // namespace fastinpaint

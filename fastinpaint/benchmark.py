@@ -3,9 +3,11 @@ device's measured ceilings, the environment, command-line options, result files 
 
 Each op's cases live in ``fastinpaint/ops/<op>/bench.py`` (the gated convolution's are
 what ``fastinpaint bench`` runs), the whole-model ones in ``fastinpaint/models/*_bench.py``;
-the pytest-benchmark suite in benchmarks/ times the same cases. Baselines per case: the
-eager reference and ``torch.compile`` of the eager reference. Figures per case: median
-time, the ratio of each baseline's time to fastinpaint's (above 1 = fastinpaint faster),
+the pytest-benchmark suite in benchmarks/ times the same cases. Implementations per case:
+the eager reference, ``torch.compile`` of it, each fastinpaint backend and ``torch.compile``
+of each (:func:`with_compiled`), every case compiled afresh (:func:`fresh_compile`).
+Figures per case: median time, the ratio of each baseline's time (eager, compile(eager)) to
+the implementation's (above 1 = faster),
 bytes saved for backward, peak memory, and achieved rates against the device's measured
 ceilings (GPU). This module imports no op.
 """
@@ -13,6 +15,7 @@ ceilings (GPU). This module imports no op.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -218,6 +221,51 @@ def run_peak_child(cmd: list[str], timeout: float = 600, threads: int | None = N
     return None
 
 
+# ----------------------------------------------------------------------------- torch.compile baselines
+
+#: the baselines every implementation is compared with, in the same run
+BASELINES = ("eager", "compile(eager)")
+#: the fastinpaint implementations a benchmark may time: each backend, and torch.compile of it
+FASTINPAINT_IMPLS = tuple(label for backend in ("cpu", "cuda", "triton")
+                          for label in (f"fastinpaint[{backend}]", f"compile(fastinpaint[{backend}])"))
+
+
+@contextlib.contextmanager
+def fresh_compile():
+    """Around one benchmark case: dynamo's caches are reset first, so the case compiles afresh
+    (a run of many shapes never reaches the recompile limit), and a compile that would hit the
+    limit anyway raises instead of running the frame eagerly, so a baseline never turns into
+    eager without the table saying so (the row reports the error)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
+def with_compiled(impls: dict[str, Callable], compile_baseline: bool = True) -> dict[str, Callable]:
+    """``impls`` (``"eager"`` first, then ``"fastinpaint[<backend>]"`` entries) with
+    ``torch.compile`` (``dynamic=False``) of each beside it: ``"compile(eager)"`` right after
+    ``"eager"`` and ``"compile(fastinpaint[<backend>])"`` after each fastinpaint entry, so every
+    table shows what a user who compiles their model gets with and without fastinpaint.
+    ``compile_baseline=False`` adds none."""
+    if not compile_baseline:
+        return dict(impls)
+    out = {}
+    for label, fn in impls.items():
+        out[label] = fn
+        if label == "eager" or label.startswith("fastinpaint["):
+            out[f"compile({label})"] = torch.compile(fn, dynamic=False)
+    return out
+
+
+def baseline_ratios(results: dict[str, dict], baselines=BASELINES) -> dict[str, dict]:
+    """``{label: {"x_vs_<baseline>": baseline_ms / ms}}`` for each timed implementation of one
+    case (above 1 = faster than the baseline); a baseline that failed gives no ratio."""
+    bases = {k: results[k]["ms"] for k in baselines if "ms" in results.get(k, {})}
+    return {label: speedups(row, bases) for label, row in results.items()}
+
+
 # ----------------------------------------------------------------------------- command line and results
 
 def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, threads: bool = True,
@@ -232,6 +280,8 @@ def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, thre
         parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results (with the environment) as JSON here")
     parser.add_argument("--markdown", help="write the results table as markdown here")
+    parser.add_argument("--plot", help="write a PNG bar chart of the speed-ups over eager and compile(eager) here "
+                                       "(needs matplotlib)")
     return parser
 
 
@@ -392,11 +442,57 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str | None]],
     return "\n".join(lines) + "\n"
 
 
+def plot_speedups(rows: list[dict], path: str, title: str = "", env: dict | None = None) -> str:
+    """A PNG bar chart at ``path``: per case (and mode), each implementation's speed-up over
+    eager and over compile(eager) (its ``x_vs_eager`` / ``x_vs_compile(eager)``), a line at 1.
+    Needs matplotlib (``pip install fastinpaint[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the [plot] extra)") from None
+    groups, impls = [], []
+    for r in rows:
+        key = f"{r['case']} {r['mode']}" if "mode" in r else str(r["case"])
+        if key not in groups:
+            groups.append(key)
+        if r["impl"] not in impls and r["impl"] != "eager":
+            impls.append(r["impl"])
+    value = {(f"{r['case']} {r['mode']}" if "mode" in r else str(r["case"]), r["impl"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(groups) * 2), 0.5 * len(groups) + 4),
+                             sharey=True, squeeze=False)
+    width = 0.8 / max(1, len(impls))
+    for ax, (baseline, key) in zip(axes[0], [("eager", "x_vs_eager"), ("compile(eager)", "x_vs_compile(eager)")]):
+        for k, impl in enumerate(impls):
+            heights = [value.get((g, impl), {}).get(key, 0.0) for g in groups]
+            ax.barh([i + k * width for i in range(len(groups))], heights, height=width, label=impl)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"speed-up vs {baseline} (>1: faster)", fontsize=9)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_yticklabels(groups, fontsize=8)
+        ax.invert_yaxis()
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    if env:
+        title = f"{title}\n" + ", ".join(f"{k}={env[k]}" for k in ("cpu", "cpu_threads", "torch", "gpu", "date")
+                                          if env.get(k) is not None)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_results(path_json: str | None, path_md: str | None, rows, env, ceilings,
-                  markdown: Callable[[list, dict, dict], str]) -> None:
-    """Write ``{"environment", "ceilings", "results"}`` as JSON to ``path_json`` and
-    ``markdown(rows, env, ceilings)`` (the benchmark's table) to ``path_md``; either path
-    may be None. Called after every case, so partial results survive."""
+                  markdown: Callable[[list, dict, dict], str], path_plot: str | None = None,
+                  title: str = "") -> None:
+    """Write ``{"environment", "ceilings", "results"}`` as JSON to ``path_json``,
+    ``markdown(rows, env, ceilings)`` (the benchmark's table) to ``path_md`` and the chart of
+    :func:`plot_speedups` to ``path_plot``; any path may be None. Called after every case, so
+    partial results survive."""
+    if path_plot and rows:
+        plot_speedups(rows, path_plot, title, env)
     if path_json:
         with open(path_json, "w") as fh:
             json.dump({"environment": env, "ceilings": ceilings, "results": rows}, fh, indent=1)

@@ -299,3 +299,21 @@ def test_no_cuda_notice_on_a_machine_without_gpu(tmp_path):
     if not _extension._build.gpu_visible():
         assert "CPU kernels only: FASTINPAINT_CUDA=auto and no GPU visible" in setup.stderr, setup.stderr
     assert "No CUDA runtime" not in setup.stderr, setup.stderr
+
+
+def test_cpu_kernels_parallel_loop_runs_on_torchs_threads():
+    """Every C++ CPU loop goes through one parallel_for (csrc/cpu/cpu_common.h): with torch at
+    2 threads a large range runs on 2 threads, a range under the grain on 1, and at 1 thread on 1
+    (at::parallel_for itself would run serially in an extension built without OpenMP flags)."""
+    skip_unless_available("cpu", "cpu")
+    probe = torch.ops.fastinpaint._parallel_threads
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert probe(1000, 1) == 2
+        assert probe(1000, 600) == 2
+        assert probe(1000, 1000) == 1      # one chunk: no hand-off
+        torch.set_num_threads(1)
+        assert probe(1000, 1) == 1
+    finally:
+        torch.set_num_threads(saved)

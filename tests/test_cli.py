@@ -295,3 +295,33 @@ def test_the_installed_command_prints_one_line_and_exits_2(files):
     assert proc.returncode == 2
     assert proc.stderr.startswith("fastinpaint inpaint: --checkpoint: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stdout == ""
+
+
+def test_bench_times_compile_of_each_implementation_and_plots(tmp_path, capsys):
+    """Beside eager and fastinpaint[cpu], torch.compile of each, timed in the same run, ratios
+    against both baselines; --plot writes the chart."""
+    pytest.importorskip("matplotlib")
+    if unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("the cpu backend is not built")
+    out_json, plot = tmp_path / "r.json", tmp_path / "r.png"
+    code = cli.main(["bench", "--device", "cpu", "--quick", "--cases", "down 24", "--modes", "fwd", "--min-time",
+                     "0.01", "--json", str(out_json), "--plot", str(plot)])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["impl"] for r in rows] == ["eager", "compile(eager)", "fastinpaint[cpu]", "compile(fastinpaint[cpu])"]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["x_vs_eager"] > 0 and r["x_vs_compile(eager)"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_a_compiled_baseline_past_the_recompile_limit_fails_instead_of_running_eagerly():
+    import torch
+    import torch._dynamo
+    from fastinpaint import benchmark as B
+
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    with B.fresh_compile(), torch._dynamo.config.patch(recompile_limit=1):
+        fn(torch.ones(2))
+        with pytest.raises(Exception, match="(?i)recompil|limit"):
+            fn(torch.ones(3))   # a second shape: a recompile past the limit

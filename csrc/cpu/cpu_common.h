@@ -1,9 +1,13 @@
 // Shared helpers for fastinpaint's CPU kernels (csrc/cpu/*.cpp): forced inlining, the
-// dtype dispatch of the elementwise loops, and the run-time ISA level that picks among the
-// hot loops compiled for x86-64 (baseline), x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512).
+// dtype dispatch of the elementwise loops, the one parallel loop every kernel uses
+// (parallel_for), and the run-time ISA level that picks among the hot loops compiled for
+// x86-64 (baseline), x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -29,6 +33,56 @@
 #endif
 
 namespace fastinpaint {
+
+// fastinpaint's one parallel loop: at::parallel_for's contract (fn(b, e) over disjoint
+// [b, e) covering [begin, end), chunks of at least `grain` elements, serial when the range
+// is small, torch runs one thread, or the caller is already inside a parallel region), run
+// on torch's intra-op threads (at::get_num_threads(), set by torch.set_num_threads).
+//
+// Why not at::parallel_for itself: with torch's OpenMP backend its body is a
+// `#pragma omp parallel` in the header, which compiles to a serial loop in an extension
+// built without -fopenmp (and -fopenmp would tie the build to the compiler's own OpenMP
+// runtime). TensorIterator::for_each is at::parallel_for as compiled inside libtorch, so
+// the loop below runs on torch's own thread pool whatever the compiler and the backend:
+// one task per chunk, at most one chunk per thread. Each task runs with the caller's
+// thread-local state (dispatch keys, grad mode, ...): an ATen op inside a task (the
+// pixel-attention block products) dispatches as it would on the calling thread, below
+// autograd, instead of recording a graph on a pool thread.
+template <typename Fn>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  const int64_t n = end - begin;
+  if (n <= 0) {
+    return;
+  }
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t threads = at::get_num_threads();
+  if (n <= grain || threads <= 1 || at::in_parallel_region()) {
+    fn(begin, end);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  const int64_t size = (n + chunks - 1) / chunks;
+  const at::ThreadLocalState caller;
+  at::Tensor ids = at::arange(chunks, at::TensorOptions().dtype(at::kLong));
+  at::Tensor sink = at::empty({chunks}, at::TensorOptions().dtype(at::kByte));
+  at::TensorIteratorConfig config;
+  config.set_check_mem_overlap(false).check_all_same_dtype(false).resize_outputs(false);
+  config.add_output(sink).add_const_input(ids);
+  at::TensorIterator iter = config.build();
+  iter.for_each(
+      [&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+        for (int64_t o = 0; o < size1; ++o) {
+          const char* base = data[1] + o * strides[3];
+          for (int64_t i = 0; i < size0; ++i) {
+            const int64_t chunk = *reinterpret_cast<const int64_t*>(base + i * strides[1]);
+            const int64_t b = begin + chunk * size;
+            const at::ThreadLocalStateGuard state(caller);
+            fn(b, std::min(end, b + size));
+          }
+        }
+      },
+      /*grain_size=*/1);
+}
 
 // Calls fn(T{}) for the (checked) floating dtype st.
 template <typename Fn>

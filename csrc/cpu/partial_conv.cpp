@@ -23,16 +23,22 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 #include "partial_conv.h"
 
 namespace fastinpaint {
 namespace {
 
+// Elements of work below which a loop stays on the calling thread.
+constexpr int64_t kParallelWork = 32768;
+
 template <typename acc_t>
 void window_sums(const acc_t* ms, acc_t* scale, acc_t* um, int64_t B, int64_t H, int64_t W, int64_t Ho,
                  int64_t Wo, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
                  acc_t window_size, bool has_bias) {
-  at::parallel_for(0, B * Ho, 1, [&](int64_t begin, int64_t end) {
+  // a task is worth a thread from ~32K window reads on
+  const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, Wo * k[0] * k[1]));
+  parallel_for(0, B * Ho, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / Ho, oy = row % Ho;
       const acc_t* plane = ms + b * H * W;
@@ -61,7 +67,8 @@ template <typename scalar_t, typename acc_t>
 void apply(const scalar_t* raw, const scalar_t* bias, const acc_t* scale, const acc_t* um, scalar_t* out,
            int64_t B, int64_t C, int64_t P, bool channels_last) {
   if (!channels_last) {  // planes of P pixels
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, B * C, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, P)),
+                 [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         const acc_t bv = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
@@ -75,7 +82,8 @@ void apply(const scalar_t* raw, const scalar_t* bias, const acc_t* scale, const 
       }
     });
   } else {  // rows of C channels
-    at::parallel_for(0, B * P, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, B * P, std::max<int64_t>(16, kParallelWork / std::max<int64_t>(1, C)),
+                 [&](int64_t begin, int64_t end) {
       for (int64_t bp = begin; bp < end; ++bp) {
         const scalar_t* r = raw + bp * C;
         scalar_t* o = out + bp * C;

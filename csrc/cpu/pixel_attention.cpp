@@ -3,7 +3,7 @@
 // Both are computed in tasks of (sample, block of kBlock rows) against all N keys: the
 // largest temporary of a task is a (kBlock, N) score block, never the (N, N) matrix, so the
 // memory is O(threads * kBlock * N) on top of the inputs. Tasks run in parallel
-// (at::parallel_for); inside a task the block products (at::mm) and the softmax are ATen ops
+// (parallel_for, cpu/cpu_common.h); inside a task the block products (at::mm) and the softmax are ATen ops
 // that run on the calling thread. The backward passes never reduce across tasks: one pass
 // over query blocks writes dq, one over key blocks recomputes the transposed scores and
 // writes dk (and dv). float16/bfloat16 inputs are computed in float32, float64 in float64.
@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/cpu_common.h"
 
 namespace fastinpaint {
 namespace {
@@ -88,12 +89,12 @@ SampleMasks sample_masks(const std::optional<at::Tensor>& key_mask, int64_t B) {
   return m;
 }
 
-// Tasks = (sample, block of kBlock rows), run by at::parallel_for; inside a task every ATen op
+// Tasks = (sample, block of kBlock rows), run by parallel_for; inside a task every ATen op
 // (and BLAS) runs on the calling thread, so tasks never wait on each other.
 template <typename F>
 void for_blocks(int64_t B, int64_t N, const F& f) {
   const int64_t nb = (N + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / nb, i0 = (t % nb) * kBlock;
       f(b, i0, std::min(kBlock, N - i0));

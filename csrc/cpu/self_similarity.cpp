@@ -16,8 +16,7 @@
 //                               written to a (B,Q,N) float buffer per map, then the maps'
 //                               backward scatter.
 //
-// Parallel loops go through TensorIterator::for_each (torch's thread pool as compiled inside
-// libtorch): at::parallel_for instantiated in an extension built without -fopenmp is serial.
+// Parallel loops: parallel_for (cpu/cpu_common.h), on torch's intra-op threads.
 #include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/Parallel.h>
@@ -42,34 +41,14 @@ namespace {
 
 using selfsim::Geometry;
 
-// Runs fn(task) for every task in [0, n), on torch's thread pool when n > 1.
+// Runs fn(task) for every task in [0, n), one task per chunk of parallel_for.
 template <typename Fn>
 void parallel_tasks(int64_t n, const Fn& fn) {
-  if (n <= 0) {
-    return;
-  }
-  if (n == 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    for (int64_t t = 0; t < n; ++t) {
+  parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
       fn(t);
     }
-    return;
-  }
-  at::Tensor ids = at::arange(n, at::TensorOptions().dtype(at::kLong));
-  at::Tensor sink = at::empty({n}, at::TensorOptions().dtype(at::kByte));
-  at::TensorIteratorConfig config;
-  config.set_check_mem_overlap(false).check_all_same_dtype(false).resize_outputs(false);
-  config.add_output(sink).add_const_input(ids);
-  at::TensorIterator iter = config.build();
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
-        for (int64_t o = 0; o < size1; ++o) {
-          const char* base = data[1] + o * strides[3];
-          for (int64_t i = 0; i < size0; ++i) {
-            fn(*reinterpret_cast<const int64_t*>(base + i * strides[1]));
-          }
-        }
-      },
-      /*grain_size=*/1);
+  });
 }
 
 // <a, b> over n contiguous values, in acc_t, with 8 independent partial sums (vectorisable).

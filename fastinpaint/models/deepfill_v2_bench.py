@@ -1,6 +1,6 @@
 """DeepFill v2 end-to-end benchmarks: the generator on fastinpaint's kernels against the
 same model on eager layers (``use_backend("reference")``) and ``torch.compile`` of that,
-timed in the same run.
+and ``torch.compile`` of the generator on fastinpaint's layers, timed in the same run.
 
 Cases:
   * ``G fwd+bwd``: the generator's forward and the backward of its L1 losses (both stages);
@@ -35,7 +35,8 @@ from .. import _backend
 from .. import benchmark as B
 from .deepfill_v2 import DeepFillV2Recipe
 
-IMPLS = ("eager", "fastinpaint", "compile(eager)")   # compile last: a time limit cuts it first
+# the compiled ones last: a time limit cuts them first
+IMPLS = ("eager", "fastinpaint", "compile(eager)", "compile(fastinpaint)")
 
 
 # ----------------------------------------------------------------------------- CPU peak memory
@@ -172,51 +173,54 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
         interleave = device == "cpu"
     rows = []
     for case, batch, size in cases:
-        size_hw = (size, size) if isinstance(size, int) else tuple(size)
-        image, mask = _inputs(batch, size_hw, device, dtype, channels_last)
-        base, runs, case_rows = {}, {}, {}
-        for impl in impls:
-            row = {"case": case, "impl": impl, "dtype": B.dtype_name(dtype), "batch": batch,
-                   "size": f"{size_hw[0]}x{size_hw[1]}", "channels_last": channels_last, "cnum": cnum}
-            try:
-                run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
-                for _ in range(2):   # compile / warm up
-                    run()
-                if interleave:
-                    runs[impl] = run
-                else:
-                    row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=1)
-                    row["peak_MB"] = peak_mb(run, device)
-                    del run
-            except Exception as e:  # report, keep going
-                row["error"] = B.error_text(e, limit=None)
-            case_rows[impl] = row
-            rows.append(row)
-            if not interleave:
-                if impl in ("eager", "compile(eager)") and "ms" in row:
-                    base[impl] = row
+        with B.fresh_compile():   # each case compiles afresh; a fallback to eager is an error
+            size_hw = (size, size) if isinstance(size, int) else tuple(size)
+            image, mask = _inputs(batch, size_hw, device, dtype, channels_last)
+            base, runs, case_rows = {}, {}, {}
+            for impl in impls:
+                row = {"case": case, "impl": impl, "dtype": B.dtype_name(dtype), "batch": batch,
+                       "size": f"{size_hw[0]}x{size_hw[1]}", "channels_last": channels_last, "cnum": cnum}
+                try:
+                    run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
+                    for _ in range(2):   # compile / warm up
+                        run()
+                    if interleave:
+                        runs[impl] = run
+                    else:
+                        row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=1)
+                        row["peak_MB"] = peak_mb(run, device)
+                        del run
+                except Exception as e:  # report, keep going
+                    row["error"] = B.error_text(e, limit=None)
+                case_rows[impl] = row
+                rows.append(row)
+                if not interleave:
+                    if impl in B.BASELINES and "ms" in row:
+                        base[impl] = row
+                    _ratios(rows, case, base)
+                    if progress:
+                        progress(case, rows)
+                gc.collect()
+            if interleave and runs:
+                times = {impl: [] for impl in runs}
+                start = time.perf_counter()
+                def rounds():
+                    return min(len(t) for t in times.values())
+
+                while rounds() < 5 or (time.perf_counter() - start < min_time_s * len(runs) and rounds() < 50):
+                    for impl, run in runs.items():
+                        times[impl].append(_timed(run, device))
+                for impl, run in runs.items():
+                    case_rows[impl]["ms"] = statistics.median(times[impl])
+                    case_rows[impl]["rounds"] = len(times[impl])
+                    case_rows[impl]["peak_MB"] = peak_mb(run, device)
+                    if impl in B.BASELINES:
+                        base[impl] = case_rows[impl]
                 _ratios(rows, case, base)
                 if progress:
                     progress(case, rows)
-            gc.collect()
-        if interleave and runs:
-            times = {impl: [] for impl in runs}
-            start = time.perf_counter()
-            while min(len(t) for t in times.values()) < 5 or \
-                    (time.perf_counter() - start < min_time_s * len(runs) and min(len(t) for t in times.values()) < 50):
-                for impl, run in runs.items():
-                    times[impl].append(_timed(run, device))
-            for impl, run in runs.items():
-                case_rows[impl]["ms"] = statistics.median(times[impl])
-                case_rows[impl]["rounds"] = len(times[impl])
-                case_rows[impl]["peak_MB"] = peak_mb(run, device)
-                if impl in ("eager", "compile(eager)"):
-                    base[impl] = case_rows[impl]
-            _ratios(rows, case, base)
-            if progress:
-                progress(case, rows)
-            runs.clear()
-            gc.collect()
+                runs.clear()
+                gc.collect()
     return rows
 
 
@@ -256,7 +260,8 @@ def main(argv=None) -> int:
     def progress(case, rows):
         print("\n".join(B.markdown_rows([r for r in rows if r["case"] == case], COLUMNS, error_chars=ERROR_CHARS)),
               flush=True)
-        B.write_results(a.json, a.markdown, rows, env, {}, markdown)
+        B.write_results(a.json, a.markdown, rows, env, {}, markdown,
+                        path_plot=a.plot, title='DeepFill v2')
 
     rows = run_benchmarks(a.device, dtype, cases, channels_last, a.cnum, tuple(a.impls), a.min_time, progress)
     return 1 if any("error" in r for r in rows) else 0

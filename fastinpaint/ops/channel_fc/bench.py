@@ -70,8 +70,6 @@ def implementations(device: str, compile_baseline: bool = True) -> dict:
         return ref.channel_fc(x, w, b, ACTIVATION, SLOPE)
 
     impls = {"eager": eager}
-    if compile_baseline:
-        impls["compile(eager)"] = torch.compile(eager, dynamic=False)
     for backend in ("cpu", "cuda", "triton"):
         if _backend.unavailable_reason(backend, device) is None:
             if backend == "triton" and device == "cpu":
@@ -82,7 +80,7 @@ def implementations(device: str, compile_baseline: bool = True) -> dict:
                     return channel_fc(x, w, b, ACTIVATION, SLOPE)
 
             impls[f"fastinpaint[{backend}]"] = fn
-    return impls
+    return B.with_compiled(impls, compile_baseline)
 
 
 def make_inputs(case: Case, device: str, dtype, grad: bool, channels_last: bool = False, sets: int = 1):
@@ -104,41 +102,47 @@ def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd
     esize = torch.finfo(dtype).bits // 8
     impls = implementations(device, compile_baseline)
     for case in cases:
-        for mode in modes:
-            grad = mode == "fwd+bwd"
-            per_set = case.min_bytes(esize, False)
-            sets = min(8, max(1, math.ceil(4 * l2 / per_set))) if device == "cuda" else 1
-            xs, w, b = make_inputs(case, device, dtype, grad, channels_last, sets)
-            # the gradient in x's layout, as the next layer (the 1x1 mixing convolution) hands it
-            # back; not randn_like(eager's output), whose batch-innermost strides only eager has
-            gy = torch.randn_like(xs[0]) if grad else None
-            results = {}
-            for label, fn in impls.items():
-                next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
-
-                def run():
-                    x = next_x()
-                    B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
-
-                saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
-                row = B.measure(run, device, min_time_s, saved)
-                if "error" in row:
-                    results[label] = row
-                    continue
-                row["TFLOPs"] = case.flops(grad) / (row["ms"] * 1e-3) / 1e12
-                row["GBps"] = case.min_bytes(esize, grad) / (row["ms"] * 1e-3) / 1e9
-                if copy_bw:
-                    row["frac_of_copy_bw"] = row["GBps"] / copy_bw
-                results[label] = row
-            base = {k: results[k]["ms"] for k in ("eager", "compile(eager)") if "ms" in results.get(k, {})}
-            for label, row in results.items():
-                rows.append({"case": case.name, "mode": mode, "impl": label, "batch": case.batch,
-                             "dtype": B.dtype_name(dtype), "channels_last": channels_last, **row,
-                             **B.speedups(row, base)})
-            del xs, w, b, gy
-            if progress:
-                progress(rows, ceilings)
+        with B.fresh_compile():
+            _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, esize, copy_bw, rows)
+        if progress:
+            progress(rows, ceilings)
     return rows, ceilings
+
+
+def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, esize, copy_bw, rows) -> None:
+    """Append the rows of one case to ``rows``."""
+    for mode in modes:
+        grad = mode == "fwd+bwd"
+        per_set = case.min_bytes(esize, False)
+        sets = min(8, max(1, math.ceil(4 * l2 / per_set))) if device == "cuda" else 1
+        xs, w, b = make_inputs(case, device, dtype, grad, channels_last, sets)
+        # the gradient in x's layout, as the next layer (the 1x1 mixing convolution) hands it
+        # back; not randn_like(eager's output), whose batch-innermost strides only eager has
+        gy = torch.randn_like(xs[0]) if grad else None
+        results = {}
+        for label, fn in impls.items():
+            next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
+
+            def run():
+                x = next_x()
+                B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
+
+            saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
+            row = B.measure(run, device, min_time_s, saved)
+            if "error" in row:
+                results[label] = row
+                continue
+            row["TFLOPs"] = case.flops(grad) / (row["ms"] * 1e-3) / 1e12
+            row["GBps"] = case.min_bytes(esize, grad) / (row["ms"] * 1e-3) / 1e9
+            if copy_bw:
+                row["frac_of_copy_bw"] = row["GBps"] / copy_bw
+            results[label] = row
+        ratios = B.baseline_ratios(results)
+        for label, row in results.items():
+            rows.append({"case": case.name, "mode": mode, "impl": label, "batch": case.batch,
+                         "dtype": B.dtype_name(dtype), "channels_last": channels_last, **row,
+                         **ratios[label]})
+        del xs, w, b, gy
 
 
 COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
@@ -177,7 +181,8 @@ def main(argv=None) -> int:
     env = B.environment(args.device)
 
     def save(rows, ceilings):
-        B.write_results(args.json, args.markdown, rows, env, ceilings, markdown)
+        B.write_results(args.json, args.markdown, rows, env, ceilings, markdown,
+                        path_plot=args.plot, title='channel-wise FC')
 
     rows, ceilings = bench(cases, args.device, dtype, tuple(args.modes), args.channels_last, not args.no_compile,
                            args.min_time, progress=save)

@@ -107,20 +107,19 @@ def _fastinpaint_fn(case: GatedCase, backend: str):
 def implementations(case: GatedCase, device: str, compile_baseline: bool = True) -> dict:
     """{label: fn(x, w, b)}: the baselines, then every fastinpaint backend available here."""
     impls = {"eager": _reference_fn(case)}
-    if compile_baseline:
-        impls["compile(eager)"] = torch.compile(_reference_fn(case), dynamic=False)
     for backend in ("cpu", "cuda", "triton"):
         if _backend.unavailable_reason(backend, device) is None:
             if backend == "triton" and device == "cpu":
                 continue  # the interpreter is for correctness, not speed
             impls[f"fastinpaint[{backend}]"] = _fastinpaint_fn(case, backend)
-    return impls
+    return B.with_compiled(impls, compile_baseline)
 
 
 def run(cases=None, device: str = "cpu", dtype=torch.float32, batch: int = 1, channels_last: bool = True,
                      modes=("fwd+bwd", "fwd"), compile_baseline: bool = True, min_time_s: float = 0.5,
                      progress: Callable[[str, list], None] | None = None) -> list[dict]:
     """Time every implementation of every case; one result row per (case, mode, implementation).
+    Each case compiles afresh (:func:`fastinpaint.benchmark.fresh_compile`).
 
     ``progress(message, rows_so_far)`` is called after each (case, mode), so a caller can
     save partial results of a run that may be cut short."""
@@ -128,46 +127,53 @@ def run(cases=None, device: str = "cpu", dtype=torch.float32, batch: int = 1, ch
     rows = []
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
     for case in cases:
-        impls = implementations(case, device, compile_baseline)
-        for mode in modes:
-            grad = mode == "fwd+bwd"
-            in_bytes = batch * case.cin * case.size ** 2 * torch.finfo(dtype).bits // 8
-            sets = min(16, max(1, math.ceil(4 * l2 / max(in_bytes, 1)))) if device == "cuda" else 1
-            xs, w, b = make_inputs(case, batch, device, dtype, channels_last, grad, sets)
-            results = {}
-            for label, fn in impls.items():
-                next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
+        with B.fresh_compile():
+            rows += _run_case(case, device, dtype, batch, channels_last, modes, compile_baseline, min_time_s, l2,
+                              progress, rows)
+    return rows
 
-                def run():
-                    B.fwd_bwd(fn, (next_x(), w, b), grad, gy)
 
-                gy = None
-                if grad:
-                    with torch.no_grad():
-                        gy = torch.randn_like(_reference_fn(case)(xs[0], w, b))
-                saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
-                row = B.measure(run, device, min_time_s, saved)
-                if "error" in row:
-                    results[label] = row
-                    continue
-                flops = case.flops(batch) * (3 if grad else 1)
-                row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
+def _run_case(case, device, dtype, batch, channels_last, modes, compile_baseline, min_time_s, l2, progress,
+              done) -> list[dict]:
+    """The rows of one case (``done``: the rows of the cases before it, for ``progress``)."""
+    rows = []
+    impls = implementations(case, device, compile_baseline)
+    for mode in modes:
+        grad = mode == "fwd+bwd"
+        in_bytes = batch * case.cin * case.size ** 2 * torch.finfo(dtype).bits // 8
+        sets = min(16, max(1, math.ceil(4 * l2 / max(in_bytes, 1)))) if device == "cuda" else 1
+        xs, w, b = make_inputs(case, batch, device, dtype, channels_last, grad, sets)
+        results = {}
+        for label, fn in impls.items():
+            next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
+
+            def run():
+                B.fwd_bwd(fn, (next_x(), w, b), grad, gy)
+
+            gy = None
+            if grad:
+                with torch.no_grad():
+                    gy = torch.randn_like(_reference_fn(case)(xs[0], w, b))
+            saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
+            row = B.measure(run, device, min_time_s, saved)
+            if "error" in row:
                 results[label] = row
-                for t in [*xs, w, b]:
-                    t.grad = None
-            base = {k: results[k]["ms"] for k in ("eager", "compile(eager)") if "ms" in results.get(k, {})}
-            eager_saved = results.get("eager", {}).get("saved_MB")
-            for label, row in results.items():
-                entry = {"case": case.name, "mode": mode, "impl": label, "batch": batch,
-                         "dtype": str(dtype).split(".")[-1], "channels_last": channels_last, **row}
-                if "ms" in row:
-                    for k, v in base.items():
-                        entry[f"x_vs_{k}"] = v / row["ms"]
-                if eager_saved and "saved_MB" in row:
-                    entry["saved_vs_eager"] = row["saved_MB"] / eager_saved
-                rows.append(entry)
-            if progress:
-                progress(case.name + " " + mode, rows)
+                continue
+            flops = case.flops(batch) * (3 if grad else 1)
+            row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
+            results[label] = row
+            for t in [*xs, w, b]:
+                t.grad = None
+        ratios = B.baseline_ratios(results)
+        eager_saved = results.get("eager", {}).get("saved_MB")
+        for label, row in results.items():
+            entry = {"case": case.name, "mode": mode, "impl": label, "batch": batch,
+                     "dtype": str(dtype).split(".")[-1], "channels_last": channels_last, **row, **ratios[label]}
+            if eager_saved and "saved_MB" in row:
+                entry["saved_vs_eager"] = row["saved_MB"] / eager_saved
+            rows.append(entry)
+        if progress:
+            progress(case.name + " " + mode, done + rows)
     return rows
 
 
@@ -190,7 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--cases", nargs="+", help="only the cases whose name contains one of these strings")
     parser.add_argument("--modes", nargs="+", choices=["fwd+bwd", "fwd"], default=["fwd+bwd", "fwd"])
     parser.add_argument("--quick", action="store_true", help="maps 8x smaller, short timing: a smoke run")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(eager) baseline")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile of every implementation (compile(eager), compile(fastinpaint[...]))")
     return parser
 
 
@@ -238,7 +245,8 @@ def run_args(args: argparse.Namespace) -> int:
                min_time_s=0.1 if args.quick else args.min_time, progress=progress)
     print()
     print(markdown(rows, env, ceilings))
-    B.write_results(args.json, args.markdown, rows, env, ceilings, markdown)
+    B.write_results(args.json, args.markdown, rows, env, ceilings, markdown,
+                    path_plot=args.plot, title='gated convolution, DeepFill v2 layers')
     for path in (args.json, args.markdown):
         if path:
             print(f"wrote {path}")

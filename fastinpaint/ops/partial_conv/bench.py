@@ -65,58 +65,59 @@ def implementations(case: Case, device: str) -> dict:
     def eager(x, m, w, b):
         return reference.partial_conv2d(x, m, w, b, case.stride, pad, 1)[0]
 
-    impls = {"eager": eager, "compile(eager)": torch.compile(eager)}
+    impls = {"eager": eager}
     for backend in ("cpu", "cuda", "triton"):
         if _backend.unavailable_reason(backend, device) is None:
             def fn(x, m, w, b, _backend_name=backend):
                 with _backend.use_backend(_backend_name):
                     return partial_conv2d(x, m, w, b, case.stride, pad, 1)[0]
             impls[f"fastinpaint[{backend}]"] = fn
-    return impls
+    return B.with_compiled(impls)
 
 
 def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=False, modes=("fwd+bwd", "fwd"),
         min_time_s=0.5, progress=None) -> list[dict]:
     rows = []
     for case in cases:
-        impls = implementations(case, device)
-        for mode in modes:
-            grad = mode == "fwd+bwd"
-            x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
-            base = {}
-            for name, fn in impls.items():
-                row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
-                       "batch": batch}
-                try:
-                    if grad:
-                        gy = torch.randn_like(fn(x, m, w, b).detach())
+        with B.fresh_compile():   # each case compiles afresh; a fallback to eager is an error
+            impls = implementations(case, device)
+            for mode in modes:
+                grad = mode == "fwd+bwd"
+                x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
+                base = {}
+                for name, fn in impls.items():
+                    row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
+                           "batch": batch}
+                    try:
+                        if grad:
+                            gy = torch.randn_like(fn(x, m, w, b).detach())
 
-                        def step():
-                            for t in (x, w, b):
-                                t.grad = None
-                            fn(x, m, w, b).backward(gy)
+                            def step():
+                                for t in (x, w, b):
+                                    t.grad = None
+                                fn(x, m, w, b).backward(gy)
 
-                        row["saved_MB"] = B.saved_bytes(lambda: fn(x, m, w, b), exclude=(x, m, w, b)) / 2**20
-                    else:
-                        def step():
-                            with torch.no_grad():
-                                fn(x, m, w, b)
-                    row["ms"] = B.time_fn(step, device, min_time_s=min_time_s)
-                    if device == "cuda":
-                        row["peak_MB"] = B.cuda_peak_mb(step)
-                except Exception as e:  # report, keep going
-                    row["error"] = B.error_text(e, limit=None)
-                if name in ("eager", "compile(eager)") and "ms" in row:
-                    base[name] = row
-                rows.append(row)
-            eager_saved = base.get("eager", {}).get("saved_MB")
-            for row in rows:
-                if row["case"] == case.name and row["mode"] == mode and "ms" in row:
-                    row.update(B.speedups(row, {k: v["ms"] for k, v in base.items()}))
-                    if eager_saved and "saved_MB" in row:
-                        row["saved_vs_eager"] = row["saved_MB"] / eager_saved
-            if progress:
-                progress(rows)
+                            row["saved_MB"] = B.saved_bytes(lambda: fn(x, m, w, b), exclude=(x, m, w, b)) / 2**20
+                        else:
+                            def step():
+                                with torch.no_grad():
+                                    fn(x, m, w, b)
+                        row["ms"] = B.time_fn(step, device, min_time_s=min_time_s)
+                        if device == "cuda":
+                            row["peak_MB"] = B.cuda_peak_mb(step)
+                    except Exception as e:  # report, keep going
+                        row["error"] = B.error_text(e, limit=None)
+                    if name in B.BASELINES and "ms" in row:
+                        base[name] = row
+                    rows.append(row)
+                eager_saved = base.get("eager", {}).get("saved_MB")
+                for row in rows:
+                    if row["case"] == case.name and row["mode"] == mode and "ms" in row:
+                        row.update(B.speedups(row, {k: v["ms"] for k, v in base.items()}))
+                        if eager_saved and "saved_MB" in row:
+                            row["saved_vs_eager"] = row["saved_MB"] / eager_saved
+                if progress:
+                    progress(rows)
     return rows
 
 
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
     env["channels_last"] = channels_last
 
     def progress(rows):
-        B.write_results(a.json, a.markdown, rows, env, {}, markdown)
+        B.write_results(a.json, a.markdown, rows, env, {}, markdown,
+                        path_plot=a.plot, title='partial convolution')
 
     rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress)
     print(markdown(rows, env))

@@ -88,8 +88,6 @@ def attention_implementations(device: str, compile_baseline: bool = True, includ
         return reference.pixel_attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
     impls = {"eager": eager}
-    if compile_baseline:
-        impls["compile(eager)"] = torch.compile(eager, dynamic=False)
     if include_sdpa:
         from torch.nn.attention import SDPBackend
 
@@ -104,7 +102,7 @@ def attention_implementations(device: str, compile_baseline: bool = True, includ
             continue  # the cuda backend *is* sdpa[auto] (with the empty-sample fix)
         if _backend.unavailable_reason(backend, device) is None:
             impls[f"fastinpaint[{backend}]"] = _with_backend(pixel_attention, backend)
-    return impls
+    return B.with_compiled(impls, compile_baseline)
 
 
 def loss_implementations(device: str, compile_baseline: bool = True) -> dict:
@@ -112,15 +110,13 @@ def loss_implementations(device: str, compile_baseline: bool = True) -> dict:
         return reference.attention_transfer_loss(qs, ks, qt, kt, w, rows, "l2", 1.0)
 
     impls = {"eager": eager}
-    if compile_baseline:
-        impls["compile(eager)"] = torch.compile(eager, dynamic=False)
     for backend in ("triton", "cpu"):
         if backend == "triton" and device == "cpu":
             continue
         if _backend.unavailable_reason(backend, device) is None:
             impls[f"fastinpaint[{backend}]"] = _with_backend(
                 lambda qs, ks, qt, kt, w, rows: attention_transfer_loss(qs, ks, qt, kt, w, rows, "l2", 1.0), backend)
-    return impls
+    return B.with_compiled(impls, compile_baseline)
 
 
 def flops(kind: str, batch: int, n: int, grad: bool) -> float:
@@ -169,52 +165,53 @@ def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype
             else loss_implementations(device, compile_baseline)
         make = make_attention_inputs if kind == "attention" else make_loss_inputs
         for n in sizes:
-            for mode in modes:
-                grad = mode == "fwd+bwd"
-                args = make(batch, n, device, dtype, grad)
-                results = {}
-                for label, fn in impls.items():
-                    def run():
-                        if grad:
-                            out = fn(*args)
-                            out.float().sum().backward()
-                        else:
-                            with torch.no_grad():
-                                fn(*args)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                        base = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                    try:
-                        ms = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
-                    except Exception as exc:  # noqa: BLE001 - a rejecting or failing implementation is a result
-                        results[label] = {"error": B.error_text(exc, limit=200, first_line=True)}
+            with B.fresh_compile():   # each shape compiles afresh; a fallback to eager is an error
+                for mode in modes:
+                    grad = mode == "fwd+bwd"
+                    args = make(batch, n, device, dtype, grad)
+                    results = {}
+                    for label, fn in impls.items():
+                        def run():
+                            if grad:
+                                out = fn(*args)
+                                out.float().sum().backward()
+                            else:
+                                with torch.no_grad():
+                                    fn(*args)
                         if device == "cuda":
+                            torch.cuda.synchronize()
                             torch.cuda.empty_cache()
-                        continue
-                    finally:
-                        for t in args:
-                            if isinstance(t, torch.Tensor):
-                                t.grad = None
-                    row = {"ms": ms, "TFLOPs": flops(kind, batch, n, grad) / (ms * 1e-3) / 1e12}
-                    if device == "cuda":
-                        row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    elif cpu_memory and not label.startswith("compile"):
-                        peak = cpu_peak_mb(kind, label, batch, n, dtype, grad)
-                        if peak is not None:
-                            row["peak_MB"] = peak
-                    results[label] = row
-                base_ms = {k: results[k]["ms"] for k in ("eager", "compile(eager)") if "ms" in results.get(k, {})}
-                eager_peak = results.get("eager", {}).get("peak_MB")
-                for label, row in results.items():
-                    entry = {"case": f"{kind} N={n} B={batch}", "mode": mode, "impl": label, "batch": batch,
-                             "dtype": B.dtype_name(dtype), **row, **B.speedups(row, base_ms)}
-                    if eager_peak and row.get("peak_MB") is not None:
-                        entry["peak_vs_eager"] = row["peak_MB"] / eager_peak
-                    rows.append(entry)
-                if progress:
-                    progress(f"{kind} N={n} {mode}", rows)
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                        try:
+                            ms = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
+                        except Exception as exc:  # noqa: BLE001 - a rejecting or failing implementation is a result
+                            results[label] = {"error": B.error_text(exc, limit=200, first_line=True)}
+                            if device == "cuda":
+                                torch.cuda.empty_cache()
+                            continue
+                        finally:
+                            for t in args:
+                                if isinstance(t, torch.Tensor):
+                                    t.grad = None
+                        row = {"ms": ms, "TFLOPs": flops(kind, batch, n, grad) / (ms * 1e-3) / 1e12}
+                        if device == "cuda":
+                            row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                        elif cpu_memory and not label.startswith("compile"):
+                            peak = cpu_peak_mb(kind, label, batch, n, dtype, grad)
+                            if peak is not None:
+                                row["peak_MB"] = peak
+                        results[label] = row
+                    ratios = B.baseline_ratios(results)
+                    eager_peak = results.get("eager", {}).get("peak_MB")
+                    for label, row in results.items():
+                        entry = {"case": f"{kind} N={n} B={batch}", "mode": mode, "impl": label, "batch": batch,
+                                 "dtype": B.dtype_name(dtype), **row, **ratios[label]}
+                        if eager_peak and row.get("peak_MB") is not None:
+                            entry["peak_vs_eager"] = row["peak_MB"] / eager_peak
+                        rows.append(entry)
+                    if progress:
+                        progress(f"{kind} N={n} {mode}", rows)
     return rows
 
 
@@ -264,7 +261,8 @@ def main(argv=None):
 
     def save(msg, rows):
         print(msg, flush=True)
-        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown)
+        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown,
+                        path_plot=a.plot, title='pixel attention')
 
     rows = bench(a.kinds, sizes, a.device, dtype, batch, a.modes, not a.no_compile, a.min_time, progress=save)
     print(markdown(rows, env, ceilings))

@@ -9,7 +9,7 @@ cases, of the maps' sum of squares for the dense form):
   eager reference   one bmm per image against the whole map, gather (the tests' oracle)
   compile(gather)   torch.compile of the vectorised gather formulation
                     (reference.self_similarity_gather)
-and every fastinpaint backend available on the device. Figures per row: median ms, ratio of
+and every fastinpaint backend available on the device, with torch.compile of each. Figures per row: median ms, ratio of
 each baseline's time to this row's, peak extra memory of one forward+backward (GPU:
 max_memory_allocated above the inputs; CPU: peak RSS (VmHWM, reset after a warm-up call)
 minus the RSS before the call, in a fresh subprocess), and for
@@ -103,7 +103,7 @@ def implementations(case: Case, device: str, compile_baseline: bool = True) -> d
                 return spatial_correlative_distance(f, t, i, patch_size=case.K, mode="cos", window=case.window)
 
         impls[f"fastinpaint[{backend}]"] = fn
-    return impls
+    return B.with_compiled(impls, compile_baseline)   # adds compile(fastinpaint[...]) beside each backend
 
 
 def _step(fn, f, t, index):
@@ -122,12 +122,48 @@ def _peak_cpu_subprocess(case: Case, label: str, dtype) -> float | None:
         f"case = b.Case(**json.loads({json.dumps(json.dumps(dataclasses.asdict(case)))}))\n"
         f"dtype = getattr(torch, {B.dtype_name(dtype)!r})\n"
         "f, t, i = b._inputs(case, 'cpu', dtype)\n"
-        f"fn = b.implementations(case, 'cpu', {label == 'compile(gather)'!r})[{label!r}]\n"
+        f"fn = b.implementations(case, 'cpu', {label.startswith('compile(')!r})[{label!r}]\n"
         "b._step(fn, f, t, i)\n"
         "import gc; gc.collect()\n"
         "print(B.peak_line(B.cpu_peak_mb(lambda: b._step(fn, f, t, i))))\n"
     )
     return B.run_peak_child([sys.executable, "-c", code], timeout=900)
+
+
+def _time_case(case, device, dtype, min_time_s, compile_baseline, measure_peak, ceilings) -> dict:
+    """{label: row} of one case."""
+    f, t, index = _inputs(case, device, dtype)
+    results = {}
+    for label, fn in implementations(case, device, compile_baseline).items():
+        try:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                _step(fn, f, t, index)  # warm-up / compile
+                peak = B.cuda_peak_mb(lambda: _step(fn, f, t, index))
+                ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s)
+            else:
+                slow = label == "loop (public)"
+                ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s,
+                               max_reps=3 if slow else 200, warmup=1)
+                peak = _peak_cpu_subprocess(case, label, dtype) if measure_peak else None
+        except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
+            results[label] = {"error": B.error_text(exc)}
+            continue
+        row = {"ms": ms, "peak_extra_MB": peak}
+        if case.dense and ceilings:
+            n = case.K * case.K
+            hw = case.H * case.W
+            esize = torch.finfo(dtype).bits // 8
+            # forward + backward: read g (x2 in backward), write the maps, read their grad, write dg
+            bytes_moved = esize * case.B * hw * (3 * case.C + 2 * n + case.C)
+            flops = 3 * 2 * case.B * hw * n * case.C
+            t_bw = bytes_moved / (ceilings["copy_GBps"] * 1e9)
+            t_fl = flops / (next(v for k, v in ceilings.items() if k.startswith("matmul")) * 1e12)
+            row["roofline_ms"] = max(t_bw, t_fl) * 1e3
+            row["of_roofline"] = row["roofline_ms"] / ms
+        results[label] = row
+    return results
 
 
 def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: float = 0.5, compile_baseline=True,
@@ -137,37 +173,8 @@ def bench(cases=None, device: str = "cpu", dtype=torch.float32, min_time_s: floa
         ceilings = B.measure_ceilings(device) if device == "cuda" else {}
     rows = []
     for case in cases:
-        f, t, index = _inputs(case, device, dtype)
-        results = {}
-        for label, fn in implementations(case, device, compile_baseline).items():
-            try:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    _step(fn, f, t, index)  # warm-up / compile
-                    peak = B.cuda_peak_mb(lambda: _step(fn, f, t, index))
-                    ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s)
-                else:
-                    slow = label == "loop (public)"
-                    ms = B.time_fn(lambda: _step(fn, f, t, index), device, min_time_s=min_time_s,
-                                   max_reps=3 if slow else 200, warmup=1)
-                    peak = _peak_cpu_subprocess(case, label, dtype) if measure_peak else None
-            except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
-                results[label] = {"error": B.error_text(exc)}
-                continue
-            row = {"ms": ms, "peak_extra_MB": peak}
-            if case.dense and ceilings:
-                n = case.K * case.K
-                hw = case.H * case.W
-                esize = torch.finfo(dtype).bits // 8
-                # forward + backward: read g (x2 in backward), write the maps, read their grad, write dg
-                bytes_moved = esize * case.B * hw * (3 * case.C + 2 * n + case.C)
-                flops = 3 * 2 * case.B * hw * n * case.C
-                t_bw = bytes_moved / (ceilings["copy_GBps"] * 1e9)
-                t_fl = flops / (next(v for k, v in ceilings.items() if k.startswith("matmul")) * 1e12)
-                row["roofline_ms"] = max(t_bw, t_fl) * 1e3
-                row["of_roofline"] = row["roofline_ms"] / ms
-            results[label] = row
+        with B.fresh_compile():   # each case compiles afresh; a fallback to eager is an error
+            results = _time_case(case, device, dtype, min_time_s, compile_baseline, measure_peak, ceilings)
         bases = {k: results[k]["ms"] for k in ("loop (public)", "eager reference", "compile(gather)")
                  if "ms" in results.get(k, {})}
         base_peaks = {k: results[k]["peak_extra_MB"] for k in bases if results[k].get("peak_extra_MB")}
@@ -228,7 +235,8 @@ def main(argv=None) -> None:
     ceilings = B.measure_ceilings(a.device) if a.device == "cuda" else {}
 
     def save(_name, rows):
-        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown)
+        B.write_results(a.json, a.markdown, rows, env, ceilings, markdown,
+                        path_plot=a.plot, title='self-similarity')
         print(markdown(rows, env, ceilings), flush=True)
 
     bench(cases, a.device, dtype, a.min_time, not a.no_compile, not a.no_peak, progress=save, ceilings=ceilings)

@@ -1,0 +1,76 @@
+"""The benchmark scripts themselves, on tiny cases: every implementation they promise is timed
+in the same run (eager, compile(eager), each fastinpaint backend and torch.compile of it),
+every row has its ratios against both baselines, and nothing fails. The figures of such tiny
+runs mean nothing; the structure does."""
+
+import pytest
+import torch
+
+from fastinpaint import benchmark as B
+from conftest import skip_unless_available
+
+
+def _check(rows, expected_impls, baselines=B.BASELINES):
+    assert rows, "no rows"
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0, r
+        for base in baselines:
+            assert r[f"x_vs_{base}"] > 0, (base, r)
+    impls = [r["impl"] for r in rows]
+    for impl in expected_impls:
+        assert impl in impls, (impl, sorted(set(impls)))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_backend():
+    skip_unless_available("cpu", "cpu")
+
+
+COMPILED = ["eager", "compile(eager)", "fastinpaint[cpu]", "compile(fastinpaint[cpu])"]
+
+
+def test_channel_fc_bench():
+    from fastinpaint.ops.channel_fc import bench
+
+    rows, _ = bench.bench(cases=[bench.Case("tiny", 2, 3, 4)], device="cpu", modes=("fwd+bwd", "fwd"),
+                          min_time_s=0.0)
+    _check(rows, COMPILED)
+
+
+def test_partial_conv_bench():
+    from fastinpaint.ops.partial_conv import bench
+
+    rows = bench.run(cases=[bench.Case("tiny", 3, 4, 3, 2, 9)], device="cpu", modes=("fwd",), min_time_s=0.0)
+    _check(rows, COMPILED)
+
+
+def test_pixel_attention_bench():
+    from fastinpaint.ops.pixel_attention import bench
+
+    rows = bench.bench(kinds=("attention", "loss"), sizes=(16,), device="cpu", dtype=torch.float32, batch=1,
+                       modes=("fwd",), min_time_s=0.0, cpu_memory=False)
+    _check([r for r in rows if r["impl"] in COMPILED], COMPILED)
+
+
+def test_self_similarity_bench():
+    from fastinpaint.ops.self_similarity import bench
+
+    cases = [bench.Case("tiny sparse", 1, 4, 6, 7, 3, Q=5), bench.Case("tiny dense", 1, 4, 5, 5, 3, Q=0, window="zero")]
+    rows = bench.bench(cases=cases, device="cpu", min_time_s=0.0, measure_peak=False)
+    _check(rows, ["eager reference", "compile(gather)", "fastinpaint[cpu]", "compile(fastinpaint[cpu])"],
+           baselines=("eager reference", "compile(gather)"))
+
+
+def test_deepfill_v2_bench_structure():
+    """The model benchmark times the compiled model on fastinpaint's layers beside the three
+    others; run here without the two compiled ones (compiling the whole generator takes
+    minutes on 2 cores)."""
+    from fastinpaint.models import deepfill_v2_bench as DB
+
+    assert DB.IMPLS == ("eager", "fastinpaint", "compile(eager)", "compile(fastinpaint)")
+    rows = DB.run_benchmarks(device="cpu", cases=(("G inference", 1, 32),), cnum=4, impls=("eager", "fastinpaint"),
+                             min_time_s=0.0)
+    assert [r["impl"] for r in rows] == ["eager", "fastinpaint"]
+    for r in rows:
+        assert "error" not in r and r["ms"] > 0 and r["x_vs_eager"] > 0, r
