@@ -488,3 +488,29 @@ def test_compile_dynamic_shapes_fullgraph():
     for s in (9, 12):
         x = torch.randn(1, 3, s, s + 1)
         torch.testing.assert_close(f(x), m(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_gating_split_across_threads_matches_reference(channels_last):
+    """A gating problem larger than one parallel chunk, whose chunk boundaries fall inside rows
+    (NCHW: rows = samples, a row = C*H*W; channels_last: rows = pixels, a row = C), on 2
+    threads: every element computed once, forward and backward."""
+    skip_unless_available("cpu", "cpu")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(3, 4, 67, 67).contiguous(memory_format=fmt).requires_grad_(True)
+        w = torch.randn(10, 4, 1, 1).contiguous(memory_format=fmt).requires_grad_(True)
+        b = torch.randn(10, requires_grad=True)
+        gy = torch.randn(3, 5, 67, 67).contiguous(memory_format=fmt)
+        outs = []
+        for backend in ("reference", "cpu"):
+            with use_backend(backend):
+                y = FI.gated_conv2d(x, w, b, activation="elu")
+            grads = torch.autograd.grad(y, (x, w, b), gy)
+            outs.append((y, *grads))
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)

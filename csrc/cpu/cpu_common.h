@@ -44,7 +44,10 @@ namespace fastinpaint {
 // built without -fopenmp (and -fopenmp would tie the build to the compiler's own OpenMP
 // runtime). TensorIterator::for_each is at::parallel_for as compiled inside libtorch, so
 // the loop below runs on torch's own thread pool whatever the compiler and the backend:
-// one task per chunk, at most one chunk per thread. Each task runs with the caller's
+// one task per chunk, at most one chunk per thread. (channel_fc.cpp's elementwise passes,
+// over operands of any strides and a broadcast bias, call TensorIterator::for_each
+// directly: the same compiled loop, with TensorIterator's own dimension coalescing.)
+// Each task runs with the caller's
 // thread-local state (dispatch keys, grad mode, ...): an ATen op inside a task (the
 // pixel-attention block products) dispatches as it would on the calling thread, below
 // autograd, instead of recording a graph on a pool thread.

@@ -3,8 +3,9 @@
 // and its backward (act and sigmoid are recomputed from pre).
 //
 // Both memory layouts are read as rows x {feature, gate} x inner (gated_conv.h, gate_layout).
-// The (rows x inner) problem is cut into tasks of whole or partial rows by torch's
-// parallel loop (run_rows), so the inner loop is a plain, contiguous, vectorisable loop.
+// The (rows x inner) problem is cut into tasks of whole or partial rows by the CPU kernels'
+// parallel loop (run_rows, parallel_for), so the inner loop is a plain, contiguous,
+// vectorisable loop.
 //
 // float32 (and the half types, computed in float) use a branch-free exp written in plain
 // C++ so that gcc vectorises it. On x86-64 with gcc the hot loops are compiled three times
@@ -13,11 +14,9 @@
 // float64 (gradcheck only) uses std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -258,11 +257,10 @@ FI_INLINE void backward_row(const T* FI_RESTRICT dy, const T* FI_RESTRICT f,
   }
 }
 
-// TensorIterator 2-D loops (see the drivers below). Forward operands: y, f, g; backward
-// operands: df, dg, dy, f, g. strides[k] is operand k's inner stride in bytes,
-// strides[ntensors + k] its outer stride. The inner dimension is contiguous unless it is
-// trivial (inner == 1: TensorIterator then drops it and walks the rows), so the strided
-// variant is a plain scalar loop.
+// 2-D loops in TensorIterator's form (run_rows calls them). Forward operands: y, f, g;
+// backward operands: df, dg, dy, f, g. strides[k] is operand k's inner stride in bytes,
+// strides[ntensors + k] its outer stride. The inner dimension is contiguous (element-size
+// strides); the strided variant, a plain scalar loop, is there for any other caller.
 template <typename T>
 FI_INLINE T* at_byte(char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);
@@ -343,7 +341,7 @@ FI_INLINE void backward_loop(char** data, const int64_t* strides, int64_t n, int
   }
 }
 
-// (data, strides, n, m, activation, negative_slope): one TensorIterator 2-D loop.
+// (data, strides, n, m, activation, negative_slope): one 2-D loop.
 using LoopFn = void (*)(char**, const int64_t*, int64_t, int64_t, int64_t, double);
 
 // One instantiation per instruction-set level. The bodies above are always_inline and
@@ -423,64 +421,56 @@ struct RowOperand {
   int64_t offset;
 };
 
-// Runs loop over the whole (rows x inner) problem, in parallel when it is large enough.
-//
-// The parallel loop is TensorIterator::for_each, i.e. at::parallel_for as compiled inside
-// libtorch. at::parallel_for instantiated here would be serial: with torch's OpenMP
-// backend its body is a `#pragma omp parallel` in the header, which is ignored because
-// the extension is not compiled with -fopenmp. The operands are 2-D (rows, inner) views,
-// so each call of loop sees whole or partial rows, contiguous along inner.
+// Runs loop over the whole (rows x inner) problem, in chunks of at least kGrain elements on
+// torch's threads (parallel_for, cpu/cpu_common.h). A chunk is a flat range of the
+// problem: its partial first row, its whole rows (one call, row strides), its partial last
+// row, so that each call of loop sees contiguous runs along inner. A problem of one chunk
+// is one call over every row, on the calling thread.
 template <typename Loop>
 void run_rows(std::initializer_list<RowOperand> outputs,
               std::initializer_list<RowOperand> inputs, int64_t rows, int64_t inner,
               const Loop& loop) {
-  const int64_t total = rows * inner;
-  if (total <= kGrain || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    // Serial: no views or iterator to build; the pointers and strides TensorIterator
-    // would pass for the whole problem.
-    constexpr size_t kMaxOperands = 5;
-    const size_t ntensors = outputs.size() + inputs.size();
-    TORCH_INTERNAL_ASSERT(ntensors <= kMaxOperands);
-    char* data[kMaxOperands];
-    int64_t strides[2 * kMaxOperands];
-    size_t k = 0;
-    for (const auto* group : {&outputs, &inputs}) {
-      for (const RowOperand& op : *group) {
-        const int64_t es = op.t.element_size();
-        data[k] = static_cast<char*>(op.t.data_ptr()) + op.offset * es;
-        strides[k] = es;
-        strides[ntensors + k] = op.row_stride * es;
-        ++k;
-      }
-    }
-    loop(data, strides, inner, rows);
-    return;
-  }
-  // The config borrows its operands: the views live until the loop is done.
-  c10::SmallVector<at::Tensor, 5> views;
+  constexpr size_t kMaxOperands = 5;
+  const size_t ntensors = outputs.size() + inputs.size();
+  TORCH_INTERNAL_ASSERT(ntensors <= kMaxOperands);
+  char* base[kMaxOperands];
+  int64_t strides[2 * kMaxOperands];  // TensorIterator's layout: inner strides, then row strides
+  size_t k = 0;
   for (const auto* group : {&outputs, &inputs}) {
     for (const RowOperand& op : *group) {
-      views.push_back(op.t.as_strided({rows, inner}, {op.row_stride, 1},
-                                      op.t.storage_offset() + op.offset));
+      const int64_t es = op.t.element_size();
+      base[k] = static_cast<char*>(op.t.data_ptr()) + op.offset * es;
+      strides[k] = es;
+      strides[ntensors + k] = op.row_stride * es;
+      ++k;
     }
   }
-  at::TensorIteratorConfig config;
-  config.set_check_mem_overlap(false)  // df and dg are disjoint halves of one tensor
-      .check_all_same_dtype(true)
-      .resize_outputs(false);
-  for (size_t k = 0; k < views.size(); ++k) {
-    if (k < outputs.size()) {
-      config.add_output(views[k]);
-    } else {
-      config.add_const_input(views[k]);
+  // loop over n elements of each of `count` rows, from element (r, i)
+  auto call = [&](int64_t r, int64_t i, int64_t n, int64_t count) {
+    char* data[kMaxOperands];
+    for (size_t t = 0; t < ntensors; ++t) {
+      data[t] = base[t] + r * strides[ntensors + t] + i * strides[t];
     }
-  }
-  at::TensorIterator iter = config.build();
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t n, int64_t m) {
-        loop(data, strides, n, m);
-      },
-      kGrain);
+    loop(data, strides, n, count);
+  };
+  parallel_for(0, rows * inner, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t r = begin / inner, i = begin - r * inner;
+    if (i != 0) {  // the partial first row
+      const int64_t n = std::min(inner - i, end - begin);
+      call(r, i, n, 1);
+      begin += n;
+      ++r;
+    }
+    const int64_t whole = (end - begin) / inner;
+    if (whole > 0) {
+      call(r, 0, inner, whole);
+      begin += whole * inner;
+      r += whole;
+    }
+    if (begin < end) {  // the partial last row
+      call(r, 0, end - begin, 1);
+    }
+  });
 }
 
 at::Tensor gated_conv_act_forward_cpu(const at::Tensor& pre, int64_t activation,
