@@ -212,10 +212,19 @@ def _user_message(exc: BaseException, parser: argparse.ArgumentParser) -> str | 
     return None
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"fastinpaint: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FASTINPAINT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    saved_format = warnings.formatwarning
+    if not debug:   # a warning is one line too (--debug: with its source line)
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -230,6 +239,8 @@ def main(argv=None) -> int:
             raise
         print(f"fastinpaint {args.command}: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

@@ -359,10 +359,15 @@ def _pairs(image, mask, out):
         target = out / (image.stem + ".png") if out_is_folder else out
         _output_format(target)
         pairs = [(image, mask, target)]
+    seen: dict[Path, Path] = {}
     for src, _, target in pairs:
         if _same_file(src, target):
             raise InvalidInputError(f"{target} would overwrite the input image {src}", argument="out",
                                     fix="give another file or folder")
+        if target in seen:   # photo.png and photo.jpg both give photo.png
+            raise InvalidInputError(f"{seen[target]} and {src} would both be written to {target}", argument="image",
+                                    fix="rename one of them (outputs are named after the image, as .png)")
+        seen[target] = src
     return pairs
 
 
@@ -404,6 +409,11 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pairs = _pairs(image, mask, out)
     recipe, generator = load_generator(checkpoint, ema=ema, device=device)
+    if len(pairs) > 1:   # every image and mask checked before the first file is written
+        for img_path, mask_path, out_path in pairs:
+            photo = read_photo(img_path)
+            _check_writable(out_path, photo.mode, img_path)
+            read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
     written = []
     for img_path, mask_path, out_path in pairs:
         photo = read_photo(img_path)

@@ -157,6 +157,13 @@ TRAIN_ERRORS = [
                                                                    "its options:"]),
     (["--config", "{missing}"], "--config: ", ["missing.toml", "does not exist", ".toml"]),
     (["--config", "{photo}"], "--config: ", ["unknown format '.png'", ".toml"]),
+    (["--set", "size=30"], "--set size: ", ["multiple of 4", "size=30", "--set size=28"]),
+    (["--set", "model_options.width=0"], "--set model_options: ", ["model 'tiny_gated'", "width"]),
+    (["--set", "loss_weights.nosuch=1"], "--set loss_weights: ", ["no loss 'nosuch'", "l1_hole"]),
+    (["--resume"], "--out: ", ["holds no run to resume", "leave out --resume"]),
+    (["--config", "{bad_value}"], "--config: ", ["keep in", "bad.toml", "must be an integer"]),
+    (["--data", "{unreadable}"], "--data: ", ["none of the", "can be read", "the first:",
+                                              "replace the broken files"]),
     (["--data", "{unreadable}", "--set", "batch_size=1"], "--data: ", ["none of the", "can be read", "the first:",
                                                "replace the broken files"]),
     (["--data", "{one}", "--set", "batch_size=4"], "--data", ["fewer than batch_size=4", "--set batch_size"]),
@@ -172,8 +179,9 @@ def test_train_mistakes_are_one_line_and_write_nothing(files, capsys, wrong, fla
     unreadable.mkdir(exist_ok=True)
     for i in range(3):
         (unreadable / f"broken{i}.png").write_bytes((files / "truncated.png").read_bytes())
+    (files / "bad.toml").write_text('keep = "ten"\n')
     names = {"empty": files / "empty", "photo": files / "photo.png", "missing": files / "missing.toml", "one": one,
-             "unreadable": unreadable}
+             "unreadable": unreadable, "bad_value": files / "bad.toml"}
     argv = ["train", "--steps", "1", "--out", str(files / "run"), "--set", "size=32",
             *[w.format(**names) for w in wrong]]
     capsys.readouterr()
@@ -251,6 +259,11 @@ def test_resume_keeps_the_runs_settings_and_history(tiny_run, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     err = _one_line_error(capsys, "train", "--steps: ")
     assert "already at step 5" in err and "above 5" in err
+    # another network shape on resume: one line, nothing changed
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "9", "--set", "model_options.width=8"]) == 2
+    err = _one_line_error(capsys, "train", "--set: ")
+    assert "model_options" in err and "cannot change on resume" in err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     for ckpt in (run / "checkpoints").iterdir():
         ckpt.write_bytes(ckpt.read_bytes()[:100])
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -325,3 +338,22 @@ def test_a_compiled_baseline_past_the_recompile_limit_fails_instead_of_running_e
         fn(torch.ones(2))
         with pytest.raises(Exception, match="(?i)recompil|limit"):
             fn(torch.ones(3))   # a second shape: a recompile past the limit
+
+
+def test_warnings_are_one_line_during_a_command(monkeypatch):
+    """A warning raised while a command runs prints as one `fastinpaint: warning: ...` line (no
+    source file and line); the usual format is restored afterwards."""
+    import warnings
+
+    seen = []
+
+    def backends(args):
+        seen.append(warnings.formatwarning("skipping unreadable image 'x.png':\n truncated", RuntimeWarning,
+                                           "/somewhere/datasets.py", 312))
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_backends", backends)
+    before = warnings.formatwarning
+    assert cli.main(["backends"]) == 0
+    assert seen == ["fastinpaint: warning: skipping unreadable image 'x.png': truncated\n"]
+    assert warnings.formatwarning is before

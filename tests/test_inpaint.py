@@ -92,6 +92,35 @@ def test_folder_of_images_and_every_checkpoint_form(run_dir, tmp_path):
             assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("problem", ["same name", "one unreadable", "one mask of another size"])
+def test_a_folder_with_one_bad_pair_writes_nothing(run_dir, tmp_path, capsys, problem):
+    """Every image and mask of a folder is checked before the first output is written; two
+    images that would give the same output name are refused."""
+    imgs, masks, out = tmp_path / "imgs", tmp_path / "masks", tmp_path / "out"
+    imgs.mkdir(), masks.mkdir()
+    photo, hole = _photo(32, 32), _hole(32, 32)
+    for name in ("a", "b"):
+        Image.fromarray(photo).save(imgs / f"{name}.png")
+        Image.fromarray(hole.astype(np.uint8) * 255).save(masks / f"{name}.png")
+    if problem == "same name":
+        Image.fromarray(photo).save(imgs / "b.jpg")
+        flag, words = "--image: ", ["b.jpg", "b.png", "both be written", "rename"]
+    elif problem == "one unreadable":
+        (imgs / "c.png").write_bytes((imgs / "b.png").read_bytes()[:300])
+        Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "c.png")
+        flag, words = "--image: ", ["c.png", "cannot read"]
+    else:
+        Image.fromarray(_hole(16, 16).astype(np.uint8) * 255).save(masks / "b.png")
+        flag, words = "--mask: ", ["b.png", "--resize-mask"]
+    capsys.readouterr()
+    assert _inpaint(run_dir, imgs, masks, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastinpaint inpaint: {flag}") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_inverted_masks_and_errors(run_dir, tmp_path):
     recipe, gen = load_generator(run_dir)
     img = np.random.default_rng(0).integers(0, 256, (12, 14, 3), dtype=np.uint8)

@@ -365,5 +365,5 @@ def test_make_mask_generator(mask_files):
     assert make_mask_generator("center", hole=32, image=64)(64, 64).sum() == 24 * 24
     with pytest.raises(ValueError, match="unknown mask kind.*block.*center.*file.*free_form.*region"):
         make_mask_generator("circles")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="mask kind 'block' has no option nonsense; its options: max_blocks"):
         make_mask_generator("block", nonsense=1)

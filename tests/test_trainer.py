@@ -251,9 +251,9 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     assert sa["data"] == sb["data"] == {"epoch": 1, "batch": 4}
     for (ka, va), (kb, vb) in zip(sa["opt_g"]["state"].items(), sb["opt_g"]["state"].items()):
         assert all(torch.equal(va[x], vb[x]) for x in va)
-    # the resumed run's log: steps 1..5 (killed run, maybe 6), then 6..12 again
+    # the resumed run's log: the killed run's lines after its checkpoint are dropped, 6..12 once
     steps = [x["step"] for x in read_log(run_b)]
-    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-7:] == list(range(6, 13))
+    assert steps == list(range(1, 13))
 
 
 def test_truncated_latest_checkpoint_falls_back(tmp_path):
@@ -266,13 +266,51 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path):
         result = train(cfg(out, steps=6, checkpoint_every=2, val_every=100, resume=True))
     assert result["step"] == 6
     steps = [x["step"] for x in read_log(out)]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]   # steps 3 and 4 were redone from the step-2 checkpoint
+    assert steps == [1, 2, 3, 4, 5, 6]   # 3 and 4 redone from the step-2 checkpoint, logged once
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
-    result = train(cfg(tmp_path / "fresh", steps=1, val_every=100, resume=True))
+    """A run folder whose run ended before its first checkpoint: --resume starts it over (its
+    log with it); a folder with no run at all is refused (a mistyped --out)."""
+    from fastinpaint.errors import InputNotFoundError
+
+    with pytest.raises(InputNotFoundError, match="holds no run to resume"):
+        train(cfg(tmp_path / "typo", steps=1, val_every=100, resume=True))
+    assert not (tmp_path / "typo").exists()
+    out = tmp_path / "fresh"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "log.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    result = train(cfg(out, steps=1, val_every=100, resume=True))
     assert result["step"] == 1
     assert "no checkpoint" in capsys.readouterr().out
+    assert [x["step"] for x in read_log(out)] == [1]
+
+
+def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, capsys):
+    """The first SIGINT during training stops after the current step with a checkpoint of it
+    (not the last periodic one); --resume from it ends where an uninterrupted run does, with
+    one log line per step and every validation in the history."""
+    common = dict(steps=7, checkpoint_every=100, val_every=2)
+    train(cfg(tmp_path / "a", **common))
+
+    def interrupt_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(out, **common), on_step=interrupt_at_3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt_000000003.pt"]
+    assert "interrupted at step 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is gone
+    train(cfg(out, **common, resume=True))
+    pa, pb = load_file(tmp_path / "a" / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [x["step"] for x in read_log(out)] == list(range(1, 8))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 2, 4, 6, 7]
+    assert history == json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
 
 
 # ----------------------------------------------------------------------------- bad data

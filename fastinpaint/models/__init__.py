@@ -35,4 +35,10 @@ def build_model(name: str, **options):
         raise InvalidInputError(f"unknown model {name!r}", argument="model",
                                 fix=f"choose one of {', '.join(sorted(MODELS))}") from None
     check_keywords(cls, options, what=f"model {name!r}", argument="model_options")
-    return cls(**options)
+    try:
+        return cls(**options)
+    except InvalidInputError:
+        raise
+    except ValueError as e:   # a value the recipe refuses: a loss it does not have, a bad width, ...
+        argument = "loss_weights" if "loss" in str(e) and options.get("loss_weights") else "model_options"
+        raise InvalidInputError(f"model {name!r}: {e}", argument=argument) from e

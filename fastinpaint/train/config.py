@@ -278,4 +278,12 @@ def load_config(path=None, overrides=None, **values) -> TrainConfig:
         saved = read_run_config(out)
         if saved is not None:
             merged = {**merge(saved), "out": str(out), "resume": True}
-    return TrainConfig.from_dict(merged)
+    try:
+        return TrainConfig.from_dict(merged)
+    except ConfigError as e:
+        given = {k for k, v in values.items() if v is not None}
+        given |= {str(o).split("=", 1)[0].split(".", 1)[0].strip() for o in overrides or ()}
+        if path is not None and e.argument not in given and e.argument in read_config_file(path):
+            # the bad value came from the file: say so, not the option the user did not give
+            raise ConfigError(f"{e.argument} in {path}: {e.message}", argument="config", fix=e.fix) from None
+        raise

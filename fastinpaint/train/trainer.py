@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import make_dataset, make_loader, make_mask_generator, sample_rng, set_epoch
-from ..errors import InvalidInputError, RunExistsError, UnreadableInputError
+from ..errors import InputNotFoundError, InvalidInputError, RunExistsError, UnreadableInputError, UserError
 from ..models import build_model
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import ConfigError, TrainConfig
@@ -106,7 +106,10 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
 class _Logger:
     """Rank 0's console, log.jsonl and (when installed) TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int):
+    def __init__(self, run_dir: Path, enabled: bool, total: int, start: int, resumed_at: int | None = None):
+        """``resumed_at``: the step a resumed run continues from (-1: a resume that found no
+        checkpoint and starts over): the log's lines (and TensorBoard's events) after it are
+        dropped, as the steps after it are run again."""
         self.enabled = enabled
         self.total, self.start = total, start
         self.t0 = time.perf_counter()
@@ -114,10 +117,13 @@ class _Logger:
         self.bar = None
         if not enabled:
             return
+        if resumed_at is not None:
+            _truncate_log(run_dir / "log.jsonl", resumed_at)
         self.jsonl = open(run_dir / "log.jsonl", "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         except Exception:  # tensorboard missing (ImportError) or broken
             print(f"fastinpaint train: tensorboard is not installed; scalars go to {run_dir / 'log.jsonl'} only",
                   flush=True)
@@ -166,6 +172,23 @@ class _Logger:
         self.jsonl.close()
 
 
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the lines of log.jsonl up to ``last_step`` (atomically); a line that cannot be read
+    (a write cut short) is dropped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _grid(image, mask, output) -> torch.Tensor:
     """(3, B*H, 3*W) in [0, 1]: per row masked input (holes white) | composite output | truth."""
     image, mask, output = image.float().cpu(), mask.float().cpu(), output.float().cpu().clamp(-1, 1)
@@ -212,8 +235,9 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
     except (ValueError, RuntimeError) as e:   # empty split / no readable file in it
         if config.data == "demo":
             raise
-        warnings.warn(f"validation split unusable ({e}); validating on centre crops of every image instead",
-                      RuntimeWarning)
+        why = e.message if isinstance(e, UserError) else str(e)   # the library's fix does not apply here
+        warnings.warn(f"the validation split is unusable ({why}); validating on centre crops of every image "
+                      "instead", RuntimeWarning)
     try:
         return load(make_dataset(config.data, size=config.size, split="all", seed=config.seed, crop="center",
                                  flip=False))
@@ -309,6 +333,9 @@ def _check_run_dir(config: TrainConfig, overwrite: bool) -> None:
         raise InvalidInputError("resume and overwrite contradict each other", argument="overwrite",
                                 fix="give --resume to continue the run, or --overwrite to start over, not both")
     found = existing_run(config.out)
+    if config.resume and not found:
+        raise InputNotFoundError(f"{config.out} holds no run to resume", argument="out",
+                                 fix="check the --out path, or leave out --resume to start a new run there")
     if found and not config.resume and not overwrite:
         raise RunExistsError(f"{config.out} already holds a run ({', '.join(found)})", argument="out",
                              fix="add --resume to continue it, or --overwrite to delete it and start over, "
@@ -355,7 +382,7 @@ def train(config: TrainConfig, on_step=None, overwrite: bool = False) -> dict:
         if rank == 0:
             try:
                 _check_run_dir(config, overwrite)
-            except (InvalidInputError, RunExistsError) as e:
+            except (InvalidInputError, InputNotFoundError, RunExistsError) as e:
                 refusal = [e]
         if distributed:
             torch.distributed.broadcast_object_list(refusal, src=0)
@@ -415,15 +442,19 @@ class Trainer:
         self.prepare_run_dir()
         self.wrap_distributed()
         self.seek_data(self.epoch, self.batch_in_epoch)
-        self.logger = _Logger(self.run_dir, self.main, self.config.steps, self.step)
+        resumed_at = None if not self.config.resume else (self.step if self.last_ckpt is not None else -1)
+        self.logger = _Logger(self.run_dir, self.main, self.config.steps, self.step, resumed_at)
         self.generator.train()
         if self.discriminator is not None:
             self.discriminator.train()
         self.initial_validation()
         try:
-            while self.step < self.config.steps:
-                logs = self.train_step()
-                self.after_step(logs)
+            with _deferred_interrupt(enabled=self.main and not self.distributed) as interrupted:
+                while self.step < self.config.steps:
+                    logs = self.train_step()
+                    self.after_step(logs)
+                    if interrupted():
+                        self.save_interrupted()
             self.run_validation()
             if self.distributed:
                 torch.distributed.barrier()
@@ -471,6 +502,8 @@ class Trainer:
         kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
         train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
                                  self.mask_gen, config.seed + 1)
+        _probe(train_ds.dataset)   # an unreadable folder is named as such, not as too small for the batch
+        self._check_model_takes(train_ds)
         self.loader = make_loader(train_ds, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                                   num_workers=config.num_workers, distributed=self.distributed,
                                   pin_memory=self.device.type == "cuda")
@@ -479,10 +512,31 @@ class Trainer:
                 f"the training set of {config.data} has {len(train_ds)} samples per process, fewer than "
                 f"batch_size={config.batch_size}: no full batch can be drawn", argument="data",
                 fix="add images to the folder, or lower the batch (--set batch_size=N)")
-        _probe(train_ds.dataset)
         self.val_batches = []
         if self.main:
             self.val_batches = _val_batches(config, self.mask_gen)
+
+    @torch.no_grad()
+    def _check_model_takes(self, train_ds) -> None:
+        """One sample through the generator (eval mode, no gradient, no random draw) before the
+        run folder is touched: a crop size the network cannot take fails here, in one line."""
+        config, name = self.config, self.config.model
+        multiple = getattr(self.recipe, "size_multiple", None)
+        if multiple and config.size % multiple:
+            near = config.size // multiple * multiple or multiple
+            raise InvalidInputError(f"model {name!r} needs crops whose side is a multiple of {multiple}, got "
+                                    f"size={config.size}", argument="size",
+                                    fix=f"give a multiple of {multiple}, e.g. --set size={near}")
+        image, mask = train_ds[0]
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            self.generator(self.recipe.prepare_input(image[None].to(self.device), mask[None].to(self.device)))
+        except ValueError as e:
+            raise InvalidInputError(f"model {name!r} cannot take {config.size}x{config.size} crops: {e}",
+                                    argument="size", fix="change --set size (or the model's options)") from e
+        finally:
+            self.generator.train(was_training)
 
     def prepare_run_dir(self) -> None:
         """Rank 0, once the model, the data and (resuming) the checkpoint are known to work: with
@@ -519,12 +573,23 @@ class Trainer:
                 print(f"fastinpaint train: no checkpoint in {self.ckpt_dir}; starting from step 0", flush=True)
             return
         state, path = found
+        self.last_ckpt = path
         old = state.get("config", {})
         for key in ("model", "data", "seed", "batch_size", "size", "mask", "grad_accum"):
             if key in old and old[key] != getattr(config, key):
                 warnings.warn(f"resuming {path} with {key}={getattr(config, key)!r}, the checkpoint was "
                               f"written with {old[key]!r}: the run will not continue exactly", RuntimeWarning)
-        self.generator.load_state_dict(state["generator"])
+        if old.get("model_options", {}) != config.model_options:
+            raise InvalidInputError(
+                f"{self.run_dir} was trained with model_options={old.get('model_options', {})}, not "
+                f"{config.model_options}: the network's shape cannot change on resume", argument="set",
+                fix="leave the --set model_options.* out to resume it, or start a new run (another --out)")
+        try:
+            self.generator.load_state_dict(state["generator"])
+        except RuntimeError as e:
+            raise InvalidInputError(f"{path} does not fit the network built now: {str(e).splitlines()[0]}",
+                                    argument="resume", fix="resume with the run's own settings, or start a "
+                                                           "new run (another --out)") from e
         self.opt_g.load_state_dict(state["opt_g"])
         if self.discriminator is not None:
             if state.get("discriminator") is None:
@@ -680,10 +745,11 @@ class Trainer:
         if self.main and (step % config.log_every == 0 or step == config.steps):
             self.logger.scalars(step, {**logs, "epoch": self.epoch})
             self.logger.progress(step, logs)
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            self.last_ckpt = self.save_checkpoint() or self.last_ckpt
+        # validation first, so the checkpoint's history holds this step's metrics
         if step % config.val_every == 0 and step < config.steps:
             self.run_validation()
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            self.last_ckpt = self.save_checkpoint() or self.last_ckpt
         if self.on_step is not None:
             self.on_step(step)
 
@@ -727,13 +793,15 @@ class Trainer:
         step = self.step
         values, grid = self.validate()
         self.last_val = values
-        if self.history and self.history[-1]["step"] == step:   # a finished run resumed: validated again
+        again = bool(self.history) and self.history[-1]["step"] == step   # a finished run resumed
+        if again:
             self.history[-1] = {"step": step, **values}
         else:
             self.history.append({"step": step, **values})
         _write_json(self.metrics_path, {"step": step, "metrics": values, "history": self.history,
                                         "baseline_mean_fill": self.baseline})
-        self.logger.scalars(step, values, kind="val")
+        if not again:   # its log line is there already
+            self.logger.scalars(step, values, kind="val")
         if grid is not None:
             self.last_grid = grid
             self.logger.image(step, grid)
@@ -768,6 +836,15 @@ class Trainer:
         }
         # checkpoint.save_checkpoint (atomic write, keeps the last ``keep``), not this method
         return save_checkpoint(self.ckpt_dir, self.step, state, keep=self.config.keep)
+
+    def save_interrupted(self) -> None:
+        """Ctrl-C between two steps: save the checkpoint of this step (unless it has one) and
+        stop with KeyboardInterrupt; ``--resume`` continues from it exactly."""
+        path = self.ckpt_dir / f"ckpt_{self.step:09d}.pt"
+        if not path.exists():
+            path = self.save_checkpoint()
+        print(f"\nfastinpaint train: interrupted at step {self.step}; saved {path}", flush=True)
+        raise KeyboardInterrupt
 
     def export(self) -> dict:
         """The end of the run: rank 0 writes the final checkpoint, the sample grid, the weights
@@ -811,6 +888,32 @@ def _load_structure_state(structure, opt_s, state: dict) -> None:
         opt_s.load_state_dict(state["opt"])
     if structure.generator is not None and state.get("generator") is not None:
         structure.generator.set_state(state["generator"])
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(enabled: bool):
+    """While training (one process, main thread): the first Ctrl-C (SIGINT) only sets a flag,
+    which the loop checks between steps (so a checkpoint of a whole step can be saved); a
+    second one interrupts at once. Yields the flag's getter."""
+    import signal
+    import threading
+
+    flag = [False]
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag[0]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _unwrap_ddp(module):
