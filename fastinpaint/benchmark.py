@@ -461,7 +461,7 @@ def plot_speedups(rows: list[dict], path: str, title: str = "", env: dict | None
         if r["impl"] not in impls and r["impl"] != "eager":
             impls.append(r["impl"])
     value = {(f"{r['case']} {r['mode']}" if "mode" in r else str(r["case"]), r["impl"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.1 * len(groups) * 2), 0.5 * len(groups) + 4),
+    fig, axes = plt.subplots(1, 2, figsize=(12.0, 0.1 * len(groups) * max(3, len(impls)) + 2.0),
                              sharey=True, squeeze=False)
     width = 0.8 / max(1, len(impls))
     for ax, (baseline, key) in zip(axes[0], [("eager", "x_vs_eager"), ("compile(eager)", "x_vs_compile(eager)")]):

@@ -514,3 +514,62 @@ def test_cpu_gating_split_across_threads_matches_reference(channels_last):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("scale_factor", [1, 2])
+@pytest.mark.parametrize("gating", ["aten", "kernel"])
+def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gating):
+    """Under torch.compile the cpu backend's gating of a plain convolution is aten ops
+    (COMPILED_GATING["cpu"] = "aten"), which inductor fuses with its neighbours, instead of the
+    opaque fused kernel; the deconv's phase convolution is visible, its gating and interleave
+    stay fastinpaint's ops; the result is the eager call's."""
+    from fastinpaint.ops.gated_conv import op as gop
+
+    skip_unless_available("cpu", "cpu")
+    monkeypatch.setitem(gop.COMPILED_GATING, "cpu", gating)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    w = torch.randn(8, 3, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+
+    def layer(x, w, b):
+        if scale_factor == 1:
+            return FI.gated_conv2d(x, w, b, padding=1, activation="elu")
+        return FI.gated_deconv2d(x, w, b, padding=1, activation="elu", scale_factor=scale_factor)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    with use_backend("cpu"):
+        got = compiled(x, w, b)
+        want = layer(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("conv" in t for t in targets), targets
+    # the plain convolution's gating is aten ops under compile; the deconv's phases keep the kernel
+    kernel_expected = gating == "kernel" or scale_factor != 1
+    assert any("gated_conv_act_forward" in t for t in targets) == kernel_expected, targets
+    assert any("interleave_phases" in t for t in targets) == (scale_factor != 1), targets
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interleave_ops_pass_opcheck(channels_last):
+    """The gated deconv's interleave and its backward are torch.library ops (inductor leaves
+    their strided copies alone): schema, fake tensors, autograd and the dispatcher agree."""
+    from fastinpaint.ops.gated_conv import upsample
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.randn(2, 4 * 3, 6, 7).contiguous(memory_format=fmt).requires_grad_(True)
+    args = (out, 2, 5, 6, [0, 1], [1, 0], channels_last)
+    torch.library.opcheck(upsample.interleave_phases, args)
+    grad = torch.randn(2, 3, 10, 12).contiguous(memory_format=fmt).requires_grad_(True)
+    torch.library.opcheck(upsample.deinterleave_phases, (grad, 2, 6, 7, [0, 1], [1, 0], channels_last))
+    # the backward of the interleave is the deinterleave, exactly
+    y = upsample.interleave_phases(*args)
+    g = torch.randn_like(y)
+    (dout,) = torch.autograd.grad(y, out, g)
+    torch.testing.assert_close(dout, upsample.deinterleave_phases(g, 2, 6, 7, [0, 1], [1, 0], channels_last))

@@ -1,0 +1,84 @@
+"""Why the cpu backend leaves the gating to inductor under torch.compile (ops/gated_conv/op.py,
+COMPILED_GATING): DeepFill v2's generator on the CPU, timed in one process with interleaved
+calls, as eager layers, fastinpaint's layers, and torch.compile of each, the compiled
+fastinpaint model once with the fused gating kernel (an opaque call for inductor) and once
+with the gating as aten ops (inductor fuses them).
+
+    python benchmarks/deepfill_v2_compiled_gating.py --json out.json --markdown out.md
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from fastinpaint import benchmark as B
+from fastinpaint.models import deepfill_v2_bench as DB
+from fastinpaint.ops.gated_conv import op as gop
+
+VARIANTS = [("eager", "eager", None), ("fastinpaint", "fastinpaint", None), ("compile(eager)", "compile(eager)", None),
+            ("compile(fastinpaint), gating kernel", "compile(fastinpaint)", "kernel"),
+            ("compile(fastinpaint), gating as aten ops", "compile(fastinpaint)", "aten")]
+COLUMNS = [("case", "case", None), ("impl", "impl", None), ("ms", "ms", ".1f"), ("x vs eager", "x_vs_eager", ".2f"),
+           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f")]
+
+
+def run(cases, rounds: int) -> list[dict]:
+    torch._dynamo.config.recompile_limit = 64   # five variants of one forward, each traced once
+    saved = gop.COMPILED_GATING["cpu"]
+    rows = []
+    try:
+        for case, batch, size in cases:
+            image, mask = DB._inputs(batch, (size, size), "cpu", torch.float32, False)
+            runs = {}
+            for label, impl, gating in VARIANTS:
+                step = DB.make_step(DB.build("cpu", torch.float32, False), impl, case, image, mask)
+
+                def call(step=step, gating=gating):
+                    gop.COMPILED_GATING["cpu"] = gating or saved   # read while tracing
+                    step()
+
+                call(), call()   # compile, warm up
+                runs[label] = call
+            times = {k: [] for k in runs}
+            for _ in range(rounds):
+                for k, f in runs.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            med = {k: statistics.median(t) for k, t in times.items()}
+            for k, ms in med.items():
+                rows.append({"case": f"{case} {size}x{size} batch {batch}", "impl": k, "ms": ms, "rounds": rounds,
+                             "x_vs_eager": med["eager"] / ms, "x_vs_compile(eager)": med["compile(eager)"] / ms})
+            runs.clear()
+            gc.collect()
+    finally:
+        gop.COMPILED_GATING["cpu"] = saved
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    rows = run([("G fwd+bwd", 1, 128), ("G inference", 1, 256)], a.rounds)
+    env = B.environment("cpu")
+    table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
+                                                        "threads: torch's default."))
+    print(table)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"environment": env, "results": rows}, fh, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
