@@ -4,7 +4,7 @@ calls, as eager layers, fastinpaint's layers, and torch.compile of each, the com
 fastinpaint model once with the fused gating kernel (an opaque call for inductor) and once
 with the gating as aten ops (inductor fuses them).
 
-    python benchmarks/deepfill_v2_compiled_gating.py --json out.json --markdown out.md
+    python benchmarks/deepfill_v2_compiled_gating.py --json out.json --markdown out.md --plot out.png
 """
 
 import argparse
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--json")
     p.add_argument("--markdown")
+    p.add_argument("--plot", help="a PNG bar chart of the speed-ups (needs matplotlib)")
     a = p.parse_args(argv)
     rows = run([("G fwd+bwd", 1, 128), ("G inference", 1, 256)], a.rounds)
     env = B.environment("cpu")
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     if a.markdown:
         with open(a.markdown, "w") as fh:
             fh.write(table)
+    if a.plot:
+        B.plot_speedups(rows, a.plot, "DeepFill v2 generator", env)
     return 0
 
 
