@@ -24,6 +24,9 @@ CASES = [
     dict(B=2, C=512, H=2, W=2, act=None, bias=True, layout="contiguous"),
     dict(B=5, C=3, H=1, W=17, act="elu", bias=False, layout="channels_last"),
     dict(B=17, C=4, H=6, W=3, act=None, bias=False, layout="noncontig"),
+    # more than 64 positions, odd map sizes
+    dict(B=3, C=2, H=9, W=8, act="leaky_relu", bias=True, layout="channels_last"),
+    dict(B=2, C=3, H=5, W=13, act="elu", bias=False, layout="contiguous"),
 ]
 CASE_IDS = [f"B{c['B']}-C{c['C']}-{c['H']}x{c['W']}-{c['act']}-{c['layout']}" for c in CASES]
 
