@@ -159,7 +159,8 @@ TRAIN_ERRORS = [
     (["--config", "{photo}"], "--config: ", ["unknown format '.png'", ".toml"]),
     (["--set", "size=30"], "--set size: ", ["multiple of 4", "size=30", "--set size=28"]),
     (["--set", "model_options.width=0"], "--set model_options: ", ["model 'tiny_gated'", "width"]),
-    (["--set", "loss_weights.nosuch=1"], "--set loss_weights: ", ["no loss 'nosuch'", "l1_hole"]),
+    (["--set", "loss_weights.nosuch=1"], "--set loss_weights: ", ["no loss 'nosuch'", "its losses:", "l1_hole"]),
+    (["--set", "loss_weights.l1_hole=-1"], "--set loss_weights: ", ["'l1_hole'", ">= 0", "-1"]),
     (["--resume"], "--out: ", ["holds no run to resume", "leave out --resume"]),
     (["--config", "{bad_value}"], "--config: ", ["keep in", "bad.toml", "must be an integer"]),
     (["--data", "{unreadable}"], "--data: ", ["none of the", "can be read", "the first:",
@@ -261,8 +262,8 @@ def test_resume_keeps_the_runs_settings_and_history(tiny_run, tmp_path, capsys):
     assert "already at step 5" in err and "above 5" in err
     # another network shape on resume: one line, nothing changed
     assert cli.main(["train", "--out", str(run), "--resume", "--steps", "9", "--set", "model_options.width=8"]) == 2
-    err = _one_line_error(capsys, "train", "--set: ")
-    assert "model_options" in err and "cannot change on resume" in err
+    err = _one_line_error(capsys, "train", "--resume: ")
+    assert "model_options={}, now {'width': 8}" in err and "cannot change on resume" in err
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     for ckpt in (run / "checkpoints").iterdir():
         ckpt.write_bytes(ckpt.read_bytes()[:100])

@@ -39,6 +39,5 @@ def build_model(name: str, **options):
         return cls(**options)
     except InvalidInputError:
         raise
-    except ValueError as e:   # a value the recipe refuses: a loss it does not have, a bad width, ...
-        argument = "loss_weights" if "loss" in str(e) and options.get("loss_weights") else "model_options"
-        raise InvalidInputError(f"model {name!r}: {e}", argument=argument) from e
+    except ValueError as e:   # a value the recipe refuses (a width of 0, ...)
+        raise InvalidInputError(f"model {name!r}: {e}", argument="model_options") from e

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from ..errors import InvalidInputError
+
 
 def merge_loss_weights(model_name: str, defaults: dict, overrides: dict | None) -> dict:
     """``defaults`` updated with ``overrides`` (float weights >= 0 of losses the model has)."""
     weights = dict(defaults)
     for k, v in (overrides or {}).items():
         if k not in weights:
-            raise ValueError(f"{model_name} has no loss {k!r}; its losses are {sorted(weights)}")
-        v = float(v)
+            raise InvalidInputError(f"{model_name} has no loss {k!r}", argument="loss_weights",
+                                    fix=f"its losses: {', '.join(sorted(weights))}")
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = float("nan")
         if not v >= 0:
-            raise ValueError(f"loss weight {k!r} must be >= 0, got {v}")
+            raise InvalidInputError(f"the weight of {k!r} must be a number >= 0, got {overrides[k]!r}",
+                                    argument="loss_weights")
         weights[k] = v
     return weights

@@ -247,22 +247,23 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
         return []
 
 
-def _probe(dataset) -> None:
-    """Decode one training sample before the run folder is touched: a folder none of whose
-    images can be read fails here, as one error naming the first fault, instead of one
-    warning per file and a half-written run folder."""
+def _probe(dataset):
+    """``dataset[0]``, decoded before the run folder is touched: a folder none of whose images
+    can be read fails here, as one error naming the first fault, instead of one warning per
+    file and a half-written run folder."""
     from ..data.datasets import NoReadableImageError
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            dataset[0]
+            sample = dataset[0]
         except NoReadableImageError as e:
             first = str(caught[0].message) if caught else ""
             raise NoReadableImageError(e.message + (f" (the first: {first})" if first else ""),
                                        argument=e.argument, fix=e.fix) from None
     for w in caught:   # the files skipped on the way to a readable one
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return sample
 
 
 # ----------------------------------------------------------------------------- train
@@ -502,8 +503,8 @@ class Trainer:
         kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
         train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
                                  self.mask_gen, config.seed + 1)
-        _probe(train_ds.dataset)   # an unreadable folder is named as such, not as too small for the batch
-        self._check_model_takes(train_ds)
+        # before the batch check: an unreadable folder is named as such, not as too small for the batch
+        self._check_model_takes(_probe(train_ds))
         self.loader = make_loader(train_ds, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                                   num_workers=config.num_workers, distributed=self.distributed,
                                   pin_memory=self.device.type == "cuda")
@@ -517,9 +518,10 @@ class Trainer:
             self.val_batches = _val_batches(config, self.mask_gen)
 
     @torch.no_grad()
-    def _check_model_takes(self, train_ds) -> None:
-        """One sample through the generator (eval mode, no gradient, no random draw) before the
-        run folder is touched: a crop size the network cannot take fails here, in one line."""
+    def _check_model_takes(self, sample) -> None:
+        """One (image, mask) sample through the generator (eval mode, no gradient, no random
+        draw) before the run folder is touched: a crop size the network cannot take fails
+        here, in one line."""
         config, name = self.config, self.config.model
         multiple = getattr(self.recipe, "size_multiple", None)
         if multiple and config.size % multiple:
@@ -527,7 +529,7 @@ class Trainer:
             raise InvalidInputError(f"model {name!r} needs crops whose side is a multiple of {multiple}, got "
                                     f"size={config.size}", argument="size",
                                     fix=f"give a multiple of {multiple}, e.g. --set size={near}")
-        image, mask = train_ds[0]
+        image, mask = sample
         was_training = self.generator.training
         self.generator.eval()
         try:
@@ -579,17 +581,15 @@ class Trainer:
             if key in old and old[key] != getattr(config, key):
                 warnings.warn(f"resuming {path} with {key}={getattr(config, key)!r}, the checkpoint was "
                               f"written with {old[key]!r}: the run will not continue exactly", RuntimeWarning)
-        if old.get("model_options", {}) != config.model_options:
-            raise InvalidInputError(
-                f"{self.run_dir} was trained with model_options={old.get('model_options', {})}, not "
-                f"{config.model_options}: the network's shape cannot change on resume", argument="set",
-                fix="leave the --set model_options.* out to resume it, or start a new run (another --out)")
         try:
             self.generator.load_state_dict(state["generator"])
-        except RuntimeError as e:
-            raise InvalidInputError(f"{path} does not fit the network built now: {str(e).splitlines()[0]}",
-                                    argument="resume", fix="resume with the run's own settings, or start a "
-                                                           "new run (another --out)") from e
+        except RuntimeError as e:   # another network shape: model options changed since
+            was, now = old.get("model_options", {}), config.model_options
+            why = f" (trained with model_options={was}, now {now})" if was != now else ""
+            raise InvalidInputError(f"{path} does not fit the network built now{why}: the network's shape "
+                                    "cannot change on resume", argument="resume",
+                                    fix="resume with the run's own model options (leave --set model_options.* "
+                                        "out), or start a new run (another --out)") from e
         self.opt_g.load_state_dict(state["opt_g"])
         if self.discriminator is not None:
             if state.get("discriminator") is None:

@@ -69,12 +69,15 @@ def applies(weight_shape, stride, padding, dilation, scale: int, height: int, wi
     return lh * lw < kh * kw
 
 
+def _fmt(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _interleave(out: torch.Tensor, s: int, h: int, w: int, starts_h, starts_w, channels_last: bool) -> torch.Tensor:
     B, _, rows, cols = out.shape
     C = out.shape[1] // (s * s)
     phases = out.unflatten(1, (s, s, C))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    pre = torch.empty((B, C, s * h, s * w), dtype=out.dtype, device=out.device, memory_format=fmt)
+    pre = torch.empty((B, C, s * h, s * w), dtype=out.dtype, device=out.device, memory_format=_fmt(channels_last))
     for a in range(s):
         for b in range(s):
             pre[:, :, a::s, b::s].copy_(phases[:, a, b, :, starts_h[a]:starts_h[a] + h, starts_w[b]:starts_w[b] + w])
@@ -85,8 +88,8 @@ def _deinterleave(grad: torch.Tensor, s: int, rows: int, cols: int, starts_h, st
                   channels_last: bool) -> torch.Tensor:
     B, C, sh, sw = grad.shape
     h, w = sh // s, sw // s
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((B, s * s * C, rows, cols), dtype=grad.dtype, device=grad.device, memory_format=fmt).zero_()
+    out = torch.empty((B, s * s * C, rows, cols), dtype=grad.dtype, device=grad.device,
+                      memory_format=_fmt(channels_last)).zero_()
     phases = out.unflatten(1, (s, s, C))
     for a in range(s):
         for b in range(s):
@@ -115,14 +118,14 @@ def deinterleave_phases(grad: torch.Tensor, s: int, rows: int, cols: int, starts
 
 @interleave_phases.register_fake
 def _(out, s, h, w, starts_h, starts_w, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return out.new_empty((out.shape[0], out.shape[1] // (s * s), s * h, s * w)).contiguous(memory_format=fmt)
+    return torch.empty((out.shape[0], out.shape[1] // (s * s), s * h, s * w), dtype=out.dtype, device=out.device,
+                       memory_format=_fmt(channels_last))
 
 
 @deinterleave_phases.register_fake
 def _(grad, s, rows, cols, starts_h, starts_w, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return grad.new_empty((grad.shape[0], s * s * grad.shape[1], rows, cols)).contiguous(memory_format=fmt)
+    return torch.empty((grad.shape[0], s * s * grad.shape[1], rows, cols), dtype=grad.dtype, device=grad.device,
+                       memory_format=_fmt(channels_last))
 
 
 def _interleave_setup(ctx, inputs, output):
@@ -132,9 +135,8 @@ def _interleave_setup(ctx, inputs, output):
 
 def _interleave_backward(ctx, grad_pre):
     s, rows, cols, starts_h, starts_w, channels_last = ctx.geometry
-    return deinterleave_phases(grad_pre.contiguous(memory_format=torch.channels_last if channels_last
-                                                   else torch.contiguous_format),
-                               s, rows, cols, starts_h, starts_w, channels_last), None, None, None, None, None, None
+    return deinterleave_phases(grad_pre, s, rows, cols, starts_h, starts_w, channels_last), \
+        None, None, None, None, None, None
 
 
 def _deinterleave_setup(ctx, inputs, output):
@@ -179,9 +181,7 @@ def phase_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, padding, dilation,
 def interleave(out: torch.Tensor, plan) -> torch.Tensor:
     """Phase-stacked (B, s*s*C, rows, cols) -> the (B, C, s*h, s*w) image (any C: the gated
     deconv interleaves the gated output, half the pre-activation's channels)."""
-    s, h, w, starts_h, starts_w, channels_last = plan
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return interleave_phases(out.contiguous(memory_format=fmt), s, h, w, starts_h, starts_w, channels_last)
+    return interleave_phases(out, *plan)   # the copies read any strides
 
 
 def phase_rows(out: torch.Tensor, s: int) -> torch.Tensor:
