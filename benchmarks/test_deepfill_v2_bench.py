@@ -38,5 +38,6 @@ def test_deepfill_v2(benchmark, case, batch, size, impl):
 
     benchmark.group = f"deepfill_v2 {case} b{batch} {size}"
     benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=batch, size=size,
-                                peak_MB=DB.peak_mb(run, DEVICE))
+                                peak_MB=DB.peak_mb(run, DEVICE, case, impl, batch, size, DTYPE,
+                                                           CHANNELS_LAST))
     benchmark.pedantic(timed, rounds=5, warmup_rounds=1, iterations=1)

@@ -11,9 +11,12 @@ Cases:
 
 Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory
 of one call above the memory held before it: ``torch.cuda.max_memory_allocated`` on GPU; on
-the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) with
-glibc told to serve every allocation of 64 KiB or more with its own mapping, returned on
-free, so the peak follows the live tensors (Linux only; otherwise no CPU figure).
+the CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a separate
+process in which glibc serves every allocation of 64 KiB or more with its own mapping,
+returned on free, so the peak follows the live tensors (Linux only; otherwise no CPU figure;
+not for the compiled implementations, which would compile again there). That allocator
+setting nearly doubles the run time of the model on the CPU, so it never applies to the
+process that times.
 
     python -m fastinpaint.models.deepfill_v2_bench --device cpu --size 128 --batch 1 \\
         --json out.json --markdown out.md
@@ -56,18 +59,30 @@ def _cpu_memory_setup() -> bool:
     return B.reset_peak_rss()
 
 
-def peak_mb(fn, device: str) -> float | None:
-    """Peak memory of one ``fn()`` above what was held before it, in MiB
-    (:func:`fastinpaint.benchmark.cuda_peak_mb` / :func:`~fastinpaint.benchmark.cpu_peak_mb`)."""
+def peak_mb(run, device: str, case: str, impl: str, batch: int, size: int, dtype, channels_last: bool,
+            cnum: int = 48) -> float | None:
+    """Peak memory of one ``run()`` above what was held before it, in MiB: on GPU
+    :func:`fastinpaint.benchmark.cuda_peak_mb` here; on the CPU the same case and ``impl``
+    rebuilt in a fresh process (:func:`_peak_child`), None for a compiled ``impl``."""
     gc.collect()
     if device == "cuda":
-        return B.cuda_peak_mb(fn)
-    if not _CPU_MEMORY:
+        return B.cuda_peak_mb(run)
+    if impl.startswith("compile"):
         return None
-    return B.cpu_peak_mb(fn)
+    return B.run_peak_child([sys.executable, "-m", "fastinpaint.models.deepfill_v2_bench", "--_peak", case, impl,
+                             str(batch), str(size), B.dtype_name(dtype), "1" if channels_last else "0", str(cnum)])
 
 
-_CPU_MEMORY = False
+def _peak_child(case, impl, batch, size, dtype_name, channels_last, cnum) -> float | None:
+    """In a fresh process: the peak RSS growth of one call of ``impl`` on ``case``."""
+    if not _cpu_memory_setup():
+        return None
+    dtype = getattr(torch, dtype_name)
+    image, mask = _inputs(int(batch), (int(size), int(size)), "cpu", dtype, channels_last == "1")
+    run = make_step(build("cpu", dtype, channels_last == "1", int(cnum)), impl, case, image, mask)
+    run()   # warm up
+    gc.collect()
+    return B.cpu_peak_mb(run)
 
 
 # ----------------------------------------------------------------------------- the model and its steps
@@ -166,20 +181,20 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
     """Rows of figures per (case, impl). ``interleave`` (default: on the CPU) times the
     implementations in turns, one call each per round, so that a machine whose load drifts
     slows them alike; otherwise each is timed on its own with :func:`fastinpaint.benchmark.time_fn`."""
-    global _CPU_MEMORY
-    if device == "cpu":
-        _CPU_MEMORY = _cpu_memory_setup()
     if interleave is None:
         interleave = device == "cpu"
     rows = []
     for case, batch, size in cases:
         with B.fresh_compile():   # each case compiles afresh; a fallback to eager is an error
-            size_hw = (size, size) if isinstance(size, int) else tuple(size)
-            image, mask = _inputs(batch, size_hw, device, dtype, channels_last)
+            image, mask = _inputs(batch, (size, size), device, dtype, channels_last)
             base, runs, case_rows = {}, {}, {}
+
+            def memory(impl, run):
+                return peak_mb(run, device, case, impl, batch, size, dtype, channels_last, cnum)
+
             for impl in impls:
                 row = {"case": case, "impl": impl, "dtype": B.dtype_name(dtype), "batch": batch,
-                       "size": f"{size_hw[0]}x{size_hw[1]}", "channels_last": channels_last, "cnum": cnum}
+                       "size": f"{size}x{size}", "channels_last": channels_last, "cnum": cnum}
                 try:
                     run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
                     for _ in range(2):   # compile / warm up
@@ -188,7 +203,7 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
                         runs[impl] = run
                     else:
                         row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=1)
-                        row["peak_MB"] = peak_mb(run, device)
+                        row["peak_MB"] = memory(impl, run)
                         del run
                 except Exception as e:  # report, keep going
                     row["error"] = B.error_text(e, limit=None)
@@ -213,7 +228,7 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
                 for impl, run in runs.items():
                     case_rows[impl]["ms"] = statistics.median(times[impl])
                     case_rows[impl]["rounds"] = len(times[impl])
-                    case_rows[impl]["peak_MB"] = peak_mb(run, device)
+                    case_rows[impl]["peak_MB"] = memory(impl, run)
                     if impl in B.BASELINES:
                         base[impl] = case_rows[impl]
                 _ratios(rows, case, base)
@@ -236,6 +251,10 @@ def markdown(rows, env, ceilings=None) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_peak":
+        print(B.peak_line(_peak_child(*argv[1:8])))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     B.add_common_args(p, min_time=1.0)
     p.add_argument("--channels-last", action="store_true", default=None)
