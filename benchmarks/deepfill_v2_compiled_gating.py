@@ -10,8 +10,6 @@ with the gating as aten ops (inductor fuses them).
 import argparse
 import gc
 import json
-import statistics
-import time
 
 import torch
 
@@ -41,18 +39,11 @@ def run(cases, rounds: int) -> list[dict]:
                     gop.COMPILED_GATING["cpu"] = gating or saved   # read while tracing
                     step()
 
-                call(), call()   # compile, warm up
                 runs[label] = call
-            times = {k: [] for k in runs}
-            for _ in range(rounds):
-                for k, f in runs.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-            med = {k: statistics.median(t) for k, t in times.items()}
-            for k, ms in med.items():
-                rows.append({"case": f"{case} {size}x{size} batch {batch}", "impl": k, "ms": ms, "rounds": rounds,
-                             "x_vs_eager": med["eager"] / ms, "x_vs_compile(eager)": med["compile(eager)"] / ms})
+            # exactly `rounds` rounds after two calls each that compile and warm up
+            timed = B.time_interleaved(runs, "cpu", min_time_s=float("inf"), max_rounds=rounds, warmup=2)
+            for k, ratios in B.baseline_ratios(timed).items():
+                rows.append({"case": f"{case} {size}x{size} batch {batch}", "impl": k, **timed[k], **ratios})
             runs.clear()
             gc.collect()
     finally:

@@ -81,6 +81,47 @@ def time_fn(fn: Callable[[], object], device: str, min_time_s: float = 0.5, max_
     return statistics.median(times)
 
 
+def time_interleaved(runs: dict[str, Callable[[], object]], device: str, min_time_s: float = 0.5,
+                     max_rounds: int = 200, warmup: int = 2) -> dict[str, dict]:
+    """Median milliseconds of each of ``runs``, timed in turns (one call of each per round):
+    a machine whose speed drifts (another process, frequency, thermals) slows all of them
+    alike, so their ratios hold where one-after-the-other timing (:func:`time_fn`) can
+    drift by more than the differences measured. At least 5 rounds, then rounds until
+    every run had ``min_time_s`` of timing or ``max_rounds``. ``{label: {"ms", "rounds"}}``,
+    or ``{label: {"error"}}`` for a run that fails (in its warm-up or later; the others go on)."""
+    out: dict[str, dict] = {}
+    live = {}
+    for label, run in runs.items():
+        try:
+            for _ in range(warmup):
+                run()
+            sync(device)
+            live[label] = run
+        except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
+            out[label] = {"error": error_text(exc)}
+    times = {label: [] for label in live}
+    spent = dict.fromkeys(live, 0.0)
+    rounds = 0
+    while live and rounds < max_rounds and (rounds < 5 or min(spent[k] for k in live) < min_time_s):
+        for label in list(live):
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                live[label]()
+                sync(device)
+            except Exception as exc:  # noqa: BLE001
+                out[label] = {"error": error_text(exc)}
+                del live[label]
+                continue
+            dt = time.perf_counter() - t0
+            spent[label] += dt
+            times[label].append(dt * 1e3)
+        rounds += 1
+    for label in live:
+        out[label] = {"ms": statistics.median(times[label]), "rounds": len(times[label])}
+    return {label: out[label] for label in runs}
+
+
 def measure_ceilings(device: str, dtype=torch.bfloat16) -> dict:
     """The device's measured copy bandwidth (read + write) and dense matmul rate."""
     if device != "cuda":

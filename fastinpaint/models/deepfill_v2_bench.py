@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import statistics
 import sys
 import time
 
@@ -166,14 +165,6 @@ def _ratios(rows, case, base):
                 r[f"peak_vs_{name}"] = r["peak_MB"] / b["peak_MB"]
 
 
-def _timed(fn, device) -> float:
-    B.sync(device)
-    t0 = time.perf_counter()
-    fn()
-    B.sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
 def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 256), ("train step", 1, 256),
                                                                  ("G inference", 1, 512)),
                    channels_last=False, cnum=48, impls=IMPLS, min_time_s=1.0, progress=None,
@@ -197,12 +188,10 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
                        "size": f"{size}x{size}", "channels_last": channels_last, "cnum": cnum}
                 try:
                     run = make_step(build(device, dtype, channels_last, cnum), impl, case, image, mask)
-                    for _ in range(2):   # compile / warm up
-                        run()
                     if interleave:
                         runs[impl] = run
                     else:
-                        row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=1)
+                        row["ms"] = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
                         row["peak_MB"] = memory(impl, run)
                         del run
                 except Exception as e:  # report, keep going
@@ -217,20 +206,14 @@ def run_benchmarks(device="cpu", dtype=torch.float32, cases=(("G fwd+bwd", 1, 25
                         progress(case, rows)
                 gc.collect()
             if interleave and runs:
-                times = {impl: [] for impl in runs}
-                start = time.perf_counter()
-                def rounds():
-                    return min(len(t) for t in times.values())
-
-                while rounds() < 5 or (time.perf_counter() - start < min_time_s * len(runs) and rounds() < 50):
-                    for impl, run in runs.items():
-                        times[impl].append(_timed(run, device))
+                # the first two calls compile / warm up
+                timed = B.time_interleaved(runs, device, min_time_s=min_time_s, max_rounds=50, warmup=2)
                 for impl, run in runs.items():
-                    case_rows[impl]["ms"] = statistics.median(times[impl])
-                    case_rows[impl]["rounds"] = len(times[impl])
-                    case_rows[impl]["peak_MB"] = memory(impl, run)
-                    if impl in B.BASELINES:
-                        base[impl] = case_rows[impl]
+                    case_rows[impl].update(timed[impl])
+                    if "ms" in timed[impl]:
+                        case_rows[impl]["peak_MB"] = memory(impl, run)
+                        if impl in B.BASELINES:
+                            base[impl] = case_rows[impl]
                 _ratios(rows, case, base)
                 if progress:
                     progress(case, rows)

@@ -143,27 +143,29 @@ def _run_case(case, device, dtype, batch, channels_last, modes, compile_baseline
         in_bytes = batch * case.cin * case.size ** 2 * torch.finfo(dtype).bits // 8
         sets = min(16, max(1, math.ceil(4 * l2 / max(in_bytes, 1)))) if device == "cuda" else 1
         xs, w, b = make_inputs(case, batch, device, dtype, channels_last, grad, sets)
-        results = {}
-        for label, fn in impls.items():
+        gy = None
+        if grad:
+            with torch.no_grad():
+                gy = torch.randn_like(_reference_fn(case)(xs[0], w, b))
+
+        def runner(fn):
             next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
+            return lambda: B.fwd_bwd(fn, (next_x(), w, b), grad, gy)
 
-            def run():
-                B.fwd_bwd(fn, (next_x(), w, b), grad, gy)
-
-            gy = None
-            if grad:
-                with torch.no_grad():
-                    gy = torch.randn_like(_reference_fn(case)(xs[0], w, b))
-            saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
-            row = B.measure(run, device, min_time_s, saved)
-            if "error" in row:
-                results[label] = row
-                continue
-            flops = case.flops(batch) * (3 if grad else 1)
-            row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
-            results[label] = row
+        if device == "cpu":   # in turns: a drifting machine slows every implementation alike
+            results = B.time_interleaved({label: runner(fn) for label, fn in impls.items()}, device, min_time_s)
+        else:
+            results = {label: B.measure(runner(fn), device, min_time_s) for label, fn in impls.items()}
+        for label, fn in impls.items():
+            row = results[label]
             for t in [*xs, w, b]:
                 t.grad = None
+            if "error" in row:
+                continue
+            if grad:
+                row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
+            flops = case.flops(batch) * (3 if grad else 1)
+            row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
         ratios = B.baseline_ratios(results)
         eager_saved = results.get("eager", {}).get("saved_MB")
         for label, row in results.items():

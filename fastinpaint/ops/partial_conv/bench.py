@@ -84,7 +84,7 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
             for mode in modes:
                 grad = mode == "fwd+bwd"
                 x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
-                base = {}
+                results = {}
                 for name, fn in impls.items():
                     row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
                            "batch": batch}
@@ -107,15 +107,14 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
                             row["peak_MB"] = B.cuda_peak_mb(step)
                     except Exception as e:  # report, keep going
                         row["error"] = B.error_text(e, limit=None)
-                    if name in B.BASELINES and "ms" in row:
-                        base[name] = row
+                    results[name] = row
                     rows.append(row)
-                eager_saved = base.get("eager", {}).get("saved_MB")
-                for row in rows:
-                    if row["case"] == case.name and row["mode"] == mode and "ms" in row:
-                        row.update(B.speedups(row, {k: v["ms"] for k, v in base.items()}))
-                        if eager_saved and "saved_MB" in row:
-                            row["saved_vs_eager"] = row["saved_MB"] / eager_saved
+                eager_saved = results.get("eager", {}).get("saved_MB")
+                for name, ratios in B.baseline_ratios(results).items():
+                    row = results[name]
+                    row.update(ratios)
+                    if eager_saved and "saved_MB" in row:
+                        row["saved_vs_eager"] = row["saved_MB"] / eager_saved
                 if progress:
                     progress(rows)
     return rows
