@@ -104,14 +104,24 @@ def _foreign_hint() -> str:
             f"--model {' or '.join(names)}") if names else ""
 
 
+def _starts_with(path: Path, *prefixes: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(len(p) for p in prefixes))
+    except OSError:
+        return False
+    return head.startswith(prefixes)
+
+
 def _is_fastinpaint_checkpoint(path: Path) -> bool:
     from .train.checkpoint import MAGIC
 
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+    return _starts_with(path, MAGIC)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A ``torch.save`` file: a zip archive, or (before torch 1.6) a pickle."""
+    return _starts_with(path, b"PK\x03\x04", b"\x80\x02")
 
 
 def _torch_load(path: Path, argument: str) -> dict:
@@ -226,8 +236,12 @@ def _read_file(path: Path, model: str | None, ema: bool, argument: str) -> Weigh
         return _from_checkpoint(load_checkpoint(path), path, ema)
     except CheckpointError as e:
         image = path.suffix.lower() in IMAGE_EXTENSIONS
-        what = "an image, not a checkpoint" if image else \
-            f"not a fastinpaint checkpoint or weights file ({e.reason})"
+        if image:
+            what = "an image, not a checkpoint"
+        elif _is_torch_file(path):
+            what = "a plain PyTorch file (torch.save), not a fastinpaint checkpoint or weights file"
+        else:
+            what = f"not a fastinpaint checkpoint or weights file ({e.reason})"
         raise UnreadableInputError(f"{path} is {what}", argument=argument,
                                    fix=CHECKPOINT_FIX + ("" if image else _foreign_hint())) from e
 

@@ -87,7 +87,8 @@ def test_port_layout_both_ways_on_the_ports_own_names():
         assert tuple(port[name].shape) == shape, name
         assert tuple(ours.state_dict()[mine].shape) == shape, mine
     # the mapping on the port's own names, prefixed as DataParallel saves them
-    real = {"module." + name: torch.full(shape, float(i)) for i, (name, (shape, _)) in enumerate(REAL_PORT_KEYS.items())}
+    real = {"module." + name: torch.full(shape, float(i))
+            for i, (name, (shape, _)) in enumerate(REAL_PORT_KEYS.items())}
     converted = convert_port_state_dict({"G": real, "D": {}})
     assert set(converted) == {mine for _, mine in REAL_PORT_KEYS.values()}
     for i, (name, (_, mine)) in enumerate(REAL_PORT_KEYS.items()):
@@ -344,7 +345,8 @@ def test_guided_networks_from_unguided_weights_start_as_the_unguided_ones(tmp_pa
     # through fine-tuning: --init with guided = true
     run = tmp_path / "run"
     assert cli.main(["train", "--config", str(FINETUNE), "--init", str(tmp_path / "port.pth"), "--steps", "0",
-                     "--out", str(run), *SMALL, "--set", "model_options.cnum=4", "--set", "model_options.guided=true"]) == 0
+                     "--out", str(run), *SMALL, "--set", "model_options.cnum=4",
+                     "--set", "model_options.guided=true"]) == 0
     state = load_weights(run / "weights.safetensors")
     assert torch.all(state["stage1.conv1.weight"][:, 3] == 0)
     assert torch.equal(state["stage1.conv1.bias"], plain.stage1.conv1.bias)
