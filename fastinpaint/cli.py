@@ -4,6 +4,7 @@
   fastinpaint backends   show which backends are built and usable here
   fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
   fastinpaint inpaint    fill user images (any size) with a trained generator
+  fastinpaint convert    write another project's weights (DeepFill v2's PyTorch port) as fastinpaint's
 
 A mistake in the arguments or the files given is reported as one line on stderr, naming
 the argument and the fix, with exit status 2; --debug (or FASTINPAINT_DEBUG=1) shows the
@@ -49,7 +50,7 @@ def _cmd_train(args) -> int:
     from .train.config import load_config
 
     values = {"model": args.model, "data": args.data, "mask": args.mask, "steps": args.steps, "out": args.out,
-              "resume": True if args.resume else None}
+              "init": args.init, "resume": True if args.resume else None}
     config = load_config(args.config, overrides=args.set, **values)
     from .train.trainer import train
 
@@ -79,12 +80,45 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_options(items) -> dict:
+    """``--model-option KEY=VALUE`` (repeatable) as a dict; a value is read as JSON where it
+    parses (numbers, true/false), else kept as the string."""
+    from .errors import InvalidInputError
+    from .train.config import parse_value
+
+    options = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"{item!r} is not KEY=VALUE", argument="model_option",
+                                    fix="write e.g. --model-option cnum=48")
+        options[key.strip()] = parse_value(text)
+    return options
+
+
 def _cmd_inpaint(args) -> int:
     from .inpaint import inpaint_files
 
     inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
-                  resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print)
+                  resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print, sketch=args.sketch,
+                  model=args.model, model_options=_model_options(args.model_option))
     return 0
+
+
+def _cmd_convert(args) -> int:
+    from .weights import convert_weights
+
+    path = convert_weights(args.weights, args.out, model=args.model, model_options=_model_options(args.model_option))
+    print(f"wrote {path}")
+    return 0
+
+
+def _weights_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", help=f"the model {what} are for: needed for another project's checkpoint (deepfill_v2 "
+                                   "reads the DeepFill v2 PyTorch port's .pth); a fastinpaint file names its own")
+    p.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option (repeatable), e.g. --model-option cnum=48 --model-option guided=true; "
+                        "for another project's checkpoint, those it was trained with")
 
 
 MASK_RULE = """\
@@ -129,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kept exactly (in a lossless output: not in a .jpg).", epilog=MASK_RULE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, or a "
-                        "checkpoints/ckpt_*.pt file")
+                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, a "
+                        "checkpoints/ckpt_*.pt file, or another project's checkpoint with --model")
     p.add_argument("--image", required=True, help="an image, or a folder of images")
     p.add_argument("--mask", required=True,
                    help="a mask (white or any colour on black = hole; see below), or a folder of masks named "
@@ -144,10 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-mask", action="store_true",
                    help="stretch a mask of another size than its image to the image's size (nearest) instead "
                         "of refusing it")
+    p.add_argument("--sketch",
+                   help="for a guided generator (deepfill_v2 with guided = true): the lines to draw in the hole "
+                        "(white or any colour on black, or painted on transparency; the image's size), or a "
+                        "folder of sketches named like the images; none: no guidance")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a run trained with --set ema=...")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    _weights_arguments(p, "the weights")
     _common(p)
     p.set_defaults(func=_cmd_inpaint)
+
+    c = sub.add_parser("convert", help="write weights (another project's checkpoint) as fastinpaint weights",
+                       description="Write the generator of a checkpoint (another project's, such as the DeepFill v2 "
+                                   "PyTorch port's .pth, or a fastinpaint one) as a .safetensors file with its "
+                                   "config in the metadata, which every command takes as it takes a trained run's "
+                                   "weights.")
+    c.add_argument("weights", help="the checkpoint to convert")
+    c.add_argument("--out", required=True, help="the .safetensors file to write")
+    _weights_arguments(c, "the weights")
+    _common(c)
+    c.set_defaults(func=_cmd_convert)
 
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")
@@ -166,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/fastinpaint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set lr=2e-4 --set loss_weights.adv=0.1")
+    t.add_argument("--init", metavar="PATH",
+                   help="fine-tune: start from these weights (a run folder, a weights file, a training checkpoint, "
+                        "or another project's checkpoint of the model, e.g. the DeepFill v2 PyTorch port's .pth): "
+                        "the generator, and the discriminator where the file has one; optimisers, step and data "
+                        "position start fresh. Not with --resume")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its latest valid checkpoint")

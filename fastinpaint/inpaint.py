@@ -11,13 +11,20 @@ or 0/255), or, in a mask with transparency, every painted (not fully transparent
 ``invert`` swaps holes and known pixels. A mask with no hole or no known pixel, or of another
 size than its image (unless ``resize_mask``), is refused.
 
+A guided generator (DeepFill v2 with ``guided = true``) takes the user's sketch of the lines
+to draw in the hole: a sketch file is read by the same rule (a line is every pixel brighter
+than half the brightest, or every painted pixel of a sketch with transparency), only its
+lines inside the hole count, and no sketch is an empty one (no guidance: the edges of what
+the hole covers are never used). The weights can be another project's (see
+:mod:`fastinpaint.weights`).
+
 Every mistake in the arguments raises a :class:`fastinpaint.errors.UserError` naming the
-argument (``checkpoint``, ``image``, ``mask``, ``out``, ``ema``, ``device``) and the fix.
+argument (``checkpoint``, ``image``, ``mask``, ``sketch``, ``out``, ``ema``, ``device``) and
+the fix.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -26,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputNotFoundError, InvalidInputError, UnreadableInputError
+from .weights import IMAGE_EXTENSIONS, load_pretrained
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # output extension -> (PIL format, the modes it writes back unchanged, save options)
 OUTPUT_FORMATS = {
     ".png": ("PNG", ("L", "LA", "RGB", "RGBA", "I;16"), {}),
@@ -39,104 +46,23 @@ OUTPUT_FORMATS = {
     ".bmp": ("BMP", ("L", "RGB"), {}),
 }
 _MODE_WORDS = {"L": "gray", "LA": "gray + alpha", "RGB": "RGB", "RGBA": "RGB + alpha", "I;16": "16-bit gray"}
-_CHECKPOINT_FIX = ("give a run folder (the --out of fastinpaint train), its weights.safetensors, or one of its "
-                   "checkpoints/ckpt_*.pt files")
 _MASK_RULE = ("holes are the pixels brighter than half the mask's brightest (white or any colour on black), "
               "or, in a mask with transparency, the painted ones")
 
 
-def _strip_prefixes(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 # ----------------------------------------------------------------------------- the generator
 
-def _no_ema(where: Path, run_config: dict | None = None) -> InvalidInputError:
-    trained = "" if run_config is None else f" (ema = {run_config.get('ema', 0)})"
-    run = f"the run in {where}" if where.is_dir() else f"the run of {where}"
-    return InvalidInputError(f"{run} was trained without EMA{trained}, so it has no EMA weights",
-                             argument="ema", fix="leave out --ema, or train with --set ema=0.999 to keep an EMA "
-                                                 "of the generator")
-
-
-def _weights_of_run(run: Path, ema: bool) -> Path:
-    """The weights file of the run folder ``run``, or the error saying why there is none."""
-    from .train.checkpoint import list_checkpoints
-
-    name = "weights_ema.safetensors" if ema else "weights.safetensors"
-    if (run / name).is_file():
-        return run / name
-    run_config = None
-    if (run / "config.json").is_file():
-        try:
-            run_config = json.loads((run / "config.json").read_text())
-        except (OSError, ValueError):
-            run_config = None
-    if ema and (run / "weights.safetensors").is_file():
-        if run_config is None or not run_config.get("ema"):
-            raise _no_ema(run, run_config)
-        raise InputNotFoundError(f"{run} has no weights_ema.safetensors although it was trained with "
-                                 f"ema = {run_config['ema']}", argument="checkpoint",
-                                 fix="give the run's latest checkpoints/ckpt_*.pt with --ema instead")
-    checkpoints = list_checkpoints(run / "checkpoints")
-    if checkpoints:
-        raise InputNotFoundError(f"the run in {run} has not finished: it has no {name} yet", argument="checkpoint",
-                                 fix=f"give its latest checkpoint {checkpoints[-1]}, or finish the run "
-                                     "(fastinpaint train with the same options and --resume)")
-    raise InputNotFoundError(f"{run} holds no fastinpaint run (no {name})", argument="checkpoint",
-                             fix=_CHECKPOINT_FIX)
-
-
-def load_generator(path, ema: bool = False, device="cpu"):
+def load_generator(path, ema: bool = False, device="cpu", model: str | None = None, model_options: dict | None = None):
     """(recipe, generator in eval mode) from a run folder, a ``.safetensors`` weights file
-    (its metadata holds the config) or a training checkpoint. ``ema``: the EMA of the
-    generator (a run folder's weights_ema.safetensors, a checkpoint's EMA state); a run
-    trained without EMA is refused, never silently replaced by the plain weights."""
-    from .models import build_model
-    from .train.checkpoint import CheckpointError, load_checkpoint, load_weights, weights_metadata
-
-    path = Path(path)
-    if path.is_dir():
-        path = _weights_of_run(path, ema)
-    elif not path.exists():
-        raise InputNotFoundError(f"{path} does not exist", argument="checkpoint", fix=_CHECKPOINT_FIX)
-    elif not path.is_file():
-        raise InvalidInputError(f"{path} is not a file or a folder", argument="checkpoint", fix=_CHECKPOINT_FIX)
-    try:
-        if path.suffix == ".safetensors":
-            meta = weights_metadata(path)
-            if "config" not in meta:
-                raise UnreadableInputError(f"{path} carries no training config in its metadata (it was not "
-                                           "written by fastinpaint train)", argument="checkpoint",
-                                           fix=_CHECKPOINT_FIX)
-            config = json.loads(meta["config"])
-            if ema and meta.get("weights") != "ema" and path.name != "weights_ema.safetensors":
-                sibling = path.with_name("weights_ema.safetensors")
-                if sibling.is_file():
-                    raise InvalidInputError(f"{path} holds the generator's plain weights, not its EMA",
-                                            argument="ema", fix=f"give {sibling} (or the run folder) with --ema")
-                raise _no_ema(path, config)
-            state = load_weights(path)
-        else:
-            ckpt = load_checkpoint(path)
-            config = ckpt["config"]
-            if ema and ckpt.get("ema") is None:
-                raise _no_ema(path, config)
-            state = ckpt["ema"] if ema else ckpt["generator"]
-    except CheckpointError as e:
-        what = "an image, not a checkpoint" if path.suffix.lower() in IMAGE_EXTENSIONS else \
-            f"not a fastinpaint checkpoint or weights file ({e.reason})"
-        raise UnreadableInputError(f"{path} is {what}", argument="checkpoint", fix=_CHECKPOINT_FIX) from e
-    recipe = build_model(config["model"], loss_weights=config.get("loss_weights"), **config.get("model_options", {}))
-    generator = recipe.generator
-    generator.load_state_dict(_strip_prefixes(state))
-    return recipe, generator.to(device).eval()
+    (its metadata holds the config), a training checkpoint, or, with ``model`` named, another
+    project's checkpoint for that model (``model="deepfill_v2"``: the DeepFill v2 PyTorch
+    port's ``.pth``, with options such as ``{"cnum": 48, "guided": False}`` in
+    ``model_options``; see :mod:`fastinpaint.weights`). ``model_options`` also override a
+    fastinpaint file's own. ``ema``: the EMA of the generator (a run folder's
+    weights_ema.safetensors, a checkpoint's EMA state); a run trained without EMA is refused,
+    never silently replaced by the plain weights."""
+    recipe = load_pretrained(path, model=model, model_options=model_options, ema=ema)[0]
+    return recipe, recipe.generator.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- files
@@ -275,23 +201,62 @@ def _uniform(im, read_by: str) -> str:
     return f"its values range from {lo} to {hi}"
 
 
+def read_sketch(path, size_hw, image_name: str = "the image") -> np.ndarray:
+    """(H, W) bool line map of the sketch file ``path`` for an image of ``size_hw``: the rule
+    of masks (:func:`fastinpaint.data.masks.hole_from_image`; white or any colour on black, or
+    painted on transparency). A sketch of another size than its image is an error; one with
+    no line is an empty sketch."""
+    from .data.masks import hole_from_image
+
+    lines = hole_from_image(_open(path, "sketch"))[0]
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if lines.shape != (h, w):
+        raise InvalidInputError(f"{path} is {lines.shape[1]}x{lines.shape[0]} but {image_name} is {w}x{h}",
+                                argument="sketch", fix="draw the sketch on a canvas of the image's size")
+    return lines
+
+
+def takes_sketch(recipe) -> bool:
+    """Whether the recipe's generator takes a sketch (DeepFill v2 with ``guided = true``)."""
+    return bool(getattr(recipe, "guided", False))
+
+
 @torch.no_grad()
-def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu") -> np.ndarray:
-    """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged."""
+def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu",
+                  sketch: np.ndarray | None = None) -> np.ndarray:
+    """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged.
+    ``sketch`` (H, W; bool, or floats in [0, 1]): the lines a guided generator is to follow in
+    the hole (only those inside it count); a guided generator given none gets an empty sketch,
+    and a generator that is not guided refuses one."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if hole.shape != image.shape[:2]:
         raise ValueError(f"mask must be {image.shape[:2]}, got {hole.shape}")
+    guided = takes_sketch(recipe)
+    if sketch is not None:
+        if not guided:
+            raise InvalidInputError(f"this {getattr(recipe, 'name', 'model')} generator is not guided: it takes "
+                                    "no sketch", argument="sketch",
+                                    fix="leave out the sketch, or use weights of a guided model "
+                                        "(deepfill_v2 with guided = true)")
+        if np.shape(sketch) != hole.shape:
+            raise ValueError(f"sketch must be {hole.shape}, got {np.shape(sketch)}")
     h, w = hole.shape
     multiple = getattr(recipe, "size_multiple", 1)
     ph, pw = (-h) % multiple, (-w) % multiple
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     m = torch.from_numpy(hole)[None, None].float().to(device)
+    extra = {}
+    if guided:
+        lines = np.zeros(hole.shape, np.float32) if sketch is None else np.asarray(sketch, dtype=np.float32)
+        extra["sketch"] = torch.from_numpy(lines.copy())[None, None].to(device)
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
         m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
-    out = generator(recipe.prepare_input(x, m))
+        if guided:
+            extra["sketch"] = F.pad(extra["sketch"], (0, pw, 0, ph))
+    out = generator(recipe.prepare_input(x, m, **extra))
     if hasattr(recipe, "final_output"):   # a generator that returns more than the image
         out = recipe.final_output(out)
     out = out[..., :h, :w]
@@ -316,10 +281,25 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _pairs(image, mask, out):
-    """(image path, mask path, output path) for a file or a folder of images."""
+def _companion(given: Path, image_root: Path, image: Path, argument: str) -> Path:
+    """The ``argument`` file (mask, sketch) of ``image`` in a folder of images: ``given`` itself
+    when it is a file, else its file named like the image (same extension, or .png)."""
+    if not given.is_dir():
+        return given
+    rel = image.relative_to(image_root)
+    candidates = [given / rel.with_suffix(e) for e in dict.fromkeys((image.suffix, ".png"))]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise InputNotFoundError(f"no {argument} for {rel} in {given}", argument=argument,
+                                 fix=f"name each {argument} like its image ({candidates[-1]})")
+    return found
+
+
+def _pairs(image, mask, out, sketch=None):
+    """(image path, mask path, output path, sketch path or None) for a file or a folder of images."""
     out_text = str(out)
     image, mask, out = Path(image), Path(mask), Path(out)
+    sketch = Path(sketch) if sketch is not None else None
     out_is_folder = out.is_dir() or out_text.endswith(("/", os.sep))
     if image.is_dir():
         if out.exists() and not out.is_dir():
@@ -328,39 +308,36 @@ def _pairs(image, mask, out):
         if not out.exists() and out.suffix.lower() in IMAGE_EXTENSIONS and not out_is_folder:
             raise InvalidInputError(f"{out} names an image file, but --image {image} is a folder", argument="out",
                                     fix="give a folder for the outputs (an existing one, or a name ending in /)")
-        if not mask.exists():
-            raise InputNotFoundError(f"{mask} does not exist", argument="mask",
-                                     fix="give a mask file, or a folder of masks named like the images")
+        for given, argument in ((mask, "mask"), (sketch, "sketch")):
+            if given is not None and not given.exists():
+                raise InputNotFoundError(f"{given} does not exist", argument=argument,
+                                         fix=f"give a {argument} file, or a folder of {argument}s named like the "
+                                             "images")
         files = sorted(p for p in image.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image}", argument="image",
                                      fix="give an image file, or a folder that holds images")
-        pairs = []
-        for f in files:
-            rel = f.relative_to(image)
-            if mask.is_dir():
-                candidates = [mask / rel.with_suffix(e) for e in dict.fromkeys((f.suffix, ".png"))]
-                m = next((c for c in candidates if c.is_file()), None)
-                if m is None:
-                    raise InputNotFoundError(f"no mask for {rel} in {mask}", argument="mask",
-                                             fix=f"name each mask like its image ({candidates[-1]})")
-            else:
-                m = mask
-            pairs.append((f, m, out / rel.with_suffix(".png")))
+        pairs = [(f, _companion(mask, image, f, "mask"), out / f.relative_to(image).with_suffix(".png"),
+                  _companion(sketch, image, f, "sketch") if sketch is not None else None) for f in files]
     else:
         if not image.exists():
             raise InputNotFoundError(f"{image} does not exist", argument="image",
                                      fix="give an existing image file, or a folder of images")
-        if not mask.exists():
-            raise InputNotFoundError(f"{mask} does not exist", argument="mask", fix="give an existing mask file")
-        if mask.is_dir():
-            raise InvalidInputError(f"{mask} is a folder", argument="mask",
-                                    fix="give a mask file (a folder of masks goes with a folder of images)")
+        for given, argument in ((mask, "mask"), (sketch, "sketch")):
+            if given is None:
+                continue
+            if not given.exists():
+                raise InputNotFoundError(f"{given} does not exist", argument=argument,
+                                         fix=f"give an existing {argument} file")
+            if given.is_dir():
+                raise InvalidInputError(f"{given} is a folder", argument=argument,
+                                        fix=f"give a {argument} file (a folder of {argument}s goes with a folder "
+                                            "of images)")
         target = out / (image.stem + ".png") if out_is_folder else out
         _output_format(target)
-        pairs = [(image, mask, target)]
+        pairs = [(image, mask, target, sketch)]
     seen: dict[Path, Path] = {}
-    for src, _, target in pairs:
+    for src, _, target, _ in pairs:
         if _same_file(src, target):
             raise InvalidInputError(f"{target} would overwrite the input image {src}", argument="out",
                                     fix="give another file or folder")
@@ -398,28 +375,40 @@ def _save(path: Path, pixels: np.ndarray, mode: str) -> None:
 
 
 def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: bool = False, device=None,
-                  resize_mask: bool = False, report=None) -> list[Path]:
+                  resize_mask: bool = False, report=None, sketch=None, model: str | None = None,
+                  model_options: dict | None = None) -> list[Path]:
     """Fill ``image`` (a file, or a folder of images) by ``mask`` (a file, or a folder of masks
     named like the images) and write ``out`` (a file, or a folder: every output is a .png).
-    ``report(line)`` (optional) gets one line per file written, with its hole's share of the
-    image, and a note where a mask marks most of its image as hole."""
+    ``sketch`` (a file, or a folder of sketches named like the images): the lines a guided
+    generator is to follow in the holes. ``model`` / ``model_options``: see
+    :func:`load_generator` (another project's weights). ``report(line)`` (optional) gets one
+    line per file written, with its hole's share of the image, and a note where a mask marks
+    most of its image as hole."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
                                 fix="use --device cpu, or leave --device out")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pairs = _pairs(image, mask, out)
-    recipe, generator = load_generator(checkpoint, ema=ema, device=device)
-    if len(pairs) > 1:   # every image and mask checked before the first file is written
-        for img_path, mask_path, out_path in pairs:
-            photo = read_photo(img_path)
-            _check_writable(out_path, photo.mode, img_path)
-            read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
-    written = []
-    for img_path, mask_path, out_path in pairs:
+    pairs = _pairs(image, mask, out, sketch)
+    recipe, generator = load_generator(checkpoint, ema=ema, device=device, model=model, model_options=model_options)
+    if sketch is not None and not takes_sketch(recipe):
+        raise InvalidInputError(f"the generator of {checkpoint} is not guided: it takes no sketch", argument="sketch",
+                                fix="leave out --sketch, or give weights of a guided model (deepfill_v2 with "
+                                    "guided = true)")
+
+    def read(img_path, mask_path, out_path, sketch_path):
         photo = read_photo(img_path)
         _check_writable(out_path, photo.mode, img_path)
         hole = read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
-        filled = inpaint_array(recipe, generator, photo.rgb, hole, device)
+        lines = read_sketch(sketch_path, photo.size_hw, image_name=str(img_path)) if sketch_path is not None else None
+        return photo, hole, lines
+
+    if len(pairs) > 1:   # every image, mask and sketch checked before the first file is written
+        for pair in pairs:
+            read(*pair)
+    written = []
+    for img_path, mask_path, out_path, sketch_path in pairs:
+        photo, hole, lines = read(img_path, mask_path, out_path, sketch_path)
+        filled = inpaint_array(recipe, generator, photo.rgb, hole, device, sketch=lines)
         _save(out_path, photo.with_fill(filled, hole), photo.mode)
         written.append(out_path)
         if report is not None:
@@ -431,4 +420,6 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
             if share > 0.5:
                 report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
                        "marks the holes in your masks, add --invert-mask")
+            if lines is not None and not (lines & hole).any():
+                report(f"note: {sketch_path} draws no line inside the hole, and only lines inside it guide the fill")
     return written

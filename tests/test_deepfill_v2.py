@@ -14,6 +14,8 @@ from fastinpaint.models import (MODELS, DeepFillV2Generator, DeepFillV2Recipe, S
 from fastinpaint.models.deepfill_v2 import edge_sketch, hinge_d_loss, hinge_g_loss
 from fastinpaint.nn import GatedConv2d, GatedDeconv2d
 
+from deepfill_port import port_key
+
 CONFIG = Path(__file__).resolve().parents[1] / "fastinpaint" / "configs" / "deepfill_v2.toml"
 
 
@@ -135,17 +137,9 @@ def test_guided_variant():
 
 # ----------------------------------------------------------------------------- port weights
 
-def _port_key(ours: str) -> str:
-    """The key the public PyTorch port uses for one of our parameters."""
-    layer, name = ours.rsplit(".", 1)
-    if "conv1_upsample" in layer.split(".")[-1]:
-        return f"{layer}.conv.conv.{name}"   # its gated deconv wraps a GConv that wraps the conv
-    return f"{layer}.conv.{name}"
-
-
 def test_convert_port_state_dict():
     ours = DeepFillV2Generator(cnum=8)
-    port = {"module." + _port_key(k): torch.randn_like(v) for k, v in ours.state_dict().items()}
+    port = {"module." + port_key(k): torch.randn_like(v) for k, v in ours.state_dict().items()}
     assert "module.stage1.up_block1.conv1_upsample.conv.conv.weight" in port
     assert "module.stage2.b2_conv_bn1.conv.bias" in port and "module.stage2.conv_to_rgb.conv.weight" in port
     converted = convert_port_state_dict({"G": port, "D": {}})
@@ -153,7 +147,7 @@ def test_convert_port_state_dict():
     fresh = DeepFillV2Generator(cnum=8)
     fresh.load_state_dict(converted, strict=True)
     for k, v in fresh.state_dict().items():
-        assert torch.equal(v, port["module." + _port_key(k)])
+        assert torch.equal(v, port["module." + port_key(k)])
     # a port's gated layer (one conv, split: features first, gates second) computes what ours does
     layer = fresh.stage1.conv_bn3
     w, b = port["module.stage1.conv_bn3.conv.weight"], port["module.stage1.conv_bn3.conv.bias"]

@@ -21,3 +21,19 @@ def merge_loss_weights(model_name: str, defaults: dict, overrides: dict | None) 
                                     argument="loss_weights")
         weights[k] = v
     return weights
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """``state`` with the key prefixes of wrappers removed: ``module.`` (DataParallel,
+    DistributedDataParallel) and ``_orig_mod.`` (torch.compile), however nested."""
+    out = {}
+    for k, v in state.items():
+        while True:
+            for prefix in ("module.", "_orig_mod."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
+                    break
+            else:
+                break
+        out[k] = v
+    return out

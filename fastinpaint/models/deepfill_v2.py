@@ -28,9 +28,17 @@ Weights of the common PyTorch port (module names ``stage1.conv1``, ``stage1.down
 conv1_downsample``, ``stage2.b2_conv_bn1``, ...; one ``nn.Conv2d`` of 2*Cout per gated layer
 under ``.conv``, the deconvs under ``.conv.conv``): the module names here are the same, so
 :func:`convert_port_state_dict` only drops the ``.conv`` levels (and ``module.`` / checkpoint
-wrappers). Padding of stride-2 layers is symmetric (1 px each side), as in that port; the
-TensorFlow original pads 0 before and 1 after on even sizes, so TF-converted weights see a
-1-pixel shift in the strided layers.
+wrappers), and :func:`convert_port_checkpoint` reads a whole checkpoint of the port
+(``{"G": ..., "D": ..., ...}``: its SN-PatchGAN's names are the same as here). Padding of
+stride-2 layers is symmetric (1 px each side), as in that port's ``model/networks.py`` (its
+published Places2 and CelebA-HQ weights for that file were fine-tuned from the TensorFlow
+release for this padding); the TensorFlow original pads 0 before and 1 after on even sizes, so
+TF-converted weights see a 1-pixel shift in the strided layers.
+
+The guided variant from unguided weights (:meth:`DeepFillV2Recipe.adapt_pretrained`): the
+first layer of the generator (and of the discriminator) gets zero weights on the sketch
+channel and keeps the others as they are, so the guided network starts as the unguided one,
+whatever the sketch, and learns to use the sketch from there.
 
 Discriminator: SN-PatchGAN, six 5x5 stride-2 convolutions (64, 128, 256, 256, 256, 256 for
 ``cnum`` = 64) with spectral normalisation (one power iteration per training forward) and
@@ -48,11 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
-from ._common import merge_loss_weights
+from ._common import merge_loss_weights, strip_wrapper_prefixes
 from .contextual_attention import ContextualAttention
 
-__all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_state_dict",
-           "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
+__all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_checkpoint",
+           "convert_port_state_dict", "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -229,6 +237,17 @@ def hinge_g_loss(fake_scores: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- weights of the port
 
 _CONV_LEVELS = re.compile(r"(?:\.conv)+\.(weight|bias)$")
+PORT_LAYOUT = "the DeepFill v2 PyTorch port's (model/networks.py)"
+FASTINPAINT_LAYOUT = "fastinpaint's"
+
+
+def _unwrap(checkpoint: dict) -> tuple[dict, dict | None]:
+    """(generator state, discriminator state or None) of a checkpoint dict or a bare state dict."""
+    for g_key, d_key in (("G", "D"), ("generator", "discriminator")):
+        if isinstance(checkpoint.get(g_key), dict):
+            d = checkpoint.get(d_key)
+            return checkpoint[g_key], d if isinstance(d, dict) and d else None
+    return checkpoint, None
 
 
 def convert_port_state_dict(state: dict) -> dict:
@@ -240,18 +259,46 @@ def convert_port_state_dict(state: dict) -> dict:
     ``<layer>.weight``: the gated layers keep the port's single (2*Cout, Cin, k, k) tensor,
     its feature filters first. Example: ``stage1.up_block1.conv1_upsample.conv.conv.weight``
     -> ``stage1.up_block1.conv1_upsample.weight``; ``stage2.conv_to_rgb.conv.bias`` ->
-    ``stage2.conv_to_rgb.bias``."""
-    for key in ("G", "generator"):
-        if key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[_CONV_LEVELS.sub(r".\1", k)] = v
-    return out
+    ``stage2.conv_to_rgb.bias``. Keys already in fastinpaint's names are kept."""
+    state = strip_wrapper_prefixes(_unwrap(state)[0])
+    return {_CONV_LEVELS.sub(r".\1", k) if isinstance(k, str) else k: v for k, v in state.items()}
+
+
+def convert_port_checkpoint(checkpoint: dict) -> tuple[str, dict, dict | None]:
+    """``(layout, generator state, discriminator state or None)`` of a DeepFill v2 checkpoint,
+    in fastinpaint's names.
+
+    ``checkpoint``: the port's (``{"G": ..., "D": ..., "G_optim": ..., "D_optim": ...,
+    "n_iter": ...}``, or its published ``{"G": ...}``), a dict holding the networks under
+    ``"generator"`` / ``"discriminator"``, or a bare generator state dict; ``module.`` /
+    ``_orig_mod.`` prefixes anywhere. The layout is recognised from the generator's keys: the
+    port's ``.conv`` levels (:func:`convert_port_state_dict` renames them), else fastinpaint's.
+    The port's discriminator (``torch.nn.utils.parametrizations.spectral_norm`` on
+    ``conv1.conv_sn`` ... ``conv6.conv_sn``) has :class:`SNPatchGANDiscriminator`'s names.
+    Whether the keys then are the network's is for the loader to check."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"a DeepFill v2 checkpoint is a dict of tensors, got a {type(checkpoint).__name__}")
+    g, d = _unwrap(checkpoint)
+    g = strip_wrapper_prefixes(g)
+    layout = PORT_LAYOUT if any(isinstance(k, str) and _CONV_LEVELS.search(k) for k in g) else FASTINPAINT_LAYOUT
+    return layout, convert_port_state_dict(g), strip_wrapper_prefixes(d) if d is not None else None
+
+
+def _add_input_channel(state: dict, key: str, index: int, channels: int, vector_key: str | None = None) -> dict:
+    """``state`` with a zero input channel inserted at ``index`` of the convolution weight
+    ``key`` when it has ``channels - 1`` input channels (else unchanged). ``vector_key``: the
+    spectral norm's right singular vector of that weight, which gets zeros at the same places
+    (its estimate of the largest singular value stays exact)."""
+    w = state.get(key)
+    if not isinstance(w, torch.Tensor) or w.dim() != 4 or w.shape[1] != channels - 1:
+        return state
+    state = dict(state)
+    state[key] = torch.cat([w[:, :index], w.new_zeros(w.shape[0], 1, *w.shape[2:]), w[:, index:]], dim=1)
+    v = state.get(vector_key) if vector_key is not None else None
+    if isinstance(v, torch.Tensor) and v.numel() == w[0].numel():
+        v = v.reshape(w.shape[1], -1)
+        state[vector_key] = torch.cat([v[:index], v.new_zeros(1, v.shape[1]), v[index:]]).flatten()
+    return state
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -285,6 +332,10 @@ class DeepFillV2Recipe:
     """
 
     name = "deepfill_v2"
+    # other projects' weights (fastinpaint.train.weights): the layouts recognised, and the
+    # options those weights were trained with, used where the user gives none
+    weight_layouts = f"{FASTINPAINT_LAYOUT} or {PORT_LAYOUT}"
+    foreign_defaults = {"attention_masking": "official"}
     size_multiple = 8
     default_lr = 1e-4
     default_betas = (0.5, 0.999)
@@ -302,6 +353,26 @@ class DeepFillV2Recipe:
         self.generator = DeepFillV2Generator(cnum, 6 if guided else 5, attention_masking)
         self.discriminator = (SNPatchGANDiscriminator(disc_cnum, 5 if guided else 4)
                               if weights["adv"] > 0 else None)
+
+    @staticmethod
+    def convert_foreign(checkpoint: dict) -> tuple[str, dict, dict | None]:
+        """:func:`convert_port_checkpoint`: ``(layout, generator state, discriminator state)``."""
+        return convert_port_checkpoint(checkpoint)
+
+    def adapt_pretrained(self, generator_state: dict, discriminator_state: dict | None = None):
+        """``(generator_state, discriminator_state)`` made to fit this recipe's networks: for the
+        guided variant, unguided weights get a zero-weight sketch channel in the first layer of
+        the generator (input channel 3, after the image) and of the discriminator (channel 4,
+        after the mask), so the guided networks compute what the unguided ones did, whatever
+        the sketch; the other weights load as they are. States that fit come back unchanged."""
+        if not self.guided:
+            return generator_state, discriminator_state
+        generator_state = _add_input_channel(generator_state, "stage1.conv1.weight", 3, self.generator.in_channels)
+        if discriminator_state is not None and self.discriminator is not None:
+            sn = "conv1.conv_sn.parametrizations.weight"
+            discriminator_state = _add_input_channel(discriminator_state, f"{sn}.original", 4,
+                                                     self.discriminator.in_channels, vector_key=f"{sn}.0._v")
+        return generator_state, discriminator_state
 
     def prepare_input(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
         """(B, 5 or 6, H, W): masked image, [sketch * mask], ones, mask."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "read_config_file", "read_run_config"]
+__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "parse_value", "read_config_file",
+           "read_run_config"]
 
 
 class ConfigError(InvalidInputError):
@@ -57,6 +58,9 @@ class TrainConfig:
     val_batches: int = 2
     log_every: int = 10
     resume: bool = False
+    init: Optional[str] = None                           # fine-tune: the weights a new run starts from
+                                                         # (fastinpaint.weights; a resumed run that has
+                                                         # a checkpoint does not read them again)
 
     def __post_init__(self):
         self.validate()
@@ -98,6 +102,8 @@ class TrainConfig:
         for name in ("compile", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
+            raise bad("init", "the path of weights to start from (or none)")
         return self
 
     def to_dict(self) -> dict:
@@ -122,6 +128,8 @@ class TrainConfig:
             values["data"] = str(values["data"])
         if "out" in values:
             values["out"] = str(values["out"])
+        if values.get("init") is not None and not isinstance(values["init"], (bool, int, float)):
+            values["init"] = str(values["init"])
         for name in ("lr", "lr_d", "ema", "eps"):
             if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
                 values[name] = float(values[name])
@@ -175,7 +183,7 @@ _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse_scalar(text: str):
+def parse_value(text: str):
     """A dict value from the command line: JSON when it parses (numbers, true/false, lists),
     else the string itself."""
     try:
@@ -238,7 +246,7 @@ def apply_overrides(values: dict, overrides) -> dict:
                 raise ConfigError(f"{item}: {top} is not a table, so {key!r} has no meaning", argument="set",
                                   fix=f"write --set {top}=VALUE")
             table = dict(values.get(top) or {})
-            table[sub] = _parse_scalar(text)
+            table[sub] = parse_value(text)
             values[top] = table
         else:
             values[top] = _convert(key, kind, text)
@@ -265,7 +273,10 @@ def load_config(path=None, overrides=None, **values) -> TrainConfig:
     """Defaults < the config file at ``path`` < ``values`` < ``overrides`` (``key=value`` strings).
 
     With ``resume`` set, the run's own ``config.json`` (in ``out``) comes first of all: a
-    resumed run keeps the settings it was trained with, save those given again here."""
+    resumed run keeps the settings it was trained with, save those given again here. ``init``
+    given here (an option or an override) with ``resume`` is refused: a resumed run continues
+    from its own checkpoint (an ``init`` kept in the run's settings or the config file is the
+    record of how the run started, and is not read again)."""
     def merge(base):
         merged = dict(base)
         merged.update(read_config_file(path) if path is not None else {})
@@ -273,6 +284,14 @@ def load_config(path=None, overrides=None, **values) -> TrainConfig:
         return apply_overrides(merged, overrides)
 
     merged = merge({})
+    init_given = values.get("init") is not None or any(
+        str(o).split("=", 1)[0].strip() == "init" and "=" in str(o) and
+        str(o).split("=", 1)[1].strip().lower() not in ("none", "null", "default") for o in overrides or ())
+    if merged.get("resume") and init_given:
+        raise ConfigError("cannot go with --resume: a resumed run continues from its own checkpoint, which already "
+                          "holds the weights it started from", argument="init",
+                          fix="leave out --init to continue the run, or leave out --resume (and give a new --out) "
+                              "to start a run from these weights")
     if merged.get("resume"):
         out = merged.get("out", TrainConfig.out)
         saved = read_run_config(out)

@@ -405,14 +405,15 @@ class Trainer:
     1. :meth:`build_models`: seed, networks, optimisers, EMA copy, grad scaler, structure loss
     2. :meth:`build_data`: mask generator, training loader, fixed validation batches
     3. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
-    4. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
-    5. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
-    6. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
-    7. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
-    8. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
+    4. :meth:`initialise`: the weights of ``config.init``, when no checkpoint was resumed
+    5. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
+    6. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
+    7. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
+    8. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
+    9. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
        :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
        :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
-    9. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
+    10. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
     """
 
     def __init__(self, config: TrainConfig, rank: int, world: int, device: torch.device, on_step=None,
@@ -440,6 +441,7 @@ class Trainer:
         self.build_models()
         self.build_data()
         self.resume()
+        self.initialise()
         self.prepare_run_dir()
         self.wrap_distributed()
         self.seek_data(self.epoch, self.batch_in_epoch)
@@ -613,6 +615,28 @@ class Trainer:
         if self.main:
             print(f"fastinpaint train: resumed from {path} (step {self.step}, epoch {self.epoch}, "
                   f"batch {self.batch_in_epoch})", flush=True)
+
+    def initialise(self) -> None:
+        """Fine-tuning (``config.init``), unless a checkpoint was resumed: the generator, and the
+        discriminator where the weights have one and the model uses one, from those weights
+        (:func:`fastinpaint.weights.read_weights`: a run folder's latest checkpoint, a weights
+        file, a training checkpoint, or another project's checkpoint of the model), fitted by
+        the recipe (a guided DeepFill v2 from unguided weights). Optimisers, step, data position
+        and RNG stay as a new run has them; the EMA starts from the loaded generator."""
+        config = self.config
+        if not config.init or self.last_ckpt is not None:
+            return
+        from ..weights import load_into, read_weights
+
+        weights = read_weights(config.init, model=config.model, discriminator=True, argument="init")
+        with_d = load_into(self.recipe, weights, model=config.model, options=config.model_options, argument="init")
+        if self.ema is not None:
+            self.ema.load_state_dict(self.generator.state_dict())
+        if self.main:
+            what = "generator and discriminator" if with_d else "generator"
+            why = ("" if with_d or self.discriminator is None else
+                   " (the file holds no discriminator: it starts from random weights)")
+            print(f"fastinpaint train: initialised the {what} from {weights.path} ({weights.layout}){why}", flush=True)
 
     def wrap_distributed(self) -> None:
         """``g_fwd`` / ``d_fwd``: the networks as the training steps call them (DDP-wrapped
