@@ -275,6 +275,34 @@ def _uniform(im, read_by: str) -> str:
     return f"its values range from {lo} to {hi}"
 
 
+def generator_fill(recipe, generator):
+    """``fill(image, mask) -> output`` of a generator, for images of any size: ``image``
+    ``(B, 3, H, W)`` in [-1, 1] and ``mask`` ``(B, 1, H, W)`` (1 = hole) are padded (reflect; the
+    padding counts as known) to the network's ``size_multiple``, filled, and the output cropped
+    back to ``(B, 3, H, W)``. The caller pastes the output into the holes."""
+
+    @torch.no_grad()
+    def fill(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        multiple = getattr(recipe, "size_multiple", 1)
+        ph, pw = (-h) % multiple, (-w) % multiple
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+            m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
+        out = generator(recipe.prepare_input(x, m))
+        if hasattr(recipe, "final_output"):   # a generator that returns more than the image
+            out = recipe.final_output(out)
+        return out[..., :h, :w]
+
+    return fill
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8, as an output is written: clamped, rounded."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 @torch.no_grad()
 def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu") -> np.ndarray:
     """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged."""
@@ -282,20 +310,9 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if hole.shape != image.shape[:2]:
         raise ValueError(f"mask must be {image.shape[:2]}, got {hole.shape}")
-    h, w = hole.shape
-    multiple = getattr(recipe, "size_multiple", 1)
-    ph, pw = (-h) % multiple, (-w) % multiple
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     m = torch.from_numpy(hole)[None, None].float().to(device)
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
-    out = generator(recipe.prepare_input(x, m))
-    if hasattr(recipe, "final_output"):   # a generator that returns more than the image
-        out = recipe.final_output(out)
-    out = out[..., :h, :w]
-    filled = ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    filled = to_uint8(generator_fill(recipe, generator)(x, m)[0])
     return np.where(hole[..., None], filled, image)
 
 
