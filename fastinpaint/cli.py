@@ -5,6 +5,7 @@
   fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
   fastinpaint inpaint    fill user images (any size) with a trained generator
   fastinpaint convert    write another project's weights (DeepFill v2's PyTorch port) as fastinpaint's
+  fastinpaint evaluate   score trained generators and classical baselines on the same holes
 
 A mistake in the arguments or the files given is reported as one line on stderr, naming
 the argument and the fix, with exit status 2; --debug (or FASTINPAINT_DEBUG=1) shows the
@@ -121,6 +122,39 @@ def _weights_arguments(p: argparse.ArgumentParser, what: str) -> None:
                         "for another project's checkpoint, those it was trained with")
 
 
+def _cmd_evaluate(args) -> int:
+    import torch
+
+    from .errors import InvalidInputError
+    from .evaluation import check_out, checkpoint_fill, evaluate
+
+    if not args.checkpoint and not args.baseline:
+        raise InvalidInputError("nothing to evaluate", argument="checkpoint",
+                                fix="give --checkpoint RUN and/or --baseline mean|telea|navier_stokes (repeatable)")
+    check_out(args.out)   # before the work, not after
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
+                                fix="use --device cpu, or leave --device out")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    given = {}
+    for kind, names in (("checkpoint", args.checkpoint), ("baseline", args.baseline)):
+        for name in names:
+            key = name.rstrip("/\\") or name
+            if key in given:
+                raise InvalidInputError(f"{name} is given twice", argument=kind, fix="give each method once")
+            given[key] = kind
+    methods = {key: key if kind == "baseline" else checkpoint_fill(key, ema=args.ema, device=device)
+               for key, kind in given.items()}
+    choice = {"auto": "auto", "yes": True, "no": False}
+    result = evaluate(args.data, methods, masks=args.masks, seed=args.seed, size=args.size,
+                      lpips=choice[args.lpips], fid=choice[args.fid], device=device, progress=True)
+    paths = result.write(args.out)
+    print(result.table())
+    for label, path in paths.items():
+        print(f"{label + ':':10s} {path}")
+    return 0
+
+
 MASK_RULE = """\
 Mask files (--mask): a hole is every pixel brighter than half the mask's brightest value,
 brightness being the largest of the pixel's colour channels. So white, or any colour, on
@@ -198,6 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
     _weights_arguments(c, "the weights")
     _common(c)
     c.set_defaults(func=_cmd_convert)
+    e = sub.add_parser("evaluate", help="score trained generators and classical baselines on the same holes",
+                       description="Fill every image's holes with each method and score the results. Every image "
+                                   "gets the same holes for every method and every run, drawn from (--seed, the "
+                                   "image's index); each method's output is pasted into the holes (known pixels "
+                                   "kept exactly) and rounded to 8 bits. Writes per_image.csv, summary.json, "
+                                   "summary.md (means with 95% confidence intervals) and grid.png (masked input | "
+                                   "each method | ground truth) into --out.")
+    e.add_argument("--checkpoint", action="append", default=[], metavar="RUN",
+                   help="a run folder, its weights.safetensors or a checkpoints/ckpt_*.pt file (any model; "
+                        "repeatable)")
+    e.add_argument("--baseline", action="append", default=[], choices=["mean", "telea", "navier_stokes"],
+                   help="the mean known colour, or OpenCV's Telea or Navier-Stokes inpainting (radius 3; needs "
+                        "opencv-python-headless, else reported unavailable); repeatable")
+    e.add_argument("--data", default="demo",
+                   help="'demo' (the photographs scikit-image ships, whole; the default) or a folder of images "
+                        "(recursive; an unreadable file is skipped with a warning)")
+    e.add_argument("--masks", default="medium",
+                   help="thin, medium, thick (LaMa's evaluation masks; the default: medium), free_form, center, "
+                        "block, region, or a folder of mask images (named like the images, else taken in sorted "
+                        "order; stretched to each image)")
+    e.add_argument("--size", type=int,
+                   help="bring every image to SIZE x SIZE first (shorter side resized, centre square), as the "
+                        "published protocols do at 256 or 512; default: each image at its own size")
+    e.add_argument("--seed", type=int, default=0, help="the masks' seed (default 0)")
+    e.add_argument("--out", default="runs/evaluate", help="folder for the report (default runs/evaluate)")
+    e.add_argument("--lpips", choices=["auto", "yes", "no"], default="auto",
+                   help="LPIPS from weights on disk: auto (when they are there; the default), yes (an error "
+                        "naming the missing file when not), no")
+    e.add_argument("--fid", choices=["auto", "yes", "no"], default="auto", help="FID, likewise")
+    e.add_argument("--ema", action="store_true", help="use the EMA weights of the --checkpoint runs")
+    e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    _common(e)
+    e.set_defaults(func=_cmd_evaluate)
 
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")
@@ -211,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a TOML or YAML file of TrainConfig keys")
     t.add_argument("--model", help="model name (default tiny_gated)")
     t.add_argument("--data", help="'demo' or an image folder")
-    t.add_argument("--mask", help="mask kind: center, block, region, free_form, file")
+    t.add_argument("--mask", help="mask kind: center, block, region, free_form, thin, medium, thick, file")
     t.add_argument("--steps", type=int, help="optimiser steps")
     t.add_argument("--out", help="run directory (default runs/fastinpaint)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -221,6 +221,42 @@ def takes_sketch(recipe) -> bool:
     return bool(getattr(recipe, "guided", False))
 
 
+def generator_fill(recipe, generator):
+    """``fill(image, mask, sketch=None) -> output`` of a generator, for images of any size:
+    ``image`` ``(B, 3, H, W)`` in [-1, 1] and ``mask`` ``(B, 1, H, W)`` (1 = hole) are padded
+    (reflect; the padding counts as known) to the network's ``size_multiple``, filled, and the
+    output cropped back to ``(B, 3, H, W)``. A guided generator (:func:`takes_sketch`) gets
+    ``sketch`` ``(B, 1, H, W)`` (None: an empty sketch). The caller pastes the output into the
+    holes."""
+    guided = takes_sketch(recipe)
+
+    @torch.no_grad()
+    def fill(x: torch.Tensor, m: torch.Tensor, sketch: torch.Tensor | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        multiple = getattr(recipe, "size_multiple", 1)
+        ph, pw = (-h) % multiple, (-w) % multiple
+        extra = {}
+        if guided:
+            extra["sketch"] = torch.zeros_like(m) if sketch is None else sketch.to(m)
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+            m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
+            if guided:
+                extra["sketch"] = F.pad(extra["sketch"], (0, pw, 0, ph))
+        out = generator(recipe.prepare_input(x, m, **extra))
+        if hasattr(recipe, "final_output"):   # a generator that returns more than the image
+            out = recipe.final_output(out)
+        return out[..., :h, :w]
+
+    return fill
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8, as an output is written: clamped, rounded."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 @torch.no_grad()
 def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu",
                   sketch: np.ndarray | None = None) -> np.ndarray:
@@ -232,35 +268,18 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if hole.shape != image.shape[:2]:
         raise ValueError(f"mask must be {image.shape[:2]}, got {hole.shape}")
-    guided = takes_sketch(recipe)
     if sketch is not None:
-        if not guided:
+        if not takes_sketch(recipe):
             raise InvalidInputError(f"this {getattr(recipe, 'name', 'model')} generator is not guided: it takes "
                                     "no sketch", argument="sketch",
                                     fix="leave out the sketch, or use weights of a guided model "
                                         "(deepfill_v2 with guided = true)")
         if np.shape(sketch) != hole.shape:
             raise ValueError(f"sketch must be {hole.shape}, got {np.shape(sketch)}")
-    h, w = hole.shape
-    multiple = getattr(recipe, "size_multiple", 1)
-    ph, pw = (-h) % multiple, (-w) % multiple
+        sketch = torch.from_numpy(np.asarray(sketch, dtype=np.float32).copy())[None, None].to(device)
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     m = torch.from_numpy(hole)[None, None].float().to(device)
-    extra = {}
-    if guided:
-        lines = np.zeros(hole.shape, np.float32) if sketch is None else np.asarray(sketch, dtype=np.float32)
-        extra["sketch"] = torch.from_numpy(lines.copy())[None, None].to(device)
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-        m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
-        if guided:
-            extra["sketch"] = F.pad(extra["sketch"], (0, pw, 0, ph))
-    out = generator(recipe.prepare_input(x, m, **extra))
-    if hasattr(recipe, "final_output"):   # a generator that returns more than the image
-        out = recipe.final_output(out)
-    out = out[..., :h, :w]
-    filled = ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    filled = to_uint8(generator_fill(recipe, generator)(x, m, sketch)[0])
     return np.where(hole[..., None], filled, image)
 
 

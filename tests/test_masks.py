@@ -354,7 +354,8 @@ def test_file_mask_errors(tmp_path):
 
 def test_make_mask_generator(mask_files):
     options = {"center": {"hole": 32, "image": 64}, "block": {"max_blocks": 2}, "region": {"coverage": (0.1, 0.2)},
-               "free_form": {"box": False}, "file": {"paths": mask_files}}
+               "free_form": {"box": False}, "thin": {"resolution": 256}, "medium": {"max_hole": 0.4},
+               "thick": {}, "file": {"paths": mask_files}}
     assert set(options) == set(MASKS)
     for kind, opts in options.items():
         gen = make_mask_generator(kind, **opts)

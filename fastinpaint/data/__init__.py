@@ -7,9 +7,9 @@ depends only on (seed, epoch, index): not on the worker, the rank or the worker 
 
 from .datasets import (DemoDataset, ImageFolderDataset, UnreadableImageError, make_dataset, make_loader,
                        sample_rng, seed_worker, set_epoch)
-from .masks import (MASKS, CenterMask, FileMask, FreeFormMask, RandomBlockMask, RandomRegionMask,
+from .masks import (MASKS, CenterMask, FileMask, FreeFormMask, LamaMask, RandomBlockMask, RandomRegionMask,
                     make_mask_generator)
 
-__all__ = ["CenterMask", "DemoDataset", "FileMask", "FreeFormMask", "ImageFolderDataset", "MASKS", "RandomBlockMask",
-           "RandomRegionMask", "UnreadableImageError", "make_dataset", "make_loader", "make_mask_generator",
-           "sample_rng", "seed_worker", "set_epoch"]
+__all__ = ["CenterMask", "DemoDataset", "FileMask", "FreeFormMask", "ImageFolderDataset", "LamaMask", "MASKS",
+           "RandomBlockMask", "RandomRegionMask", "UnreadableImageError", "make_dataset", "make_loader",
+           "make_mask_generator", "sample_rng", "seed_worker", "set_epoch"]

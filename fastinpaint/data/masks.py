@@ -9,6 +9,8 @@ called as ``generator(height, width, rng)`` and returns a ``torch.float32`` tens
 * :class:`RandomBlockMask` -- a union of random rectangles with a bounded hole fraction.
 * :class:`RandomRegionMask` -- smooth random blobs (thresholded, upscaled uniform noise).
 * :class:`FreeFormMask` -- DeepFill v2 free-form brush strokes plus a box (Yu et al., 2019).
+* :class:`LamaMask` -- LaMa's evaluation masks, ``thin``, ``medium`` and ``thick`` (Suvorov et al.,
+  2022): :class:`LamaThinMask`, :class:`LamaMediumMask`, :class:`LamaThickMask`.
 * :class:`FileMask` -- masks read from image files.
 
 ``make_mask_generator(kind, **options)`` builds one by name from :data:`MASKS`.
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError, check_keywords
 
-__all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "FileMask", "MASKS",
-           "make_mask_generator", "MASK_FILE_EXTENSIONS", "hole_from_image"]
+__all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "LamaMask", "LamaThinMask",
+           "LamaMediumMask", "LamaThickMask", "LAMA_SETTINGS", "FileMask", "MASKS", "make_mask_generator",
+           "MASK_FILE_EXTENSIONS", "hole_from_image"]
 
 MASK_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -390,6 +393,159 @@ class FreeFormMask:
         return _to_tensor(mask)
 
 
+# --------------------------------------------------------------------------- LaMa evaluation masks
+
+# LaMa's published mask settings (its configs/data_gen/random_{thin,medium,thick}_{256,512}.yaml), in
+# pixels of an image whose shorter side is the resolution (256 or 512):
+#   strokes: (fewest, most) strokes; max_width, max_len: a segment's brush width is 5 + randint(max_width)
+#   and its length 10 + randint(max_len) pixels; max_angle: a segment's direction is 0.01 + randint(max_angle)
+#   radians; box_weight: a mask is boxes instead of strokes with probability box_weight / (1 + box_weight);
+#   boxes: (fewest, most) boxes, each side drawn from box_size (inclusive), box_margin pixels from the border.
+LAMA_SETTINGS = {
+    ("thin", 256): dict(strokes=(4, 50), max_width=10, max_len=40, max_angle=4, box_weight=0.0),
+    ("thin", 512): dict(strokes=(4, 70), max_width=20, max_len=100, max_angle=4, box_weight=0.0),
+    ("medium", 256): dict(strokes=(4, 5), max_width=50, max_len=100, max_angle=4, box_weight=0.3,
+                          boxes=(1, 5), box_size=(10, 50), box_margin=0),
+    ("medium", 512): dict(strokes=(4, 10), max_width=100, max_len=200, max_angle=4, box_weight=0.3,
+                          boxes=(1, 5), box_size=(30, 150), box_margin=0),
+    ("thick", 256): dict(strokes=(1, 5), max_width=100, max_len=200, max_angle=4, box_weight=0.3,
+                         boxes=(1, 3), box_size=(30, 150), box_margin=10),
+    ("thick", 512): dict(strokes=(1, 5), max_width=250, max_len=450, max_angle=4, box_weight=0.3,
+                         boxes=(1, 4), box_size=(30, 300), box_margin=10),
+}
+LAMA_SEGMENTS = 5        # a stroke has 1..5 straight segments
+LAMA_MAX_ATTEMPTS = 100  # redraws allowed for a mask over max_hole
+
+
+def _lama_strokes(height: int, width: int, settings: dict, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """LaMa's irregular strokes: chains of straight segments with round ends and joints."""
+    mask = np.zeros((height, width), dtype=bool)
+    lo, hi = settings["strokes"]
+    for i in range(int(rng.integers(lo, hi + 1))):
+        x, y = int(rng.integers(width)), int(rng.integers(height))
+        for _ in range(1 + int(rng.integers(LAMA_SEGMENTS))):
+            angle = 0.01 + int(rng.integers(settings["max_angle"]))
+            if i % 2 == 0:   # every other stroke mirrored, as LaMa does
+                angle = 2 * math.pi - angle
+            length = (10 + int(rng.integers(settings["max_len"]))) * scale
+            brush = (5 + int(rng.integers(settings["max_width"]))) * scale
+            # LaMa's axes: x moves by sin(angle), y by cos(angle); ends truncated to whole pixels and
+            # clipped to [0, side] (a point on the far border lies just outside the image)
+            x1 = min(max(int(x + length * math.sin(angle)), 0), width)
+            y1 = min(max(int(y + length * math.cos(angle)), 0), height)
+            _draw_capsule(mask, (x, y), (x1, y1), brush / 2)
+            x, y = x1, y1
+    return mask
+
+
+def _lama_boxes(height: int, width: int, settings: dict, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """LaMa's rectangles: ``boxes`` axis-aligned boxes, each ``box_margin`` from the border."""
+    mask = np.zeros((height, width), dtype=bool)
+    margin = _round_half_up(settings["box_margin"] * scale)
+    if min(height, width) - 2 * margin < 1:
+        margin = 0
+    hi = min(_round_half_up(settings["box_size"][1] * scale), height - 2 * margin, width - 2 * margin)
+    hi = max(hi, 1)
+    lo = min(max(_round_half_up(settings["box_size"][0] * scale), 1), hi)
+    fewest, most = settings["boxes"]
+    for _ in range(int(rng.integers(fewest, most + 1))):
+        bw, bh = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        left = int(rng.integers(margin, width - margin - bw + 1))
+        top = int(rng.integers(margin, height - margin - bh + 1))
+        mask[top:top + bh, left:left + bw] = True
+    return mask
+
+
+class LamaMask:
+    """LaMa's evaluation masks (Suvorov et al., WACV 2022): ``kind`` "thin", "medium" or "thick".
+
+    A mask is either strokes or, with probability ``box_weight / (1 + box_weight)`` (0.3 / 1.3,
+    about 23%, for medium and thick; never for thin), boxes, with the settings of
+    :data:`LAMA_SETTINGS`:
+
+    * strokes: a count drawn from ``strokes`` (inclusive); each starts at a uniform pixel and has
+      1..5 straight segments, each ``10 + randint(max_len)`` pixels long, ``5 + randint(max_width)``
+      pixels wide (a round brush), in the direction ``0.01 + randint(4)`` radians (mirrored to
+      ``2 pi - angle`` on every other stroke); a segment's end is clipped to the image;
+    * boxes: a count drawn from ``boxes``; each side drawn from ``box_size`` (inclusive), placed
+      uniformly at least ``box_margin`` pixels from the border.
+
+    A mask covering more than ``max_hole`` of the image (LaMa: 50%) is drawn again. The lengths are
+    LaMa's pixels at its resolution, 256 or 512, scaled by ``min(height, width) / resolution``, so
+    the masks cover the same share of any image; ``resolution="auto"`` takes LaMa's 512 settings for
+    images whose shorter side is at least 512 and its 256 ones below. The masks are drawn directly
+    on the image (LaMa draws them on the image resized to that shorter side, then crops a square).
+    """
+
+    KINDS = ("thin", "medium", "thick")
+    name = "lama"
+
+    def __init__(self, kind: str = "thin", resolution: Union[int, str] = "auto", max_hole: float = 0.5):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        if resolution != "auto" and (isinstance(resolution, bool) or resolution not in (256, 512)):
+            raise ValueError(f"resolution must be 256, 512 or 'auto', got {resolution!r}")
+        self.kind, self.resolution = kind, resolution
+        self.max_hole = _float_arg("max_hole", max_hole, 0.0, 1.0, low_open=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, resolution={self.resolution!r}, max_hole={self.max_hole})"
+
+    def settings(self, height: int, width: int) -> tuple[dict, float]:
+        """(LaMa's settings, the scale of its pixels) for an image of ``height`` x ``width``."""
+        height, width = _check_size(height, width)
+        resolution = self.resolution
+        if resolution == "auto":
+            resolution = 512 if min(height, width) >= 512 else 256
+        return LAMA_SETTINGS[(self.kind, resolution)], min(height, width) / resolution
+
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """(hole, "strokes" or "boxes"): the bool ``(H, W)`` mask and what it is made of."""
+        height, width = _check_size(height, width)
+        settings, scale = self.settings(height, width)
+        _check_rng(rng)
+        odds = settings["box_weight"] / (1.0 + settings["box_weight"])
+        for _ in range(LAMA_MAX_ATTEMPTS):
+            if odds > 0 and rng.random() < odds:
+                mask, made_of = _lama_boxes(height, width, settings, scale, rng), "boxes"
+            else:
+                mask, made_of = _lama_strokes(height, width, settings, scale, rng), "strokes"
+            if mask.mean() <= self.max_hole:
+                return mask, made_of
+        raise ValueError(f"could not draw a {self.kind} mask covering at most max_hole={self.max_hole} of a "
+                         f"{height}x{width} image in {LAMA_MAX_ATTEMPTS} draws")
+
+    def __call__(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        return _to_tensor(self.draw(height, width, rng)[0])
+
+
+class LamaThinMask(LamaMask):
+    """LaMa's thin masks: 4-50 thin strokes (widths 5-14 pixels at 256); :class:`LamaMask`."""
+
+    name = "thin"
+
+    def __init__(self, resolution: Union[int, str] = "auto", max_hole: float = 0.5):
+        super().__init__("thin", resolution, max_hole)
+
+
+class LamaMediumMask(LamaMask):
+    """LaMa's medium masks: 4-5 strokes (widths 5-54 at 256), or 1-5 boxes of 10-50 pixels; :class:`LamaMask`."""
+
+    name = "medium"
+
+    def __init__(self, resolution: Union[int, str] = "auto", max_hole: float = 0.5):
+        super().__init__("medium", resolution, max_hole)
+
+
+class LamaThickMask(LamaMask):
+    """LaMa's thick masks: 1-5 strokes (widths 5-104 at 256), or 1-3 boxes of 30-150 pixels; :class:`LamaMask`."""
+
+    name = "thick"
+
+    def __init__(self, resolution: Union[int, str] = "auto", max_hole: float = 0.5):
+        super().__init__("thick", resolution, max_hole)
+
+
 # --------------------------------------------------------------------------- masks from files
 
 def hole_from_image(image, threshold: float = 0.5) -> tuple[np.ndarray, str]:
@@ -522,6 +678,9 @@ MASKS = {
     "block": RandomBlockMask,
     "region": RandomRegionMask,
     "free_form": FreeFormMask,
+    "thin": LamaThinMask,
+    "medium": LamaMediumMask,
+    "thick": LamaThickMask,
     "file": FileMask,
 }
 
