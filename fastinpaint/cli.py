@@ -1,6 +1,6 @@
 """The ``fastinpaint`` command.
 
-  fastinpaint bench      time the kernels against eager and torch.compile(eager)
+  fastinpaint bench      time an op or model (or all) against eager and torch.compile(eager)
   fastinpaint backends   show which backends are built and usable here
   fastinpaint train      train an inpainting network (default: tiny_gated on the demo photos)
   fastinpaint inpaint    fill user images (any size) with a trained generator
@@ -15,8 +15,10 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shlex
 import sys
 
 from .errors import UserError
@@ -41,10 +43,115 @@ def _cmd_backends(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from .ops.gated_conv import bench
+#: ``fastinpaint bench OP``: the benchmark module of each op and of the models, and what it
+#: times. Each module has ``add_arguments(parser)`` (its options) and ``run_args(args)``;
+#: ``python -m <module>`` runs the same.
+BENCHMARKS = {
+    "gated_conv": ("fastinpaint.ops.gated_conv.bench", "DeepFill v2's gated layers (the default)"),
+    "channel_fc": ("fastinpaint.ops.channel_fc.bench", "the channel-wise FC layer at the Context Encoder's shapes"),
+    "self_similarity": ("fastinpaint.ops.self_similarity.bench",
+                        "self-similarity maps and the spatially-correlative distance (F-LSeSim)"),
+    "pixel_attention": ("fastinpaint.ops.pixel_attention.bench",
+                        "pixel attention and the attention-transfer loss (distillation-guided inpainting)"),
+    "partial_conv": ("fastinpaint.ops.partial_conv.bench", "the PConv U-Net's partial convolutions"),
+    "deepfill_v2": ("fastinpaint.models.deepfill_v2_bench",
+                    "the whole DeepFill v2 generator and a training step, against the same model on eager layers"),
+}
+#: what ``fastinpaint bench`` runs when its arguments start with an option
+DEFAULT_BENCHMARK = "gated_conv"
+#: ``fastinpaint bench all``: its result options, and each one's file suffix
+_BENCH_FILES = (("json", ".json"), ("markdown", ".md"), ("plot", ".png"))
 
-    return bench.run_args(args)
+BENCH_DOC = f"""\
+Time fastinpaint's ops and models against eager PyTorch and torch.compile(eager), in the
+same run. `fastinpaint bench OP --help` lists OP's options. Without OP (`fastinpaint bench
+--quick`), the {DEFAULT_BENCHMARK} benchmark runs. `fastinpaint bench all` runs every benchmark
+in turn, each with its own default cases."""
+
+BENCH_ALL_DOC = """\
+Every benchmark in turn, each with its default cases and the options given here (the others at
+each benchmark's default); one set of result files per benchmark. --json, --markdown and
+--plot name a folder (created if missing; it gets <op>.json, <op>.md, <op>.png), or a file
+pattern holding {op} (e.g. results/cpu_{op}.md). A benchmark that fails is reported and the
+others still run; the exit status is the largest of theirs."""
+
+
+def _bench_module(name: str):
+    return importlib.import_module(BENCHMARKS[name][0])
+
+
+def _bench_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """``parser`` given benchmark ``name``'s options (and --debug)."""
+    _bench_module(name).add_arguments(parser)
+    _common(parser)
+    parser.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _cmd_bench(args) -> int:
+    if args.op == "all":
+        return _bench_all(args)
+    return _bench_module(args.op).run_args(args) or 0
+
+
+def _bench_files(args) -> dict[str, dict[str, str]]:
+    """``{op: {"json": path, ...}}`` of ``fastinpaint bench all`` (see :data:`BENCH_ALL_DOC`);
+    the folders are made here, before any benchmark runs."""
+    from .errors import InvalidInputError
+
+    given = [(key, suffix, getattr(args, key)) for key, suffix in _BENCH_FILES if getattr(args, key) is not None]
+    for key, suffix, value in given:
+        if "{op}" not in value and (os.path.isfile(value) or os.path.splitext(value)[1].lower() == suffix):
+            raise InvalidInputError(f"{value!r} names one file, but `all` writes one per benchmark", argument=key,
+                                    fix=f"give a folder, or a file pattern with {{op}} such as "
+                                        f"{os.path.join(os.path.dirname(value), '{op}' + suffix)}")
+    files = {name: {} for name in BENCHMARKS}
+    for key, suffix, value in given:
+        for name in BENCHMARKS:
+            path = value.replace("{op}", name) if "{op}" in value else os.path.join(value, name + suffix)
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            except OSError as exc:
+                raise InvalidInputError(f"cannot make the folder of {path!r}: {exc.strerror}", argument=key,
+                                        fix="give a folder that can be written") from None
+            files[name][key] = path
+    return files
+
+
+def _bench_all(args) -> int:
+    """``fastinpaint bench all``: every benchmark of :data:`BENCHMARKS` in turn, parsed from the
+    options given (so each keeps its own defaults for the rest); one that raises is reported
+    in one line and the others still run."""
+    import torch
+
+    from . import benchmark as B
+    from .errors import InvalidInputError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("torch sees no CUDA device here", argument="device", fix="use --device cpu")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInputError(f"must be at least 1, got {args.threads}", argument="threads")
+    files = _bench_files(args)
+    B.set_threads(args.threads)   # every benchmark, those without a --threads option too
+    shared = [part for flag, value in (("--device", args.device), ("--dtype", args.dtype),
+                                       ("--min-time", args.min_time)) if value is not None
+              for part in (flag, str(value))]
+    status = {}
+    for name in BENCHMARKS:
+        argv = shared + [part for key, path in files[name].items() for part in (f"--{key}", path)]
+        print(f"\n== fastinpaint bench {shlex.join([name, *argv])}", flush=True)
+        op_args = _bench_parser(_Parser(prog=f"fastinpaint bench {name}"), name).parse_args(argv)
+        try:
+            status[name] = _bench_module(name).run_args(op_args) or 0
+        except Exception as exc:  # noqa: BLE001 - reported; the other benchmarks still run
+            if _debug(args):
+                raise
+            print(f"fastinpaint bench all: {name}: {' '.join(B.error_text(exc, limit=None).split())}",
+                  file=sys.stderr, flush=True)
+            status[name] = 1
+    print("\nfastinpaint bench all: " + ", ".join(f"{name} {'ok' if code == 0 else f'failed (status {code})'}"
+                                                 for name, code in status.items()))
+    return max(status.values())
 
 
 def _cmd_train(args) -> int:
@@ -168,7 +275,21 @@ mode: gray stays gray, an alpha channel is kept as it was."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's errors as one line (the usage is in --help), exit status 2."""
+    """argparse's errors as one line (the usage is in --help), exit status 2. With
+    ``default_command``, arguments that start with an option (or none) run that subcommand:
+    ``fastinpaint bench --quick`` is ``fastinpaint bench gated_conv --quick``."""
+
+    def __init__(self, *args, default_command: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.default_command is not None:
+            args = list(sys.argv[1:] if args is None else args)
+            first = next((a for a in args if a != "--debug"), None)
+            if first is None or (first.startswith("-") and first not in ("-h", "--help")):
+                args.insert(0, self.default_command)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -185,12 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    b = sub.add_parser("bench", help="time the kernels against eager and torch.compile(eager)")
-    from .ops.gated_conv.bench import add_arguments as bench_arguments
-
-    bench_arguments(b)
+    b = sub.add_parser("bench", help="time an op or model (or all) against eager and torch.compile(eager)",
+                       description=BENCH_DOC, default_command=DEFAULT_BENCHMARK,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(b)
-    b.set_defaults(func=_cmd_bench)
+    ops = b.add_subparsers(dest="op", metavar="OP", required=True, parser_class=_Parser)
+    for name, (module, what) in BENCHMARKS.items():
+        doc = _bench_module(name).__doc__ or what
+        _bench_parser(ops.add_parser(name, help=what, description=" ".join(doc.split("\n\n")[0].split())), name)
+    a = ops.add_parser("all", help="every benchmark above in turn, one set of result files each",
+                       description=BENCH_ALL_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--device", choices=["cpu", "cuda"], help="default: each benchmark's (cuda when available)")
+    a.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    a.add_argument("--min-time", type=float, help="seconds of timing per implementation (default: each benchmark's)")
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    for key, suffix in _BENCH_FILES:
+        a.add_argument(f"--{key}", metavar="DIR|PATTERN",
+                       help=f"write each benchmark's {'chart' if key == 'plot' else key} to DIR/<op>{suffix}, or to "
+                            f"PATTERN with {{op}} replaced by the benchmark's name")
+    _common(a)
+    a.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inpaint", help="fill images with a trained generator (any size; known pixels kept)",
                        description="Fill the holes of images with a trained generator; every known pixel is "
@@ -308,11 +444,19 @@ def _option(parser: argparse.ArgumentParser, argument: str) -> str:
     return f"--set {argument}" if "--set" in parser._option_string_actions else argument
 
 
-def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get(command, parser)
-    return parser
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` ran: ``fastinpaint bench all`` -> that of ``all``."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or getattr(args, action.dest, None) not in action.choices:
+            return parser
+        parser = action.choices[getattr(args, action.dest)]
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """--debug, or FASTINPAINT_DEBUG=1: tracebacks instead of one-line errors."""
+    return getattr(args, "debug", False) or \
+        os.environ.get("FASTINPAINT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _user_message(exc: BaseException, parser: argparse.ArgumentParser) -> str | None:
@@ -343,7 +487,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("FASTINPAINT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    debug = _debug(args)
     saved_format = warnings.formatwarning
     if not debug:   # a warning is one line too (--debug: with its source line)
         warnings.formatwarning = _one_line_warning
@@ -356,7 +500,7 @@ def main(argv=None) -> int:
         print(f"fastinpaint {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:
-        message = None if debug else _user_message(exc, _subparser(parser, args.command))
+        message = None if debug else _user_message(exc, _subparser(parser, args))
         if message is None:
             raise
         print(f"fastinpaint {args.command}: {message}", file=sys.stderr)

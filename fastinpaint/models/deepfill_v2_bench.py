@@ -239,6 +239,11 @@ def main(argv=None) -> int:
         print(B.peak_line(_peak_child(*argv[1:8])))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return run_args(add_arguments(p).parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench deepfill_v2``."""
     B.add_common_args(p, min_time=1.0)
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--size", type=int, default=None, help="training / fwd+bwd size (256 published)")
@@ -248,7 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"])
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
-    a = p.parse_args(argv)
+    return p
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
     channels_last = gpu if a.channels_last is None else a.channels_last
