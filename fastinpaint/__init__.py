@@ -2,7 +2,7 @@
 
 ``import fastinpaint`` loads the ops (``functional``, ``nn``); the heavier parts are loaded
 at their first use as attributes (``fastinpaint.models``, ``.losses``, ``.data``,
-``.metrics``, ``.train``, ``.inpaint``), so importing the package stays fast.
+``.metrics``, ``.train``, ``.inpaint``, ``.export``), so importing the package stays fast.
 """
 
 import importlib as _importlib
@@ -16,7 +16,7 @@ from . import functional, nn
 __version__ = "0.1.0"
 
 # submodules imported at their first access as attributes (PEP 562)
-_LAZY = ("data", "inpaint", "losses", "metrics", "models", "train")
+_LAZY = ("data", "export", "inpaint", "losses", "metrics", "models", "train")
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "UserError", "backends", "functional", "nn", "poison_outputs",
            "use_backend", "__version__", *_LAZY]
