@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._backend import use_backend
+from ._backend import BACKENDS, use_backend
 from .errors import InvalidInputError, UserError
 
 __all__ = ["ExportError", "FORMATS", "InpaintingNetwork", "example_input", "export_checkpoint", "to_onnx",
@@ -151,6 +151,24 @@ def _example_args(example_input, multiple: int, recipe: bool) -> tuple[torch.Ten
     return args
 
 
+@torch.no_grad()
+def _check_runs(module: nn.Module, args) -> None:
+    """The model runs eagerly on the example and returns one tensor (else a clear error before
+    any tracing)."""
+    with _eval_mode(module):
+        try:
+            out = module(*args)
+        except UserError:
+            raise
+        except (ValueError, TypeError, IndexError, RuntimeError) as e:   # what torch and the models raise
+            raise InvalidInputError(f"{type(module).__name__} does not run on the example: {_one_line(e)}",
+                                    argument="example_input") from e
+    if not isinstance(out, torch.Tensor):
+        raise InvalidInputError(f"{type(module).__name__} returns a {type(out).__name__} in eval mode; export "
+                                "takes a model that returns one tensor", argument="model",
+                                fix="wrap it in a module that returns the image")
+
+
 def _trace_args(args, multiple: int) -> tuple[torch.Tensor, ...]:
     """The tensors torch.export traces with: the example with a batch of at least 2 and sides of
     at least 2 multiples (a size of 1 would be specialised as a constant); the graph does not
@@ -238,6 +256,9 @@ def to_torch_export(model, example_input, *, size_multiple: int | None = None, b
 
     Save it with ``torch.export.save(program, "model.pt2")``; ``torch.export.load(...).module()``
     runs it."""
+    if backend not in BACKENDS + ("auto",):
+        raise InvalidInputError(f"unknown backend {backend!r}", argument="backend",
+                                fix=f"choose one of {', '.join(BACKENDS + ('auto',))}")
     module, multiple = _module_and_multiple(model, size_multiple)
     args = _example_args(example_input, multiple, isinstance(module, InpaintingNetwork))
     program = _export(module, args, multiple, backend)
@@ -253,6 +274,7 @@ def _export(module: nn.Module, args, multiple: int, backend: str):
     dim stays dynamic; a dim the model pins to one value is an error naming it."""
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
+    _check_runs(module, args)
     shapes = _dynamic_shapes(args, multiple)
     trace = _trace_args(args, multiple)
     with _eval_mode(module), use_backend(backend), torch.no_grad():
@@ -380,8 +402,8 @@ def _nonstandard_nodes(graph, found: list) -> None:
 def to_onnx(model, example_input, path, opset: int = 18, *, size_multiple: int | None = None,
             verify: bool = True, rtol: float = 1e-3, atol: float = 1e-4) -> Path:
     """Write ``model`` (a recipe or an nn.Module, see the module doc) to the ONNX file ``path``
-    (``.onnx``) at ``opset`` (>= 18), with dynamic batch, height and width (named ``batch``,
-    ``height``, ``width`` or their multiples), fastinpaint's ops in their reference formulation
+    (``.onnx``) at ``opset`` (>= 18), with dynamic batch, height and width (the dims named
+    ``batch``, ``height``, ``width``), fastinpaint's ops in their reference formulation
     and only standard ONNX operators. ``verify`` (needs ``onnxruntime``): the file is run by
     onnxruntime at the example's size and at a second size and compared with the eager model
     (``rtol``, ``atol``). Nothing is written unless every check passes. Returns ``path``.

@@ -211,10 +211,14 @@ def test_wrong_arguments_name_themselves(tmp_path):
         (lambda: to_torch_export(recipe, image), "example_input"),           # a recipe takes (image, mask)
         (lambda: to_torch_export(recipe, (image, mask[..., :4])), "example_input"),
         (lambda: to_torch_export(recipe, (image.long(), mask)), "example_input"),
+        (lambda: to_torch_export(recipe, (image, mask, mask)), "example_input"),   # a sketch, but not guided
+        (lambda: to_torch_export(nn.Conv2d(4, 3, 1), image), "example_input"),     # 3 channels for 4
+        (lambda: to_torch_export(_Net(lambda y: (y, y)), image), "model"),          # two outputs
         (lambda: to_torch_export("tiny_gated", (image, mask)), "model"),
         (lambda: to_onnx(recipe, (image, mask), tmp_path / "m.pt2"), "path"),
         (lambda: to_onnx(recipe, (image, mask), tmp_path / "m.onnx", opset=17), "opset"),
         (lambda: to_torch_export(recipe, (image, mask), size_multiple=0), "size_multiple"),
+        (lambda: to_torch_export(recipe, (image, mask), backend="fast"), "backend"),
     ]
     for call, argument in cases:
         with pytest.raises(InvalidInputError) as info:
@@ -251,7 +255,8 @@ def test_export_command_on_a_trained_run(tiny_run, tmp_path, capsys):
         torch.testing.assert_close(program(*x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_export_command_on_a_guided_deepfill_run(tmp_path):
+@pytest.mark.slow
+def test_export_command_on_a_guided_deepfill_run(tmp_path, capsys):
     """Any recipe's generator: a guided DeepFill v2 run's weights file (its sketch is an input)."""
     from fastinpaint.inpaint import load_generator
     from fastinpaint.train.checkpoint import save_weights
@@ -261,14 +266,17 @@ def test_export_command_on_a_guided_deepfill_run(tmp_path):
     config = {"model": "deepfill_v2", "model_options": options, "loss_weights": {"adv": 0}}
     save_weights(tmp_path / "run" / "weights.safetensors", recipe.generator.state_dict(),
                  {"config": json.dumps(config), "weights": "generator"})
-    out = tmp_path / "deepfill.onnx"
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "onnx", "--out", str(out)]) == 0
+    out = tmp_path / "deepfill.pt2"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "pt2", "--out", str(out)]) == 0
+    assert "(image, mask, sketch) -> output" in capsys.readouterr().out
     loaded, _ = load_generator(tmp_path / "run")
-    x = _inputs(loaded, 2, 24, 40)
-    assert len(x) == 3
-    with torch.no_grad():
-        expected = InpaintingNetwork(loaded).eval()(*x)
-    torch.testing.assert_close(_run_ort(out, x), expected, rtol=1e-3, atol=1e-4)
+    program = torch.export.load(str(out)).module()
+    for batch, h, w in ((2, 24, 40), (1, 48, 16)):
+        x = _inputs(loaded, batch, h, w)
+        assert len(x) == 3
+        with torch.no_grad():
+            expected = InpaintingNetwork(loaded).eval()(*x)
+        torch.testing.assert_close(program(*x), expected, rtol=1e-4, atol=1e-5)
 
 
 EXPORT_ERRORS = [
