@@ -6,6 +6,7 @@
   fastinpaint inpaint    fill user images (any size) with a trained generator
   fastinpaint convert    write another project's weights (DeepFill v2's PyTorch port) as fastinpaint's
   fastinpaint evaluate   score trained generators and classical baselines on the same holes
+  fastinpaint export     export a trained generator to ONNX or a torch.export program (.pt2)
 
 A mistake in the arguments or the files given is reported as one line on stderr, naming
 the argument and the fix, with exit status 2; --debug (or FASTINPAINT_DEBUG=1) shows the
@@ -262,6 +263,13 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out, args.format, ema=args.ema, opset=args.opset, report=print)
+    return 0
+
+
 MASK_RULE = """\
 Mask files (--mask): a hole is every pixel brighter than half the mask's brightest value,
 brightness being the largest of the pixel's colour channels. So white, or any colour, on
@@ -401,6 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     _common(e)
     e.set_defaults(func=_cmd_evaluate)
+    x = sub.add_parser("export", help="export a trained generator to ONNX or torch.export (.pt2)",
+                       description="Export the generator of a trained run, with its input recipe, as "
+                                   "(image, mask[, sketch]) -> output: image (B, 3, H, W) in [-1, 1], mask "
+                                   "(B, 1, H, W) with 1 = hole, sketch (B, 1, H, W) for a guided DeepFill v2; "
+                                   "output (B, 3, H, W) in [-1, 1] (composite it with the known pixels). The "
+                                   "batch, H and W are dynamic (H, W multiples of the network's size multiple). "
+                                   "The file is checked against the eager model before it is written.")
+    x.add_argument("--checkpoint", required=True,
+                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, or a "
+                        "checkpoints/ckpt_*.pt file")
+    x.add_argument("--format", required=True,
+                   help="onnx (standard ONNX operators, verified with onnxruntime) or pt2 (a torch.export "
+                        "program, torch.export.load)")
+    x.add_argument("--out", required=True, help="the file to write: .onnx for --format onnx, .pt2 for pt2")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights of a run trained with --set ema=...")
+    x.add_argument("--opset", type=int, default=18, help="the ONNX opset (default 18, the lowest torch writes)")
+    _common(x)
+    x.set_defaults(func=_cmd_export)
 
     k = sub.add_parser("backends", help="show which backends are built and usable here")
     k.add_argument("--json", action="store_true")

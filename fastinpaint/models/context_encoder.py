@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.channel_fc import ChannelWiseFC
-from ._common import merge_loss_weights
+from ._common import known_same_size, merge_loss_weights
 
 __all__ = ["ContextEncoderGenerator", "ContextEncoderDiscriminator", "ContextEncoderRecipe",
            "AlexNetEncoder", "ContextEncoderFeatureGenerator", "ContextEncoderFeaturesRecipe", "MEAN_FILL"]
@@ -182,7 +182,7 @@ class ContextEncoderGenerator(nn.Module):
             raise ValueError(f"the Context Encoder takes (B, 3, H, W) inputs, got {tuple(x.shape)}")
         H, W = x.shape[2], x.shape[3]
         S = self.image_size
-        resample = (H, W) != (S, S)
+        resample = not known_same_size((H, W), (S, S))
         # the network works at its fixed resolution (its channel-wise FC layer has a fixed
         # map size): other sizes are resampled to it and the prediction back
         pred = self.predict(F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False) if resample else x)
@@ -190,10 +190,14 @@ class ContextEncoderGenerator(nn.Module):
             return F.interpolate(pred, size=(H, W), mode="bilinear", align_corners=False) if resample else pred
         r0, r1 = self.center_box(H)
         c0, c1 = self.center_box(W)
-        if tuple(pred.shape[2:]) != (r1 - r0, c1 - c0):
+        if not known_same_size(pred.shape[2:], (r1 - r0, c1 - c0)):
             pred = F.interpolate(pred, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)
-        middle = torch.cat([x[:, :, r0:r1, :c0], pred.to(x.dtype), x[:, :, r0:r1, c1:]], dim=3)
-        return torch.cat([x[:, :, :r0], middle, x[:, :, r1:]], dim=2)
+        # the prediction pasted into the centre square: padded to the image's size and picked by the
+        # box, not sliced in, so that torch.export needs no guard on the box's bounds
+        placed = F.pad(pred.to(x.dtype), (c0, W - c1, r0, H - r1))
+        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        box = ((rows >= r0) & (rows < r1))[:, None] & ((cols >= c0) & (cols < c1))[None, :]
+        return torch.where(box, placed, x)
 
 
 class ContextEncoderDiscriminator(nn.Module):
@@ -377,8 +381,8 @@ class ContextEncoderFeatureGenerator(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"the Context Encoder takes (B, 3, H, W) inputs, got {tuple(x.shape)}")
         S = self.image_size
-        xs = x if tuple(x.shape[2:]) == (S, S) else F.interpolate(x, size=(S, S), mode="bilinear",
-                                                                   align_corners=False)
+        xs = x if known_same_size(x.shape[2:], (S, S)) else F.interpolate(x, size=(S, S), mode="bilinear",
+                                                                          align_corners=False)
         y = self.decoder(self.bottleneck(self.encoder(xs)))
         return F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
 
