@@ -49,7 +49,7 @@ from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ._common import merge_loss_weights
-from .contextual_attention import ContextualAttention
+from .contextual_attention import ContextualAttention, blocked_memory
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_state_dict",
            "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
@@ -173,12 +173,14 @@ class DeepFillV2Generator(nn.Module):
         if h % self.size_multiple or w % self.size_multiple:
             raise ValueError(f"DeepFillV2Generator needs height and width that are multiples of "
                              f"{self.size_multiple}, got {h}x{w} (pad the image, e.g. as fastinpaint inpaint does)")
+        if return_coarse is None:
+            return_coarse = self.training
         mask = x[:, -1:]
         coarse = self.stage1(x)
         mixed = coarse * mask + x[:, :3] * (1 - mask)
+        if not return_coarse:
+            del coarse      # not held through the second stage (large images)
         refined = self.stage2(mixed, mask)
-        if return_coarse is None:
-            return_coarse = self.training
         return (coarse, refined) if return_coarse else refined
 
 
@@ -302,6 +304,29 @@ class DeepFillV2Recipe:
         self.generator = DeepFillV2Generator(cnum, 6 if guided else 5, attention_masking)
         self.discriminator = (SNPatchGANDiscriminator(disc_cnum, 5 if guided else 4)
                               if weights["adv"] > 0 else None)
+
+    #: :meth:`inference_memory`'s constants: bytes, and bytes per pixel and unit of cnum
+    memory_base, memory_per_pixel_cnum = 150 * 2**20, 8.0
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
+        to the process's resident memory for a ``height x width`` input (sides multiples of
+        8): ``memory_base + memory_per_pixel_cnum * cnum * H * W`` (the full-resolution
+        gated convolutions, whose pre-activations are ``cnum`` channels, and the tensors held
+        across the two stages) plus the contextual attention's own peak
+        (:func:`~fastinpaint.models.contextual_attention.blocked_memory`: the keys, the raw
+        patches and one tile). The constants are fitted to measured peaks (README, "Large
+        images"); ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
+        g = self.generator
+        ca = g.stage2.contextual_attention
+        shape = (1, 2 * g.cnum, height // 4, width // 4)
+        if ca.blocked:
+            attention = blocked_memory(shape, ksize=ca.ksize, rate=ca.rate, fuse_k=ca.fuse_k, fuse=ca.fuse,
+                                       block_bytes=ca.block_bytes)
+        else:   # the reference: the score map, its fused copies and the softmax, each (L x L)
+            n = (height // 4 // ca.rate) * (width // 4 // ca.rate)
+            attention = 5 * n * n * 4
+        return int(self.memory_base + self.memory_per_pixel_cnum * g.cnum * height * width + attention)
 
     def prepare_input(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
         """(B, 5 or 6, H, W): masked image, [sketch * mask], ones, mask."""
