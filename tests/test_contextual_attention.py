@@ -37,6 +37,7 @@ def _budgets(hs, ws, b, ring, el=8):
 
 CASES = [  # (batch, channels, hs, ws, ksize, rate, fuse_k, fuse)
     (4, 3, 7, 9, 3, 2, 3, True),      # DeepFill's setting, odd map
+    (1, 4, 8, 10, 3, 2, 3, True),     # one sample: only the keys valid in it are used
     (2, 5, 5, 11, 3, 2, 3, True),     # wide map
     (3, 2, 9, 4, 5, 3, 5, True),      # larger windows and rate
     (2, 3, 6, 5, 3, 2, 1, True),      # fuse_k = 1: no fuse

@@ -202,8 +202,9 @@ def contextual_attention(x: torch.Tensor, mask: torch.Tensor | None = None, *, k
 # ----------------------------------------------------------------------------- the blocked form
 
 def _fuse_shifts(fuse: bool, fuse_k: int) -> list[tuple[int, int]]:
+    """The (e, d) shifts of the fuse, (0, 0) first."""
     r = fuse_k // 2 if fuse else 0
-    return [(e, d) for e in range(-r, r + 1) for d in range(-r, r + 1)]
+    return sorted(((e, d) for e in range(-r, r + 1) for d in range(-r, r + 1)), key=lambda s: s != (0, 0))
 
 
 def _shifted(p: torch.Tensor, e: int, d: int, hs: int, ws: int) -> torch.Tensor:
@@ -270,40 +271,72 @@ def blocked_memory(shape, *, ksize: int = 3, rate: int = 2, fuse_k: int = 3, fus
     return held + tile + b * c * ((hs + 2 * pad) * (ws + 2 * pad) + h * w) * el
 
 
-def _patches_at(xs_pad: torch.Tensor, positions: torch.Tensor, ksize: int, ws: int) -> torch.Tensor:
+def _patches_at(xp: torch.Tensor, positions: torch.Tensor, ksize: int, ws: int, stride: int = 1) -> torch.Tensor:
     """(B, C*k*k, n): the ``ksize x ksize`` patches (F.unfold's order) of the zero-padded
-    downscaled features ``xs_pad`` at the row-major matching ``positions``."""
-    b, c, _, wp = xs_pad.shape
-    y, x = positions // ws, positions % ws
+    map ``xp`` whose corners are at ``stride * (y, x)`` for the row-major matching
+    ``positions`` (y, x) of a map ``ws`` wide."""
+    b, c, _, wp = xp.shape
+    y, x = positions // ws * stride, positions % ws * stride
     du = torch.arange(ksize, device=positions.device)
-    rows = (y[None, :] + du[:, None])                                   # k, n
-    cols = (x[None, :] + du[:, None])                                   # k, n
+    rows = y[None, :] + du[:, None]                                     # k, n
+    cols = x[None, :] + du[:, None]                                     # k, n
     flat = (rows[:, None, :] * wp + cols[None, :, :]).reshape(-1)       # (u, v, n) row-major
-    return xs_pad.flatten(2).index_select(2, flat).view(b, c * ksize * ksize, positions.numel())
+    return xp.flatten(2).index_select(2, flat).view(b, c * ksize * ksize, positions.numel())
 
 
-def _tile_forward(keys, xs_pad, raw, valid, key_shift, positions, col_shift, tile_hw, ksize, rate, scale, masking,
-                  out_dtype):
-    """The output piece of one tile: fused scores of all keys against the tile's queries,
+def _key_shift_plan(hs: int, ws: int, shifts, device) -> list[tuple]:
+    """Per shift ``(e, d)``, how ``t_ed`` maps the keys: ``(off, a, b, dst, src)``. Keys
+    ``[a, b)`` (those whose column-major shift stays in their column) go to ``key + off``,
+    ``off = e * ws + d`` (the row-major shift wraps across rows by itself); the few others,
+    ``dst``, wrap to the next or previous column, to ``src`` (those that leave the map are
+    dropped: their term is zero)."""
+    n = hs * ws
+    plan = []
+    for e, d in shifts:
+        off = e * ws + d
+        y_lo, y_hi = max(0, -e), min(hs, hs - e)
+        a, b = max(y_lo * ws, -off), min(y_hi * ws, n - off)
+        if y_hi > y_lo:
+            wrap = torch.cat([torch.arange(0, y_lo * ws, device=device), torch.arange(y_hi * ws, n, device=device)])
+        else:
+            wrap = torch.arange(n, device=device)
+            a = b = 0
+        src = _shifted(wrap, e, d, hs, ws)
+        keep = src >= 0
+        plan.append((off, a, max(a, b), wrap[keep], src[keep]))
+    return plan
+
+
+def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, tile_hw, ksize, rate, scale,
+                  masking, out_dtype):
+    """The output piece of one tile: fused scores of the tile's queries against all keys,
     masked softmax over the keys, and the overlap-add of the raw patches (module doc)."""
-    b, _, n_keys = keys.shape
     ws = xs_pad.shape[-1] - 2 * (ksize // 2)
     acc = torch.promote_types(out_dtype, torch.float32)
     queries = F.pad(_patches_at(xs_pad, positions, ksize, ws), (0, 1))            # B, D, |N|+1 (zero query last)
-    t = F.pad(torch.bmm(keys.transpose(1, 2), queries), (0, 0, 0, 1))             # B, L+1, |N|+1 (zero key last)
+    t = torch.bmm(queries.transpose(1, 2), keys)                                  # B, |N|+1, L: raw scores
     del queries
     s = None
-    for k in range(key_shift.shape[0]):
-        g = t.index_select(2, col_shift[k]).index_select(1, key_shift[k])        # B, L, |J|
-        s = g if s is None else s.add_(g)
-    del t, g
-    v = valid.unsqueeze(-1)
+    for (off, a, b, dst, src), cols in zip(key_plan, col_shift):
+        u = t.index_select(1, cols)                               # B, |J|, L: rows of t_ed(j), whole rows
+        if s is None:                                             # the (0, 0) shift: the identity
+            s = u
+            continue
+        if b > a:
+            s[:, :, a:b] += u[:, :, a + off:b + off]
+        if dst.numel():
+            s.index_add_(2, dst, u.index_select(2, src))
+    del t, u
+    v = valid.unsqueeze(1)                                                        # B, 1, L
     if masking == "official":
-        attn = torch.softmax((s * v.to(s.dtype)).to(acc) * scale, dim=1) * v
+        attn = torch.softmax((s * v.to(s.dtype)).to(acc) * scale, dim=2) * v
     else:
-        attn = torch.softmax(torch.where(v, s.to(acc) * scale, torch.finfo(acc).min), dim=1) * v
+        attn = torch.softmax(torch.where(v, s.to(acc) * scale, torch.finfo(acc).min), dim=2) * v
     del s
-    cols = torch.bmm(raw, attn.to(out_dtype))                                     # B, C*k2*k2, |J|
+    attn = attn.to(out_dtype)
+    if used is not None:                                   # the keys with a weight in some sample
+        attn = attn.index_select(2, used)
+    cols = torch.bmm(raw, attn.transpose(1, 2))                                   # B, C*k2*k2, |J|
     del attn
     th, tw = tile_hw
     k2 = 2 * rate
@@ -339,15 +372,17 @@ def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = No
     keys = keys / norms if grad else keys.div_(norms)
     del norms
     xs_pad = F.pad(xs, (pad, pad, pad, pad))                                      # queries are gathered from it
-    k2 = 2 * rate
-    raw = F.unfold(x, k2, stride=rate, padding=rate - 1)                          # B, C*k2*k2, L
     valid = key_validity(mask, (hs, ws), ksize, b, x.device)                      # B, L
+    # the raw patches of the keys valid in some sample: the others have no weight anywhere
+    used = valid.any(0).nonzero().squeeze(1)
+    x_pad = F.pad(x, (rate - 1,) * 4)
+    raw = _patches_at(x_pad, used, 2 * rate, ws, stride=rate)                     # B, C*k2*k2, |used|
+    del x_pad
+    used = None if used.numel() == n_keys else used
     shifts = _fuse_shifts(fuse, fuse_k)
     th, tw, _, _ = _plan(b, c, hs, ws, ksize, rate, fuse_k, fuse, x.dtype, block_bytes)
     dev = x.device
-    every = torch.arange(n_keys, device=dev)
-    key_shift = torch.stack([_shifted(every, e, d, hs, ws) for e, d in shifts])
-    key_shift = torch.where(key_shift < 0, n_keys, key_shift)                    # -> the zero key
+    key_plan = _key_shift_plan(hs, ws, shifts, dev)
     tiles = [(y0, min(y0 + th, hs), x0, min(x0 + tw, ws)) for y0 in range(0, hs, th) for x0 in range(0, ws, tw)]
     use_checkpoint = grad and len(tiles) > 1
     out = None
@@ -357,7 +392,7 @@ def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = No
         positions = torch.unique(q_shift[q_shift >= 0])                                       # sorted
         col_shift = torch.where(q_shift >= 0, torch.searchsorted(positions, q_shift.clamp_min(0)),
                                 positions.numel())
-        args = (keys, xs_pad, raw, valid, key_shift, positions, col_shift, (y1 - y0, x1 - x0), ksize, rate,
+        args = (keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, (y1 - y0, x1 - x0), ksize, rate,
                 float(softmax_scale), masking, x.dtype)
         piece = checkpoint(_tile_forward, *args, use_reentrant=False) if use_checkpoint else _tile_forward(*args)
         # the piece covers output rows [rate*y0 - rate + 1, rate*y1 + 1) and the same in columns
