@@ -83,7 +83,8 @@ def _cmd_inpaint(args) -> int:
     from .inpaint import inpaint_files
 
     inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
-                  resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print)
+                  resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print,
+                  max_memory=args.max_memory)
     return 0
 
 
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of refusing it")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a run trained with --set ema=...")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse, before any work, an image whose estimated memory exceeds SIZE (e.g. 6G, 512M; "
+                        "default: the memory available now: MemAvailable, or the GPU's free memory)")
     _common(p)
     p.set_defaults(func=_cmd_inpaint)
 

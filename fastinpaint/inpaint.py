@@ -275,23 +275,120 @@ def _uniform(im, read_by: str) -> str:
     return f"its values range from {lo} to {hi}"
 
 
+# ----------------------------------------------------------------------------- memory
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(value) -> int:
+    """Bytes of a memory size: a number of bytes, or text such as ``6G``, ``6GB``, ``6GiB``,
+    ``512M``, ``1.5T`` (K, M, G, T: powers of 1024). InvalidInputError naming ``max_memory``
+    for anything else."""
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        for suffix in ("ib", "b"):
+            if text.endswith(suffix) and len(text) > len(suffix) and (suffix == "ib" or text[-2:-1] in "kmgt"):
+                text = text[:-len(suffix)]
+                break
+        unit = text[-1] if text and text[-1] in "kmgt" else ""
+        try:
+            number = float(text[:-1] if unit else text)
+        except ValueError:
+            number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise InvalidInputError(f"{value!r} is not a memory size", argument="max_memory",
+                                fix="give a positive size such as 6G, 512M or 1.5T (powers of 1024), or bytes")
+    return int(number * _UNITS[unit])
+
+
+def format_memory(n: int) -> str:
+    """``n`` bytes as ``6.0 GB`` / ``512 MB`` (powers of 1024)."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def available_memory(device="cpu") -> int | None:
+    """Bytes that can be allocated now: the free memory of a CUDA device, or the system's
+    ``MemAvailable`` (/proc/meminfo; where there is none, the free physical pages). None
+    where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def padded_size(recipe, height: int, width: int) -> tuple[int, int]:
+    """The size the network sees for a ``height x width`` image (padded to its multiple)."""
+    multiple = getattr(recipe, "size_multiple", 1)
+    return height + (-height) % multiple, width + (-width) % multiple
+
+
+def estimate_memory(recipe, height: int, width: int) -> int | None:
+    """Bytes filling one ``height x width`` image takes on top of the loaded model: the
+    recipe's ``inference_memory(height, width)`` at the padded size (a formula calibrated on
+    measured peaks, CPU, float32), or None for a recipe that gives none."""
+    estimate = getattr(recipe, "inference_memory", None)
+    if estimate is None:
+        return None
+    return int(estimate(*padded_size(recipe, height, width)))
+
+
+def check_memory(recipe, height: int, width: int, max_memory=None, device="cpu", image_name: str = "the image"):
+    """Refuse (InvalidInputError naming ``max_memory``) an image whose estimated memory
+    (:func:`estimate_memory`) exceeds ``max_memory`` (bytes or text, see :func:`parse_memory`;
+    None: the memory available now, :func:`available_memory`). Nothing is refused where no
+    estimate or no figure of the available memory exists."""
+    limit = available_memory(device) if max_memory is None else parse_memory(max_memory)
+    need = estimate_memory(recipe, height, width)
+    if need is None or limit is None or need <= limit:
+        return
+    where = "allowed by --max-memory" if max_memory is not None else \
+        f"available now ({'free on the GPU' if torch.device(device).type == 'cuda' else 'MemAvailable'})"
+    raise InvalidInputError(
+        f"{image_name} ({width}x{height}) needs about {format_memory(need)} to fill with "
+        f"{getattr(recipe, 'name', type(recipe).__name__)}, more than "
+        f"the {format_memory(limit)} {where}", argument="max_memory",
+        fix="fill a crop or a downscaled copy, free memory, or set the limit with --max-memory (e.g. "
+            f"--max-memory {-(-need // 2**30)}G) if that much can be used")
+
+
 @torch.no_grad()
-def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu") -> np.ndarray:
-    """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged."""
+def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu",
+                  max_memory=None) -> np.ndarray:
+    """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged.
+    An image whose estimated memory exceeds ``max_memory`` (default: the memory available
+    now) is refused before any work (:func:`check_memory`)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if hole.shape != image.shape[:2]:
         raise ValueError(f"mask must be {image.shape[:2]}, got {hole.shape}")
     h, w = hole.shape
-    multiple = getattr(recipe, "size_multiple", 1)
-    ph, pw = (-h) % multiple, (-w) % multiple
+    check_memory(recipe, h, w, max_memory, device)
+    ph, pw = padded_size(recipe, h, w)
+    ph, pw = ph - h, pw - w
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     m = torch.from_numpy(hole)[None, None].float().to(device)
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
         m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
-    out = generator(recipe.prepare_input(x, m))
+    net_input = recipe.prepare_input(x, m)
+    del x, m                            # only the network's input is needed now (large images)
+    out = generator(net_input)
+    del net_input
     if hasattr(recipe, "final_output"):   # a generator that returns more than the image
         out = recipe.final_output(out)
     out = out[..., :h, :w]
@@ -398,15 +495,18 @@ def _save(path: Path, pixels: np.ndarray, mode: str) -> None:
 
 
 def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: bool = False, device=None,
-                  resize_mask: bool = False, report=None) -> list[Path]:
+                  resize_mask: bool = False, report=None, max_memory=None) -> list[Path]:
     """Fill ``image`` (a file, or a folder of images) by ``mask`` (a file, or a folder of masks
     named like the images) and write ``out`` (a file, or a folder: every output is a .png).
     ``report(line)`` (optional) gets one line per file written, with its hole's share of the
-    image, and a note where a mask marks most of its image as hole."""
+    image, and a note where a mask marks most of its image as hole. ``max_memory``: see
+    :func:`check_memory` (every image is checked before the first is filled)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
                                 fix="use --device cpu, or leave --device out")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)
     pairs = _pairs(image, mask, out)
     recipe, generator = load_generator(checkpoint, ema=ema, device=device)
     if len(pairs) > 1:   # every image and mask checked before the first file is written
@@ -414,12 +514,14 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
             photo = read_photo(img_path)
             _check_writable(out_path, photo.mode, img_path)
             read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
+            check_memory(recipe, *photo.size_hw, max_memory, device, image_name=str(img_path))
     written = []
     for img_path, mask_path, out_path in pairs:
         photo = read_photo(img_path)
         _check_writable(out_path, photo.mode, img_path)
         hole = read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
-        filled = inpaint_array(recipe, generator, photo.rgb, hole, device)
+        check_memory(recipe, *photo.size_hw, max_memory, device, image_name=str(img_path))
+        filled = inpaint_array(recipe, generator, photo.rgb, hole, device, max_memory=max_memory)
         _save(out_path, photo.with_fill(filled, hole), photo.mode)
         written.append(out_path)
         if report is not None:

@@ -48,28 +48,35 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
   ``t = t_ed`` the column-major shift by ``e`` followed by the row-major shift by ``d``, a term
   dropped when either ``t(i)`` or ``t(j)`` leaves the map: a sum of products of shifted key
   and query features, the borders and the wrapping included, i.e. the published operation
-  exactly. It is computed from the raw scores ``T = K^T Q_N`` of a tile's queries ``J`` and
-  their shifted positions ``N = {t_ed(j)}`` (the tile and a ring of ``fuse_k//2``, plus the
-  wrapped positions at the map's edges): ``S[:, J] = sum_ed T[t_ed(:), pos(t_ed(J))]``, nine
-  gathers of ``T``, with a zero row and column for the shifts that leave the map. Stacking
-  the nine shifted copies as features instead would hold ``81 * C`` values per position.
-* Masking and the scaled softmax run on the tile's (L x |J|) scores as in the reference:
+  exactly. It is computed from the raw scores ``T = Q_N^T K`` (queries x keys) of a tile's
+  queries ``J`` and their shifted positions ``N = {t_ed(j)}`` (the tile and a ring of
+  ``fuse_k//2``, plus the positions the wrapping reaches at the map's edges), with a zero
+  row for shifts that leave the map: ``S[J, i] = sum_ed T[pos(t_ed(J)), t_ed(i)]``. Per shift,
+  the rows are gathered whole, and ``t_ed`` on the keys is the slice ``i + e*Ws + d`` for
+  every key whose column-major shift stays in its column (the row-major shift wraps across
+  rows by itself in the flat index); the ``|e| * Ws`` others are added by index. Stacking the
+  nine shifted copies as features instead would hold ``81 * C`` values per position.
+* Masking and the scaled softmax run on the tile's (|J| x L) scores as in the reference:
   every key is in the tile, so no online softmax is needed.
-* Reconstruction: the tile's columns ``P @ A[:, J]`` are folded (an overlap-add of the
+* Reconstruction: the tile's columns ``P @ A[J]^T`` are folded (an overlap-add of the
   ``2*rate`` patches, stride ``rate``) into the output rows and columns the tile covers
-  (``rate * |tile| + rate`` each way, minus the ``rate - 1`` of padding), and added.
+  (``rate * |tile| + rate`` each way, minus the ``rate - 1`` of padding), and added. ``P``
+  holds the raw patches of the keys valid in some sample only: the others have weight 0
+  after the masking in every sample, so they are left out of the product (with a hole over
+  a third of the image, about a third of its cost).
 * Memory arithmetic. Held for the whole call: the normalised keys ``K`` (``9C x L``), the raw
-  patches (``16C x L``, ``rate = 2``) and the zero-padded downscaled features; per tile,
-  about ``B * (L + 1) * (el * (|N| + 3|J|) + 2 * acc * |J|)`` bytes (``el`` the input's
-  element size, ``acc`` the softmax's): ``T``, a gather, the fused sum and the softmax's two
-  float32 maps. Queries tiles with all keys, not an online softmax over key tiles: the
-  tile's memory grows with L, but the ``(9 + 16) C x L`` features the call needs anyway grow
-  the same way, so by default a tile may use half of them, and at least 512 MiB
-  (``block_bytes`` sets it): for C = 96 that is about 13 x 13 queries per tile at any resolution, whose
-  ring makes the score products ~1.3x the reference's; a key-tiled online softmax would
-  also need the running maximum and sum and a rescaled output accumulator per query.
-  Square tiles (full rows on narrow maps) keep the ring small. One tile holding the whole
-  map is the reference's computation.
+  patches (at most ``16C x L``, ``rate = 2``) and the zero-padded downscaled features; per
+  tile, about ``B * L * (el * (|N| + 3|J|) + 2 * acc * |J|)`` bytes (``el`` the input's
+  element size, ``acc`` the softmax's): ``T``, a gathered shift, the fused sum and the
+  softmax's two float32 maps. Query tiles with all keys, not an online softmax over key
+  tiles: the tile's memory grows with L, but the ``(9 + 16) C x L`` features the call needs
+  anyway grow the same way, so by default a tile may use half of them, and at least
+  512 MiB (``block_bytes`` sets it). For DeepFill (C = 96, float32) that is a tile of
+  about 36 x 36 queries at a 1024x1024 image, 18 x 18 at 2048 and 13 x 13 at 4096 and
+  above, whose ring makes the score products 1.1-1.3x the reference's; a key-tiled online
+  softmax would also need a running maximum, sum and rescaled output per query, and the
+  official masking's logit-0 keys in every key tile. Square tiles (full rows on narrow
+  maps) keep the ring small. One tile holding the whole map is the reference's computation.
 * Backward: with several tiles and gradients on, each tile runs under
   ``torch.utils.checkpoint`` (non-reentrant): its maps are recomputed in backward, one tile
   at a time, so training memory is bounded the same way (at the cost of a second forward of
@@ -415,7 +422,12 @@ class ContextualAttention(nn.Module):
     """Contextual attention as a module (no parameters); ``forward(x, mask)``.
 
     ``blocked`` (default True): :func:`contextual_attention_blocked`, with ``block_bytes``;
-    False: the reference :func:`contextual_attention` (the full L x L maps)."""
+    False: the reference :func:`contextual_attention` (the full L x L maps). Under
+    ``torch.compile`` and ``torch.export`` the reference is traced either way: the blocked
+    form's tile plans and its choice of keys are data-dependent (``unique``, ``nonzero``)
+    and its tile count depends on the size, while the reference is one graph for any size
+    (the same function; to compile a model for large images, keep the attention eager
+    with ``torch.compiler.disable``)."""
 
     def __init__(self, ksize: int = 3, rate: int = 2, fuse_k: int = 3, softmax_scale: float = 10.0,
                  fuse: bool = True, masking: str = "official", blocked: bool = True, block_bytes: int | None = None):
@@ -431,7 +443,7 @@ class ContextualAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         kw = dict(ksize=self.ksize, rate=self.rate, fuse_k=self.fuse_k, softmax_scale=self.softmax_scale,
                   fuse=self.fuse, masking=self.masking)
-        if self.blocked:
+        if self.blocked and not torch.compiler.is_compiling():
             return contextual_attention_blocked(x, mask, block_bytes=self.block_bytes, **kw)
         return contextual_attention(x, mask, **kw)
 

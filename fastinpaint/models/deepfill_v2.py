@@ -305,20 +305,27 @@ class DeepFillV2Recipe:
         self.discriminator = (SNPatchGANDiscriminator(disc_cnum, 5 if guided else 4)
                               if weights["adv"] > 0 else None)
 
-    #: :meth:`inference_memory`'s constants: bytes, and bytes per pixel and unit of cnum
-    memory_base, memory_per_pixel_cnum = 150 * 2**20, 8.0
+    #: :meth:`inference_memory`'s constants (bytes; bytes per pixel and unit of cnum)
+    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 100 * 2**20, 13.0, 4.0
 
     def inference_memory(self, height: int, width: int) -> int:
         """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
-        to the process's resident memory for a ``height x width`` input (sides multiples of
-        8): ``memory_base + memory_per_pixel_cnum * cnum * H * W`` (the full-resolution
-        gated convolutions, whose pre-activations are ``cnum`` channels, and the tensors held
-        across the two stages) plus the contextual attention's own peak
-        (:func:`~fastinpaint.models.contextual_attention.blocked_memory`: the keys, the raw
-        patches and one tile). The constants are fitted to measured peaks (README, "Large
-        images"); ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
+        to the process's resident memory for a ``height x width`` input (sides multiples of 8):
+
+            memory_base + max(memory_conv_per_pixel_cnum * cnum * H * W,
+                              attention + memory_attention_per_pixel_cnum * cnum * H * W)
+
+        The first term is the full-resolution gated layers (the largest, the second stage's
+        gated deconv: its phase-stacked pre-activations, its output, and the maps held
+        across the stages); the second the contextual attention's peak (``attention`` =
+        :func:`~fastinpaint.models.contextual_attention.blocked_memory`: its keys, raw
+        patches and one tile) with the maps held beside it. Fitted to peaks measured at
+        512 to 4096 pixels square (cnum 48), which it exceeds by 6-12% from 1024 up (27%
+        at 512). ``fastinpaint inpaint`` refuses an image this exceeds the memory
+        for."""
         g = self.generator
         ca = g.stage2.contextual_attention
+        pixels = height * width
         shape = (1, 2 * g.cnum, height // 4, width // 4)
         if ca.blocked:
             attention = blocked_memory(shape, ksize=ca.ksize, rate=ca.rate, fuse_k=ca.fuse_k, fuse=ca.fuse,
@@ -326,7 +333,8 @@ class DeepFillV2Recipe:
         else:   # the reference: the score map, its fused copies and the softmax, each (L x L)
             n = (height // 4 // ca.rate) * (width // 4 // ca.rate)
             attention = 5 * n * n * 4
-        return int(self.memory_base + self.memory_per_pixel_cnum * g.cnum * height * width + attention)
+        return int(self.memory_base + max(self.memory_conv_per_pixel_cnum * g.cnum * pixels,
+                                          attention + self.memory_attention_per_pixel_cnum * g.cnum * pixels))
 
     def prepare_input(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
         """(B, 5 or 6, H, W): masked image, [sketch * mask], ones, mask."""
