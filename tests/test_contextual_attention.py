@@ -151,6 +151,13 @@ def test_blocked_keeps_channels_last_and_checks_arguments():
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, contextual_attention(x, mask), rtol=1e-5, atol=1e-6)
     assert contextual_attention_blocked(x, mask).is_contiguous()
+    # every key in a hole, in every sample: zeros and zero gradients, as the reference
+    xg = x.clone().requires_grad_(True)
+    for masking in ("official", "exclude"):
+        out = contextual_attention_blocked(xg, torch.ones_like(mask), masking=masking, block_bytes=budget)
+        assert torch.all(out == 0)
+        (g,) = torch.autograd.grad(out.sum(), xg)
+        assert torch.all(g == 0)
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="block_bytes"):
             contextual_attention_blocked(x, mask, block_bytes=bad)
