@@ -12,13 +12,16 @@ or 0/255), or, in a mask with transparency, every painted (not fully transparent
 size than its image (unless ``resize_mask``), is refused.
 
 Every mistake in the arguments raises a :class:`fastinpaint.errors.UserError` naming the
-argument (``checkpoint``, ``image``, ``mask``, ``out``, ``ema``, ``device``) and the fix.
+argument (``checkpoint``, ``image``, ``mask``, ``out``, ``ema``, ``device``, ``max_memory``) and
+the fix. An image whose estimated memory (the recipe's ``inference_memory``) exceeds what
+``max_memory`` allows, by default the memory available now, is refused before any work.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +280,7 @@ def _uniform(im, read_by: str) -> str:
 
 # ----------------------------------------------------------------------------- memory
 
+_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -284,25 +288,12 @@ def parse_memory(value) -> int:
     """Bytes of a memory size: a number of bytes, or text such as ``6G``, ``6GB``, ``6GiB``,
     ``512M``, ``1.5T`` (K, M, G, T: powers of 1024). InvalidInputError naming ``max_memory``
     for anything else."""
-    if isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        for suffix in ("ib", "b"):
-            if text.endswith(suffix) and len(text) > len(suffix) and (suffix == "ib" or text[-2:-1] in "kmgt"):
-                text = text[:-len(suffix)]
-                break
-        unit = text[-1] if text and text[-1] in "kmgt" else ""
-        try:
-            number = float(text[:-1] if unit else text)
-        except ValueError:
-            number = float("nan")
-    if not number > 0 or number == float("inf"):
+    match = None if isinstance(value, bool) else _MEMORY_SIZE.fullmatch(str(value).strip())
+    size = int(float(match[1]) * _UNITS[match[2].lower()]) if match else 0
+    if size < 1:
         raise InvalidInputError(f"{value!r} is not a memory size", argument="max_memory",
                                 fix="give a positive size such as 6G, 512M or 1.5T (powers of 1024), or bytes")
-    return int(number * _UNITS[unit])
+    return size
 
 
 def format_memory(n: int) -> str:

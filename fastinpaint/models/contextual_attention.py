@@ -91,8 +91,6 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
