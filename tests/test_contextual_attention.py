@@ -204,3 +204,15 @@ def test_blocked_mask_at_feature_resolution_and_no_mask(device):
     for m in (small, None, F.interpolate(small, scale_factor=2.0)):
         torch.testing.assert_close(contextual_attention_blocked(x, m, block_bytes=budget),
                                    contextual_attention(x, m), rtol=1e-10, atol=1e-12)
+
+
+def test_export_traces_the_reference():
+    """torch.export (strict or not) traces the reference form: one graph without the blocked
+    form's data-dependent ops, with the same output."""
+    m = ContextualAttention()
+    x, mask = _inputs(1, 4, 8, 8, 2, dtype=torch.float32)
+    for strict in (False, True):
+        ep = torch.export.export(m, (x, mask), strict=strict)
+        targets = {str(n.target) for n in ep.graph.nodes}
+        assert not any("unique" in t or "nonzero" in t for t in targets)
+        torch.testing.assert_close(ep.module()(x, mask), m(x, mask), rtol=1e-5, atol=1e-6)
