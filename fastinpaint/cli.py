@@ -210,7 +210,7 @@ def _cmd_inpaint(args) -> int:
 
     inpaint_files(args.checkpoint, args.image, args.mask, args.out, invert_mask=args.invert_mask,
                   resize_mask=args.resize_mask, ema=args.ema, device=args.device, report=print, sketch=args.sketch,
-                  model=args.model, model_options=_model_options(args.model_option))
+                  model=args.model, model_options=_model_options(args.model_option), max_memory=args.max_memory)
     return 0
 
 
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a run trained with --set ema=...")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     _weights_arguments(p, "the weights")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse, before any work, an image whose estimated memory exceeds SIZE (e.g. 6G, 512M; "
+                        "default: the memory available now: MemAvailable, or the GPU's free memory)")
     _common(p)
     p.set_defaults(func=_cmd_inpaint)
 

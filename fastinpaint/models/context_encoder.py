@@ -226,13 +226,26 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class _Recipe:
-    """Shared weight handling."""
+    """Shared weight handling and memory estimate."""
 
     default_weights: dict = {}
     name = "?"
+    #: :meth:`inference_memory`'s constants: bytes (at ``default_size`` and the width
+    #: ``memory_width``), and bytes per input pixel
+    memory_base, memory_width, memory_per_pixel = 40 * 2**20, 64, 52.0
 
     def _weights(self, loss_weights):
         return merge_loss_weights(self.name, self.default_weights, loss_weights)
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
+        to the process's resident memory for a ``height x width`` input: the network runs at
+        its fixed ``image_size``, so ``memory_base`` (at the default size and width) plus
+        ``memory_per_pixel`` for the input, its resampling and the full-size output; fitted to
+        measured peaks. Another ``image_size`` or ``width`` scales the base by the activations'
+        ratio."""
+        scale = (self.image_size / self.default_size) ** 2 * self.width / self.memory_width
+        return int(self.memory_base * max(1.0, scale) + self.memory_per_pixel * height * width)
 
     composite = staticmethod(composite)
 
@@ -261,7 +274,7 @@ class ContextEncoderRecipe(_Recipe):
         self._d_size = image_size // 2 if output == "center" else image_size
         self.discriminator = (ContextEncoderDiscriminator(disc_width, self._d_size) if self.loss_weights["adv"] > 0
                               else None)
-        self.image_size, self.output = image_size, output
+        self.image_size, self.output, self.width = image_size, output, width
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
         if not float(overlap_weight) >= 0:
@@ -401,9 +414,11 @@ class ContextEncoderFeaturesRecipe(_Recipe):
     def __init__(self, image_size: int = 227, width: int = 96, dropout: float = 0.5, loss_weights: dict | None = None):
         self.loss_weights = self._weights(loss_weights)
         self.generator = ContextEncoderFeatureGenerator(image_size, width, dropout)
+        self.image_size, self.width = image_size, width
 
     size_multiple = 1  # any size: the generator resamples to image_size and back
     default_size = 227
+    memory_width = 96
     default_mask = "region"
     default_mask_options = {"coverage": (0.2, 0.3)}
 
