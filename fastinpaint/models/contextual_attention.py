@@ -419,8 +419,9 @@ def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = No
 class ContextualAttention(nn.Module):
     """Contextual attention as a module (no parameters); ``forward(x, mask)``.
 
-    ``blocked`` (default True): :func:`contextual_attention_blocked`, with ``block_bytes``;
-    False: the reference :func:`contextual_attention` (the full L x L maps). Under
+    ``blocked`` (default True): :func:`contextual_attention_blocked`, with ``block_bytes``
+    (with the default budget, a map that would be one tile runs the reference, which is
+    faster and then needs no more memory); False: the reference :func:`contextual_attention` (the full L x L maps). Under
     ``torch.compile`` and ``torch.export`` the reference is traced either way: the blocked
     form's tile plans and its choice of keys are data-dependent (``unique``, ``nonzero``)
     and its tile count depends on the size, while the reference is one graph for any size
@@ -441,9 +442,20 @@ class ContextualAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         kw = dict(ksize=self.ksize, rate=self.rate, fuse_k=self.fuse_k, softmax_scale=self.softmax_scale,
                   fuse=self.fuse, masking=self.masking)
-        if self.blocked and not torch.compiler.is_compiling():
+        if self.blocked and not torch.compiler.is_compiling() and not self._one_tile(x):
             return contextual_attention_blocked(x, mask, block_bytes=self.block_bytes, **kw)
         return contextual_attention(x, mask, **kw)
+
+    def _one_tile(self, x: torch.Tensor) -> bool:
+        """With the default budget (``block_bytes`` None), whether the blocked form would run
+        the whole map as one tile: then its memory is the reference's order anyway, and the
+        reference (no ring of shifted rows to gather) is the faster of the two."""
+        if self.block_bytes is not None:
+            return False
+        b, c, h, w = x.shape
+        hs, ws = h // self.rate, w // self.rate
+        th, tw, _, _ = _plan(b, c, hs, ws, self.ksize, self.rate, self.fuse_k, self.fuse, x.dtype, None)
+        return th >= hs and tw >= ws
 
     def extra_repr(self) -> str:
         return (f"ksize={self.ksize}, rate={self.rate}, fuse_k={self.fuse_k}, softmax_scale={self.softmax_scale}, "

@@ -1,5 +1,6 @@
 """DeepFill v2 end-to-end benchmarks: the generator on fastinpaint's kernels against the
-same model on eager layers (``use_backend("reference")``) and ``torch.compile`` of that,
+same model on eager layers (``use_backend("reference")``, and the published contextual
+attention over the whole score matrix instead of the blocked one) and ``torch.compile`` of that,
 and ``torch.compile`` of the generator on fastinpaint's layers, timed in the same run.
 
 Cases:
@@ -35,6 +36,7 @@ import torch
 
 from .. import _backend
 from .. import benchmark as B
+from .contextual_attention import ContextualAttention
 from .deepfill_v2 import DeepFillV2Recipe
 
 # the compiled ones last: a time limit cuts them first
@@ -116,6 +118,10 @@ def make_step(recipe, impl: str, case: str, image, mask):
     """A closure running one ``case`` for ``impl`` (compiled lazily inside the backend context)."""
     g = recipe.generator
     d = recipe.discriminator
+    if impl in ("eager", "compile(eager)"):   # the published attention: the whole score matrix
+        for m in g.modules():
+            if isinstance(m, ContextualAttention):
+                m.blocked = False
     net = torch.compile(g, dynamic=False) if impl.startswith("compile") else g
     x = recipe.prepare_input(image, mask)
     params = list(g.parameters()) + list(d.parameters())
