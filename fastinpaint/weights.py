@@ -142,8 +142,8 @@ def _text_file(path: Path) -> tuple[str, str] | None:
         return ("a web page (HTML)", "a download that saved a page (sign-in, quota or error) instead of the file "
                                      "gives this: download the weights again and give that file")
     return (f"a text file (it starts with {' '.join(text.split())[:40]!r})",
-            "give the weights file itself (a download cut short or saved as a page gives such a file: download it "
-            "again)")
+            "give the weights file itself (a download that saved a page or a link instead of the file gives a text "
+            "file: download it again)")
 
 
 def _torch_load(path: Path, argument: str) -> dict:
@@ -157,6 +157,7 @@ def _torch_load(path: Path, argument: str) -> dict:
             raise UnreadableInputError(f"cannot read {path} as a PyTorch checkpoint ({reason})", argument=argument,
                                        fix=fix + "; a download cut short gives this too: download it again") from e
         text = _text_file(path)
+        reason = reason.split(". ", 1)[0]   # torch's advice on weights_only does not apply to a file of no format
         raise UnreadableInputError(f"{path} is not a PyTorch checkpoint (torch.load failed: {reason})"
                                    + (f": it is {text[0]}" if text else ""), argument=argument,
                                    fix=text[1] if text else fix) from e
