@@ -413,7 +413,7 @@ class Trainer:
        that cannot take the crops fails here), then the previous run's files deleted (``overwrite``), config.json
     6. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
     7. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
-    8. :meth:`initial_validation`: the mean-colour-fill baseline and the untrained network
+    8. :meth:`initial_validation`: the untrained network's validation (of step 5) recorded
     9. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
        :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
        :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
