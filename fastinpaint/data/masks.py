@@ -315,9 +315,9 @@ class FreeFormMask:
     with the image as the step length is, by ``sqrt(H^2 + W^2) / (resolution * sqrt(2))`` (at
     least one pixel), with round joints and ends: every size gets the same share of hole as 256
     does, and a 256x256 image DeepFill's pixels exactly (``resolution=None``: the widths in
-    pixels at every size, as DeepFill draws them). Each stroke is flipped left-right and/or top-bottom with probability 1/2
-    (``flip=False`` turns that off, leaving DeepFill's rightward drift). With ``box=True`` the
-    mask is united with a box of half the image height and width at a random position whose
+    pixels at every size, as DeepFill draws them). Each stroke is flipped left-right and/or
+    top-bottom with probability 1/2 (``flip=False`` turns that off, leaving DeepFill's rightward
+    drift). With ``box=True`` the mask is united with a box of half the image height and width at a random position whose
     four sides are each pulled in by up to 1/16 of the image side.
     """
 
