@@ -305,20 +305,20 @@ def _draw_capsule(canvas: np.ndarray, p0, p1, radius: float) -> None:
 class FreeFormMask:
     """DeepFill v2 free-form masks (Yu et al., 2019): brush strokes, optionally plus a box.
 
-    1..``max_strokes`` strokes. A stroke starts uniformly in the image and has
-    ``num_vertices`` in ``[min_vertices, max_vertices)`` steps; with ``a_min = mean_angle -
-    U(0, angle_range)`` and ``a_max = mean_angle + U(0, angle_range)`` each step's angle is
-    ``U(a_min, a_max)``, mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is
-    ``Normal(r, r/2)`` clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are
-    clipped to the image. The polyline is drawn with a brush of integer width in
-    ``[min_width, max_width)`` pixels at DeepFill's ``resolution`` (256: a 256x256 image), scaled
-    with the image as the step length is, by ``sqrt(H^2 + W^2) / (resolution * sqrt(2))`` (at
-    least one pixel), with round joints and ends: every size gets the same share of hole as 256
-    does, and a 256x256 image DeepFill's pixels exactly (``resolution=None``: the widths in
-    pixels at every size, as DeepFill draws them). Each stroke is flipped left-right and/or
-    top-bottom with probability 1/2 (``flip=False`` turns that off, leaving DeepFill's rightward
-    drift). With ``box=True`` the mask is united with a box of half the image height and width at a random position whose
-    four sides are each pulled in by up to 1/16 of the image side.
+    1..``max_strokes`` strokes. A stroke starts uniformly in the image and has ``num_vertices``
+    in ``[min_vertices, max_vertices)`` steps; with ``a_min = mean_angle - U(0, angle_range)``
+    and ``a_max = mean_angle + U(0, angle_range)`` each step's angle is ``U(a_min, a_max)``,
+    mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is ``Normal(r, r/2)``
+    clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are clipped to the image.
+    The polyline is drawn with a brush of integer width in ``[min_width, max_width)`` pixels at
+    DeepFill's ``resolution`` (256: a 256x256 image), scaled with the image as the step length
+    is, by ``sqrt(H^2 + W^2) / (resolution * sqrt(2))`` (at least one pixel), with round joints
+    and ends: every size gets the same share of hole as 256 does, and a 256x256 image DeepFill's
+    pixels exactly (``resolution=None``: the widths in pixels at every size, as DeepFill draws
+    them). Each stroke is flipped left-right and/or top-bottom with probability 1/2
+    (``flip=False`` turns that off, leaving DeepFill's rightward drift). With ``box=True`` the
+    mask is united with a box of half the image height and width at a random position whose four
+    sides are each pulled in by up to 1/16 of the image side.
     """
 
     name = "free_form"
