@@ -217,7 +217,8 @@ def _cmd_inpaint(args) -> int:
 def _cmd_convert(args) -> int:
     from .weights import convert_weights
 
-    path = convert_weights(args.weights, args.out, model=args.model, model_options=_model_options(args.model_option))
+    path = convert_weights(args.weights, args.out, model=args.model, model_options=_model_options(args.model_option),
+                           overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -239,7 +240,8 @@ def _cmd_evaluate(args) -> int:
     if not args.checkpoint and not args.baseline:
         raise InvalidInputError("nothing to evaluate", argument="checkpoint",
                                 fix="give --checkpoint RUN and/or --baseline mean|telea|navier_stokes (repeatable)")
-    check_out(args.out)   # before the work, not after
+    check_out(args.out, args.overwrite)   # before the work, not after
+    options = _model_options(args.model_option)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
                                 fix="use --device cpu, or leave --device out")
@@ -251,12 +253,16 @@ def _cmd_evaluate(args) -> int:
             if key in given:
                 raise InvalidInputError(f"{name} is given twice", argument=kind, fix="give each method once")
             given[key] = kind
-    methods = {key: key if kind == "baseline" else checkpoint_fill(key, ema=args.ema, device=device)
+    if (args.model or options) and "checkpoint" not in given.values():
+        raise InvalidInputError("goes with --checkpoint (the weights it names the model of)",
+                                argument="model" if args.model else "model_option", fix="give --checkpoint PATH")
+    methods = {key: key if kind == "baseline" else
+               checkpoint_fill(key, ema=args.ema, device=device, model=args.model, model_options=options)
                for key, kind in given.items()}
     choice = {"auto": "auto", "yes": True, "no": False}
     result = evaluate(args.data, methods, masks=args.masks, seed=args.seed, size=args.size,
                       lpips=choice[args.lpips], fid=choice[args.fid], device=device, progress=True)
-    paths = result.write(args.out)
+    paths = result.write(args.out, overwrite=args.overwrite)
     print(result.table())
     for label, path in paths.items():
         print(f"{label + ':':10s} {path}")
@@ -266,7 +272,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out, args.format, ema=args.ema, opset=args.opset, report=print)
+    export_checkpoint(args.checkpoint, args.out, args.format, ema=args.ema, opset=args.opset, report=print,
+                      model=args.model, model_options=_model_options(args.model_option))
     return 0
 
 
@@ -375,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config in the metadata, which every command takes as it takes a trained run's "
                                    "weights.")
     c.add_argument("weights", help="the checkpoint to convert")
-    c.add_argument("--out", required=True, help="the .safetensors file to write")
+    c.add_argument("--out", required=True, help="the .safetensors file to write (an existing file is refused "
+                                                "unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     _weights_arguments(c, "the weights")
     _common(c)
     c.set_defaults(func=_cmd_convert)
@@ -388,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each method | ground truth) into --out.")
     e.add_argument("--checkpoint", action="append", default=[], metavar="RUN",
                    help="a run folder, its weights.safetensors or a checkpoints/ckpt_*.pt file (any model; "
-                        "repeatable)")
+                        "repeatable), or another project's checkpoint with --model")
     e.add_argument("--baseline", action="append", default=[], choices=["mean", "telea", "navier_stokes"],
                    help="the mean known colour, or OpenCV's Telea or Navier-Stokes inpainting (radius 3; needs "
                         "opencv-python-headless, else reported unavailable); repeatable")
@@ -397,19 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(recursive; an unreadable file is skipped with a warning)")
     e.add_argument("--masks", default="medium",
                    help="thin, medium, thick (LaMa's evaluation masks; the default: medium), free_form, center, "
-                        "block, region, or a folder of mask images (named like the images, else taken in sorted "
-                        "order; stretched to each image)")
+                        "block, region, or a folder of mask images (named like the images, any extension; else, "
+                        "when there are as many masks as images, taken in sorted order; each stretched to its "
+                        "image, and with --size resized and cropped as its image is)")
     e.add_argument("--size", type=int,
                    help="bring every image to SIZE x SIZE first (shorter side resized, centre square), as the "
                         "published protocols do at 256 or 512; default: each image at its own size")
     e.add_argument("--seed", type=int, default=0, help="the masks' seed (default 0)")
-    e.add_argument("--out", default="runs/evaluate", help="folder for the report (default runs/evaluate)")
+    e.add_argument("--out", default="runs/evaluate",
+                   help="folder for the report (default runs/evaluate); one that holds a report is refused unless "
+                        "--overwrite")
+    e.add_argument("--overwrite", action="store_true", help="replace the report in --out (other files are kept)")
     e.add_argument("--lpips", choices=["auto", "yes", "no"], default="auto",
                    help="LPIPS from weights on disk: auto (when they are there; the default), yes (an error "
                         "naming the missing file when not), no")
     e.add_argument("--fid", choices=["auto", "yes", "no"], default="auto", help="FID, likewise")
     e.add_argument("--ema", action="store_true", help="use the EMA weights of the --checkpoint runs")
     e.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    _weights_arguments(e, "the --checkpoint weights")
     _common(e)
     e.set_defaults(func=_cmd_evaluate)
     x = sub.add_parser("export", help="export a trained generator to ONNX or torch.export (.pt2)",
@@ -420,14 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batch, H and W are dynamic (H, W multiples of the network's size multiple). "
                                    "The file is checked against the eager model before it is written.")
     x.add_argument("--checkpoint", required=True,
-                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, or a "
-                        "checkpoints/ckpt_*.pt file")
+                   help="a run folder (the --out of fastinpaint train), its weights.safetensors, a "
+                        "checkpoints/ckpt_*.pt file, or another project's checkpoint with --model")
     x.add_argument("--format", required=True,
                    help="onnx (standard ONNX operators, verified with onnxruntime) or pt2 (a torch.export "
                         "program, torch.export.load)")
     x.add_argument("--out", required=True, help="the file to write: .onnx for --format onnx, .pt2 for pt2")
     x.add_argument("--ema", action="store_true", help="export the EMA weights of a run trained with --set ema=...")
     x.add_argument("--opset", type=int, default=18, help="the ONNX opset (default 18, the lowest torch writes)")
+    _weights_arguments(x, "the weights")
     _common(x)
     x.set_defaults(func=_cmd_export)
 

@@ -530,9 +530,12 @@ def example_input(recipe, size: int | None = None, batch: int = 1, seed: int = 0
     return image, mask, sketch
 
 
-def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset: int = 18, report=None) -> Path:
+def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset: int = 18, report=None,
+                      model: str | None = None, model_options: dict | None = None) -> Path:
     """Export the generator of a trained run (a run folder, its ``weights.safetensors`` or a
-    ``checkpoints/ckpt_*.pt``; ``ema``: its EMA weights) to ``out``: ``format`` "onnx" (an
+    ``checkpoints/ckpt_*.pt``; ``ema``: its EMA weights; or, with ``model`` and
+    ``model_options``, another project's checkpoint: see
+    :func:`fastinpaint.inpaint.load_generator`) to ``out``: ``format`` "onnx" (an
     ``.onnx`` file, verified with onnxruntime) or "pt2" (a ``.pt2`` file of
     ``torch.export.save``, verified against the eager model). The exported signature is
     :class:`InpaintingNetwork`'s. Errors name the argument (``checkpoint``, ``format``,
@@ -555,7 +558,7 @@ def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset:
     if format == "onnx":
         _require(_ONNX_PACKAGES + ("onnxruntime",))
         _check_opset(opset)
-    recipe, _ = load_generator(checkpoint, ema=ema, device="cpu")
+    recipe, _ = load_generator(checkpoint, ema=ema, device="cpu", model=model, model_options=model_options)
     example = example_input(recipe)
     try:
         if format == "onnx":

@@ -15,7 +15,9 @@ A guided generator (DeepFill v2 with ``guided = true``) takes the user's sketch 
 to draw in the hole: a sketch file is read by the same rule (a line is every pixel brighter
 than half the brightest, or every painted pixel of a sketch with transparency), only its
 lines inside the hole count, and no sketch is an empty one (no guidance: the edges of what
-the hole covers are never used). The weights can be another project's (see
+the hole covers are never used), an image that a folder of sketches has none for too. Masks
+and sketches in a folder are named like their images, whatever the extension
+(:func:`fastinpaint.data.masks.match_by_stem`). The weights can be another project's (see
 :mod:`fastinpaint.weights`).
 
 Every mistake in the arguments raises a :class:`fastinpaint.errors.UserError` naming the
@@ -48,6 +50,7 @@ OUTPUT_FORMATS = {
     ".jpeg": ("JPEG", ("L", "RGB"), {"quality": 95}),
     ".bmp": ("BMP", ("L", "RGB"), {}),
 }
+_PLURAL = {"mask": "masks", "sketch": "sketches"}
 _MODE_WORDS = {"L": "gray", "LA": "gray + alpha", "RGB": "RGB", "RGBA": "RGB + alpha", "I;16": "16-bit gray"}
 _MASK_RULE = ("holes are the pixels brighter than half the mask's brightest (white or any colour on black), "
               "or, in a mask with transparency, the painted ones")
@@ -373,7 +376,9 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
 def _output_format(path: Path):
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        what = "has no image file extension" if not suffix else f"has the extension {suffix!r}, not an image one"
+        what = "has no image file extension" if not suffix else \
+            f"has the extension {suffix!r}, not one of the formats written" + \
+            (" (a GIF holds 256 colours: the known pixels would change)" if suffix == ".gif" else "")
         raise InvalidInputError(f"{path} {what}", argument="out",
                                 fix=f"end it in {', '.join(OUTPUT_FORMATS)}, or give a folder (an existing one, "
                                     "or a path ending in /)")
@@ -387,17 +392,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _companion(given: Path, image_root: Path, image: Path, argument: str) -> Path:
-    """The ``argument`` file (mask, sketch) of ``image`` in a folder of images: ``given`` itself
-    when it is a file, else its file named like the image (same extension, or .png)."""
+def _companions(given: Path, names: list[str], argument: str, required: bool = True) -> list:
+    """The ``argument`` file (mask, sketch) of each image of ``names`` (paths relative to the
+    folder of images): ``given`` itself when it is a file, else its file named like the image
+    (:func:`fastinpaint.data.masks.match_by_stem`: the same stem, any image extension). An image
+    with none is an error when ``required``, else gets None."""
+    from .data.masks import match_by_stem
+
     if not given.is_dir():
-        return given
-    rel = image.relative_to(image_root)
-    candidates = [given / rel.with_suffix(e) for e in dict.fromkeys((image.suffix, ".png"))]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise InputNotFoundError(f"no {argument} for {rel} in {given}", argument=argument,
-                                 fix=f"name each {argument} like its image ({candidates[-1]})")
+        return [given] * len(names)
+    found = match_by_stem(names, given, argument)
+    missing = next((n for n, f in zip(names, found) if f is None), None)
+    if required and missing is not None:
+        raise InputNotFoundError(f"no {argument} for {missing} in {given}", argument=argument,
+                                 fix=f"name each {argument} like its image ({given / Path(missing).with_suffix('.png')}"
+                                     ", or any image extension)")
     return found
 
 
@@ -417,14 +426,16 @@ def _pairs(image, mask, out, sketch=None):
         for given, argument in ((mask, "mask"), (sketch, "sketch")):
             if given is not None and not given.exists():
                 raise InputNotFoundError(f"{given} does not exist", argument=argument,
-                                         fix=f"give a {argument} file, or a folder of {argument}s named like the "
-                                             "images")
+                                         fix=f"give a {argument} file, or a folder of {_PLURAL[argument]} named like "
+                                             "the images")
         files = sorted(p for p in image.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image}", argument="image",
                                      fix="give an image file, or a folder that holds images")
-        pairs = [(f, _companion(mask, image, f, "mask"), out / f.relative_to(image).with_suffix(".png"),
-                  _companion(sketch, image, f, "sketch") if sketch is not None else None) for f in files]
+        names = [f.relative_to(image).as_posix() for f in files]
+        masks = _companions(mask, names, "mask")
+        sketches = _companions(sketch, names, "sketch", required=False) if sketch is not None else [None] * len(files)
+        pairs = [(f, m, out / f.relative_to(image).with_suffix(".png"), k) for f, m, k in zip(files, masks, sketches)]
     else:
         if not image.exists():
             raise InputNotFoundError(f"{image} does not exist", argument="image",
@@ -437,8 +448,8 @@ def _pairs(image, mask, out, sketch=None):
                                          fix=f"give an existing {argument} file")
             if given.is_dir():
                 raise InvalidInputError(f"{given} is a folder", argument=argument,
-                                        fix=f"give a {argument} file (a folder of {argument}s goes with a folder "
-                                            "of images)")
+                                        fix=f"give a {argument} file (a folder of {_PLURAL[argument]} goes with a "
+                                            "folder of images)")
         target = out / (image.stem + ".png") if out_is_folder else out
         _output_format(target)
         pairs = [(image, mask, target, sketch)]
@@ -486,7 +497,8 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
     """Fill ``image`` (a file, or a folder of images) by ``mask`` (a file, or a folder of masks
     named like the images) and write ``out`` (a file, or a folder: every output is a .png).
     ``sketch`` (a file, or a folder of sketches named like the images): the lines a guided
-    generator is to follow in the holes. ``model`` / ``model_options``: see
+    generator is to follow in the holes (an image the folder has no sketch for gets an empty
+    one, with a note). ``model`` / ``model_options``: see
     :func:`load_generator` (another project's weights). ``report(line)`` (optional) gets one
     line per file written, with its hole's share of the image, and a note where a mask marks
     most of its image as hole. ``max_memory``: see :func:`check_memory` (every image is
@@ -531,6 +543,9 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
             if share > 0.5:
                 report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
                        "marks the holes in your masks, add --invert-mask")
+            if sketch is not None and sketch_path is None:
+                report(f"note: no sketch for {img_path.relative_to(image)} in {sketch}: filled with an empty sketch "
+                       "(no guidance)")
             if lines is not None and not (lines & hole).any():
                 report(f"note: {sketch_path} draws no line inside the hole, and only lines inside it guide the fill")
     return written

@@ -92,6 +92,34 @@ def test_folder_of_images_and_every_checkpoint_form(run_dir, tmp_path):
             assert torch.equal(a, b), k
 
 
+def test_masks_in_a_folder_are_named_like_the_images_whatever_the_extension(run_dir, tmp_path, capsys):
+    """astro.jpg is the mask of astro.png (and sub/b.bmp of sub/b.jpg), as evaluate pairs them;
+    two masks of one stem are an error, not a guess."""
+    imgs, masks, out = tmp_path / "imgs", tmp_path / "masks", tmp_path / "out"
+    (imgs / "sub").mkdir(parents=True), (masks / "sub").mkdir(parents=True)
+    photo = _photo(32, 40)
+    hole = np.zeros((32, 40), bool)
+    hole[8:20, 10:30] = True
+    Image.fromarray(photo).save(imgs / "astro.png")
+    Image.fromarray(photo[:, ::-1]).save(imgs / "sub" / "b.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "astro.jpg", quality=95)
+    Image.fromarray(hole[::-1].astype(np.uint8) * 255).save(masks / "sub" / "b.bmp")
+    assert _inpaint(run_dir, imgs, masks, out) == 0
+    recipe, gen = load_generator(run_dir)
+    for name, img, want_hole in (("astro", photo, hole), ("sub/b", photo[:, ::-1].copy(), hole[::-1])):
+        mask_file = next(masks.glob(name + ".*"))
+        read = read_mask(mask_file, want_hole.shape)
+        assert np.array_equal(read, want_hole), name   # the JPEG's noise stays below the half
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), inpaint_array(recipe, gen, img, read))
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "astro.png")
+    capsys.readouterr()
+    assert _inpaint(run_dir, imgs, masks, tmp_path / "out2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint inpaint: --mask: ") and err.count("\n") == 1, err
+    assert "astro.jpg and" in err and "astro.png are both named like the image astro.png" in err
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("problem", ["same name", "one unreadable", "one mask of another size"])
 def test_a_folder_with_one_bad_pair_writes_nothing(run_dir, tmp_path, capsys, problem):
     """Every image and mask of a folder is checked before the first output is written; two
