@@ -28,7 +28,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -311,8 +311,10 @@ class FreeFormMask:
     ``U(a_min, a_max)``, mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is
     ``Normal(r, r/2)`` clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are
     clipped to the image. The polyline is drawn with a brush of integer width in
-    ``[min_width, max_width)`` pixels (not scaled with the image, as in DeepFill) and round
-    joints and ends. Each stroke is flipped left-right and/or top-bottom with probability 1/2
+    ``[min_width, max_width)`` pixels and round joints and ends; the widths are pixels of the
+    image itself, as in DeepFill, unless ``brush_reference`` names the shorter side they are
+    meant for (DeepFill's 12-40 px are for 256 px images): then the drawn width is scaled by
+    ``min(H, W) / brush_reference`` (at least 1 pixel), the same draws made. Each stroke is flipped left-right and/or top-bottom with probability 1/2
     (``flip=False`` turns that off, leaving DeepFill's rightward drift). With ``box=True`` the
     mask is united with a box of half the image height and width at a random position whose
     four sides are each pulled in by up to 1/16 of the image side.
@@ -322,8 +324,10 @@ class FreeFormMask:
 
     def __init__(self, max_strokes: int = 3, min_vertices: int = 4, max_vertices: int = 12,
                  min_width: int = 12, max_width: int = 40, angle_range: float = 2 * math.pi / 15,
-                 box: bool = True, mean_angle: float = 2 * math.pi / 5, flip: bool = True):
+                 box: bool = True, mean_angle: float = 2 * math.pi / 5, flip: bool = True,
+                 brush_reference: Optional[int] = None):
         self.max_strokes = _int_arg("max_strokes", max_strokes, 1)
+        self.brush_reference = None if brush_reference is None else _int_arg("brush_reference", brush_reference, 1)
         self.min_vertices = _int_arg("min_vertices", min_vertices, 1)
         self.max_vertices = _int_arg("max_vertices", max_vertices, 1)
         if self.max_vertices <= self.min_vertices:
@@ -345,7 +349,7 @@ class FreeFormMask:
         return (f"FreeFormMask(max_strokes={self.max_strokes}, min_vertices={self.min_vertices}, "
                 f"max_vertices={self.max_vertices}, min_width={self.min_width}, max_width={self.max_width}, "
                 f"angle_range={self.angle_range}, box={self.box}, mean_angle={self.mean_angle}, "
-                f"flip={self.flip})")
+                f"flip={self.flip}, brush_reference={self.brush_reference})")
 
     def _stroke(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         radius = math.sqrt(height * height + width * width) / 8
@@ -360,8 +364,10 @@ class FreeFormMask:
             x, y = points[-1]
             points.append((min(max(x + step * math.cos(angle), 0.0), width - 1.0),
                            min(max(y + step * math.sin(angle), 0.0), height - 1.0)))
-        brush = int(rng.uniform(self.min_width, self.max_width)) if self.max_width > self.min_width \
-            else self.min_width
+        brush = rng.uniform(self.min_width, self.max_width) if self.max_width > self.min_width else self.min_width
+        if self.brush_reference is not None:
+            brush = max(1.0, brush * min(height, width) / self.brush_reference)
+        brush = int(brush)
         stroke = np.zeros((height, width), dtype=bool)
         for p0, p1 in zip(points[:-1], points[1:]):
             _draw_capsule(stroke, p0, p1, brush / 2)  # segment of the brush width, round ends = joints

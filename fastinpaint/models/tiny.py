@@ -52,16 +52,21 @@ class TinyGatedGenerator(nn.Module):
       -> up 2w -> up w -> 3 (tanh)
 
     Two stride-2 stages and the dilated bottleneck give it a receptive field of about 90
-    pixels, so even the middle of a large hole sees known pixels. Input sides must be
-    multiples of 4."""
+    pixels, so even the middle of a large hole sees known pixels. With ``skips`` (U-Net
+    style) each upsampling stage also takes the encoder's features of its resolution
+    (concatenated), so the decoder sees the full-resolution detail around the hole instead of
+    rebuilding it from the quarter-resolution bottleneck. Input sides must be multiples of 4."""
 
     multiple = 4
 
-    def __init__(self, width: int = 16, in_channels: int = 5):
+    def __init__(self, width: int = 16, in_channels: int = 5, skips: bool = False):
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive int, got {width!r}")
-        w = width
+        if not isinstance(skips, bool):
+            raise ValueError(f"skips must be true or false, got {skips!r}")
+        w, k = width, 2 if skips else 1
+        self.skips = skips
         self.body = nn.Sequential(
             GatedConv2d(in_channels, w, 5),
             GatedConv2d(w, 2 * w, 3, stride=2),
@@ -70,15 +75,22 @@ class TinyGatedGenerator(nn.Module):
             GatedConv2d(4 * w, 4 * w, 3, dilation=4),
             GatedConv2d(4 * w, 4 * w, 3, dilation=8),
             GatedDeconv2d(4 * w, 2 * w, 3),
-            GatedDeconv2d(2 * w, w, 3),
-            GatedConv2d(w, 3, 3, activation="none"),
+            GatedDeconv2d(k * 2 * w, w, 3),
+            GatedConv2d(k * w, 3, 3, activation="none"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
             raise ValueError(f"TinyGatedGenerator needs height and width that are multiples of {self.multiple}, "
                              f"got {tuple(x.shape[-2:])}")
-        return torch.tanh(self.body(x))
+        if not self.skips:
+            return torch.tanh(self.body(x))
+        b = self.body
+        full = b[0](x)
+        half = b[1](full)
+        y = b[5](b[4](b[3](b[2](half))))
+        y = b[7](torch.cat([b[6](y), half], dim=1))
+        return torch.tanh(b[8](torch.cat([y, full], dim=1)))
 
 
 class PatchDiscriminator(nn.Module):
@@ -111,10 +123,10 @@ class TinyGatedRecipe:
     default_betas = (0.5, 0.999)
     default_size, default_batch_size, default_mask = 64, 4, "free_form"   # the demo setting
 
-    def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None):
+    def __init__(self, width: int = 16, disc_width: int = 32, loss_weights: dict | None = None, skips: bool = False):
         weights = merge_loss_weights(self.name, self.default_weights, loss_weights)
         self.loss_weights = weights
-        self.generator = TinyGatedGenerator(width)
+        self.generator = TinyGatedGenerator(width, skips=skips)
         self.discriminator = PatchDiscriminator(disc_width) if weights["adv"] > 0 else None
 
     prepare_input = staticmethod(prepare_input)
