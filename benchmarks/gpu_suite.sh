@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-call GPU suite: build fastinpaint._C for sm_90, run the test suite on the
 # GPU (every backend, bfloat16 included), run the benchmarks against eager and
-# torch.compile(eager), and write JSON + markdown results (GPU, driver, versions, date
-# inside) to $RESULTS (default benchmarks/results/).
+# torch.compile(eager) (`fastinpaint bench <op>`, each with its own time limit), and write
+# JSON + markdown results (GPU, driver, versions, date inside) to $RESULTS (default
+# benchmarks/results/).
 #
 #   bash benchmarks/gpu_suite.sh            # under about 8 minutes: every step has a time limit,
 #                                           # and the benchmarks write their files after each case
@@ -27,28 +28,28 @@ $PY -m fastinpaint.cli backends
 step "tests: the whole suite, every backend on CUDA tensors (bfloat16 included); cuda and triton must be available"
 FASTINPAINT_REQUIRE=cuda,triton timeout 180 $PY -m pytest tests -q -m "not slow" -p no:cacheprovider --junitxml="$RESULTS/gpu_tests_${tag}.xml" || status=1
 step "benchmarks: bfloat16, channels_last, batch 8"
-timeout 180 $PY -m fastinpaint.cli bench --device cuda --dtype bfloat16 --batch 8 --min-time 0.3 \
+timeout 180 $PY -m fastinpaint.cli bench gated_conv --device cuda --dtype bfloat16 --batch 8 --min-time 0.3 \
     --json "$RESULTS/gated_conv_bf16_${tag}.json" --markdown "$RESULTS/gated_conv_bf16_${tag}.md" || status=1
 step "benchmarks: float32, channels_last, batch 8"
-timeout 60 $PY -m fastinpaint.cli bench --device cuda --dtype float32 --batch 8 --min-time 0.2 --modes fwd+bwd \
+timeout 60 $PY -m fastinpaint.cli bench gated_conv --device cuda --dtype float32 --batch 8 --min-time 0.2 --modes fwd+bwd \
     --cases conv1 "deconv 96" \
     --json "$RESULTS/gated_conv_fp32_${tag}.json" --markdown "$RESULTS/gated_conv_fp32_${tag}.md" || status=1
 step "benchmarks: self-similarity maps / spatially-correlative distance, bfloat16"
-timeout 60 $PY -m fastinpaint.ops.self_similarity.bench --device cuda --dtype bfloat16 --min-time 0.2 \
+timeout 60 $PY -m fastinpaint.cli bench self_similarity --device cuda --dtype bfloat16 --min-time 0.2 \
     --json "$RESULTS/self_similarity_bf16_${tag}.json" --markdown "$RESULTS/self_similarity_bf16_${tag}.md" || status=1
 step "benchmarks: DeepFill v2 end to end (train step b8 @256, inference @512), bfloat16, channels_last"
-timeout 60 $PY -m fastinpaint.models.deepfill_v2_bench --device cuda --dtype bfloat16 --channels-last --batch 8 \
+timeout 60 $PY -m fastinpaint.cli bench deepfill_v2 --device cuda --dtype bfloat16 --channels-last --batch 8 \
     --size 256 --infer-size 512 --min-time 0.2 --cases "train step" "G inference" \
     --json "$RESULTS/deepfill_v2_bf16_${tag}.json" --markdown "$RESULTS/deepfill_v2_bf16_${tag}.md" || status=1
 step "benchmarks: pixel attention + attention-transfer loss (DGII), B=8, N=4096/16384, Dqk=32, Dv=256, bfloat16"
-timeout 60 $PY -m fastinpaint.ops.pixel_attention.bench --device cuda --dtype bfloat16 --batch 8 --sizes 4096 16384 \
+timeout 60 $PY -m fastinpaint.cli bench pixel_attention --device cuda --dtype bfloat16 --batch 8 --sizes 4096 16384 \
     --modes fwd+bwd --min-time 0.1 \
     --json "$RESULTS/pixel_attention_bf16_${tag}.json" --markdown "$RESULTS/pixel_attention_bf16_${tag}.md" || status=1
 step "benchmarks: channel-wise fully connected layer (Context Encoder shapes), bfloat16, vs eager and compile(eager)"
-timeout 60 $PY -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 --min-time 0.1 \
+timeout 60 $PY -m fastinpaint.cli bench channel_fc --device cuda --dtype bfloat16 --min-time 0.1 \
     --json "$RESULTS/channel_fc_bf16_${tag}.json" --markdown "$RESULTS/channel_fc_bf16_${tag}.md" || status=1
 step "benchmarks: partial convolution (PConv U-Net layers), bfloat16, channels_last, batch 8"
-timeout 60 $PY -m fastinpaint.ops.partial_conv.bench --device cuda --dtype bfloat16 --min-time 0.2 \
+timeout 60 $PY -m fastinpaint.cli bench partial_conv --device cuda --dtype bfloat16 --min-time 0.2 \
     --json "$RESULTS/partial_conv_bf16_${tag}.json" --markdown "$RESULTS/partial_conv_bf16_${tag}.md" || status=1
 echo; echo "gpu suite status: $status"
 exit $status

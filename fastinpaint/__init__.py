@@ -2,7 +2,7 @@
 
 ``import fastinpaint`` loads the ops (``functional``, ``nn``); the heavier parts are loaded
 at their first use as attributes (``fastinpaint.models``, ``.losses``, ``.data``,
-``.metrics``, ``.train``, ``.inpaint``, ``.weights``, ``.evaluation``), so importing the package stays fast.
+``.metrics``, ``.train``, ``.inpaint``, ``.weights``, ``.evaluation``, ``.export``), so importing the package stays fast.
 """
 
 import importlib as _importlib
@@ -16,7 +16,7 @@ from . import functional, nn
 __version__ = "0.1.0"
 
 # submodules imported at their first access as attributes (PEP 562)
-_LAZY = ("data", "evaluation", "inpaint", "losses", "metrics", "models", "train", "weights")
+_LAZY = ("data", "evaluation", "export", "inpaint", "losses", "metrics", "models", "train", "weights")
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "UserError", "backends", "functional", "nn", "poison_outputs",
            "use_backend", "__version__", *_LAZY]

@@ -1,8 +1,9 @@
 """The benchmarks' shared harness: timing, bytes saved for backward, peak memory, the
 device's measured ceilings, the environment, command-line options, result files and tables.
 
-Each op's cases live in ``fastinpaint/ops/<op>/bench.py`` (the gated convolution's are
-what ``fastinpaint bench`` runs), the whole-model ones in ``fastinpaint/models/*_bench.py``;
+Each op's cases live in ``fastinpaint/ops/<op>/bench.py``, the whole-model ones in
+``fastinpaint/models/*_bench.py``; each such module has ``add_arguments(parser)`` and
+``run_args(args)``, which ``fastinpaint bench <op>`` and ``python -m <module>`` both run;
 the pytest-benchmark suite in benchmarks/ times the same cases. Implementations per case:
 the eager reference, ``torch.compile`` of it, each fastinpaint backend and ``torch.compile``
 of each (:func:`with_compiled`), every case compiled afresh (:func:`fresh_compile`).
@@ -326,11 +327,16 @@ def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, thre
     return parser
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads and, for child processes, OMP_NUM_THREADS; None: unchanged."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def apply_common_args(args: argparse.Namespace) -> torch.dtype:
-    """Apply --threads (torch's and, for child processes, OMP_NUM_THREADS) and return the dtype."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    """Apply --threads (:func:`set_threads`) and return the dtype."""
+    set_threads(getattr(args, "threads", None))
     return resolve_dtype(args.dtype, args.device)
 
 

@@ -1,5 +1,5 @@
 """Errors that are the user's to fix: a wrong argument, a missing or unreadable file, a run
-folder that already holds a run.
+folder that already holds a run, an output that exists.
 
 ``UserError`` carries the ``argument`` it concerns (a parameter or config key such as
 ``"mask"``, ``"data"`` or ``"checkpoint"``, the name of the ``fastinpaint`` option too) and the
@@ -14,9 +14,10 @@ Standard library only: every layer of the package may raise these.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
-__all__ = ["InvalidInputError", "InputNotFoundError", "RunExistsError", "UnreadableInputError", "UserError",
-           "check_keywords"]
+__all__ = ["InvalidInputError", "InputNotFoundError", "OutputExistsError", "RunExistsError", "UnreadableInputError",
+           "UserError", "check_folder", "check_keywords"]
 
 
 class UserError(Exception):
@@ -54,8 +55,25 @@ class UnreadableInputError(UserError, OSError):
     """A file that exists but cannot be decoded (truncated, not an image, not a checkpoint)."""
 
 
-class RunExistsError(UserError, FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
+    """An output that exists already (a report, a weights file), without overwrite."""
+
+
+class RunExistsError(OutputExistsError):
     """``train`` pointed at a folder that already holds a run, without resume or overwrite."""
+
+
+def check_folder(path, *, argument: str, what: str = "the outputs") -> None:
+    """Raise :class:`InvalidInputError` naming ``argument`` when ``path`` cannot be (or become) a
+    folder: it is a file, or a folder above it is one (``notes.txt/run``). Nothing is created."""
+    path = Path(path)
+    for above in (path, *path.parents):
+        if above.is_dir():
+            return
+        if above.exists() or above.is_symlink():
+            kind = "a file" if above.is_file() else "not a folder"
+            where = f"{path} is {kind}" if above == path else f"{path} is inside {above}, which is {kind}"
+            raise InvalidInputError(where, argument=argument, fix=f"give a folder for {what}")
 
 
 def check_keywords(target, options, *, what: str, argument: str, prefix: str = "") -> None:

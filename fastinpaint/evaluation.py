@@ -12,9 +12,13 @@ The protocol:
 * every image gets one hole mask, the same for every method and every run: drawn by the mask
   generator from ``numpy.random.default_rng([seed, index])`` (:func:`mask_rng`), ``index`` the
   image's place in the sorted list of files (a file skipped as unreadable keeps its index, so
-  the others keep their holes), or read from a folder of mask files;
+  the others keep their holes), or read from a folder of mask files (named like the images,
+  :func:`fastinpaint.data.masks.match_by_stem`, else taken in sorted order when there are as
+  many as images; each stretched to its image, nearest);
 * ``size``: every image is first brought to ``size x size`` (the shorter side resized to
-  ``size``, bicubic, then the centre square), as the published protocols do at 256 or 512;
+  ``size``, bicubic, then the centre square), as the published protocols do at 256 or 512; a
+  mask file (or a given mask of the image's size) is for the image as read and goes through
+  the same resize and crop (nearest), a drawn mask is drawn at ``size x size``;
   without it every image is evaluated at its own size (a generator's input is padded to its
   size multiple and its output cropped back);
 * each method's output is pasted into the holes (every known pixel kept exactly) and rounded
@@ -53,7 +57,7 @@ from .errors import InputNotFoundError, InvalidInputError
 
 __all__ = ["BASELINES", "OPENCV_RADIUS", "BaselineUnavailableError", "Evaluation", "MethodSummary",
            "baseline_fill", "check_out", "checkpoint_fill", "evaluate", "mask_rng", "mean_ci95", "opencv_fill",
-           "square_image"]
+           "REPORT_FILES", "square_image", "square_mask"]
 
 METRICS = ("psnr", "ssim", "l1", "l1_hole", "lpips")   # per image, in this order
 MMAGIC_L1 = "mmagic_l1_error"
@@ -64,6 +68,9 @@ _FORMATS = {"psnr": "{:.2f}", "ssim": "{:.3f}", "l1": "{:.4f}", "l1_hole": "{:.4
 MIN_SIDE = 11       # SSIM's window
 GRID_IMAGES = 4     # rows of the sample grid
 GRID_HEIGHT = 256   # a taller row is scaled down to this height
+GRID_GAP = 2        # white pixels between the grid's cells
+GRID_LABEL_WIDTH = 160   # a column may widen up to this for its label (longer labels are shortened)
+REPORT_FILES = ("per_image.csv", "summary.json", "summary.md", "grid.png")   # what write() puts in --out
 
 Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,12 +82,14 @@ def mask_rng(seed: int, index: int) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- methods
 
-def checkpoint_fill(checkpoint, ema: bool = False, device="cpu") -> Fill:
+def checkpoint_fill(checkpoint, ema: bool = False, device="cpu", model: str | None = None,
+                    model_options: dict | None = None) -> Fill:
     """The ``fill(image, mask)`` of a trained generator: a run folder, its weights file or a
-    checkpoint (:func:`fastinpaint.inpaint.load_generator`), for images of any size."""
+    checkpoint, or with ``model`` another project's checkpoint
+    (:func:`fastinpaint.inpaint.load_generator`), for images of any size."""
     from .inpaint import generator_fill, load_generator
 
-    recipe, generator = load_generator(checkpoint, ema=ema, device=device)
+    recipe, generator = load_generator(checkpoint, ema=ema, device=device, model=model, model_options=model_options)
     return generator_fill(recipe, generator)
 
 
@@ -124,15 +133,32 @@ def _methods(methods) -> list[_Method]:
 
 # ----------------------------------------------------------------------------- images and masks
 
+def _square_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """The shape an ``h x w`` image is resized to before its centre ``size x size`` square is cut."""
+    scale = size / min(h, w)
+    return max(size, round(h * scale)), max(size, round(w * scale))
+
+
 def square_image(rgb: np.ndarray, size: int) -> np.ndarray:
     """``(H, W, 3)`` uint8 -> ``(size, size, 3)``: the shorter side resized to ``size`` (bicubic),
     then the centre square."""
     from .data.datasets import _crop_flip, _resize
 
-    h, w = rgb.shape[:2]
-    scale = size / min(h, w)
-    rgb = _resize(rgb, max(size, round(h * scale)), max(size, round(w * scale)))
+    rgb = _resize(rgb, *_square_shape(*rgb.shape[:2], size))
     return _crop_flip(rgb, size, "center", False, None)
+
+
+def square_mask(hole: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W)`` bool -> ``(size, size)``: the hole of an image through :func:`square_image`'s
+    resize (nearest) and centre square, so it covers the same content."""
+    from PIL import Image
+
+    from .data.datasets import _crop_flip
+
+    h, w = _square_shape(*hole.shape, size)
+    if (h, w) != hole.shape:
+        hole = np.asarray(Image.fromarray(hole.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
+    return _crop_flip(hole, size, "center", False, None)
 
 
 def _as_rgb(image, where: str) -> np.ndarray:
@@ -151,12 +177,13 @@ def _as_rgb(image, where: str) -> np.ndarray:
     return np.array(np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a, order="C")   # a writable copy
 
 
-def _as_hole(mask, h: int, w: int, where: str) -> np.ndarray:
+def _as_hole(mask, h: int, w: int, where: str, size: int | None = None) -> np.ndarray:
     m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if m.ndim == 3 and m.shape[0] == 1:
         m = m[0]
     if m.shape != (h, w):
-        raise InvalidInputError(f"{where} is {m.shape}, its image {h}x{w}", argument="masks",
+        square = f" ({size}x{size} with size={size})" if size is not None else ""
+        raise InvalidInputError(f"{where} is {m.shape}, its image {h}x{w}{square}", argument="masks",
                                 fix="give one (H, W) mask per image, of its size (1 = hole)")
     return m > 0.5 if m.dtype != bool else m
 
@@ -169,7 +196,7 @@ class _Masks:
     """The hole of each image: from a generator and (seed, index), mask files, or given arrays."""
 
     def __init__(self, masks, seed: int):
-        from .data.masks import MASKS, FileMask, make_mask_generator
+        from .data.masks import MASK_FILE_EXTENSIONS, MASKS, FileMask, make_mask_generator
 
         self.seed, self.files, self.given, self.by_name = int(seed), None, None, None
         if isinstance(masks, str) and masks in MASKS and masks != "file":
@@ -184,7 +211,7 @@ class _Masks:
                 self.files = FileMask(path)
             except ValueError as e:
                 raise InputNotFoundError(f"no mask images in {path}", argument="masks",
-                                         fix="give a folder of mask images (png, jpg, bmp, webp)") from e
+                                         fix=f"give a folder of mask images ({', '.join(MASK_FILE_EXTENSIONS)})") from e
             self.root, self.generator, self.description = path, None, f"files in {path}"
         elif callable(masks):
             self.generator, self.description = masks, getattr(masks, "name", type(masks).__name__)
@@ -196,39 +223,59 @@ class _Masks:
                                         f"{masks!r}", argument="masks") from None
             self.generator, self.description = None, "given"
 
-    def bind(self, names: Sequence[str]) -> None:
-        """Pair mask files with the images: by name (``dir/a.png`` for image ``a.jpg``, relative
-        paths kept) when every image has one, else in sorted order (image i, mask i mod count)."""
+    def bind(self, names: Sequence[str], readable: Callable[[int], bool] | None = None) -> None:
+        """Pair mask files with the images: by name (:func:`fastinpaint.data.masks.match_by_stem`:
+        ``masks/dir/a.png`` for image ``dir/a.jpg``) when any image has one, else in sorted order
+        (image i, mask i) when there are as many masks as images. Among images named by their
+        masks, one without a mask is an error, unless it cannot be read (``readable(position)``
+        False): it is skipped then, as it would be anyway."""
         if self.given is not None and len(self.given) != len(names):
             raise InvalidInputError(f"{len(self.given)} masks for {len(names)} images", argument="masks",
                                     fix="give one mask per image")
         if self.files is None:
             return
-        stems = {p.relative_to(self.root).with_suffix("").as_posix(): i for i, p in enumerate(self.files.files)}
-        keys = [Path(n).with_suffix("").as_posix() for n in names]
-        matched = [k in stems for k in keys]
-        if all(matched):
-            self.by_name = [stems[k] for k in keys]
+        from .data.masks import match_by_stem
+
+        found = match_by_stem(names, self.root, argument="masks", what="mask")
+        if any(f is not None for f in found):
+            for position, (name, f) in enumerate(zip(names, found)):
+                if f is None and (readable is None or readable(position)):
+                    raise InputNotFoundError(f"no mask for {name} in {self.root}, though other images have one",
+                                             argument="masks", fix="name every mask like its image, or none of them "
+                                                                   "(then they are taken in sorted order)")
+            index = {path: k for k, path in enumerate(self.files.files)}
+            self.by_name = [index[f] if f is not None else None for f in found]
             self.description = f"files in {self.root}, named like the images"
-        elif any(matched):
-            missing = names[matched.index(False)]
-            raise InputNotFoundError(f"no mask for {missing} in {self.root}, though other images have one",
-                                     argument="masks", fix="name every mask like its image, or none of them "
-                                                           "(then they are taken in sorted order)")
+        elif len(self.files) != len(names):
+            raise InvalidInputError(f"{len(self.files)} masks in {self.root} for {len(names)} images, and no mask is "
+                                    "named like an image", argument="masks",
+                                    fix="name each mask like its image (a.png or a.jpg for a.jpg), or give as many "
+                                        "masks as images (then taken in sorted order)")
         else:
             self.description = f"files in {self.root}, in sorted order"
 
-    def __call__(self, index: int, h: int, w: int) -> np.ndarray:
-        """The hole of image ``index`` (its place in the list of images), ``(h, w)`` bool."""
+    def __call__(self, index: int, h: int, w: int, size: int | None = None) -> np.ndarray:
+        """The hole of image ``index`` (its place in the list of images) of ``h x w`` pixels as
+        read, ``(h, w)`` bool; with ``size``, of the image brought to ``size x size``
+        (:func:`square_image`): a drawn mask is drawn at that size, a mask file (or a given mask
+        of the image's size) goes through the image's resize and crop (:func:`square_mask`)."""
         if self.given is not None:
-            return _as_hole(self.given[index], h, w, f"masks[{index}]")
-        if self.files is not None:
-            k = self.by_name[index] if self.by_name is not None else index % len(self.files)
+            mask = self.given[index]
+            if size is not None and tuple(np.shape(mask)[-2:]) == (size, size):   # given for the square
+                return _as_hole(mask, size, size, f"masks[{index}]")
+            hole = _as_hole(mask, h, w, f"masks[{index}]", size)
+        elif self.files is not None:
+            k = self.by_name[index] if self.by_name is not None else index
+            if k is None:   # an unreadable image, skipped before this
+                raise _Skip("no mask is named like it")
             try:
-                return self.files.load(k, h, w)[0].numpy() > 0.5   # stretched to the image, nearest
+                hole = self.files.load(k, h, w)[0].numpy() > 0.5   # stretched to the image, nearest
             except OSError as e:
                 raise _Skip(str(e)) from e
-        return _as_hole(self.generator(h, w, mask_rng(self.seed, index)), h, w, "a generated mask")
+        else:
+            h, w = (size, size) if size is not None else (h, w)
+            return _as_hole(self.generator(h, w, mask_rng(self.seed, index)), h, w, "a generated mask")
+        return hole if size is None else square_mask(hole, size)
 
 
 def _folder(root: Path) -> tuple[list[str], Callable[[int], np.ndarray]]:
@@ -344,7 +391,7 @@ class Evaluation:
         """The markdown report: the means with their 95% confidence intervals, and mmagic's columns."""
         keys = [k for k in self.metrics] + (["fid"] if any(s.fid is not None for s in self.methods.values()) else [])
         st = self.settings
-        lines = [f"data: {st['data']} ({len(self.images)} images"
+        lines = [f"data: {st['data']} ({len(self.images)} image{'' if len(self.images) == 1 else 's'}"
                  + (f", {len(self.skipped)} skipped" if self.skipped else "") + f"); masks: {st['masks']}"
                  + (f", seed {st['seed']}" if st.get("seeded") else "")
                  + f"; size: {st['size'] or 'each image its own'}", ""]
@@ -387,12 +434,16 @@ class Evaluation:
                     "mmagic": "l1_error = mean absolute error on the 0-255 scale over the whole image "
                               "(open-mmlab/mmagic's model zoo), with PSNR and SSIM"}}
 
-    def write(self, out) -> dict:
-        """Write ``per_image.csv``, ``summary.json``, ``summary.md`` and ``grid.png`` (masked input |
-        each available method | ground truth, one row per sample image) into the folder ``out``;
-        returns their paths."""
-        out = check_out(out)
+    def write(self, out, overwrite: bool = False) -> dict:
+        """Write ``per_image.csv``, ``summary.json``, ``summary.md`` and ``grid.png`` (a header of
+        the column names, then masked input | each available method | ground truth, one row per
+        sample image) into the folder ``out``; returns their paths. A folder that holds a report
+        already (any of :data:`REPORT_FILES`) is refused unless ``overwrite`` (its report files are
+        replaced; other files are left alone)."""
+        out = check_out(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not self.samples and (out / "grid.png").exists():
+            (out / "grid.png").unlink()   # the old report's
         columns = ["image", "index", "method", "hole_fraction", *self.metrics, MMAGIC_L1]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -409,11 +460,17 @@ class Evaluation:
         return paths
 
 
-def check_out(out) -> Path:
-    """``out`` as a Path, refused (naming ``out``) when it is a file, not a folder."""
+def check_out(out, overwrite: bool = False) -> Path:
+    """``out`` as a Path, refused (naming ``out``) when it is a file or inside one, or, unless
+    ``overwrite``, when it holds a report already (any of :data:`REPORT_FILES`)."""
+    from .errors import OutputExistsError, check_folder
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"{out} is a file", argument="out", fix="give a folder for the report")
+    check_folder(out, argument="out", what="the report")
+    found = [name for name in REPORT_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise OutputExistsError(f"{out} already holds a report ({', '.join(found)})", argument="out",
+                                fix="add --overwrite to replace it, or give another --out")
     return out
 
 
@@ -427,31 +484,75 @@ def _write_text(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def _label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def grid_label(text: str, width: int) -> str:
+    """``text`` as the grid's header shows it in ``width`` pixels: whole, or its end after "..."
+    (a run's path keeps its last part)."""
+    font = _label_font()
+    if font.getlength(text) <= width:
+        return text
+    for start in range(1, len(text)):
+        short = "..." + text[start:]
+        if font.getlength(short) <= width:
+            return short
+    return ""
+
+
+def grid_header_height() -> int:
+    """The height of the grid's header row (the column names), in pixels."""
+    return _label_font().getbbox("Ag/_")[3] + 2 * GRID_GAP
+
+
+def _cell_shape(h: int, w: int) -> tuple[int, int]:
+    """A grid cell's (height, width) for an image of ``h x w``: taller ones scaled to :data:`GRID_HEIGHT`."""
+    return (h, w) if h <= GRID_HEIGHT else (GRID_HEIGHT, max(1, round(w * GRID_HEIGHT / h)))
+
+
+def grid_columns(samples: list, methods: list) -> tuple[list, list]:
+    """(labels, widths) of the grid's columns: masked input, each method, ground truth; a
+    column is as wide as its widest cell, or its label and a margin, up to :data:`GRID_LABEL_WIDTH`."""
+    labels = ["masked input", *methods, "ground truth"]
+    cell = max((_cell_shape(*s["image"].shape[:2])[1] for s in samples), default=1)
+    font = _label_font()
+    widths = [max(cell, min(GRID_LABEL_WIDTH, math.ceil(font.getlength(t)) + 2 * GRID_GAP)) for t in labels]
+    return labels, widths
+
+
 def _write_grid(path: Path, samples: list, methods: list) -> None:
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     from .inpaint import _save
 
-    gap = 2
+    gap = GRID_GAP
+    labels, widths = grid_columns(samples, methods)
+    lefts = [sum(widths[:k]) + gap * k for k in range(len(widths))]
+    head = grid_header_height()
     rows = []
     for s in samples:
         masked = s["image"].copy()
         masked[s["hole"]] = 255   # holes white
         cells = [masked] + [s["outputs"][m] for m in methods] + [s["image"]]
-        h = cells[0].shape[0]
-        spacer = np.full((h, gap, 3), 255, np.uint8)
-        row = np.concatenate([c for cell in cells for c in (cell, spacer)][:-1], axis=1)
-        if h > GRID_HEIGHT:
-            width = max(1, round(row.shape[1] * GRID_HEIGHT / h))
-            row = np.asarray(Image.fromarray(row).resize((width, GRID_HEIGHT), Image.Resampling.BICUBIC))
-        rows.append(row)
-    canvas = np.full((sum(r.shape[0] for r in rows) + gap * (len(rows) - 1), max(r.shape[1] for r in rows), 3),
+        h, w = _cell_shape(*cells[0].shape[:2])
+        if (h, w) != cells[0].shape[:2]:
+            cells = [np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) for c in cells]
+        rows.append(cells)
+    canvas = np.full((head + sum(r[0].shape[0] for r in rows) + gap * (len(rows) - 1), lefts[-1] + widths[-1], 3),
                      255, np.uint8)
-    top = 0
-    for r in rows:
-        canvas[top:top + r.shape[0], :r.shape[1]] = r
-        top += r.shape[0] + gap
-    _save(path, canvas, "RGB")
+    top = head
+    for cells in rows:
+        for left, cell in zip(lefts, cells):
+            canvas[top:top + cell.shape[0], left:left + cell.shape[1]] = cell
+        top += cells[0].shape[0] + gap
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for left, width, text in zip(lefts, widths, labels):
+        draw.text((left, gap), grid_label(text, width), fill=(0, 0, 0), font=_label_font())
+    _save(path, np.asarray(image), "RGB")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -469,7 +570,9 @@ def _optional_metrics(lpips, fid, notes: list):
             per_image = InpaintingMetrics(lpips=True)
         except MetricUnavailableError as e:
             if lpips is True:
-                raise
+                raise MetricUnavailableError(e.message, argument="lpips",
+                                             fix="provide that file, or give --lpips auto (LPIPS when its weights "
+                                                 "are there) or --lpips no") from e
             notes.append(f"LPIPS not computed: {e}")
     if per_image is None:
         per_image = InpaintingMetrics()
@@ -479,7 +582,9 @@ def _optional_metrics(lpips, fid, notes: list):
             fid_metric = _build_fid(None, {})
         except MetricUnavailableError as e:
             if fid is True:
-                raise
+                raise MetricUnavailableError(e.message, argument="fid",
+                                             fix="provide that file, or give --fid auto (FID when its weights are "
+                                                 "there) or --fid no") from e
             notes.append(f"FID not computed: {e}")
     return per_image, fid_metric
 
@@ -499,8 +604,10 @@ def evaluate(data, methods, masks="medium", seed: int = 0, *, size: int | None =
         masks: a mask kind of :data:`fastinpaint.data.masks.MASKS` (``thin``, ``medium``,
             ``thick``, ``free_form``, ``center``, ``block``, ``region``), drawn per image from
             ``mask_rng(seed, index)``; a mask generator ``gen(height, width, rng)``; a folder of
-            mask files (named like the images, else taken in sorted order; stretched to each
-            image, nearest); or a list of ``(H, W)`` masks, one per image (1 = hole).
+            mask files (named like the images, whatever the extension; else, when there are as
+            many masks as images, taken in sorted order; stretched to each image, nearest); or a
+            list of ``(H, W)`` masks, one per image (1 = hole). With ``size``, a mask file or a
+            given mask of its image's size goes through the image's resize and crop.
         seed: the masks' seed.
         size: bring every image to ``size x size`` first (:func:`square_image`); None: each its own.
         lpips, fid: False, True (an error when their weights are not on disk) or "auto".
@@ -517,7 +624,7 @@ def evaluate(data, methods, masks="medium", seed: int = 0, *, size: int | None =
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     description, names, load = _source(data)
     hole_of = _Masks(masks, seed)
-    hole_of.bind(names)
+    hole_of.bind(names, readable=lambda position: _readable(load, position))
     chosen = _methods(methods)
     notes: list[str] = []
     per_image, first_fid = _optional_metrics(lpips, fid, notes)
@@ -607,6 +714,17 @@ def evaluate(data, methods, masks="medium", seed: int = 0, *, size: int | None =
     return Evaluation(summaries, rows, evaluated, skipped, samples, notes, settings, keys)
 
 
+def _readable(load, position: int) -> bool:
+    """Whether image ``position`` of ``load`` can be read (an unreadable one is skipped)."""
+    from .data.datasets import UnreadableImageError
+
+    try:
+        load(position)
+    except UnreadableImageError:
+        return False
+    return True
+
+
 def _image_and_hole(load, hole_of: _Masks, position: int, name: str, size: int | None):
     """(rgb, hole) of one image, or _Skip saying why it is left out."""
     from .data.datasets import UnreadableImageError
@@ -615,6 +733,7 @@ def _image_and_hole(load, hole_of: _Masks, position: int, name: str, size: int |
         rgb = _as_rgb(load(position), f"image {name}")
     except UnreadableImageError as e:
         raise _Skip(str(e)) from e
+    read_h, read_w = rgb.shape[:2]
     if size is not None:
         rgb = square_image(rgb, size)
         if not rgb.flags.writeable:   # a view of a read-only photo
@@ -622,7 +741,7 @@ def _image_and_hole(load, hole_of: _Masks, position: int, name: str, size: int |
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise _Skip(f"{w}x{h} is smaller than {MIN_SIDE}x{MIN_SIDE} pixels (SSIM's window); give --size")
-    hole = hole_of(position, h, w)
+    hole = hole_of(position, read_h, read_w, size)
     share = float(hole.mean())
     if share == 0.0 or share == 1.0:
         raise _Skip("its mask marks no hole" if share == 0.0 else "its mask marks every pixel as a hole")

@@ -15,17 +15,22 @@ A guided generator (DeepFill v2 with ``guided = true``) takes the user's sketch 
 to draw in the hole: a sketch file is read by the same rule (a line is every pixel brighter
 than half the brightest, or every painted pixel of a sketch with transparency), only its
 lines inside the hole count, and no sketch is an empty one (no guidance: the edges of what
-the hole covers are never used). The weights can be another project's (see
+the hole covers are never used), an image that a folder of sketches has none for too. Masks
+and sketches in a folder are named like their images, whatever the extension
+(:func:`fastinpaint.data.masks.match_by_stem`). The weights can be another project's (see
 :mod:`fastinpaint.weights`).
 
 Every mistake in the arguments raises a :class:`fastinpaint.errors.UserError` naming the
-argument (``checkpoint``, ``image``, ``mask``, ``sketch``, ``out``, ``ema``, ``device``) and
-the fix.
+argument (``checkpoint``, ``image``, ``mask``, ``sketch``, ``out``, ``ema``, ``device``,
+``max_memory``) and the fix. An image whose estimated memory (the recipe's ``inference_memory``)
+exceeds what ``max_memory`` allows, by default the memory available now, is refused before any
+work.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +51,7 @@ OUTPUT_FORMATS = {
     ".jpeg": ("JPEG", ("L", "RGB"), {"quality": 95}),
     ".bmp": ("BMP", ("L", "RGB"), {}),
 }
+_PLURAL = {"mask": "masks", "sketch": "sketches"}
 _MODE_WORDS = {"L": "gray", "LA": "gray + alpha", "RGB": "RGB", "RGBA": "RGB + alpha", "I;16": "16-bit gray"}
 _MASK_RULE = ("holes are the pixels brighter than half the mask's brightest (white or any colour on black), "
               "or, in a mask with transparency, the painted ones")
@@ -245,7 +251,10 @@ def generator_fill(recipe, generator):
             m = F.pad(m, (0, pw, 0, ph))  # padding counts as known
             if guided:
                 extra["sketch"] = F.pad(extra["sketch"], (0, pw, 0, ph))
-        out = generator(recipe.prepare_input(x, m, **extra))
+        net_input = recipe.prepare_input(x, m, **extra)
+        del x, m, extra                     # only the network's input is needed now (large images)
+        out = generator(net_input)
+        del net_input
         if hasattr(recipe, "final_output"):   # a generator that returns more than the image
             out = recipe.final_output(out)
         return out[..., :h, :w]
@@ -253,13 +262,93 @@ def generator_fill(recipe, generator):
     return fill
 
 
+# ----------------------------------------------------------------------------- memory
+
+_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(value) -> int:
+    """Bytes of a memory size: a number of bytes, or text such as ``6G``, ``6GB``, ``6GiB``,
+    ``512M``, ``1.5T`` (K, M, G, T: powers of 1024). InvalidInputError naming ``max_memory``
+    for anything else."""
+    match = None if isinstance(value, bool) else _MEMORY_SIZE.fullmatch(str(value).strip())
+    size = int(float(match[1]) * _UNITS[match[2].lower()]) if match else 0
+    if size < 1:
+        raise InvalidInputError(f"{value!r} is not a memory size", argument="max_memory",
+                                fix="give a positive size such as 6G, 512M or 1.5T (powers of 1024), or bytes")
+    return size
+
+
+def format_memory(n: int) -> str:
+    """``n`` bytes as ``6.0 GB`` / ``512 MB`` (powers of 1024)."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def available_memory(device="cpu") -> int | None:
+    """Bytes that can be allocated now: the free memory of a CUDA device, or the system's
+    ``MemAvailable`` (/proc/meminfo; where there is none, the free physical pages). None
+    where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def padded_size(recipe, height: int, width: int) -> tuple[int, int]:
+    """The size the network sees for a ``height x width`` image (padded to its multiple)."""
+    multiple = getattr(recipe, "size_multiple", 1)
+    return height + (-height) % multiple, width + (-width) % multiple
+
+
+def estimate_memory(recipe, height: int, width: int) -> int | None:
+    """Bytes filling one ``height x width`` image takes on top of the loaded model: the
+    recipe's ``inference_memory(height, width)`` at the padded size (a formula calibrated on
+    measured peaks, CPU, float32), or None for a recipe that gives none."""
+    estimate = getattr(recipe, "inference_memory", None)
+    if estimate is None:
+        return None
+    return int(estimate(*padded_size(recipe, height, width)))
+
+
+def check_memory(recipe, height: int, width: int, max_memory=None, device="cpu", image_name: str = "the image"):
+    """Refuse (InvalidInputError naming ``max_memory``) an image whose estimated memory
+    (:func:`estimate_memory`) exceeds ``max_memory`` (bytes or text, see :func:`parse_memory`;
+    None: the memory available now, :func:`available_memory`). Nothing is refused where no
+    estimate or no figure of the available memory exists."""
+    limit = available_memory(device) if max_memory is None else parse_memory(max_memory)
+    need = estimate_memory(recipe, height, width)
+    if need is None or limit is None or need <= limit:
+        return
+    where = "allowed by --max-memory" if max_memory is not None else \
+        f"available now ({'free on the GPU' if torch.device(device).type == 'cuda' else 'MemAvailable'})"
+    raise InvalidInputError(
+        f"{image_name} ({width}x{height}) needs about {format_memory(need)} to fill with "
+        f"{getattr(recipe, 'name', type(recipe).__name__)}, more than "
+        f"the {format_memory(limit)} {where}", argument="max_memory",
+        fix="fill a crop or a downscaled copy, free memory, or set the limit with --max-memory (e.g. "
+            f"--max-memory {-(-need // 2**30)}G) if that much can be used")
+
+
 @torch.no_grad()
 def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device="cpu",
-                  sketch: np.ndarray | None = None) -> np.ndarray:
+                  sketch: np.ndarray | None = None, max_memory=None) -> np.ndarray:
     """Fill ``hole`` (H, W bool) of ``image`` (H, W, 3 uint8); known pixels come back unchanged.
     ``sketch`` (H, W; bool, or floats in [0, 1]): the lines a guided generator is to follow in
     the hole (only those inside it count); a guided generator given none gets an empty sketch,
-    and a generator that is not guided refuses one."""
+    and a generator that is not guided refuses one. An image whose estimated memory exceeds
+    ``max_memory`` (default: the memory available now) is refused before any work
+    (:func:`check_memory`)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if hole.shape != image.shape[:2]:
@@ -273,6 +362,7 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
         if np.shape(sketch) != hole.shape:
             raise ValueError(f"sketch must be {hole.shape}, got {np.shape(sketch)}")
         sketch = torch.from_numpy(np.asarray(sketch, dtype=np.float32).copy())[None, None].to(device)
+    check_memory(recipe, *hole.shape, max_memory, device)
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
     m = torch.from_numpy(hole)[None, None].float().to(device)
     filled = to_uint8(generator_fill(recipe, generator)(x, m, sketch)[0])
@@ -282,7 +372,9 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
 def _output_format(path: Path):
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
-        what = "has no image file extension" if not suffix else f"has the extension {suffix!r}, not an image one"
+        what = "has no image file extension" if not suffix else \
+            f"has the extension {suffix!r}, not one of the formats written" + \
+            (" (a GIF holds 256 colours: the known pixels would change)" if suffix == ".gif" else "")
         raise InvalidInputError(f"{path} {what}", argument="out",
                                 fix=f"end it in {', '.join(OUTPUT_FORMATS)}, or give a folder (an existing one, "
                                     "or a path ending in /)")
@@ -296,17 +388,21 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _companion(given: Path, image_root: Path, image: Path, argument: str) -> Path:
-    """The ``argument`` file (mask, sketch) of ``image`` in a folder of images: ``given`` itself
-    when it is a file, else its file named like the image (same extension, or .png)."""
+def _companions(given: Path, names: list[str], argument: str, required: bool = True) -> list:
+    """The ``argument`` file (mask, sketch) of each image of ``names`` (paths relative to the
+    folder of images): ``given`` itself when it is a file, else its file named like the image
+    (:func:`fastinpaint.data.masks.match_by_stem`: the same stem, any image extension). An image
+    with none is an error when ``required``, else gets None."""
+    from .data.masks import match_by_stem
+
     if not given.is_dir():
-        return given
-    rel = image.relative_to(image_root)
-    candidates = [given / rel.with_suffix(e) for e in dict.fromkeys((image.suffix, ".png"))]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise InputNotFoundError(f"no {argument} for {rel} in {given}", argument=argument,
-                                 fix=f"name each {argument} like its image ({candidates[-1]})")
+        return [given] * len(names)
+    found = match_by_stem(names, given, argument)
+    missing = next((n for n, f in zip(names, found) if f is None), None)
+    if required and missing is not None:
+        raise InputNotFoundError(f"no {argument} for {missing} in {given}", argument=argument,
+                                 fix=f"name each {argument} like its image ({given / Path(missing).with_suffix('.png')}"
+                                     ", or any image extension)")
     return found
 
 
@@ -326,14 +422,16 @@ def _pairs(image, mask, out, sketch=None):
         for given, argument in ((mask, "mask"), (sketch, "sketch")):
             if given is not None and not given.exists():
                 raise InputNotFoundError(f"{given} does not exist", argument=argument,
-                                         fix=f"give a {argument} file, or a folder of {argument}s named like the "
-                                             "images")
+                                         fix=f"give a {argument} file, or a folder of {_PLURAL[argument]} named like "
+                                             "the images")
         files = sorted(p for p in image.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise InputNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image}", argument="image",
                                      fix="give an image file, or a folder that holds images")
-        pairs = [(f, _companion(mask, image, f, "mask"), out / f.relative_to(image).with_suffix(".png"),
-                  _companion(sketch, image, f, "sketch") if sketch is not None else None) for f in files]
+        names = [f.relative_to(image).as_posix() for f in files]
+        masks = _companions(mask, names, "mask")
+        sketches = _companions(sketch, names, "sketch", required=False) if sketch is not None else [None] * len(files)
+        pairs = [(f, m, out / f.relative_to(image).with_suffix(".png"), k) for f, m, k in zip(files, masks, sketches)]
     else:
         if not image.exists():
             raise InputNotFoundError(f"{image} does not exist", argument="image",
@@ -346,8 +444,8 @@ def _pairs(image, mask, out, sketch=None):
                                          fix=f"give an existing {argument} file")
             if given.is_dir():
                 raise InvalidInputError(f"{given} is a folder", argument=argument,
-                                        fix=f"give a {argument} file (a folder of {argument}s goes with a folder "
-                                            "of images)")
+                                        fix=f"give a {argument} file (a folder of {_PLURAL[argument]} goes with a "
+                                            "folder of images)")
         target = out / (image.stem + ".png") if out_is_folder else out
         _output_format(target)
         pairs = [(image, mask, target, sketch)]
@@ -391,18 +489,22 @@ def _save(path: Path, pixels: np.ndarray, mode: str) -> None:
 
 def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: bool = False, device=None,
                   resize_mask: bool = False, report=None, sketch=None, model: str | None = None,
-                  model_options: dict | None = None) -> list[Path]:
+                  model_options: dict | None = None, max_memory=None) -> list[Path]:
     """Fill ``image`` (a file, or a folder of images) by ``mask`` (a file, or a folder of masks
     named like the images) and write ``out`` (a file, or a folder: every output is a .png).
     ``sketch`` (a file, or a folder of sketches named like the images): the lines a guided
-    generator is to follow in the holes. ``model`` / ``model_options``: see
+    generator is to follow in the holes (an image the folder has no sketch for gets an empty
+    one, with a note). ``model`` / ``model_options``: see
     :func:`load_generator` (another project's weights). ``report(line)`` (optional) gets one
     line per file written, with its hole's share of the image, and a note where a mask marks
-    most of its image as hole."""
+    most of its image as hole. ``max_memory``: see :func:`check_memory` (every image is
+    checked before the first is filled)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
                                 fix="use --device cpu, or leave --device out")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)
     pairs = _pairs(image, mask, out, sketch)
     recipe, generator = load_generator(checkpoint, ema=ema, device=device, model=model, model_options=model_options)
     if sketch is not None and not takes_sketch(recipe):
@@ -415,6 +517,7 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
         _check_writable(out_path, photo.mode, img_path)
         hole = read_mask(mask_path, photo.size_hw, invert_mask, resize_mask, image_name=str(img_path))
         lines = read_sketch(sketch_path, photo.size_hw, image_name=str(img_path)) if sketch_path is not None else None
+        check_memory(recipe, *photo.size_hw, max_memory, device, image_name=str(img_path))
         return photo, hole, lines
 
     if len(pairs) > 1:   # every image, mask and sketch checked before the first file is written
@@ -423,7 +526,8 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
     written = []
     for img_path, mask_path, out_path, sketch_path in pairs:
         photo, hole, lines = read(img_path, mask_path, out_path, sketch_path)
-        filled = inpaint_array(recipe, generator, photo.rgb, hole, device, sketch=lines)
+        filled = inpaint_array(recipe, generator, photo.rgb, hole, device, sketch=lines,
+                               max_memory=max_memory)
         _save(out_path, photo.with_fill(filled, hole), photo.mode)
         written.append(out_path)
         if report is not None:
@@ -435,6 +539,9 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
             if share > 0.5:
                 report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
                        "marks the holes in your masks, add --invert-mask")
+            if sketch is not None and sketch_path is None:
+                report(f"note: no sketch for {img_path.relative_to(image)} in {sketch}: filled with an empty sketch "
+                       "(no guidance)")
             if lines is not None and not (lines & hole).any():
                 report(f"note: {sketch_path} draws no line inside the hole, and only lines inside it guide the fill")
     return written

@@ -69,6 +69,8 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from .errors import UserError
+
 __all__ = [
     "FID_WEIGHTS_ENV",
     "FID_WEIGHTS_FILENAME",
@@ -97,8 +99,10 @@ SSIM_SIGMA = 1.5
 SSIM_KERNEL_SIZE = 11  # taps of the Gaussian window for sigma 1.5 (truncated at 3.5 sigma)
 
 
-class MetricUnavailableError(RuntimeError):
-    """An optional metric (FID, LPIPS) was asked for but its package or weights are not here."""
+class MetricUnavailableError(UserError, RuntimeError):
+    """An optional metric (FID, LPIPS) was asked for but its package or weights are not here
+    (a :class:`fastinpaint.errors.UserError`: ``argument`` names the option that asked for it,
+    where there is one)."""
 
 
 # --------------------------------------------------------------------------- helpers

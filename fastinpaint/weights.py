@@ -124,15 +124,43 @@ def _is_torch_file(path: Path) -> bool:
     return _starts_with(path, b"PK\x03\x04", b"\x80\x02")
 
 
+def _text_file(path: Path) -> tuple[str, str] | None:
+    """(what it is, how to get the file meant) for a text file given as weights (a Git LFS
+    pointer, a web page saved by a download, ...); None for a binary file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    text = head.decode("utf-8", errors="replace")
+    if not text or "\0" in text or sum(c.isprintable() or c in "\r\n\t" for c in text) < 0.95 * len(text):
+        return None
+    start = text.lstrip().lower()
+    if start.startswith("version https://git-lfs"):
+        return ("a Git LFS pointer, not the file it points to", "fetch the file itself (git lfs pull) and give that")
+    if start.startswith(("<!doctype html", "<html")):
+        return ("a web page (HTML)", "a download that saved a page (sign-in, quota or error) instead of the file "
+                                     "gives this: download the weights again and give that file")
+    return (f"a text file (it starts with {' '.join(text.split())[:40]!r})",
+            "give the weights file itself (a download that saved a page or a link instead of the file gives a text "
+            "file: download it again)")
+
+
 def _torch_load(path: Path, argument: str) -> dict:
     """Another project's ``torch.save`` file: tensors, numbers and dicts of them only."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # a zip or pickle that is not one, or holds objects other than tensors
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise UnreadableInputError(f"cannot read {path} as a PyTorch checkpoint ({reason})", argument=argument,
-                                   fix="give the file the other project saved with torch.save (its state dicts of "
-                                       "tensors)") from e
+        fix = "give the file the other project saved with torch.save (its state dicts of tensors)"
+        if _is_torch_file(path):   # a torch.save file, cut short or holding other objects
+            raise UnreadableInputError(f"cannot read {path} as a PyTorch checkpoint ({reason})", argument=argument,
+                                       fix=fix + "; a download cut short gives this too: download it again") from e
+        text = _text_file(path)
+        reason = reason.split(". ", 1)[0]   # torch's advice on weights_only does not apply to a file of no format
+        raise UnreadableInputError(f"{path} is not a PyTorch checkpoint (torch.load failed: {reason})"
+                                   + (f": it is {text[0]}" if text else ""), argument=argument,
+                                   fix=text[1] if text else fix) from e
     if not isinstance(state, dict):
         raise UnreadableInputError(f"{path} holds a {type(state).__name__}, not a dict of state dicts",
                                    argument=argument, fix="give the file the other project saved with torch.save "
@@ -236,14 +264,17 @@ def _read_file(path: Path, model: str | None, ema: bool, argument: str) -> Weigh
         return _from_checkpoint(load_checkpoint(path), path, ema)
     except CheckpointError as e:
         image = path.suffix.lower() in IMAGE_EXTENSIONS
+        text = None if image else _text_file(path)
         if image:
             what = "an image, not a checkpoint"
         elif _is_torch_file(path):
             what = "a plain PyTorch file (torch.save), not a fastinpaint checkpoint or weights file"
+        elif text is not None:
+            what = f"{text[0]}, not a checkpoint or weights file"
         else:
             what = f"not a fastinpaint checkpoint or weights file ({e.reason})"
         raise UnreadableInputError(f"{path} is {what}", argument=argument,
-                                   fix=CHECKPOINT_FIX + ("" if image else _foreign_hint())) from e
+                                   fix=text[1] if text else CHECKPOINT_FIX + ("" if image else _foreign_hint())) from e
 
 
 # ----------------------------------------------------------------------------- loading
@@ -333,16 +364,26 @@ def load_pretrained(path, *, model: str | None = None, model_options: dict | Non
     return recipe, weights, model, options
 
 
-def convert_weights(path, out, *, model: str | None = None, model_options: dict | None = None) -> Path:
+def convert_weights(path, out, *, model: str | None = None, model_options: dict | None = None,
+                    overwrite: bool = False) -> Path:
     """Write the generator of ``path`` (any source :func:`load_pretrained` reads, another
     project's checkpoint included) to ``out``, a ``.safetensors`` file with the config in its
-    metadata: every command then takes it as it takes a trained run's weights."""
+    metadata: every command then takes it as it takes a trained run's weights. An existing
+    ``out`` is refused (:class:`~fastinpaint.errors.OutputExistsError`) unless ``overwrite``."""
+    from .errors import OutputExistsError, check_folder
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InvalidInputError(f"{out} does not end in .safetensors", argument="out",
                                 fix="name the weights file NAME.safetensors")
     if Path(path).is_file() and out.exists() and out.resolve() == Path(path).resolve():
         raise InvalidInputError(f"{out} would overwrite the weights read", argument="out", fix="give another file")
+    if out.is_dir():
+        raise InvalidInputError(f"{out} is a folder", argument="out", fix="give the name of the .safetensors file")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists", argument="out",
+                                fix="add --overwrite to replace it, or give another --out")
+    check_folder(out.parent, argument="out", what="the weights file")
     from .train.checkpoint import save_weights
 
     recipe, weights, model, options = load_pretrained(path, model=model, model_options=model_options,

@@ -115,6 +115,7 @@ INPAINT_ERRORS = [
     ({"checkpoint": "empty"}, "--checkpoint", ["holds no fastinpaint run"]),
     ({"out": "noext"}, "--out", ["no image file extension", ".png"]),
     ({"out": "result.txt"}, "--out", ["'.txt'", ".png"]),
+    ({"out": "result.gif"}, "--out", ["'.gif'", "not one of the formats written", "256 colours", ".png"]),
     ({"mask": "small_mask.png"}, "--mask", ["24x24", "48x48", "--resize-mask"]),
     ({"mask": "black.png"}, "--mask", ["no hole", "--invert-mask"]),
     ({"mask": "white.png"}, "--mask", ["every pixel", "--invert-mask"]),
@@ -158,6 +159,8 @@ TRAIN_ERRORS = [
     (["--config", "{missing}"], "--config: ", ["missing.toml", "does not exist", ".toml"]),
     (["--config", "{photo}"], "--config: ", ["unknown format '.png'", ".toml"]),
     (["--set", "size=30"], "--set size: ", ["multiple of 4", "size=30", "--set size=28"]),
+    (["--set", "size=8"], "--set size: ", ["must be at least 11", "SSIM", "got 8", "--set size=12",
+                                           "multiple of 4"]),
     (["--set", "model_options.width=0"], "--set model_options: ", ["model 'tiny_gated'", "width"]),
     (["--set", "loss_weights.nosuch=1"], "--set loss_weights: ", ["no loss 'nosuch'", "its losses:", "l1_hole"]),
     (["--set", "loss_weights.l1_hole=-1"], "--set loss_weights: ", ["'l1_hole'", ">= 0", "-1"]),
@@ -194,6 +197,68 @@ def test_train_mistakes_are_one_line_and_write_nothing(files, capsys, wrong, fla
     for word in words:
         assert word in err, (word, err)
     assert not (files / "run").exists()      # nothing written: the corrected command is not refused
+
+
+@pytest.mark.parametrize("out", ["plainfile", "photo.png", "plainfile/sub"])
+def test_train_out_that_is_a_file_is_one_line(files, capsys, out):
+    (files / "plainfile").write_text("mine")
+    before = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(["train", "--steps", "1", "--out", str(files / out), "--set", "size=32"]) == 2
+    err = _one_line_error(capsys, "train", "--out: ")
+    assert "is a file" in err and "give a folder" in err, err
+    assert str(files / out.split("/")[0]) in err
+    assert {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()} == before
+    assert not (files / "config.json").exists() and sorted(p.name for p in files.iterdir() if p.is_dir()) == ["empty"]
+
+
+def test_overwrite_deletes_nothing_before_the_size_and_the_validation_are_checked(tiny_run, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """--set size=8 (under SSIM's window) with --overwrite on an existing run: one line, and the
+    run is untouched; a validation that fails (here the metrics refuse the batches) fails before
+    the previous run is deleted, too."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    base = ["train", "--data", "demo", "--out", str(run), "--set", "batch_size=2", "--set", "samples_per_epoch=8",
+            "--set", "val_batches=1", "--steps", "2", "--overwrite"]
+    capsys.readouterr()
+    assert cli.main(base + ["--set", "size=8"]) == 2
+    err = _one_line_error(capsys, "train", "--set size: ")
+    assert "at least 11" in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    from fastinpaint import metrics
+
+    def refuse(*args, **kwargs):
+        raise ValueError("these batches cannot be scored")
+
+    monkeypatch.setattr(metrics.InpaintingMetrics, "update", refuse)
+    with pytest.raises(ValueError, match="cannot be scored"):
+        cli.main(base + ["--set", "size=32"])
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_unreadable_training_image_is_warned_about_once(files, capsys):
+    """A broken file that the first training sample skips, and the validation (every image, as
+    the validation split is empty) reads again: one warning."""
+    folder = files / "images"
+    folder.mkdir()
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "a.png").write_bytes((files / "truncated.png").read_bytes())   # sorts first, in the train split
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["train", "--data", str(folder), "--steps", "1", "--out", str(files / "run"), "--set",
+                         "size=32", "--set", "batch_size=2", "--set", "val_batches=1"]) == 0
+    skipped = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
+    assert len(skipped) == 1 and "a.png" in skipped[0], skipped
+    assert any("validation split is unusable" in str(w.message) for w in caught)
 
 
 def test_train_refuses_an_existing_run_unless_resume_or_overwrite(tiny_run, tmp_path, capsys):

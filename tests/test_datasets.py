@@ -252,6 +252,21 @@ def test_bad_files_warn_once_and_are_replaced(bad_folder):
         assert torch.equal(centred[ds2.files.index(name)], centred[ds2.files.index(repl)])
 
 
+def test_datasets_sharing_warned_warn_once_per_file(bad_folder):
+    """A training split and a validation set of one run share ``warned``: each bad file is warned
+    about once, whichever reads it first; datasets that share nothing warn each."""
+    warned = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _all(ImageFolderDataset(bad_folder, size=SIZE, split="all", warned=warned))
+        _all(ImageFolderDataset(bad_folder, size=SIZE, split="all", crop="center", warned=warned))
+    assert len(caught) == 3 and len(warned) == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _all(ImageFolderDataset(bad_folder, size=SIZE, split="all"))
+    assert len(caught) == 3
+
+
 def test_bad_files_strict_raises_naming_the_file(bad_folder):
     ds = ImageFolderDataset(bad_folder, size=SIZE, split="all", strict=True)
     for name in ("trunc.jpg", "x.png", "good1_broken.png"):

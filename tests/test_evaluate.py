@@ -15,8 +15,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fastinpaint import cli
 from fastinpaint.data.masks import make_mask_generator
-from fastinpaint.evaluation import (BaselineUnavailableError, baseline_fill, checkpoint_fill, evaluate, mask_rng,
-                                    mean_ci95)
+from fastinpaint.evaluation import (GRID_GAP, BaselineUnavailableError, baseline_fill, checkpoint_fill, evaluate,
+                                    grid_columns, grid_header_height, grid_label, mask_rng, mean_ci95)
 
 
 def _images(sizes, seed=0):
@@ -58,6 +58,37 @@ class Recorder:
 
 def _evaluate_cli(*args):
     return cli.main(["evaluate", "--lpips", "no", "--fid", "no", *map(str, args)])
+
+
+def _header(labels, widths):
+    """The grid's header row drawn directly: each label in PIL's default font at its column."""
+    from PIL import ImageDraw, ImageFont
+
+    lefts = [sum(widths[:k]) + GRID_GAP * k for k in range(len(widths))]
+    image = Image.new("RGB", (lefts[-1] + widths[-1], grid_header_height()), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for left, width, text in zip(lefts, widths, labels):
+        draw.text((left, GRID_GAP), grid_label(text, width), fill=(0, 0, 0), font=ImageFont.load_default())
+    return np.asarray(image), lefts
+
+
+def _check_grid(grid, labels, cell_width, rows):
+    """The grid: the header of the column names, then each row's cells (masked input, methods,
+    ground truth) at their columns, each column as wide as its widest cell, and its label whole."""
+    widths = grid_columns([{"image": np.zeros((1, cell_width, 3))}], labels[1:-1])[1]
+    assert all(w >= cell_width for w in widths) and all(grid_label(t, w) == t for t, w in zip(labels, widths))
+    header, lefts = _header(labels, widths)
+    head = header.shape[0]
+    assert grid.shape == (head + sum(r[0].shape[0] for r in rows) + GRID_GAP * (len(rows) - 1), header.shape[1], 3)
+    assert np.array_equal(grid[:head], header)
+    for left, width in zip(lefts, widths):   # every column has its name written above it
+        assert (header[:, left:left + width] < 128).any()
+    top = head
+    for cells in rows:
+        h, w = cells[0].shape[:2]
+        for left, cell in zip(lefts, cells):
+            assert np.array_equal(grid[top:top + h, left:left + w], cell)
+        top += h + GRID_GAP
 
 
 # ----------------------------------------------------------------------------- identical holes
@@ -148,16 +179,17 @@ def test_report_numbers_equal_a_direct_computation(tmp_path, capsys):
         half = stats.t.ppf(0.975, 2) * psnr.std(ddof=1) / np.sqrt(3)
         line = f"{psnr.mean():.2f} ± {half:.2f}"
         assert line in (out / "summary.md").read_text() and line in printed
-    # the grid: masked input | mean | telea | ground truth, one row per image, its pixels the fills
+    # the grid: a header naming the columns, then masked input | mean | telea | ground truth, one row
+    # per image, its pixels the fills
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape == (sum(h for h, _ in sizes) + 2 * 2, max(4 * w + 3 * 2 for _, w in sizes), 3)
-    top = 0
-    for (h, w), (img, hole, mean, telea) in zip(sizes, fills):
+    rows = []
+    for img, hole, mean, telea in fills:
         masked = img.copy()
         masked[hole] = 255
-        for k, cell in enumerate((masked, mean, telea, img)):
-            assert np.array_equal(grid[top:top + h, k * (w + 2):k * (w + 2) + w], cell)
-        top += h + 2
+        rows.append((masked, mean, telea, img))
+    _check_grid(grid, ["masked input", "mean", "telea", "ground truth"], max(w for _, w in sizes), rows)
+    assert grid_columns([{"image": f[0]} for f in fills], ["mean", "telea"])[0] == ["masked input", "mean", "telea",
+                                                                                    "ground truth"]
 
 
 def test_tensor_images_and_given_masks_match_arrays():
@@ -202,7 +234,7 @@ def test_unavailable_baseline_is_reported_not_crashed_on(tmp_path, monkeypatch, 
     with open(out / "per_image.csv") as f:
         assert {r["method"] for r in csv.DictReader(f)} == {"mean"}
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape[1] == 3 * 28 + 2 * 2   # masked input | mean | ground truth
+    assert grid.shape[1] == sum(grid_columns([{"image": np.zeros((24, 28, 3))}], ["mean"])[1]) + 2 * GRID_GAP
 
 
 # ----------------------------------------------------------------------------- trained generators
@@ -229,8 +261,13 @@ def test_cli_checkpoint_demo_and_size(tiny_run, tmp_path, capsys):
                          "--masks", "center", "--out", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"][str(tiny_run)]["images"] == 11 and summary["settings"]["size"] == 24
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (4 * 24 + 3 * 2, 4 * 24 + 3 * 2)   # the first 4 images, 4 columns
+    grid = np.asarray(Image.open(out / "grid.png"))
+    labels = ["masked input", str(tiny_run), "mean", "ground truth"]   # the first 4 images, 4 columns
+    widths = grid_columns([{"image": np.zeros((24, 24, 3))}], [str(tiny_run), "mean"])[1]
+    assert grid.shape == (grid_header_height() + 4 * 24 + 3 * GRID_GAP, sum(widths) + 3 * GRID_GAP, 3)
+    assert np.array_equal(grid[:grid_header_height()], _header(labels, widths)[0])
+    assert grid_label(str(tiny_run), widths[1]).startswith("...") and str(tiny_run).endswith(
+        grid_label(str(tiny_run), widths[1])[3:])   # a long path keeps its end
 
 
 def test_mask_folder_by_name_or_order(tmp_path):
@@ -255,6 +292,112 @@ def test_mask_folder_by_name_or_order(tmp_path):
     (masks / "aa.png").rename(masks / "img0.png")   # one named, one not: refused
     with pytest.raises(FileNotFoundError, match="no mask for img1.png"):
         evaluate(root, {"rec": Recorder()}, masks=masks, device="cpu")
+    # named by the stem, whatever the extension (as inpaint pairs them)
+    Image.open(masks / "zz.png").save(masks / "img1.bmp")
+    (masks / "zz.png").unlink()
+    rec = Recorder()
+    result = evaluate(root, {"rec": rec}, masks=masks, device="cpu")
+    assert all(np.array_equal(m > 0, h) for m, h in zip(rec.masks, holes))
+    assert "named like the images" in result.settings["masks"]
+    # two masks of one stem: which one is meant is not guessed
+    Image.open(masks / "img1.bmp").save(masks / "img1.png")
+    with pytest.raises(ValueError, match="img1.bmp and .*img1.png are both named like the image img1.png"):
+        evaluate(root, {"rec": Recorder()}, masks=masks, device="cpu")
+
+
+def test_a_mask_folder_of_another_count_and_no_names_is_refused(tmp_path, capsys):
+    """Masks taken in sorted order need one per image: 1 mask for 3 images is not reused."""
+    root, _ = _folder(tmp_path, [(20, 20)] * 3)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    hole = np.zeros((20, 20), np.uint8)
+    hole[4:12, 4:12] = 255
+    Image.fromarray(hole).save(masks / "hole.png")
+    with pytest.raises(ValueError, match="1 masks in .* for 3 images"):
+        evaluate(root, ["mean"], masks=masks, device="cpu")
+    capsys.readouterr()
+    assert _evaluate_cli("--data", root, "--baseline", "mean", "--masks", masks, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint evaluate: --masks: ") and err.count("\n") == 1, err
+    assert "name each mask like its image" in err and not (tmp_path / "out").exists()
+    for i in (1, 2):   # as many masks as images: image i gets mask i
+        Image.fromarray(np.roll(hole, 3 * i, axis=1)).save(masks / f"hole{i}.png")
+    rec = Recorder()
+    evaluate(root, {"rec": rec}, masks=masks, device="cpu")
+    assert [m.nonzero()[1].min() for m in rec.masks] == [4, 7, 10]
+
+
+def test_an_unreadable_image_is_skipped_with_a_mask_folder(tmp_path, capsys):
+    """An image that cannot be read needs no mask: it is skipped with a warning, the others are scored."""
+    root, names = _folder(tmp_path, [(20, 24), (20, 24), (24, 20)], broken=[1])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    holes = {}
+    for i in (0, 2):
+        hole = np.zeros(_images([(20, 24), (20, 24), (24, 20)])[i].shape[:2], bool)
+        hole[3 + i:10 + i, 5:14] = True
+        holes[names[i]] = hole
+        Image.fromarray(hole.astype(np.uint8) * 255).save(masks / names[i])
+    rec = Recorder()
+    with pytest.warns(RuntimeWarning, match="skipping img1.png"):
+        result = evaluate(root, {"rec": rec}, masks=masks, device="cpu")
+    assert result.images == ["img0.png", "img2.png"] and [n for n, _ in result.skipped] == ["img1.png"]
+    assert all(np.array_equal(m > 0, holes[n]) for m, n in zip(rec.masks, result.images))
+    capsys.readouterr()
+    assert _evaluate_cli("--data", root, "--baseline", "mean", "--masks", masks, "--out", tmp_path / "out") == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["methods"]["mean"]["images"] == 2 and summary["skipped"][0]["image"] == "img1.png"
+
+
+def test_with_size_a_mask_file_is_resized_and_cropped_as_its_image(tmp_path):
+    """--size on a non-square image: the mask goes through the image's resize and centre crop, so
+    the hole covers the content its file marks (not the mask stretched to the square)."""
+    h, w, size = 60, 92, 30   # resized to 30x46, then columns 8..37 kept
+    img = np.full((h, w, 3), 90, np.uint8)
+    img[20:40, 40:60] = (250, 10, 10)   # a red patch, and the hole drawn exactly on it
+    hole = np.zeros((h, w), bool)
+    hole[20:40, 40:60] = True
+    root, masks = tmp_path / "images", tmp_path / "masks"
+    root.mkdir(), masks.mkdir()
+    Image.fromarray(img).save(root / "wide.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "wide.png")
+    expected = np.zeros((size, size), bool)
+    expected[10:20, 12:22] = True   # rows 20..39 / 2, columns 40..59 / 2 - 8
+    for masks_given in (masks, [hole]):
+        rec = Recorder()
+        result = evaluate(root if masks_given is masks else [img], {"rec": rec}, masks=masks_given, size=size,
+                          device="cpu")
+        assert np.array_equal(rec.masks[0] > 0, expected)
+        image = result.samples[0]["image"]
+        assert image.shape == (size, size, 3)
+        red = np.abs(image.astype(int) - (250, 10, 10)).max(axis=2) < 12   # bicubic rings a little
+        assert red[11:19, 13:21].all()                  # the hole's content is the patch
+        assert red[~expected].mean() < 0.05
+
+
+def test_an_existing_report_is_kept_unless_overwrite(tmp_path, capsys):
+    root, _ = _folder(tmp_path, [(16, 16), (16, 20)])
+    out = tmp_path / "report"
+    assert _evaluate_cli("--data", root, "--baseline", "mean", "--masks", "center", "--out", out) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _evaluate_cli("--data", root, "--baseline", "mean", "--masks", "thick", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint evaluate: --out: ") and err.count("\n") == 1, err
+    assert "already holds a report" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(FileExistsError, match="already holds a report"):
+        evaluate(root, ["mean"]).write(out)
+    assert _evaluate_cli("--data", root, "--baseline", "mean", "--masks", "thick", "--out", out, "--overwrite") == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["masks"] == "thick"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_one_image_is_one_image():
+    result = evaluate(_images([(20, 20)]), ["mean"], masks="center")
+    assert result.table().startswith("data: given images (1 image); masks: center")
+    assert "(2 images" in evaluate(_images([(20, 20), (20, 20)]), ["mean"], masks="center").table()
 
 
 # ----------------------------------------------------------------------------- mistakes
@@ -267,10 +410,12 @@ def test_mask_folder_by_name_or_order(tmp_path):
     (["--baseline", "mean", "--baseline", "mean"], "--baseline", "given twice"),
     (["--checkpoint", "IMAGE"], "--checkpoint", "an image, not a checkpoint"),
     (["--baseline", "mean", "--out", "IMAGE"], "--out", "is a file"),
+    (["--baseline", "mean", "--out", "IMAGE/sub"], "--out", "which is a file; give a folder for the report"),
+    (["--baseline", "mean", "--model", "deepfill_v2"], "--model", "goes with --checkpoint"),
 ])
 def test_mistakes_are_one_line(tmp_path, capsys, wrong, flag, words):
     root, _ = _folder(tmp_path, [(16, 16)])
-    wrong = [str(root / "img0.png") if w == "IMAGE" else w for w in wrong]
+    wrong = [w.replace("IMAGE", str(root / "img0.png")) for w in wrong]
     data = [] if "--data" in wrong else ["--data", str(root)]
     out = [] if "--out" in wrong else ["--out", str(tmp_path / "out")]
     code = cli.main(["evaluate", *data, *out, *wrong])
@@ -293,6 +438,18 @@ def test_lpips_and_fid_from_disk_only(tmp_path, capsys):
                      str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "LPIPS is unavailable" in err
+    assert err.startswith("fastinpaint evaluate: --lpips: ") and "--lpips no" in err, err
+    with pytest.raises(MetricUnavailableError, match="LPIPS is unavailable"):
+        evaluate(root, ["mean"], lpips=True)
+    try:
+        from fastinpaint.metrics import resolve_fid_weights
+
+        resolve_fid_weights()
+    except MetricUnavailableError:   # FID's weights (or package) missing too: named likewise
+        code = cli.main(["evaluate", "--data", str(root), "--baseline", "mean", "--lpips", "no", "--fid", "yes",
+                         "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("fastinpaint evaluate: --fid: FID is unavailable"), err
     result = evaluate(root, ["mean"], lpips="auto", fid="auto")   # auto: noted, not an error
     assert any(n.startswith("LPIPS not computed") and missing in n for n in result.notes)
     assert "lpips" not in result.means()["mean"]

@@ -92,6 +92,34 @@ def test_folder_of_images_and_every_checkpoint_form(run_dir, tmp_path):
             assert torch.equal(a, b), k
 
 
+def test_masks_in_a_folder_are_named_like_the_images_whatever_the_extension(run_dir, tmp_path, capsys):
+    """astro.jpg is the mask of astro.png (and sub/b.bmp of sub/b.jpg), as evaluate pairs them;
+    two masks of one stem are an error, not a guess."""
+    imgs, masks, out = tmp_path / "imgs", tmp_path / "masks", tmp_path / "out"
+    (imgs / "sub").mkdir(parents=True), (masks / "sub").mkdir(parents=True)
+    photo = _photo(32, 40)
+    hole = np.zeros((32, 40), bool)
+    hole[8:20, 10:30] = True
+    Image.fromarray(photo).save(imgs / "astro.png")
+    Image.fromarray(photo[:, ::-1]).save(imgs / "sub" / "b.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "astro.jpg", quality=95)
+    Image.fromarray(hole[::-1].astype(np.uint8) * 255).save(masks / "sub" / "b.bmp")
+    assert _inpaint(run_dir, imgs, masks, out) == 0
+    recipe, gen = load_generator(run_dir)
+    for name, img, want_hole in (("astro", photo, hole), ("sub/b", photo[:, ::-1].copy(), hole[::-1])):
+        mask_file = next(masks.glob(name + ".*"))
+        read = read_mask(mask_file, want_hole.shape)
+        assert np.array_equal(read, want_hole), name   # the JPEG's noise stays below the half
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), inpaint_array(recipe, gen, img, read))
+    Image.fromarray(hole.astype(np.uint8) * 255).save(masks / "astro.png")
+    capsys.readouterr()
+    assert _inpaint(run_dir, imgs, masks, tmp_path / "out2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint inpaint: --mask: ") and err.count("\n") == 1, err
+    assert "astro.jpg and" in err and "astro.png are both named like the image astro.png" in err
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("problem", ["same name", "one unreadable", "one mask of another size"])
 def test_a_folder_with_one_bad_pair_writes_nothing(run_dir, tmp_path, capsys, problem):
     """Every image and mask of a folder is checked before the first output is written; two
@@ -329,3 +357,115 @@ def test_unfinished_run_folder_names_its_checkpoint(run_dir, tmp_path):
     (unfinished / "weights.safetensors").unlink()
     with pytest.raises(UserError, match="has not finished.*ckpt_000000003.pt.*--resume"):
         load_generator(unfinished)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_parse_memory_sizes_and_mistakes():
+    from fastinpaint.inpaint import parse_memory
+
+    assert parse_memory("6G") == parse_memory("6GB") == parse_memory("6 GiB") == parse_memory("6g") == 6 * 2**30
+    assert parse_memory("512M") == 512 * 2**20 and parse_memory("1.5T") == int(1.5 * 2**40)
+    assert parse_memory("2048") == parse_memory(2048) == 2048 and parse_memory("4k") == 4096
+    for bad in ("lots", "", "-1G", "0", "G", "6X", "inf", "nan", True):
+        with pytest.raises(InvalidInputError) as e:
+            parse_memory(bad)
+        assert e.value.argument == "max_memory" and "6G" in str(e.value)
+
+
+def test_deepfill_memory_estimate_grows_with_the_image():
+    from fastinpaint.inpaint import estimate_memory
+    from fastinpaint.models import build_model
+
+    recipe = build_model("deepfill_v2")
+    sizes = [(256, 256), (1024, 1024), (2048, 2048), (4096, 4096)]
+    est = [estimate_memory(recipe, h, w) for h, w in sizes]
+    assert all(a < b for a, b in zip(est, est[1:]))
+    assert estimate_memory(recipe, 1021, 1019) == est[1]          # padded to multiples of 8 first
+    # about linear in the pixels (4x more from 2048 to 4096 than from 1024 to 2048): no L x L term
+    assert est[3] - est[2] < 6 * (est[2] - est[1])
+    recipe.generator.stage2.contextual_attention.blocked = False  # the reference's L x L maps
+    assert estimate_memory(recipe, 2048, 2048) > 60 * 2**30
+
+
+def test_an_image_too_large_for_the_memory_allowed_is_refused_before_work(run_dir, tmp_path, capsys, monkeypatch):
+    """--max-memory below the estimate: one line naming --max-memory and the sizes, nothing
+    written, no generator call; the default limit is the memory available now."""
+    from fastinpaint import inpaint as I
+
+    photo, hole = _photo(48, 40), _hole(48, 40)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    Image.fromarray(hole.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    recipe, gen = load_generator(run_dir)
+    need = I.estimate_memory(recipe, 48, 40)
+    assert need is not None and need > 2**20
+
+    def no_work(*a, **k):
+        raise AssertionError("the generator ran")
+
+    monkeypatch.setattr(type(gen), "forward", no_work)
+    capsys.readouterr()
+    assert _inpaint(run_dir, tmp_path / "p.png", tmp_path / "m.png", tmp_path / "o.png", "--max-memory", "1M") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastinpaint inpaint: --max-memory: ") and err.count("\n") == 1, err
+    assert "40x48" in err and "p.png" in err and "1 MB" in err and not (tmp_path / "o.png").exists()
+    # the default: what is available now
+    monkeypatch.setattr(I, "available_memory", lambda device="cpu": need - 1)
+    with pytest.raises(InvalidInputError, match="available now") as e:
+        inpaint_array(recipe, gen, photo, hole)
+    assert e.value.argument == "max_memory"
+    monkeypatch.undo()
+    # enough memory: it runs
+    out = inpaint_array(recipe, gen, photo, hole, max_memory=need)
+    assert np.array_equal(out[~hole], photo[~hole])
+    assert _inpaint(run_dir, tmp_path / "p.png", tmp_path / "m.png", tmp_path / "o.png", "--max-memory", "x") == 2
+    assert capsys.readouterr().err.startswith("fastinpaint inpaint: --max-memory: 'x' is not a memory size")
+
+
+def test_every_registered_model_has_a_memory_estimate():
+    from fastinpaint.inpaint import estimate_memory
+    from fastinpaint.models import MODELS, build_model
+
+    for name in MODELS:
+        recipe = build_model(name)
+        small, large = estimate_memory(recipe, 256, 256), estimate_memory(recipe, 2048, 2048)
+        assert small is not None and 0 < small <= large, name
+
+
+_PEAK_CHILD = """
+import json, sys
+import numpy as np, torch
+from fastinpaint.benchmark import cpu_peak_mb
+from fastinpaint.inpaint import estimate_memory, inpaint_array
+from fastinpaint.models import build_model
+torch.set_num_threads(2)
+out = {}
+for name, size in json.loads(sys.argv[1]):
+    recipe = build_model(name)
+    g = recipe.generator.eval()
+    img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    hole = np.zeros((size, size), bool)
+    hole[size // 5:size // 2, size // 3:2 * size // 3] = True
+    peak = cpu_peak_mb(lambda: inpaint_array(recipe, g, img, hole, max_memory="1T"))
+    out[name] = [peak, estimate_memory(recipe, size, size) / 2**20]
+    del recipe, g
+print(json.dumps(out))
+"""
+
+
+def test_memory_estimates_cover_measured_peaks():
+    """The calibrated formulas against the peak resident-memory growth measured in a fresh
+    process (CPU, float32): at or above it, and not far above."""
+    import json
+    import subprocess
+    import sys
+
+    cases = [("tiny_gated", 1024), ("deepfill_v2", 512)]
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (measured, estimate) in result.items():
+        if measured is None:
+            pytest.skip("no peak-RSS figures on this system (/proc/self/clear_refs)")
+        assert measured <= estimate <= 1.5 * measured + 64, (name, measured, estimate)

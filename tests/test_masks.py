@@ -228,6 +228,27 @@ def test_free_form_fraction(height, width):
     assert np.all(with_box >= no_box) and with_box.mean() - no_box.mean() > 0.1
 
 
+def test_free_form_hole_share_is_the_same_at_every_size():
+    """The brush widths (DeepFill's pixels at 256) scale with the image as the stroke length and
+    the box do: a 64 or 32 pixel image gets the hole share of a 256 one (not 0.55 and 0.77, as
+    with widths in pixels), and 256 is DeepFill's masks exactly."""
+    seeds = range(DRAWS)
+    share = {s: draw(FreeFormMask(), s, s, seeds).mean(axis=(1, 2)) for s in (32, 64, 256)}
+    for s in (32, 64):
+        assert abs(share[s].mean() - share[256].mean()) < 0.03, (s, share[s].mean(), share[256].mean())
+        assert share[s].max() < share[256].max() + 0.08
+    unscaled = draw(FreeFormMask(resolution=None), 64, 64, seeds).mean(axis=(1, 2))
+    assert unscaled.mean() > share[64].mean() + 0.15   # widths in pixels: thick strokes on a small image
+    for s in range(20):
+        assert torch.equal(FreeFormMask()(256, 256, rng(s)), FreeFormMask(resolution=None)(256, 256, rng(s)))
+    # the widths, measured as in the next test, at a quarter of the size: a quarter of the pixels
+    gen = FreeFormMask(max_strokes=1, min_vertices=1, max_vertices=2, min_width=32, max_width=32, box=False)
+    assert gen.width_scale(64, 64) == 0.25 and gen.width_scale(256, 256) == 1.0
+    for m in draw(gen, 64, 64, range(10)):
+        radius = ndimage.distance_transform_edt(np.pad(m, 1)).max()
+        assert 4 - 1 <= radius <= 4 + 2, radius
+
+
 def test_free_form_strokes_connected_and_width():
     one = draw(FreeFormMask(max_strokes=1, box=False), 256, 256, range(150))
     assert all(ndimage.label(m)[1] == 1 for m in one)  # a stroke is one connected piece
@@ -293,7 +314,7 @@ def test_free_form_argument_errors():
     for kwargs, name in [({"max_strokes": 0}, "max_strokes"), ({"min_vertices": 5, "max_vertices": 5}, "max_vertices"),
                          ({"min_width": 0}, "min_width"), ({"min_width": 20, "max_width": 10}, "max_width"),
                          ({"angle_range": -1.0}, "angle_range"), ({"box": "yes"}, "box"),
-                         ({"max_strokes": 2.5}, "max_strokes")]:
+                         ({"max_strokes": 2.5}, "max_strokes"), ({"resolution": 0}, "resolution")]:
         with pytest.raises(ValueError, match=name):
             FreeFormMask(**kwargs)
 

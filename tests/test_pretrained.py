@@ -153,6 +153,48 @@ def test_convert_writes_weights_that_every_command_takes(port_file, tmp_path, ca
     assert json.loads(weights_metadata(again)["config"])["model_options"] == {"attention_masking": "exclude",
                                                                                "cnum": 8}
     assert load_generator(again)[1].stage2.contextual_attention.masking == "exclude"
+    # an existing file is kept unless --overwrite
+    before = again.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["convert", str(out), "--out", str(again)]) == 2
+    err = _one_line_error(capsys, "convert", "--out: ")
+    assert "already exists" in err and "--overwrite" in err and again.read_bytes() == before
+    assert cli.main(["convert", str(out), "--out", str(again), "--overwrite"]) == 0
+    assert json.loads(weights_metadata(again)["config"])["model_options"] == {"attention_masking": "official",
+                                                                               "cnum": 8}
+
+
+def test_evaluate_and_export_take_a_port_checkpoint_with_model(port_file, tmp_path, capsys):
+    """evaluate and export have inpaint's --model / --model-option: the port's file scores and
+    exports as its converted weights do."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (h, w) in enumerate([(27, 37), (32, 24)]):
+        _photo(images, f"img{i}", h, w, seed=i)
+        (images / f"img{i}_mask.png").unlink()
+    converted = tmp_path / "port.safetensors"
+    assert cli.main(["convert", str(port_file), "--model", "deepfill_v2", "--model-option", "cnum=8",
+                     "--out", str(converted)]) == 0
+    options = ["--model", "deepfill_v2", "--model-option", "cnum=8"]
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", str(port_file), "--data", str(images), "--masks", "center",
+                     "--lpips", "no", "--fid", "no", "--out", str(tmp_path / "a")]) == 2
+    err = _one_line_error(capsys, "evaluate", "--checkpoint: ")
+    assert "--model deepfill_v2" in err   # the advice given ...
+    summaries = []
+    for name, checkpoint, extra in (("a", port_file, options), ("b", converted, [])):   # ... works
+        assert cli.main(["evaluate", "--checkpoint", str(checkpoint), *extra, "--data", str(images), "--masks",
+                         "center", "--lpips", "no", "--fid", "no", "--out", str(tmp_path / name)]) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        summaries.append(summary["methods"][str(checkpoint)])
+    assert summaries[0] == summaries[1] and summaries[0]["images"] == 2
+    out = tmp_path / "port.pt2"
+    assert cli.main(["export", "--checkpoint", str(port_file), *options, "--format", "pt2", "--out", str(out)]) == 0
+    recipe, g = load_generator(converted)
+    image, mask = torch.rand(1, 3, 32, 40) * 2 - 1, (torch.rand(1, 1, 32, 40) > 0.7).float()
+    with torch.no_grad():
+        want = recipe.final_output(g(recipe.prepare_input(image, mask)))
+    torch.testing.assert_close(torch.export.load(str(out)).module()(image, mask), want, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- wrong files
@@ -195,7 +237,11 @@ WRONG = [
     ("port", ["--model", "deepfill_v2", "--model-option", "cnum=4"], "--checkpoint",
      ["stage1.conv1.weight is (8, 5, 5, 5) there but (4, 5, 5, 5)", "'cnum': 4", "--model-option"]),
     ("port", [], "--checkpoint", ["not a fastinpaint checkpoint", "--model deepfill_v2"]),
-    ("text", ["--model", "deepfill_v2"], "--checkpoint", ["cannot read", "as a PyTorch checkpoint"]),
+    ("text", ["--model", "deepfill_v2"], "--checkpoint", ["notes.pth is not a PyTorch checkpoint (torch.load failed:",
+                                                          "it is a text file (it starts with 'not a checkpoint')",
+                                                          "download it again"]),
+    ("text", [], "--checkpoint", ["notes.pth is a text file (it starts with 'not a checkpoint'), not a checkpoint",
+                                  "download it again"]),
     ("port", ["--model", "tiny_gated"], "--checkpoint", ["model 'tiny_gated' reads no other project's weights",
                                                          "deepfill_v2"]),
     ("run", ["--model", "deepfill_v2"], "--checkpoint", ["holds weights of model 'tiny_gated', not 'deepfill_v2'"]),
@@ -221,6 +267,37 @@ def test_wrong_weights_or_options_are_one_line_naming_the_option(port_file, tiny
     for word in words:
         assert word in err, (word, err)
     assert not (tmp_path / "out.png").exists()
+
+
+TEXTS = {"notes": ("text.pth", "not a checkpoint\n", "a text file (it starts with 'not a checkpoint')"),
+         "lfs": ("lfs.pth", "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 412\n",
+                 "a Git LFS pointer, not the file it points to"),
+         "html": ("page.pth", "<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n",
+                  "a web page (HTML)")}
+
+
+@pytest.mark.parametrize("command", ["inpaint", "convert", "train"])
+@pytest.mark.parametrize("kind", list(TEXTS))
+def test_a_text_file_named_pth_is_said_to_be_one(tmp_path, capsys, command, kind):
+    """A text file given as weights (a Git LFS pointer, a web page a download saved, ...) is named as
+    what it is, with how to get the real file, in every command that reads weights."""
+    name, text, what = TEXTS[kind]
+    (tmp_path / name).write_text(text)
+    _photo(tmp_path)
+    options = ["--model", "deepfill_v2", "--model-option", "cnum=8"]
+    argv, flag = {
+        "inpaint": (["inpaint", "--checkpoint", str(tmp_path / name), "--image", str(tmp_path / "photo.png"), "--mask",
+                     str(tmp_path / "photo_mask.png"), "--out", str(tmp_path / "out.png"), *options], "--checkpoint"),
+        "convert": (["convert", str(tmp_path / name), "--out", str(tmp_path / "w.safetensors"), *options], "weights"),
+        "train": (["train", "--model", "deepfill_v2", "--init", str(tmp_path / name), "--steps", "1", "--out",
+                   str(tmp_path / "run"), *SMALL], "--init"),
+    }[command]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = _one_line_error(capsys, command, f"{flag}: ")
+    assert f"{name} is not a PyTorch checkpoint (torch.load failed: " in err and f": it is {what}" in err, err
+    assert "git lfs pull" in err if kind == "lfs" else "download" in err, err
+    assert not any((tmp_path / n).exists() for n in ("out.png", "w.safetensors", "run"))
 
 
 def test_convert_refuses_an_output_that_is_not_safetensors(port_file, tmp_path, capsys):
@@ -394,32 +471,36 @@ def test_inpaint_follows_a_sketch_with_the_guided_generator(guided_weights, tmp_
                                    str(tmp_path / "layer.png")), with_sketch)
 
 
-def test_a_folder_of_images_with_a_folder_of_sketches(guided_weights, tmp_path):
+def test_a_folder_of_images_with_a_folder_of_sketches(guided_weights, tmp_path, capsys):
     images, sketches, out = tmp_path / "images", tmp_path / "sketches", tmp_path / "out"
     images.mkdir(), sketches.mkdir()
     recipe, g = load_generator(guided_weights)
     expected = {}
-    for i, (h, w) in enumerate([(27, 37), (16, 21)]):
+    for i, (h, w) in enumerate([(27, 37), (16, 21), (19, 23)]):
         img, hole = _photo(images, f"img{i}", h, w, seed=i)
         (images / f"img{i}_mask.png").rename(tmp_path / f"img{i}_mask.png")
         lines = _lines(h, w, seed=i + 2)
-        Image.fromarray(lines.astype(np.uint8) * 255).save(sketches / f"img{i}.png")
-        expected[f"img{i}"] = inpaint_array(recipe, g, img, hole, sketch=lines)
+        if i < 2:   # img2 has no sketch: an empty one
+            Image.fromarray(lines.astype(np.uint8) * 255).save(sketches / f"img{i}.png")
+        expected[f"img{i}"] = inpaint_array(recipe, g, img, hole, sketch=lines if i < 2 else None)
     masks = tmp_path / "masks"
     masks.mkdir()
-    for i in range(2):
+    for i in range(3):
         (tmp_path / f"img{i}_mask.png").rename(masks / f"img{i}.png")
+    capsys.readouterr()
     assert cli.main(["inpaint", "--checkpoint", str(guided_weights), "--image", str(images), "--mask", str(masks),
                      "--sketch", str(sketches), "--out", str(out)]) == 0
     for name, want in expected.items():
         assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), want), name
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no sketch" in line]
+    assert notes == [f"note: no sketch for img2.png in {sketches}: filled with an empty sketch (no guidance)"]
 
 
 SKETCH_ERRORS = [
     ("unguided", "sketch.png", ["is not guided", "takes no sketch", "leave out --sketch"]),
     ("guided", "small.png", ["small.png is 20x20", "is 37x27"]),
     ("guided", "missing.png", ["missing.png does not exist"]),
-    ("guided", ".", ["is a folder"]),
+    ("guided", ".", ["is a folder", "a folder of sketches goes with a folder of images"]),
 ]
 
 

@@ -233,13 +233,15 @@ class ImageFolderDataset(Dataset):
     strict: False (default): a file that cannot be decoded is skipped with one warning per
         file and the next readable index is used instead (deterministically); True: raise
         :class:`UnreadableImageError` naming the file.
+    warned: a set of the paths warned about, shared by the datasets of one run (a training
+        split and a validation set over the same files) so that each file is warned about once.
 
     ``__getitem__`` returns the image tensor only: float32 (3, size, size) in [-1, 1].
     """
 
     def __init__(self, root, size: int = 256, split: str = "train", val_fraction: float = 0.05,
                  crop: str = "random", flip: bool = True, seed: int = 0, strict: bool = False,
-                 extensions: Iterable[str] = IMAGE_EXTENSIONS):
+                 extensions: Iterable[str] = IMAGE_EXTENSIONS, warned: set | None = None):
         self.size = _check_size(size)
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
@@ -279,6 +281,7 @@ class ImageFolderDataset(Dataset):
                 f"val_fraction={self.val_fraction}", argument="data",
                 fix="add images to the folder, or use split='all' or another val_fraction")
         self._bad: set[int] = set()  # indices known to be unreadable (this process)
+        self._warned = set() if warned is None else warned   # paths warned about
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -295,6 +298,9 @@ class ImageFolderDataset(Dataset):
             if index in self._bad:
                 return
             self._bad.add(index)
+            if str(self.path(index)) in self._warned:
+                return
+            self._warned.add(str(self.path(index)))
         warnings.warn(f"skipping unreadable image {str(self.path(index))!r}: {err}", RuntimeWarning,
                       stacklevel=3)
 

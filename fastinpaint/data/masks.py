@@ -28,7 +28,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,9 +38,9 @@ from ..errors import InvalidInputError, check_keywords
 
 __all__ = ["CenterMask", "RandomBlockMask", "RandomRegionMask", "FreeFormMask", "LamaMask", "LamaThinMask",
            "LamaMediumMask", "LamaThickMask", "LAMA_SETTINGS", "FileMask", "MASKS", "make_mask_generator",
-           "MASK_FILE_EXTENSIONS", "hole_from_image"]
+           "MASK_FILE_EXTENSIONS", "hole_from_image", "mask_files", "match_by_stem"]
 
-MASK_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MASK_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 PathLike = Union[str, os.PathLike]
 
@@ -305,19 +305,20 @@ def _draw_capsule(canvas: np.ndarray, p0, p1, radius: float) -> None:
 class FreeFormMask:
     """DeepFill v2 free-form masks (Yu et al., 2019): brush strokes, optionally plus a box.
 
-    1..``max_strokes`` strokes. A stroke starts uniformly in the image and has
-    ``num_vertices`` in ``[min_vertices, max_vertices)`` steps; with ``a_min = mean_angle -
-    U(0, angle_range)`` and ``a_max = mean_angle + U(0, angle_range)`` each step's angle is
-    ``U(a_min, a_max)``, mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is
-    ``Normal(r, r/2)`` clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are
-    clipped to the image. The polyline is drawn with a brush of integer width in
-    ``[min_width, max_width)`` pixels and round joints and ends; the widths are pixels of the
-    image itself, as in DeepFill, unless ``brush_reference`` names the shorter side they are
-    meant for (DeepFill's 12-40 px are for 256 px images): then the drawn width is scaled by
-    ``min(H, W) / brush_reference`` (at least 1 pixel), the same draws made. Each stroke is flipped left-right and/or top-bottom with probability 1/2
+    1..``max_strokes`` strokes. A stroke starts uniformly in the image and has ``num_vertices``
+    in ``[min_vertices, max_vertices)`` steps; with ``a_min = mean_angle - U(0, angle_range)``
+    and ``a_max = mean_angle + U(0, angle_range)`` each step's angle is ``U(a_min, a_max)``,
+    mirrored to ``2*pi - angle`` on even steps (a zig-zag); its length is ``Normal(r, r/2)``
+    clipped to ``[0, 2r]`` with ``r = sqrt(H^2 + W^2) / 8``; points are clipped to the image.
+    The polyline is drawn with a brush of integer width in ``[min_width, max_width)`` pixels at
+    DeepFill's ``resolution`` (256: a 256x256 image), scaled with the image as the step length
+    is, by ``sqrt(H^2 + W^2) / (resolution * sqrt(2))`` (at least one pixel), with round joints
+    and ends: every size gets the same share of hole as 256 does, and a 256x256 image DeepFill's
+    pixels exactly (``resolution=None``: the widths in pixels at every size, as DeepFill draws
+    them). Each stroke is flipped left-right and/or top-bottom with probability 1/2
     (``flip=False`` turns that off, leaving DeepFill's rightward drift). With ``box=True`` the
-    mask is united with a box of half the image height and width at a random position whose
-    four sides are each pulled in by up to 1/16 of the image side.
+    mask is united with a box of half the image height and width at a random position whose four
+    sides are each pulled in by up to 1/16 of the image side.
     """
 
     name = "free_form"
@@ -325,9 +326,8 @@ class FreeFormMask:
     def __init__(self, max_strokes: int = 3, min_vertices: int = 4, max_vertices: int = 12,
                  min_width: int = 12, max_width: int = 40, angle_range: float = 2 * math.pi / 15,
                  box: bool = True, mean_angle: float = 2 * math.pi / 5, flip: bool = True,
-                 brush_reference: Optional[int] = None):
+                 resolution: int | None = 256):
         self.max_strokes = _int_arg("max_strokes", max_strokes, 1)
-        self.brush_reference = None if brush_reference is None else _int_arg("brush_reference", brush_reference, 1)
         self.min_vertices = _int_arg("min_vertices", min_vertices, 1)
         self.max_vertices = _int_arg("max_vertices", max_vertices, 1)
         if self.max_vertices <= self.min_vertices:
@@ -344,12 +344,20 @@ class FreeFormMask:
         if not isinstance(flip, bool):
             raise ValueError(f"flip must be a bool, got {flip!r}")
         self.box, self.flip = box, flip
+        self.resolution = None if resolution is None else _int_arg("resolution", resolution, 1)
 
     def __repr__(self) -> str:
         return (f"FreeFormMask(max_strokes={self.max_strokes}, min_vertices={self.min_vertices}, "
                 f"max_vertices={self.max_vertices}, min_width={self.min_width}, max_width={self.max_width}, "
                 f"angle_range={self.angle_range}, box={self.box}, mean_angle={self.mean_angle}, "
-                f"flip={self.flip}, brush_reference={self.brush_reference})")
+                f"flip={self.flip}, resolution={self.resolution})")
+
+    def width_scale(self, height: int, width: int) -> float:
+        """What the brush widths are multiplied by on a ``height`` x ``width`` image (1 at
+        ``resolution`` x ``resolution``, always 1 with ``resolution=None``)."""
+        if self.resolution is None:
+            return 1.0
+        return math.hypot(height, width) / math.hypot(self.resolution, self.resolution)
 
     def _stroke(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         radius = math.sqrt(height * height + width * width) / 8
@@ -364,10 +372,9 @@ class FreeFormMask:
             x, y = points[-1]
             points.append((min(max(x + step * math.cos(angle), 0.0), width - 1.0),
                            min(max(y + step * math.sin(angle), 0.0), height - 1.0)))
-        brush = rng.uniform(self.min_width, self.max_width) if self.max_width > self.min_width else self.min_width
-        if self.brush_reference is not None:
-            brush = max(1.0, brush * min(height, width) / self.brush_reference)
-        brush = int(brush)
+        brush = int(rng.uniform(self.min_width, self.max_width)) if self.max_width > self.min_width \
+            else self.min_width
+        brush = max(1.0, brush * self.width_scale(height, width))
         stroke = np.zeros((height, width), dtype=bool)
         for p0, p1 in zip(points[:-1], points[1:]):
             _draw_capsule(stroke, p0, p1, brush / 2)  # segment of the brush width, round ends = joints
@@ -597,6 +604,36 @@ def hole_from_image(image, threshold: float = 0.5) -> tuple[np.ndarray, str]:
 
 
 
+def mask_files(folder) -> list[Path]:
+    """The mask image files (:data:`MASK_FILE_EXTENSIONS`) under ``folder``, recursive, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in MASK_FILE_EXTENSIONS)
+
+
+def match_by_stem(names: Sequence[str], folder, argument: str = "mask", what: str | None = None) -> list:
+    """The file of ``folder`` (:func:`mask_files`) for each image of ``names`` (paths relative
+    to the images' folder), or None where there is none: the file with the image's stem, its
+    relative path without the extension (``masks/sub/astro.jpg`` for ``sub/astro.png``).
+
+    The one rule that pairs images with their masks and sketches (``fastinpaint inpaint`` and
+    ``evaluate``). Two files of the stem an image needs (``astro.png`` and ``astro.jpg``) are an
+    :class:`~fastinpaint.errors.InvalidInputError` naming ``argument``; ``what`` names the files
+    in it (default: ``argument``)."""
+    folder = Path(folder)
+    by_stem: dict[str, list[Path]] = {}
+    for path in mask_files(folder):
+        by_stem.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
+    out = []
+    for name in names:
+        found = by_stem.get(Path(name).with_suffix("").as_posix(), [])
+        if len(found) > 1:
+            raise InvalidInputError(f"{' and '.join(str(p) for p in found)} are both named like the image {name}",
+                                    argument=argument,
+                                    fix=f"keep one {what or argument} per image (they are matched by name, "
+                                        "whatever the extension)")
+        out.append(found[0] if found else None)
+    return out
+
+
 def _collect_files(paths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -612,9 +649,7 @@ def _collect_files(paths) -> list[Path]:
             raise InvalidInputError(f"must hold file or folder paths, got {entry!r}", argument="paths")
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in MASK_FILE_EXTENSIONS)
-            files.extend(found)
+            files.extend(mask_files(path))
         elif path.is_file():
             files.append(path)
         else:

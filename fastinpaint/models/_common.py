@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from ..errors import InvalidInputError
+
+
+def known_same_size(size, target) -> bool:
+    """Whether ``size`` equals ``target`` (sequences of ints). While ``torch.export`` traces with
+    a dynamic height and width, a symbolic size is "the same" only where that holds for every
+    size, so a model takes its resampling branch (resampling to the same size is the identity)
+    instead of pinning the traced size with a guard."""
+    return len(size) == len(target) and all(statically_known_true(a == b) for a, b in zip(size, target))
 
 
 def merge_loss_weights(model_name: str, defaults: dict, overrides: dict | None) -> dict:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.channel_fc import ChannelWiseFC
-from ._common import merge_loss_weights
+from ._common import known_same_size, merge_loss_weights
 
 __all__ = ["ContextEncoderGenerator", "ContextEncoderDiscriminator", "ContextEncoderRecipe",
            "AlexNetEncoder", "ContextEncoderFeatureGenerator", "ContextEncoderFeaturesRecipe", "MEAN_FILL"]
@@ -182,7 +182,7 @@ class ContextEncoderGenerator(nn.Module):
             raise ValueError(f"the Context Encoder takes (B, 3, H, W) inputs, got {tuple(x.shape)}")
         H, W = x.shape[2], x.shape[3]
         S = self.image_size
-        resample = (H, W) != (S, S)
+        resample = not known_same_size((H, W), (S, S))
         # the network works at its fixed resolution (its channel-wise FC layer has a fixed
         # map size): other sizes are resampled to it and the prediction back
         pred = self.predict(F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False) if resample else x)
@@ -190,10 +190,14 @@ class ContextEncoderGenerator(nn.Module):
             return F.interpolate(pred, size=(H, W), mode="bilinear", align_corners=False) if resample else pred
         r0, r1 = self.center_box(H)
         c0, c1 = self.center_box(W)
-        if tuple(pred.shape[2:]) != (r1 - r0, c1 - c0):
+        if not known_same_size(pred.shape[2:], (r1 - r0, c1 - c0)):
             pred = F.interpolate(pred, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)
-        middle = torch.cat([x[:, :, r0:r1, :c0], pred.to(x.dtype), x[:, :, r0:r1, c1:]], dim=3)
-        return torch.cat([x[:, :, :r0], middle, x[:, :, r1:]], dim=2)
+        # the prediction pasted into the centre square: padded to the image's size and picked by the
+        # box, not sliced in, so that torch.export needs no guard on the box's bounds
+        placed = F.pad(pred.to(x.dtype), (c0, W - c1, r0, H - r1))
+        rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        box = ((rows >= r0) & (rows < r1))[:, None] & ((cols >= c0) & (cols < c1))[None, :]
+        return torch.where(box, placed, x)
 
 
 class ContextEncoderDiscriminator(nn.Module):
@@ -222,13 +226,26 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class _Recipe:
-    """Shared weight handling."""
+    """Shared weight handling and memory estimate."""
 
     default_weights: dict = {}
     name = "?"
+    #: :meth:`inference_memory`'s constants: bytes (at ``default_size`` and the width
+    #: ``memory_width``), and bytes per input pixel
+    memory_base, memory_width, memory_per_pixel = 40 * 2**20, 64, 52.0
 
     def _weights(self, loss_weights):
         return merge_loss_weights(self.name, self.default_weights, loss_weights)
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
+        to the process's resident memory for a ``height x width`` input: the network runs at
+        its fixed ``image_size``, so ``memory_base`` (at the default size and width) plus
+        ``memory_per_pixel`` for the input, its resampling and the full-size output; fitted to
+        measured peaks. Another ``image_size`` or ``width`` scales the base by the activations'
+        ratio."""
+        scale = (self.image_size / self.default_size) ** 2 * self.width / self.memory_width
+        return int(self.memory_base * max(1.0, scale) + self.memory_per_pixel * height * width)
 
     composite = staticmethod(composite)
 
@@ -257,7 +274,7 @@ class ContextEncoderRecipe(_Recipe):
         self._d_size = image_size // 2 if output == "center" else image_size
         self.discriminator = (ContextEncoderDiscriminator(disc_width, self._d_size) if self.loss_weights["adv"] > 0
                               else None)
-        self.image_size, self.output = image_size, output
+        self.image_size, self.output, self.width = image_size, output, width
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
         if not float(overlap_weight) >= 0:
@@ -377,8 +394,8 @@ class ContextEncoderFeatureGenerator(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"the Context Encoder takes (B, 3, H, W) inputs, got {tuple(x.shape)}")
         S = self.image_size
-        xs = x if tuple(x.shape[2:]) == (S, S) else F.interpolate(x, size=(S, S), mode="bilinear",
-                                                                   align_corners=False)
+        xs = x if known_same_size(x.shape[2:], (S, S)) else F.interpolate(x, size=(S, S), mode="bilinear",
+                                                                          align_corners=False)
         y = self.decoder(self.bottleneck(self.encoder(xs)))
         return F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
 
@@ -397,9 +414,11 @@ class ContextEncoderFeaturesRecipe(_Recipe):
     def __init__(self, image_size: int = 227, width: int = 96, dropout: float = 0.5, loss_weights: dict | None = None):
         self.loss_weights = self._weights(loss_weights)
         self.generator = ContextEncoderFeatureGenerator(image_size, width, dropout)
+        self.image_size, self.width = image_size, width
 
     size_multiple = 1  # any size: the generator resamples to image_size and back
     default_size = 227
+    memory_width = 96
     default_mask = "region"
     default_mask_options = {"coverage": (0.2, 0.3)}
 

@@ -35,6 +35,58 @@ saves the unfolded queries (9x the downscaled features), the keys and raw patche
 in float32 (float64 for float64 input). Layout: any; the output is channels_last when ``x`` is, else NCHW.
 
 Limits: ``H`` and ``W`` must be multiples of ``rate`` (DeepFill: image sides multiples of 8).
+
+Blocked form (:func:`contextual_attention_blocked`, what :class:`ContextualAttention` and
+DeepFill v2 run): the same function, computed for tiles of queries against all keys, so no
+(L x L) tensor exists.
+
+* Fuse, folded. Write ``s_ij = k_i . q_j`` (``k`` normalised keys, ``q`` queries, row-major
+  positions). The first diagonal sum is ``sum_d s[i+d, j+d]``, a term counted only when both
+  ``i+d`` and ``j+d`` lie in ``[0, L)``; the second is the same in column-major order, whose
+  shift by ``e`` moves a position one row down (``e = 1``) and, from the last row, to the
+  first row of the next column. So the fused score is ``sum_{e,d} s[t(i), t(j)]`` with
+  ``t = t_ed`` the column-major shift by ``e`` followed by the row-major shift by ``d``, a term
+  dropped when either ``t(i)`` or ``t(j)`` leaves the map: a sum of products of shifted key
+  and query features, the borders and the wrapping included, i.e. the published operation
+  exactly. It is computed from the raw scores ``T = Q_N^T K`` (queries x keys) of a tile's
+  queries ``J`` and their shifted positions ``N = {t_ed(j)}`` (the tile and a ring of
+  ``fuse_k//2``, plus the positions the wrapping reaches at the map's edges), with a zero
+  row for shifts that leave the map: ``S[J, i] = sum_ed T[pos(t_ed(J)), t_ed(i)]``. Per shift,
+  the rows are gathered whole, and ``t_ed`` on the keys is the slice ``i + e*Ws + d`` for
+  every key whose column-major shift stays in its column (the row-major shift wraps across
+  rows by itself in the flat index); the ``|e| * Ws`` others are added by index. Stacking the
+  nine shifted copies as features instead would hold ``81 * C`` values per position.
+* Masking and the scaled softmax run on the tile's (|J| x L) scores as in the reference:
+  every key is in the tile, so no online softmax is needed.
+* Reconstruction: the tile's columns ``P @ A[J]^T`` are folded (an overlap-add of the
+  ``2*rate`` patches, stride ``rate``) into the output rows and columns the tile covers
+  (``rate * |tile| + rate`` each way, minus the ``rate - 1`` of padding), and added. ``P``
+  holds the raw patches of the keys valid in some sample only: the others have weight 0
+  after the masking in every sample, so they are left out of the product (with a hole over
+  a third of the image, about a third of its cost).
+* Memory arithmetic. Held for the whole call: the normalised keys ``K`` (``9C x L``), the raw
+  patches (at most ``16C x L``, ``rate = 2``) and the zero-padded downscaled features; per
+  tile, about ``B * L * (el * (|N| + 3|J|) + 2 * acc * |J|)`` bytes (``el`` the input's
+  element size, ``acc`` the softmax's): ``T``, a gathered shift, the fused sum and the
+  softmax's two float32 maps. Query tiles with all keys, not an online softmax over key
+  tiles: the tile's memory grows with L, but the ``(9 + 16) C x L`` features the call needs
+  anyway grow the same way, so by default a tile may use half of them, and at least
+  512 MiB (``block_bytes`` sets it). For DeepFill (C = 96, float32) that is a tile of
+  about 36 x 36 queries at a 1024x1024 image, 18 x 18 at 2048 and 13 x 13 at 4096 and
+  above, whose ring makes the score products 1.1-1.3x the reference's; a key-tiled online
+  softmax would also need a running maximum, sum and rescaled output per query, and the
+  official masking's logit-0 keys in every key tile. Square tiles (full rows on narrow
+  maps) keep the ring small. One tile holding the whole map is the reference's computation.
+* Backward: with several tiles and gradients on, each tile runs under
+  ``torch.utils.checkpoint`` (non-reentrant): its maps are recomputed in backward, one tile
+  at a time, so training memory is bounded the same way (at the cost of a second forward of
+  the attention). Plain PyTorch ops: any device, any dtype the reference takes.
+* Why not the pixel-attention kernels (``fastinpaint.functional.pixel_attention``): folded
+  into features, the fused score is ``q'_j . k'_i`` with ``9 * C * ksize^2`` values per
+  position (7776 for DeepFill's C = 96), far above the Triton kernels' ``Dqk <= 128``, and
+  the kernels take q and k whole: 81x the downscaled features, 16 GB at a 4096x4096 image.
+  (The official masking would fit them: zero key features and values for the invalid keys
+  give them logit 0 in the denominator and no share of the output.)
 """
 
 from __future__ import annotations
@@ -42,8 +94,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ContextualAttention", "contextual_attention", "key_validity"]
+__all__ = ["ContextualAttention", "DEFAULT_BLOCK_BYTES", "blocked_memory", "contextual_attention",
+           "contextual_attention_blocked", "key_validity"]
+
+#: the least memory the blocked form lets one tile of queries use (see the module doc)
+DEFAULT_BLOCK_BYTES = 512 * 2**20
 
 _MASKINGS = ("official", "exclude")
 
@@ -147,21 +204,259 @@ def contextual_attention(x: torch.Tensor, mask: torch.Tensor | None = None, *, k
     return (out, attn) if return_attention else out
 
 
+# ----------------------------------------------------------------------------- the blocked form
+
+def _fuse_shifts(fuse: bool, fuse_k: int) -> list[tuple[int, int]]:
+    """The (e, d) shifts of the fuse, (0, 0) first."""
+    r = fuse_k // 2 if fuse else 0
+    return sorted(((e, d) for e in range(-r, r + 1) for d in range(-r, r + 1)), key=lambda s: s != (0, 0))
+
+
+def _shifted(p: torch.Tensor, e: int, d: int, hs: int, ws: int) -> torch.Tensor:
+    """``t_ed(p)`` of row-major positions ``p``: the column-major shift by ``e``, then the
+    row-major shift by ``d``; -1 where either leaves ``[0, L)`` (the fuse's zero padding)."""
+    n = hs * ws
+    c = (p % ws) * hs + p // ws + e                    # column-major index, shifted
+    ok = (c >= 0) & (c < n)
+    c = c.clamp(0, n - 1)
+    q = (c % hs) * ws + c // hs + d                    # back to row-major, shifted
+    ok &= (q >= 0) & (q < n)
+    return torch.where(ok, q, -1)
+
+
+def _tile_cost(th: int, tw: int, n_keys: int, ring: int, batch: int, el: int, acc_el: int) -> int:
+    """Bytes of one tile's temporaries (module doc), with ``|N|`` bounded by the tile, its
+    ring, and the positions the shifts wrap to at the map's edges."""
+    n = min(n_keys, (th + 2 * ring) * (tw + 2 * ring) + 2 * ring * (th + tw))
+    return batch * (n_keys + 1) * (el * (n + 1 + 3 * th * tw) + 2 * acc_el * th * tw)
+
+
+def _tile_shape(hs: int, ws: int, ring: int, batch: int, el: int, acc_el: int, budget: int) -> tuple[int, int]:
+    """(tile height, tile width) in matching positions: the whole map if it fits ``budget``,
+    else the largest square that does (full rows on a narrow map, then as many rows as fit)."""
+    n_keys = hs * ws
+
+    def fits(th, tw):
+        return _tile_cost(th, tw, n_keys, ring, batch, el, acc_el) <= budget
+
+    if fits(hs, ws):
+        return hs, ws
+    side = 1
+    while side < max(hs, ws) and fits(min(hs, side + 1), min(ws, side + 1)):
+        side += 1
+    th, tw = min(hs, side), min(ws, side)
+    while th < hs and tw == ws and fits(th + 1, tw):
+        th += 1
+    while tw < ws and th == hs and fits(th, tw + 1):
+        tw += 1
+    return th, tw
+
+
+def _plan(batch, channels, hs, ws, ksize, rate, fuse_k, fuse, dtype, block_bytes):
+    """(tile height, tile width, bytes of the features held for the call, bytes of one tile)."""
+    el = torch.empty((), dtype=dtype).element_size()
+    acc_el = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    ring = fuse_k // 2 if fuse else 0
+    held = batch * hs * ws * channels * (ksize * ksize + 4 * rate * rate) * el      # keys, raw patches
+    budget = max(DEFAULT_BLOCK_BYTES, held // 2) if block_bytes is None else block_bytes
+    th, tw = _tile_shape(hs, ws, ring, batch, el, acc_el, budget)
+    return th, tw, held, _tile_cost(th, tw, hs * ws, ring, batch, el, acc_el)
+
+
+def blocked_memory(shape, *, ksize: int = 3, rate: int = 2, fuse_k: int = 3, fuse: bool = True,
+                   dtype=torch.float32, block_bytes: int | None = None) -> int:
+    """Bytes :func:`contextual_attention_blocked` allocates at its peak, without gradients, for
+    features of ``shape`` (B, C, H, W): the keys and raw patches, the padded downscaled
+    features, the output, and one tile's temporaries (module doc)."""
+    b, c, h, w = shape
+    hs, ws = h // rate, w // rate
+    _, _, held, tile = _plan(b, c, hs, ws, ksize, rate, fuse_k, fuse, dtype, block_bytes)
+    el = torch.empty((), dtype=dtype).element_size()
+    pad = ksize // 2
+    return held + tile + b * c * ((hs + 2 * pad) * (ws + 2 * pad) + h * w) * el
+
+
+def _patches_at(xp: torch.Tensor, positions: torch.Tensor, ksize: int, ws: int, stride: int = 1) -> torch.Tensor:
+    """(B, C*k*k, n): the ``ksize x ksize`` patches (F.unfold's order) of the zero-padded
+    map ``xp`` whose corners are at ``stride * (y, x)`` for the row-major matching
+    ``positions`` (y, x) of a map ``ws`` wide."""
+    b, c, _, wp = xp.shape
+    y, x = positions // ws * stride, positions % ws * stride
+    du = torch.arange(ksize, device=positions.device)
+    rows = y[None, :] + du[:, None]                                     # k, n
+    cols = x[None, :] + du[:, None]                                     # k, n
+    flat = (rows[:, None, :] * wp + cols[None, :, :]).reshape(-1)       # (u, v, n) row-major
+    return xp.flatten(2).index_select(2, flat).view(b, c * ksize * ksize, positions.numel())
+
+
+def _key_shift_plan(hs: int, ws: int, shifts, device) -> list[tuple]:
+    """Per shift ``(e, d)``, how ``t_ed`` maps the keys: ``(off, a, b, dst, src)``. Keys
+    ``[a, b)`` (those whose column-major shift stays in their column) go to ``key + off``,
+    ``off = e * ws + d`` (the row-major shift wraps across rows by itself); the few others,
+    ``dst``, wrap to the next or previous column, to ``src`` (those that leave the map are
+    dropped: their term is zero)."""
+    n = hs * ws
+    plan = []
+    for e, d in shifts:
+        off = e * ws + d
+        y_lo, y_hi = max(0, -e), min(hs, hs - e)
+        a, b = max(y_lo * ws, -off), min(y_hi * ws, n - off)
+        if y_hi > y_lo:
+            wrap = torch.cat([torch.arange(0, y_lo * ws, device=device), torch.arange(y_hi * ws, n, device=device)])
+        else:
+            wrap = torch.arange(n, device=device)
+            a = b = 0
+        src = _shifted(wrap, e, d, hs, ws)
+        keep = src >= 0
+        plan.append((off, a, max(a, b), wrap[keep], src[keep]))
+    return plan
+
+
+def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, tile_hw, ksize, rate, scale,
+                  masking, out_dtype):
+    """The output piece of one tile: fused scores of the tile's queries against all keys,
+    masked softmax over the keys, and the overlap-add of the raw patches (module doc)."""
+    ws = xs_pad.shape[-1] - 2 * (ksize // 2)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    queries = F.pad(_patches_at(xs_pad, positions, ksize, ws), (0, 1))            # B, D, |N|+1 (zero query last)
+    t = torch.bmm(queries.transpose(1, 2), keys)                                  # B, |N|+1, L: raw scores
+    del queries
+    s = None
+    for (off, a, b, dst, src), cols in zip(key_plan, col_shift):
+        u = t.index_select(1, cols)                               # B, |J|, L: rows of t_ed(j), whole rows
+        if s is None:                                             # the (0, 0) shift: the identity
+            s = u
+            continue
+        if b > a:
+            s[:, :, a:b] += u[:, :, a + off:b + off]
+        if dst.numel():
+            s.index_add_(2, dst, u.index_select(2, src))
+    del t, u
+    v = valid.unsqueeze(1)                                                        # B, 1, L
+    if masking == "official":
+        attn = torch.softmax((s * v.to(s.dtype)).to(acc) * scale, dim=2) * v
+    else:
+        attn = torch.softmax(torch.where(v, s.to(acc) * scale, torch.finfo(acc).min), dim=2) * v
+    del s
+    attn = attn.to(out_dtype)
+    if used is not None:                                   # the keys with a weight in some sample
+        attn = attn.index_select(2, used)
+    cols = torch.bmm(raw, attn.transpose(1, 2))                                   # B, C*k2*k2, |J|
+    del attn
+    th, tw = tile_hw
+    k2 = 2 * rate
+    return F.fold(cols, (rate * th + rate, rate * tw + rate), k2, stride=rate) / 4.0
+
+
+def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = None, *, ksize: int = 3,
+                                 rate: int = 2, fuse_k: int = 3, softmax_scale: float = 10.0, fuse: bool = True,
+                                 masking: str = "official", eps: float = 1e-4,
+                                 block_bytes: int | None = None) -> torch.Tensor:
+    """:func:`contextual_attention`, computed in tiles of queries so that no (L x L) tensor
+    exists (module doc, "Blocked form"). Same arguments and result (no ``return_attention``:
+    the attention map is the L x L tensor this form avoids).
+
+    ``block_bytes``: the memory one tile's temporaries may take; None (default): half of
+    the features the call holds anyway (keys and raw patches), at least
+    :data:`DEFAULT_BLOCK_BYTES`. A map that fits is one tile, the reference's computation.
+    With gradients and several tiles, each tile is recomputed in backward
+    (``torch.utils.checkpoint``)."""
+    _check(x, mask, ksize, rate, fuse_k, masking)
+    if block_bytes is not None and (isinstance(block_bytes, bool) or not isinstance(block_bytes, int)
+                                    or block_bytes < 1):
+        raise ValueError(f"block_bytes must be a positive int or None, got {block_bytes!r}")
+    b, c, h, w = x.shape
+    hs, ws = h // rate, w // rate
+    n_keys = hs * ws
+    pad = ksize // 2
+    acc = torch.promote_types(x.dtype, torch.float32)
+    grad = torch.is_grad_enabled() and x.requires_grad
+    xs = x[:, :, ::rate, ::rate]
+    keys = F.unfold(xs, ksize, padding=pad)                                       # B, C*k*k, L
+    norms = keys.to(acc).pow(2).sum(1, keepdim=True).sqrt().clamp_min(eps).to(keys.dtype)
+    keys = keys / norms if grad else keys.div_(norms)
+    del norms
+    xs_pad = F.pad(xs, (pad, pad, pad, pad))                                      # queries are gathered from it
+    valid = key_validity(mask, (hs, ws), ksize, b, x.device)                      # B, L
+    # the raw patches of the keys valid in some sample: the others have no weight anywhere
+    used = valid.any(0).nonzero().squeeze(1)
+    x_pad = F.pad(x, (rate - 1,) * 4)
+    raw = _patches_at(x_pad, used, 2 * rate, ws, stride=rate)                     # B, C*k2*k2, |used|
+    del x_pad
+    used = None if used.numel() == n_keys else used
+    shifts = _fuse_shifts(fuse, fuse_k)
+    th, tw, _, _ = _plan(b, c, hs, ws, ksize, rate, fuse_k, fuse, x.dtype, block_bytes)
+    dev = x.device
+    key_plan = _key_shift_plan(hs, ws, shifts, dev)
+    tiles = [(y0, min(y0 + th, hs), x0, min(x0 + tw, ws)) for y0 in range(0, hs, th) for x0 in range(0, ws, tw)]
+    use_checkpoint = grad and len(tiles) > 1
+    out = None
+    for y0, y1, x0, x1 in tiles:
+        tile = ((torch.arange(y0, y1, device=dev) * ws)[:, None] + torch.arange(x0, x1, device=dev)[None, :])
+        q_shift = torch.stack([_shifted(tile.flatten(), e, d, hs, ws) for e, d in shifts])   # S, |J|
+        positions = torch.unique(q_shift[q_shift >= 0])                                       # sorted
+        col_shift = torch.where(q_shift >= 0, torch.searchsorted(positions, q_shift.clamp_min(0)),
+                                positions.numel())
+        args = (keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, (y1 - y0, x1 - x0), ksize, rate,
+                float(softmax_scale), masking, x.dtype)
+        piece = checkpoint(_tile_forward, *args, use_reentrant=False) if use_checkpoint else _tile_forward(*args)
+        # the piece covers output rows [rate*y0 - rate + 1, rate*y1 + 1) and the same in columns
+        r0, c0 = rate * y0 - rate + 1, rate * x0 - rate + 1
+        a0, b0 = max(r0, 0), max(c0, 0)
+        a1, b1 = min(rate * y1 + 1, h), min(rate * x1 + 1, w)
+        part = piece[:, :, a0 - r0:a1 - r0, b0 - c0:b1 - c0]
+        if len(tiles) == 1:
+            out = part.contiguous()
+        else:
+            if out is None:
+                out = x.new_zeros(b, c, h, w)
+            out[:, :, a0:a1, b0:b1] += part
+    if x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 class ContextualAttention(nn.Module):
-    """:func:`contextual_attention` as a module (no parameters); ``forward(x, mask)``."""
+    """Contextual attention as a module (no parameters); ``forward(x, mask)``.
+
+    ``blocked`` (default True): :func:`contextual_attention_blocked`, with ``block_bytes``
+    (with the default budget, a map that would be one tile runs the reference, which is
+    faster and then needs no more memory); False: the reference :func:`contextual_attention` (the full L x L maps). Under
+    ``torch.compile`` and ``torch.export`` the reference is traced either way: the blocked
+    form's tile plans and its choice of keys are data-dependent (``unique``, ``nonzero``)
+    and its tile count depends on the size, while the reference is one graph for any size
+    (the same function; to compile a model for large images, keep the attention eager
+    with ``torch.compiler.disable``)."""
 
     def __init__(self, ksize: int = 3, rate: int = 2, fuse_k: int = 3, softmax_scale: float = 10.0,
-                 fuse: bool = True, masking: str = "official"):
+                 fuse: bool = True, masking: str = "official", blocked: bool = True, block_bytes: int | None = None):
         super().__init__()
         if masking not in _MASKINGS:
             raise ValueError(f"masking must be one of {_MASKINGS}, got {masking!r}")
+        if not isinstance(blocked, bool):
+            raise ValueError(f"blocked must be True or False, got {blocked!r}")
         self.ksize, self.rate, self.fuse_k = ksize, rate, fuse_k
         self.softmax_scale, self.fuse, self.masking = float(softmax_scale), bool(fuse), masking
+        self.blocked, self.block_bytes = blocked, block_bytes
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return contextual_attention(x, mask, ksize=self.ksize, rate=self.rate, fuse_k=self.fuse_k,
-                                    softmax_scale=self.softmax_scale, fuse=self.fuse, masking=self.masking)
+        kw = dict(ksize=self.ksize, rate=self.rate, fuse_k=self.fuse_k, softmax_scale=self.softmax_scale,
+                  fuse=self.fuse, masking=self.masking)
+        if self.blocked and not torch.compiler.is_compiling() and not self._one_tile(x):
+            return contextual_attention_blocked(x, mask, block_bytes=self.block_bytes, **kw)
+        return contextual_attention(x, mask, **kw)
+
+    def _one_tile(self, x: torch.Tensor) -> bool:
+        """With the default budget (``block_bytes`` None), whether the blocked form would run
+        the whole map as one tile: then its memory is the reference's order anyway, and the
+        reference (no ring of shifted rows to gather) is the faster of the two."""
+        if self.block_bytes is not None:
+            return False
+        b, c, h, w = x.shape
+        hs, ws = h // self.rate, w // self.rate
+        th, tw, _, _ = _plan(b, c, hs, ws, self.ksize, self.rate, self.fuse_k, self.fuse, x.dtype, None)
+        return th >= hs and tw >= ws
 
     def extra_repr(self) -> str:
         return (f"ksize={self.ksize}, rate={self.rate}, fuse_k={self.fuse_k}, softmax_scale={self.softmax_scale}, "
-                f"fuse={self.fuse}, masking={self.masking!r}")
+                f"fuse={self.fuse}, masking={self.masking!r}, blocked={self.blocked}")

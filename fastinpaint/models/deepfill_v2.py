@@ -57,7 +57,7 @@ from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ._common import merge_loss_weights, strip_wrapper_prefixes
-from .contextual_attention import ContextualAttention
+from .contextual_attention import ContextualAttention, blocked_memory
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_checkpoint",
            "convert_port_state_dict", "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
@@ -181,12 +181,14 @@ class DeepFillV2Generator(nn.Module):
         if h % self.size_multiple or w % self.size_multiple:
             raise ValueError(f"DeepFillV2Generator needs height and width that are multiples of "
                              f"{self.size_multiple}, got {h}x{w} (pad the image, e.g. as fastinpaint inpaint does)")
+        if return_coarse is None:
+            return_coarse = self.training
         mask = x[:, -1:]
         coarse = self.stage1(x)
         mixed = coarse * mask + x[:, :3] * (1 - mask)
+        if not return_coarse:
+            del coarse      # not held through the second stage (large images)
         refined = self.stage2(mixed, mask)
-        if return_coarse is None:
-            return_coarse = self.training
         return (coarse, refined) if return_coarse else refined
 
 
@@ -373,6 +375,37 @@ class DeepFillV2Recipe:
             discriminator_state = _add_input_channel(discriminator_state, f"{sn}.original", 4,
                                                      self.discriminator.in_channels, vector_key=f"{sn}.0._v")
         return generator_state, discriminator_state
+
+    #: :meth:`inference_memory`'s constants (bytes; bytes per pixel and unit of cnum)
+    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 100 * 2**20, 13.0, 4.0
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
+        to the process's resident memory for a ``height x width`` input (sides multiples of 8):
+
+            memory_base + max(memory_conv_per_pixel_cnum * cnum * H * W,
+                              attention + memory_attention_per_pixel_cnum * cnum * H * W)
+
+        The first term is the full-resolution gated layers (the largest, the second stage's
+        gated deconv: its phase-stacked pre-activations, its output, and the maps held
+        across the stages); the second the contextual attention's peak (``attention`` =
+        :func:`~fastinpaint.models.contextual_attention.blocked_memory`: its keys, raw
+        patches and one tile) with the maps held beside it. Fitted to peaks measured at
+        512 to 4096 pixels square (cnum 48), which it exceeds by 6-12% from 1024 up (27%
+        at 512). ``fastinpaint inpaint`` refuses an image this exceeds the memory
+        for."""
+        g = self.generator
+        ca = g.stage2.contextual_attention
+        pixels = height * width
+        shape = (1, 2 * g.cnum, height // 4, width // 4)
+        if ca.blocked:
+            attention = blocked_memory(shape, ksize=ca.ksize, rate=ca.rate, fuse_k=ca.fuse_k, fuse=ca.fuse,
+                                       block_bytes=ca.block_bytes)
+        else:   # the reference: the score map, its fused copies and the softmax, each (L x L)
+            n = (height // 4 // ca.rate) * (width // 4 // ca.rate)
+            attention = 5 * n * n * 4
+        return int(self.memory_base + max(self.memory_conv_per_pixel_cnum * g.cnum * pixels,
+                                          attention + self.memory_attention_per_pixel_cnum * g.cnum * pixels))
 
     def prepare_input(self, image: torch.Tensor, mask: torch.Tensor, sketch: torch.Tensor | None = None):
         """(B, 5 or 6, H, W): masked image, [sketch * mask], ones, mask."""

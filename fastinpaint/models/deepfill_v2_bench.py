@@ -1,5 +1,6 @@
 """DeepFill v2 end-to-end benchmarks: the generator on fastinpaint's kernels against the
-same model on eager layers (``use_backend("reference")``) and ``torch.compile`` of that,
+same model on eager layers (``use_backend("reference")``, and the published contextual
+attention over the whole score matrix instead of the blocked one) and ``torch.compile`` of that,
 and ``torch.compile`` of the generator on fastinpaint's layers, timed in the same run.
 
 Cases:
@@ -35,6 +36,7 @@ import torch
 
 from .. import _backend
 from .. import benchmark as B
+from .contextual_attention import ContextualAttention
 from .deepfill_v2 import DeepFillV2Recipe
 
 # the compiled ones last: a time limit cuts them first
@@ -116,6 +118,10 @@ def make_step(recipe, impl: str, case: str, image, mask):
     """A closure running one ``case`` for ``impl`` (compiled lazily inside the backend context)."""
     g = recipe.generator
     d = recipe.discriminator
+    if impl in ("eager", "compile(eager)"):   # the published attention: the whole score matrix
+        for m in g.modules():
+            if isinstance(m, ContextualAttention):
+                m.blocked = False
     net = torch.compile(g, dynamic=False) if impl.startswith("compile") else g
     x = recipe.prepare_input(image, mask)
     params = list(g.parameters()) + list(d.parameters())
@@ -239,6 +245,11 @@ def main(argv=None) -> int:
         print(B.peak_line(_peak_child(*argv[1:8])))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    return run_args(add_arguments(p).parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench deepfill_v2``."""
     B.add_common_args(p, min_time=1.0)
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--size", type=int, default=None, help="training / fwd+bwd size (256 published)")
@@ -248,7 +259,11 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"])
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
-    a = p.parse_args(argv)
+    return p
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
     channels_last = gpu if a.channels_last is None else a.channels_last

@@ -163,6 +163,17 @@ class DGIIRecipe:
     prepare_input = staticmethod(prepare_input)
     final_output = staticmethod(final_output)
 
+    #: :meth:`inference_memory`'s constants: bytes, and bytes per pixel and unit of width
+    memory_base, memory_per_pixel_width = 96 * 2**20, 49.0
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the eval-mode forward (the inpainting network alone; no gradients, float32,
+        batch 1, CPU) adds to the process's resident memory for a ``height x width`` input:
+        ``memory_base + memory_per_pixel_width * width * H * W`` (the attention's kernels hold
+        no N x N map), fitted to measured peaks."""
+        return int(self.memory_base + self.memory_per_pixel_width * self.generator.inpainter.e1.out_channels
+                   * height * width)
+
     @staticmethod
     def composite(image, mask, output) -> torch.Tensor:
         return _composite(image, mask, final_output(output))

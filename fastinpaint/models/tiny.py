@@ -132,6 +132,16 @@ class TinyGatedRecipe:
     prepare_input = staticmethod(prepare_input)
     composite = staticmethod(composite)
 
+    #: :meth:`inference_memory`'s constants: bytes, and bytes per pixel and unit of width
+    memory_base, memory_per_pixel_width = 128 * 2**20, 22.5
+
+    def inference_memory(self, height: int, width: int) -> int:
+        """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
+        to the process's resident memory for a ``height x width`` input: ``memory_base +
+        memory_per_pixel_width * width * H * W``, fitted to measured peaks."""
+        return int(self.memory_base + self.memory_per_pixel_width * self.generator.body[0].out_channels
+                   * height * width)
+
     def generator_losses(self, image, mask, output, discriminator=None) -> dict[str, torch.Tensor]:
         output = output.float()
         image = image.float()

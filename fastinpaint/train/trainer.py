@@ -44,7 +44,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import make_dataset, make_loader, make_mask_generator, sample_rng, set_epoch
-from ..errors import InputNotFoundError, InvalidInputError, RunExistsError, UnreadableInputError, UserError
+from ..errors import InputNotFoundError, InvalidInputError, RunExistsError, UnreadableInputError, UserError, \
+    check_folder
 from ..models import build_model
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import ConfigError, TrainConfig, lr_factor
@@ -218,10 +219,11 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _val_batches(config: TrainConfig, mask_gen) -> list:
+def _val_batches(config: TrainConfig, mask_gen, **kw) -> list:
     """The fixed validation batches: the first ``val_batches`` of the validation split with
     masks of epoch 0. A folder whose validation split is empty or unreadable falls back to
-    centre crops of every image (with a warning); nothing readable at all: no validation."""
+    centre crops of every image (with a warning); nothing readable at all: no validation.
+    ``kw``: for a folder's datasets (``warned``)."""
 
     def load(dataset):
         ds = MaskedDataset(dataset, mask_gen, config.seed + 1, fixed_epoch=0)
@@ -234,7 +236,7 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
         return batches
 
     try:
-        return load(make_dataset(config.data, size=config.size, split="val", seed=config.seed))
+        return load(make_dataset(config.data, size=config.size, split="val", seed=config.seed, **kw))
     except (ValueError, RuntimeError) as e:   # empty split / no readable file in it
         if config.data == "demo":
             raise
@@ -243,7 +245,7 @@ def _val_batches(config: TrainConfig, mask_gen) -> list:
                       "instead", RuntimeWarning)
     try:
         return load(make_dataset(config.data, size=config.size, split="all", seed=config.seed, crop="center",
-                                 flip=False))
+                                 flip=False, **kw))
     except (ValueError, RuntimeError) as e:
         warnings.warn(f"no validation images ({e}); the run has no validation metrics or sample grid",
                       RuntimeWarning)
@@ -344,6 +346,7 @@ def _check_run_dir(config: TrainConfig, overwrite: bool) -> None:
     if config.resume and overwrite:
         raise InvalidInputError("resume and overwrite contradict each other", argument="overwrite",
                                 fix="give --resume to continue the run, or --overwrite to start over, not both")
+    check_folder(config.out, argument="out", what="the run")
     found = existing_run(config.out)
     if config.resume and not found:
         raise InputNotFoundError(f"{config.out} holds no run to resume", argument="out",
@@ -417,10 +420,12 @@ class Trainer:
     2. :meth:`build_data`: mask generator, training loader, fixed validation batches
     3. :meth:`resume`: the latest checkpoint's state, when ``config.resume``
     4. :meth:`initialise`: the weights of ``config.init``, when no checkpoint was resumed
-    5. :meth:`prepare_run_dir`: the previous run's files deleted (``overwrite``), config.json
+    5. :meth:`check_validation`, then :meth:`prepare_run_dir`: the first validation computed (a metric
+       that cannot take the crops fails here), then the previous run's files deleted (``overwrite``), config.json
     6. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
     7. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
-    8. :meth:`initial_validation`: the baselines (mean colour, Telea) and the untrained network
+    8. :meth:`initial_validation`: the validations of step 5 (the baselines, mean colour and Telea,
+       and the untrained network) recorded
     9. per step, :meth:`train_step` (:meth:`set_learning_rates`, :meth:`discriminator_step`, :meth:`generator_step`,
        :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
        :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
@@ -455,6 +460,7 @@ class Trainer:
         self.build_data()
         self.resume()
         self.initialise()
+        self.check_validation()
         self.prepare_run_dir()
         self.wrap_distributed()
         self.seek_data(self.epoch, self.batch_in_epoch)
@@ -515,7 +521,8 @@ class Trainer:
         """The training loader (each rank its share) and, on rank 0, the validation batches."""
         config = self.config
         self.mask_gen = make_mask_generator(config.mask, **config.mask_options)
-        kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {}
+        warned = set()   # one warning per unreadable file, whichever dataset of the run reads it first
+        kw = {"samples_per_epoch": config.samples_per_epoch} if config.data == "demo" else {"warned": warned}
         train_ds = MaskedDataset(make_dataset(config.data, size=config.size, split="train", seed=config.seed, **kw),
                                  self.mask_gen, config.seed + 1)
         # before the batch check: an unreadable folder is named as such, not as too small for the batch
@@ -530,15 +537,24 @@ class Trainer:
                 fix="add images to the folder, or lower the batch (--set batch_size=N)")
         self.val_batches = []
         if self.main:
-            self.val_batches = _val_batches(config, self.mask_gen)
+            self.val_batches = _val_batches(config, self.mask_gen, **({} if config.data == "demo" else
+                                                                     {"warned": warned}))
 
     @torch.no_grad()
     def _check_model_takes(self, sample) -> None:
         """One (image, mask) sample through the generator (eval mode, no gradient, no random
         draw) before the run folder is touched: a crop size the network cannot take fails
         here, in one line."""
+        from ..metrics import SSIM_KERNEL_SIZE
+
         config, name = self.config, self.config.model
         multiple = getattr(self.recipe, "size_multiple", None)
+        if config.size < SSIM_KERNEL_SIZE:   # the validation's SSIM window
+            least = -(-SSIM_KERNEL_SIZE // multiple) * multiple if multiple else SSIM_KERNEL_SIZE
+            raise InvalidInputError(f"must be at least {SSIM_KERNEL_SIZE} (the window of the validation's SSIM), "
+                                    f"got {config.size}", argument="size",
+                                    fix=f"give --set size={least} or more" + (f" (a multiple of {multiple} for model "
+                                                                              f"{name!r})" if multiple else ""))
         if multiple and config.size % multiple:
             near = config.size // multiple * multiple or multiple
             raise InvalidInputError(f"model {name!r} needs crops whose side is a multiple of {multiple}, got "
@@ -554,6 +570,26 @@ class Trainer:
                                     argument="size", fix="change --set size (or the model's options)") from e
         finally:
             self.generator.train(was_training)
+
+    def check_validation(self) -> None:
+        """Rank 0, before the run folder is touched: the validation of the classical baselines of
+        :data:`VALIDATION_BASELINES` (the mean known colour and OpenCV's Telea; one whose package
+        is missing is recorded as unavailable, with the reason) and, at step 0, of the network as
+        it starts, computed now (no random draw), so that a metric or network that cannot take
+        the validation batches fails while the previous run is intact; :meth:`initial_validation`
+        records them."""
+        self._first_validation = None
+        if self.main and self.val_batches:
+            from ..baselines import BaselineUnavailableError, baseline_fill
+
+            for name in VALIDATION_BASELINES:
+                try:
+                    self.baselines[name] = self.evaluate(baseline_fill(name))[0]
+                except BaselineUnavailableError as e:
+                    self.baselines_unavailable[name] = str(e)
+            self.baseline = self.baselines["mean"]   # what filling holes with the mean known colour scores
+            if self.step == 0:
+                self._first_validation = self.validate()   # the untrained network, for comparison
 
     def prepare_run_dir(self) -> None:
         """Rank 0, once the model, the data and (resuming) the checkpoint are known to work: with
@@ -835,12 +871,13 @@ class Trainer:
         finally:
             net.train(was_training)
 
-    def run_validation(self) -> None:
-        """Rank 0: validate, record the metrics (history, metrics.json, log) and keep the grid."""
+    def run_validation(self, computed: tuple | None = None) -> None:
+        """Rank 0: validate (``computed``: the ``(values, grid)`` of :meth:`validate` at this step),
+        record the metrics (history, metrics.json, log) and keep the grid."""
         if not self.main:
             return
         step = self.step
-        values, grid = self.validate()
+        values, grid = computed if computed is not None else self.validate()
         self.last_val = values
         again = bool(self.history) and self.history[-1]["step"] == step   # a finished run resumed
         if again:
@@ -858,20 +895,10 @@ class Trainer:
               " ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
 
     def initial_validation(self) -> None:
-        """Rank 0: the classical baselines of :data:`VALIDATION_BASELINES` (the mean known colour
-        and OpenCV's Telea; one whose package is missing is recorded as unavailable, with the
-        reason) and, at step 0, the untrained network."""
-        if self.main and self.val_batches:
-            from ..baselines import BaselineUnavailableError, baseline_fill
-
-            for name in VALIDATION_BASELINES:
-                try:
-                    self.baselines[name] = self.evaluate(baseline_fill(name))[0]
-                except BaselineUnavailableError as e:
-                    self.baselines_unavailable[name] = str(e)
-            self.baseline = self.baselines["mean"]   # what filling holes with the mean known colour scores
-            if self.step == 0:
-                self.run_validation()                     # the untrained network, for comparison
+        """Rank 0: records the validation of :meth:`check_validation` at step 0 (the untrained
+        network; the baselines' are kept beside every validation)."""
+        if self.main and self.val_batches and self.step == 0:
+            self.run_validation(getattr(self, "_first_validation", None))
 
     def baseline_record(self) -> dict:
         """The baselines' validation metrics as metrics.json and :func:`train` report them:

@@ -168,14 +168,18 @@ def capture_calls(dtype: torch.dtype) -> None:
                                 *make_inputs(case, "cpu", dtype, grad, cl)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench channel_fc``."""
     B.add_common_args(p, min_time=0.5, dtype_choices=["float32", "float16", "bfloat16"])
     p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="+", default=None, help="substrings of case names")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-compile", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run the cases ``args`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(args)
     cases = CASES if not args.cases else [c for c in CASES if any(s in c.name for s in args.cases)]
     env = B.environment(args.device)
@@ -189,6 +193,10 @@ def main(argv=None) -> int:
     save(rows, ceilings)
     print(markdown(rows, env, ceilings))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_args(add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 every fastinpaint backend available here against the eager reference (the public ports'
 formulation) and torch.compile of it, in the same run. Per case and mode (forward+backward,
 forward without grad): median ms, the speed-ups over both baselines, the bytes saved for
-backward, peak memory and TFLOP/s (GPU). ``fastinpaint bench`` runs this script.
+backward, peak memory and TFLOP/s (GPU). ``fastinpaint bench gated_conv`` runs this script
+(and ``fastinpaint bench`` without an op name).
 
     python -m fastinpaint.ops.gated_conv.bench --device cpu --quick
     python -m fastinpaint.ops.gated_conv.bench --device cuda --json out.json --markdown out.md
@@ -191,7 +192,7 @@ def markdown(rows: list[dict], env: dict | None = None, ceilings: dict | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of this script and of ``fastinpaint bench``."""
+    """The options of this script and of ``fastinpaint bench gated_conv``."""
     B.add_common_args(parser, dtype_choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--batch", type=int, help="default: 1 on cpu, 8 on cuda")
     parser.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last")

@@ -59,7 +59,7 @@ def _inputs(case: Case, batch, device, dtype, channels_last, grad):
     return x, m, w, b
 
 
-def implementations(case: Case, device: str) -> dict:
+def implementations(case: Case, device: str, compile_baseline: bool = True) -> dict:
     pad = case.k // 2
 
     def eager(x, m, w, b):
@@ -67,20 +67,22 @@ def implementations(case: Case, device: str) -> dict:
 
     impls = {"eager": eager}
     for backend in ("cpu", "cuda", "triton"):
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is for correctness, not speed
         if _backend.unavailable_reason(backend, device) is None:
             def fn(x, m, w, b, _backend_name=backend):
                 with _backend.use_backend(_backend_name):
                     return partial_conv2d(x, m, w, b, case.stride, pad, 1)[0]
             impls[f"fastinpaint[{backend}]"] = fn
-    return B.with_compiled(impls)
+    return B.with_compiled(impls, compile_baseline)
 
 
 def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=False, modes=("fwd+bwd", "fwd"),
-        min_time_s=0.5, progress=None) -> list[dict]:
+        min_time_s=0.5, progress=None, compile_baseline: bool = True) -> list[dict]:
     rows = []
     for case in cases:
         with B.fresh_compile():   # each case compiles afresh; a fallback to eager is an error
-            impls = implementations(case, device)
+            impls = implementations(case, device, compile_baseline)
             for mode in modes:
                 grad = mode == "fwd+bwd"
                 x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
@@ -139,14 +141,20 @@ def capture_calls(dtype: torch.dtype) -> None:
                         lambda grad, case=case: _inputs(case, 1, "cpu", dtype, True, grad))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="partial convolution benchmarks")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench partial_conv``."""
     B.add_common_args(p, min_time=0.5)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
-    a = p.parse_args(argv)
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile of every implementation (compile(eager), compile(fastinpaint[...]))")
+    return p
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
     batch = a.batch or (8 if gpu else 1)
@@ -159,9 +167,15 @@ def main(argv=None) -> int:
         B.write_results(a.json, a.markdown, rows, env, {}, markdown,
                         path_plot=a.plot, title='partial convolution')
 
-    rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress)
+    rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress,
+               compile_baseline=not a.no_compile)
     print(markdown(rows, env))
     return 1 if any("error" in r for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    return run_args(add_arguments(argparse.ArgumentParser(description="partial convolution benchmarks"))
+                    .parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -238,20 +238,21 @@ def capture_calls(dtype: torch.dtype, batch: int = 8) -> None:
                         lambda grad, n=n: make_loss_inputs(batch, n, "cpu", dtype, grad))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--_peak":
-        kind, impl, batch, n, dtype_name, grad = argv[1:7]
-        print(B.peak_line(_peak_rss_child(kind, impl, int(batch), int(n), dtype_name, grad == "1")))
-        return 0
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench pixel_attention``."""
     B.add_common_args(p, min_time=0.3)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--kinds", nargs="+", default=["attention", "loss"], choices=["attention", "loss"])
     p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
     p.add_argument("--no-compile", action="store_true")
-    a = p.parse_args(argv)
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the CPU peak-memory figure (one fresh process per implementation)")
+    return p
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     gpu = a.device == "cuda"
     dtype = B.apply_common_args(a)  # --threads reaches the peak-memory child processes too
     batch = a.batch or (8 if gpu else 1)
@@ -264,9 +265,19 @@ def main(argv=None):
         B.write_results(a.json, a.markdown, rows, env, ceilings, markdown,
                         path_plot=a.plot, title='pixel attention')
 
-    rows = bench(a.kinds, sizes, a.device, dtype, batch, a.modes, not a.no_compile, a.min_time, progress=save)
+    rows = bench(a.kinds, sizes, a.device, dtype, batch, a.modes, not a.no_compile, a.min_time,
+                 cpu_memory=not a.no_peak, progress=save)
     print(markdown(rows, env, ceilings))
     return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_peak":
+        kind, impl, batch, n, dtype_name, grad = argv[1:7]
+        print(B.peak_line(_peak_rss_child(kind, impl, int(batch), int(n), dtype_name, grad == "1")))
+        return 0
+    return run_args(add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -220,13 +220,17 @@ def capture_calls(dtype: torch.dtype) -> None:
         B.capture_steps(fn, args)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of this script and of ``fastinpaint bench self_similarity``."""
     B.add_common_args(p, min_time=0.5, threads=False)
     p.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-peak", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(a)
     cases = GPU_CASES if a.device == "cuda" else CPU_CASES
     if a.cases:
@@ -240,7 +244,12 @@ def main(argv=None) -> None:
         print(markdown(rows, env, ceilings), flush=True)
 
     bench(cases, a.device, dtype, a.min_time, not a.no_compile, not a.no_peak, progress=save, ceilings=ceilings)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_args(add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
