@@ -549,3 +549,52 @@ def test_learned_structure_heads_train_and_resume_exactly(tmp_path):
     assert heads_a is not None and all(torch.equal(v, heads_b[k]) for k, v in heads_a.items())
     at_2 = load_checkpoint(checkpoint_path(tmp_path / "half" / "checkpoints", 2))["structure"]["heads"]
     assert any(not torch.equal(v, at_2[k]) for k, v in heads_b.items())   # the heads trained on
+
+
+def test_lr_factor_warmup_then_cosine_or_constant():
+    from fastinpaint.train.config import lr_factor
+
+    steps, warm = 100, 10
+    assert [lr_factor("cosine", s, steps, warm) for s in range(warm)] == pytest.approx([(s + 1) / warm for s in range(warm)])
+    assert lr_factor("cosine", warm, steps, warm) == pytest.approx(1.0)
+    mid = warm + (steps - warm) // 2
+    assert lr_factor("cosine", mid, steps, warm) == pytest.approx(0.5)
+    assert lr_factor("cosine", steps, steps, warm) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor("cosine", s, steps) for s in range(steps)]
+    assert all(a >= b for a, b in zip(values, values[1:]))       # falls monotonically
+    assert {lr_factor("constant", s, steps) for s in range(steps)} == {1.0}
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("linear", 0, steps)
+
+
+def test_the_trainer_follows_the_schedule(tmp_path):
+    """The optimiser's learning rate at each step is config.lr times lr_factor of that step."""
+    from fastinpaint.train.config import lr_factor
+
+    seen = []
+    trainer_lr = {}
+
+    def record(step):
+        seen.append((step, trainer_lr["opt"].param_groups[0]["lr"]))
+
+    config = cfg(tmp_path / "run", steps=6, lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    import fastinpaint.train.trainer as trainer_mod
+
+    original = trainer_mod.Trainer.set_learning_rates
+
+    def spy(self):
+        original(self)
+        trainer_lr["opt"] = self.opt_g
+
+    trainer_mod.Trainer.set_learning_rates = spy
+    try:
+        train(config, on_step=record)
+    finally:
+        trainer_mod.Trainer.set_learning_rates = original
+    assert [s for s, _ in seen] == list(range(1, 7))
+    assert [lr for _, lr in seen] == pytest.approx([1e-3 * lr_factor("cosine", s - 1, 6, 2) for s, _ in seen])
+
+
+def test_a_bad_schedule_names_itself():
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

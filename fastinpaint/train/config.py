@@ -51,7 +51,8 @@ class TrainConfig:
     mask_options: dict = field(default_factory=dict)     # default_mask_options), else free_form
     size: Optional[int] = None                           # None: the model's default_size, else 64
     batch_size: Optional[int] = None                     # per process; None: default_batch_size, else 4
-    steps: int = 2000                                    # optimiser steps
+    steps: Optional[int] = None                          # optimiser steps; None: the model's
+                                                         # default_steps, else 2000
     lr: Optional[float] = None                           # None: the model's published default_lr
     betas: Optional[tuple] = None                        # None: the model's default_betas
     lr_d: Optional[float] = None                         # discriminator; None: the model's
@@ -95,7 +96,7 @@ class TrainConfig:
         for name in ("size", "batch_size", "grad_accum", "keep", "val_batches", "log_every", "samples_per_epoch",
                      "checkpoint_every", "val_every", "steps", "num_workers", "seed", "warmup_steps"):
             v, least = getattr(self, name), 0 if name in ("steps", "num_workers", "seed", "warmup_steps") else 1
-            if v is None and name in ("size", "batch_size", "val_batches", "warmup_steps"):   # the model's default
+            if v is None and name in ("size", "batch_size", "val_batches", "warmup_steps", "steps"):   # the model's default
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise bad(name, f"an integer >= {least}")

@@ -313,7 +313,8 @@ def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
     ``default_lr_discriminator`` (else ``lr``), ``betas`` from ``default_betas`` (else
     (0.5, 0.999)), ``size`` from ``default_size`` (else 64), ``batch_size`` from
     ``default_batch_size`` (else 4), ``lr_schedule`` from ``default_lr_schedule`` (else
-    "constant"), ``warmup_steps`` from ``default_warmup_steps`` (else 0), ``val_batches`` from
+    "constant"), ``warmup_steps`` from ``default_warmup_steps`` (else 0), ``steps`` from
+    ``default_steps`` (else 2000), ``val_batches`` from
     ``default_val_batches`` (else 2), and ``mask`` with its options from ``default_mask`` and
     ``default_mask_options`` (else free-form strokes)."""
     lr = config.lr if config.lr is not None else float(getattr(recipe, "default_lr", 1e-4))
@@ -324,6 +325,7 @@ def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
     schedule = config.lr_schedule if config.lr_schedule is not None else \
         str(getattr(recipe, "default_lr_schedule", "constant"))
     warmup = config.warmup_steps if config.warmup_steps is not None else int(getattr(recipe, "default_warmup_steps", 0))
+    steps = config.steps if config.steps is not None else int(getattr(recipe, "default_steps", 2000))
     val_batches = config.val_batches if config.val_batches is not None else \
         int(getattr(recipe, "default_val_batches", 2))
     mask, mask_options = config.mask, config.mask_options
@@ -332,7 +334,7 @@ def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
         mask_options = {**dict(getattr(recipe, "default_mask_options", None) or {}), **mask_options}
     return dataclasses.replace(config, lr=lr, lr_d=lr_d, betas=betas, size=size, batch_size=batch, mask=mask,
                                mask_options=mask_options, lr_schedule=schedule, warmup_steps=warmup,
-                               val_batches=val_batches).validate()
+                               steps=steps, val_batches=val_batches).validate()
 
 
 def existing_run(run_dir) -> list[str]:
