@@ -293,7 +293,15 @@ def test_ctrl_c_saves_the_step_and_resume_is_exact(tmp_path, capsys):
     one log line per step and every validation in the history."""
     common = dict(steps=7, checkpoint_every=100, val_every=2)
     train(cfg(tmp_path / "a", **common))
+    # Python's own handler, whatever the test was started under (a background job ignores SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_and_resume(tmp_path, common, capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
+
+def _interrupt_and_resume(tmp_path, common, capsys):
     def interrupt_at_3(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
