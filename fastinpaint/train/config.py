@@ -96,7 +96,7 @@ class TrainConfig:
         for name in ("size", "batch_size", "grad_accum", "keep", "val_batches", "log_every", "samples_per_epoch",
                      "checkpoint_every", "val_every", "steps", "num_workers", "seed", "warmup_steps"):
             v, least = getattr(self, name), 0 if name in ("steps", "num_workers", "seed", "warmup_steps") else 1
-            if v is None and name in ("size", "batch_size", "val_batches", "warmup_steps", "steps"):   # the model's default
+            if v is None and name in ("size", "batch_size", "val_batches", "warmup_steps", "steps"):   # model's default
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise bad(name, f"an integer >= {least}")

@@ -50,8 +50,8 @@ from ..models import build_model
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
 from .config import ConfigError, TrainConfig, lr_factor
 
-__all__ = ["MaskedDataset", "RUN_FILES", "VALIDATION_BASELINES", "Trainer", "build_structure_loss", "existing_run", "resolve_defaults",
-           "train"]
+__all__ = ["MaskedDataset", "RUN_FILES", "VALIDATION_BASELINES", "Trainer", "build_structure_loss", "existing_run",
+           "resolve_defaults", "train"]
 
 # the classical fills every validation is set beside (fastinpaint.baselines)
 VALIDATION_BASELINES = ("mean", "telea")
