@@ -175,17 +175,27 @@ def _cmd_train(args) -> int:
 
 
 def _summary(result: dict) -> str:
-    """The validation metrics of the untrained network, the trained one, and the
-    mean-colour fill, side by side."""
-    final, start, base = result.get("metrics") or {}, result.get("initial_metrics") or {}, \
-        result.get("baseline_mean_fill") or {}
+    """The validation metrics of the untrained network, the trained one, the mean-colour fill
+    and OpenCV's Telea, side by side (a baseline that could not be run here says so)."""
+    final, start = result.get("metrics") or {}, result.get("initial_metrics") or {}
+    baselines = result.get("baselines") or {"mean": result.get("baseline_mean_fill") or {}}
+    unavailable = result.get("baselines_unavailable") or {}
     if not final:
         return "validation: none (no validation images)"
     rows = [("PSNR (dB)", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"), ("L1 in the hole", "l1_hole", "{:.4f}")]
-    lines = [f"validation after {result['step']} steps:   {'start':>8} {'trained':>8} {'mean-colour fill':>17}"]
+    columns = [("start", start, 8), ("trained", final, 8), ("mean-colour fill", baselines.get("mean") or {}, 17),
+               ("Telea (OpenCV)", baselines.get("telea") or {}, 15)]
+    lines = [f"validation after {result['step']} steps:   " + " ".join(f"{t:>{w}}" for t, _, w in columns)]
     for label, key, fmt in rows:
-        cells = [fmt.format(d[key]) if key in d else "-" for d in (start, final, base)]
-        lines.append(f"  {label:<28}{cells[0]:>8} {cells[1]:>8} {cells[2]:>17}")
+        cells = []
+        for title, d, width in columns:
+            cell = fmt.format(d[key]) if key in d else "-"
+            if title.startswith("Telea") and "telea" in unavailable:
+                cell = "unavailable"
+            cells.append(f"{cell:>{width}}")
+        lines.append(f"  {label:<28}" + " ".join(cells))
+    if "telea" in unavailable:
+        lines.append(f"  Telea: {unavailable['telea']}")
     return "\n".join(lines)
 
 

@@ -2,14 +2,10 @@
 
 Methods are trained generators (:func:`checkpoint_fill`, or any ``fill(image, mask) -> output``
 on ``(B, 3, H, W)`` images in [-1, 1] and ``(B, 1, H, W)`` masks, 1 = hole, as the trainer's
-validation takes) and the classical baselines of :data:`BASELINES`:
-
-* ``mean``: every hole pixel gets the mean colour of the image's known pixels
-  (:func:`fastinpaint.metrics.mean_fill`);
-* ``telea``: OpenCV's fast-marching inpainting (Telea, 2004), radius :data:`OPENCV_RADIUS`;
-* ``navier_stokes``: OpenCV's Navier-Stokes inpainting (Bertalmio et al., 2001), same radius.
-  The OpenCV ones need ``opencv-python-headless`` (the ``eval`` extra); without it they are
-  reported unavailable, a row saying so, never an error.
+validation takes) and the classical baselines of :mod:`fastinpaint.baselines` (``mean``,
+``telea``, ``navier_stokes``; re-exported here). The OpenCV ones need
+``opencv-python-headless`` (the ``train`` and ``eval`` extras); without it they are reported
+unavailable, a row saying so, never an error.
 
 The protocol:
 
@@ -56,14 +52,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .baselines import BASELINES, OPENCV_RADIUS, BaselineUnavailableError, baseline_fill, opencv_fill
 from .errors import InputNotFoundError, InvalidInputError
 
 __all__ = ["BASELINES", "OPENCV_RADIUS", "BaselineUnavailableError", "Evaluation", "MethodSummary",
            "baseline_fill", "check_out", "checkpoint_fill", "evaluate", "mask_rng", "mean_ci95", "opencv_fill",
            "REPORT_FILES", "square_image", "square_mask"]
 
-BASELINES = ("mean", "telea", "navier_stokes")
-OPENCV_RADIUS = 3   # pixels around a hole pixel that OpenCV's inpainting reads
 METRICS = ("psnr", "ssim", "l1", "l1_hole", "lpips")   # per image, in this order
 MMAGIC_L1 = "mmagic_l1_error"
 LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "l1": "L1", "l1_hole": "hole L1", "lpips": "LPIPS", "fid": "FID",
@@ -80,64 +75,12 @@ REPORT_FILES = ("per_image.csv", "summary.json", "summary.md", "grid.png")   # w
 Fill = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class BaselineUnavailableError(RuntimeError):
-    """A baseline whose package is not installed here (OpenCV for telea and navier_stokes)."""
-
-
 def mask_rng(seed: int, index: int) -> np.random.Generator:
     """The random generator of image ``index``'s mask: a function of (seed, index) only."""
     return np.random.default_rng([int(seed), int(index)])
 
 
 # ----------------------------------------------------------------------------- methods
-
-def _cv2():
-    try:
-        import cv2
-    except (ImportError, OSError) as e:   # not installed, or a build missing its system libraries
-        raise BaselineUnavailableError(
-            f"OpenCV is not importable here ({type(e).__name__}: {e}); pip install opencv-python-headless "
-            "(the fastinpaint[eval] extra)") from e
-    return cv2
-
-
-def opencv_fill(image: torch.Tensor, mask: torch.Tensor, method: str = "telea",
-                radius: int = OPENCV_RADIUS) -> torch.Tensor:
-    """OpenCV's inpainting (``method`` "telea" or "navier_stokes") of ``image`` ``(B, 3, H, W)`` in
-    [-1, 1] at ``mask`` ``(B, 1, H, W)`` (1 = hole), on the image rounded to 8 bits; the known
-    pixels are kept. Raises :class:`BaselineUnavailableError` when OpenCV is not installed."""
-    cv2 = _cv2()
-    flags = {"telea": cv2.INPAINT_TELEA, "navier_stokes": cv2.INPAINT_NS}
-    if method not in flags:
-        raise ValueError(f"method must be 'telea' or 'navier_stokes', got {method!r}")
-    from .inpaint import to_uint8
-    from .metrics import composite
-
-    filled = []
-    for x, m in zip(image, mask):
-        hole = (m[0].detach().cpu().numpy() > 0.5).astype(np.uint8) * 255
-        out = cv2.inpaint(np.ascontiguousarray(to_uint8(x)), hole, float(radius), flags[method])
-        filled.append(torch.from_numpy(out).permute(2, 0, 1))
-    out = torch.stack(filled).to(image.device, torch.float32).div(127.5).sub(1)
-    return composite(out, image.float(), mask.float())
-
-
-def baseline_fill(name: str) -> Fill:
-    """The ``fill(image, mask)`` of the baseline ``name`` (:data:`BASELINES`); raises
-    :class:`BaselineUnavailableError` when its package is not installed."""
-    if name == "mean":
-        from .metrics import mean_fill
-
-        return mean_fill
-    if name in ("telea", "navier_stokes"):
-        _cv2()
-
-        def fill(image, mask):
-            return opencv_fill(image, mask, name)
-
-        return fill
-    raise InvalidInputError(f"unknown baseline {name!r}", argument="baseline", fix=f"choose {', '.join(BASELINES)}")
-
 
 def checkpoint_fill(checkpoint, ema: bool = False, device="cpu", model: str | None = None,
                     model_options: dict | None = None) -> Fill:
@@ -224,7 +167,7 @@ def _as_rgb(image, where: str) -> np.ndarray:
         if image.dim() != 3 or image.shape[0] != 3 or not image.dtype.is_floating_point:
             raise InvalidInputError(f"{where} is a {tuple(image.shape)} {image.dtype} tensor; a (3, H, W) float "
                                     "tensor in [-1, 1] is expected", argument="data")
-        from .inpaint import to_uint8
+        from .data.datasets import to_uint8
 
         return to_uint8(image)
     a = np.asarray(image)
@@ -672,7 +615,7 @@ def evaluate(data, methods, masks="medium", seed: int = 0, *, size: int | None =
         grid_images: how many images (the first ones) :meth:`Evaluation.write` shows in the grid.
         progress: show a progress bar (tqdm).
     """
-    from .inpaint import to_uint8
+    from .data.datasets import to_uint8
 
     if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_SIDE):
         raise InvalidInputError(f"must be an integer >= {MIN_SIDE} (SSIM's window), got {size!r}", argument="size")

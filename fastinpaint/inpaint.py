@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.datasets import to_uint8
 from .errors import InputNotFoundError, InvalidInputError, UnreadableInputError
 from .weights import IMAGE_EXTENSIONS, load_pretrained
 
@@ -259,11 +260,6 @@ def generator_fill(recipe, generator):
         return out[..., :h, :w]
 
     return fill
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``(3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8, as an output is written: clamped, rounded."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- memory

@@ -329,17 +329,60 @@ def test_demo_val_fixed_and_distinct():
     flat = torch.stack(xa).flatten(1)
     for i in range(len(flat)):
         assert not (flat[i + 1:] == flat[i]).all(dim=1).any(), f"val crop {i} repeated"
-    # The first crop of each photo is its centre.
+    # The first crop of each photo is the centre of its held-out part.
     p, top, left = a.val_crops[0]
     img = a.images[p]
-    assert abs(top - (img.shape[0] - SIZE) / 2) <= 0.5 and abs(left - (img.shape[1] - SIZE) / 2) <= 0.5
+    t0, l0, h, w = a.regions(p)[1]
+    assert abs(top - t0 - (h - SIZE) / 2) <= 0.5 and abs(left - l0 - (w - SIZE) / 2) <= 0.5
     assert np.array_equal(_to_uint8(xa[0]), img[top:top + SIZE, left:left + SIZE])
 
 
+@pytest.mark.parametrize("size", [SIZE, 130])
+def test_demo_validation_is_held_out(monkeypatch, size):
+    """No validation pixel is ever trained on: photos whose pixels spell their coordinates,
+    one wide and one tall, and every pixel of every crop traced back to the photo."""
+    import fastinpaint.data.datasets as datasets
+
+    shapes = {"wide": (200, 250), "tall": (240, 100)}
+    monkeypatch.setattr(datasets, "_demo_photo", lambda name: _coords_image(*shapes[name]))
+    train = DemoDataset(size=size, split="train", samples_per_epoch=64, seed=3, photos=("wide", "tall"))
+    val = DemoDataset(size=size, split="val", photos=("wide", "tall"))
+    for p, name in enumerate(("wide", "tall")):
+        (tt, tl, th, tw), (vt, vl, vh, vw) = val.regions(p)
+        h, w = val.images[p].shape[:2]
+        if size == SIZE:   # no resizing: the coordinates are the photo's own
+            assert (h, w) == shapes[name]
+        # the two parts tile the photo, split across its longer side, the held-out part its last quarter
+        if h >= w:
+            assert (tt, tl, tw, vl, vw) == (0, 0, w, 0, w) and th + vh == h and vt == th
+            assert vh == max(size, round(h * datasets.DEMO_VAL_SHARE))
+        else:
+            assert (tt, tl, th, vt, vh) == (0, 0, h, 0, h) and tw + vw == w and vl == tw
+            assert vw == max(size, round(w * datasets.DEMO_VAL_SHARE))
+        assert min(th, tw, vh, vw) >= size
+    if size != SIZE:   # upscaled: the wide photo to hold a crop of each part, the tall one to the crop's side
+        assert val.images[0].shape[:2] == (208, 260) and val.images[1].shape[:2] == (312, 130)
+        return
+    for i in range(len(train)):
+        p = i % 2
+        (tt, tl, th, tw) = train.regions(p)[0]
+        crop = _to_uint8(train[i]).astype(int)
+        xs, ys = crop[:, :, 0], crop[:, :, 1]
+        assert xs.min() >= tl and xs.max() < tl + tw and ys.min() >= tt and ys.max() < tt + th, (i, p)
+    assert len(val) >= 4
+    for i, (p, top, left) in enumerate(val.val_crops):
+        (vt, vl, vh, vw) = val.regions(p)[1]
+        crop = _to_uint8(val[i]).astype(int)
+        assert np.array_equal(crop[:, :, 0], np.arange(left, left + SIZE)[None, :].repeat(SIZE, 0))
+        assert np.array_equal(crop[:, :, 1], np.arange(top, top + SIZE)[:, None].repeat(SIZE, 1))
+        assert vt <= top and top + SIZE <= vt + vh and vl <= left and left + SIZE <= vl + vw
+
+
 def test_demo_upscales_small_photos():
-    size = 320  # above chelsea's 300 rows
+    size = 320  # above chelsea's 300 rows; 2 * 320 above its 451 columns
     ds = DemoDataset(size=size, split="val", photos=("chelsea", "grass"))
-    assert ds.images[0].shape == (size, round(451 * size / 300), 3)
+    assert ds.images[0].shape == (round(300 * 2 * size / 451), 2 * size, 3)   # chelsea: both parts hold a crop
+    assert ds.images[1].shape == (2 * size, 2 * size, 3)                     # grass: 512 x 512
     for x in _all(ds):
         assert x.shape == (3, size, size)
 

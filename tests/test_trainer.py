@@ -75,7 +75,8 @@ def test_model_recipe_interface():
 
 def test_short_run_learns_and_writes_everything(tmp_path):
     out = tmp_path / "run"
-    result = train(cfg(out, steps=24, checkpoint_every=12, val_every=12, ema=0.9))
+    result = train(cfg(out, steps=24, checkpoint_every=12, val_every=12, ema=0.9,
+                         lr_schedule="constant"))   # a full rate through so short a run
     log = read_log(out)
     assert [x["step"] for x in log] == list(range(1, 25))
     first = np.mean([x["g_total"] for x in log[:6]])
@@ -371,8 +372,8 @@ def test_two_process_ddp_equals_one_process_on_the_combined_batch(tmp_path, adv)
     steps, per_rank, seed = 3, 2, 7
     weights = {"adv": adv} if adv else {}
     lr, eps = (1.0, 1.0) if adv else (1e-2, 1e-8)   # with eps = 1 the step is about lr * gradient
-    config = cfg(tmp_path / "ddp", steps=steps, batch_size=per_rank, seed=seed, lr=lr, val_every=100,
-                 loss_weights=weights, eps=eps)
+    config = cfg(tmp_path / "ddp", steps=steps, batch_size=per_rank, seed=seed, lr=lr, lr_schedule="constant",
+                 val_every=100, loss_weights=weights, eps=eps)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", _RANK, json.dumps(config.to_dict())], cwd=ROOT,
@@ -545,11 +546,12 @@ def test_structure_loss_switch_adds_to_the_generator_loss(tmp_path):
 
 def test_learned_structure_heads_train_and_resume_exactly(tmp_path):
     learned = {**STRUCTURE, "variant": "learned", "channels": [8, 16], "lr": 1e-2}
-    full = train(cfg(tmp_path / "full", steps=4, checkpoint_every=2, val_every=100, structure_loss=learned))
+    full = train(cfg(tmp_path / "full", steps=4, checkpoint_every=2, val_every=100, structure_loss=learned,
+                     lr_schedule="constant"))   # a cosine's curve would depend on `steps`, which differ below
     assert all(np.isfinite(x["structure_heads"]) for x in read_log(tmp_path / "full"))
-    train(cfg(tmp_path / "half", steps=2, val_every=100, structure_loss=learned))
+    train(cfg(tmp_path / "half", steps=2, val_every=100, structure_loss=learned, lr_schedule="constant"))
     resumed = train(cfg(tmp_path / "half", steps=4, checkpoint_every=2, val_every=100, structure_loss=learned,
-                        resume=True))
+                        lr_schedule="constant", resume=True))
     a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
     for name, value in a["generator"].items():
         assert torch.equal(value, b["generator"][name]), name
@@ -557,3 +559,53 @@ def test_learned_structure_heads_train_and_resume_exactly(tmp_path):
     assert heads_a is not None and all(torch.equal(v, heads_b[k]) for k, v in heads_a.items())
     at_2 = load_checkpoint(checkpoint_path(tmp_path / "half" / "checkpoints", 2))["structure"]["heads"]
     assert any(not torch.equal(v, at_2[k]) for k, v in heads_b.items())   # the heads trained on
+
+
+def test_lr_factor_warmup_then_cosine_or_constant():
+    from fastinpaint.train.config import lr_factor
+
+    steps, warm = 100, 10
+    ramp = [lr_factor("cosine", s, steps, warm) for s in range(warm)]
+    assert ramp == pytest.approx([(s + 1) / warm for s in range(warm)])
+    assert lr_factor("cosine", warm, steps, warm) == pytest.approx(1.0)
+    mid = warm + (steps - warm) // 2
+    assert lr_factor("cosine", mid, steps, warm) == pytest.approx(0.5)
+    assert lr_factor("cosine", steps, steps, warm) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor("cosine", s, steps) for s in range(steps)]
+    assert all(a >= b for a, b in zip(values, values[1:]))       # falls monotonically
+    assert {lr_factor("constant", s, steps) for s in range(steps)} == {1.0}
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor("linear", 0, steps)
+
+
+def test_the_trainer_follows_the_schedule(tmp_path):
+    """The optimiser's learning rate at each step is config.lr times lr_factor of that step."""
+    from fastinpaint.train.config import lr_factor
+
+    seen = []
+    trainer_lr = {}
+
+    def record(step):
+        seen.append((step, trainer_lr["opt"].param_groups[0]["lr"]))
+
+    config = cfg(tmp_path / "run", steps=6, lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    import fastinpaint.train.trainer as trainer_mod
+
+    original = trainer_mod.Trainer.set_learning_rates
+
+    def spy(self):
+        original(self)
+        trainer_lr["opt"] = self.opt_g
+
+    trainer_mod.Trainer.set_learning_rates = spy
+    try:
+        train(config, on_step=record)
+    finally:
+        trainer_mod.Trainer.set_learning_rates = original
+    assert [s for s, _ in seen] == list(range(1, 7))
+    assert [lr for _, lr in seen] == pytest.approx([1e-3 * lr_factor("cosine", s - 1, 6, 2) for s, _ in seen])
+
+
+def test_a_bad_schedule_names_itself():
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")

@@ -43,6 +43,7 @@ from ..errors import InputNotFoundError, InvalidInputError, UserError
 
 __all__ = [
     "DEMO_PHOTOS",
+    "DEMO_VAL_SHARE",
     "DemoDataset",
     "EpochRandomSampler",
     "IMAGE_EXTENSIONS",
@@ -55,6 +56,7 @@ __all__ = [
     "seed_worker",
     "set_epoch",
     "split_of",
+    "to_uint8",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -76,10 +78,12 @@ DEMO_PHOTOS = (
     "brick",
 )
 
-# Fixed crop positions of the demo validation set, as fractions of the free range
-# (top, left): centre, top-left, bottom-right. Duplicates (a photo exactly size x size)
-# are dropped.
+# Fixed crop positions of the demo validation set, as fractions of the free range of the
+# held-out part (top, left): centre, top-left, bottom-right. Duplicates (a part exactly
+# size x size) are dropped.
 _DEMO_VAL_POSITIONS = ((0.5, 0.5), (0.0, 0.0), (1.0, 1.0))
+# The share of each demo photo's longer side held out for validation (at least one crop's side).
+DEMO_VAL_SHARE = 0.25
 
 
 class UnreadableImageError(OSError):
@@ -112,6 +116,12 @@ def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
     chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
     return torch.from_numpy(chw).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in [-1, 1] -> ``(H, W, 3)`` uint8, as an output is written: clamped, rounded
+    (the inverse of the datasets' conversion)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _upscaled_shape(h: int, w: int, size: int) -> tuple[int, int]:
@@ -365,14 +375,21 @@ class DemoDataset(Dataset):
     """Crops of the photographs scikit-image ships in its wheel (:data:`DEMO_PHOTOS`): no
     download, no files to prepare.
 
-    split "train": ``samples_per_epoch`` random crops (and horizontal flips); sample ``i``
-        comes from photo ``i % len(photos)`` at a position drawn from (seed, epoch, i).
-    split "val": a fixed list of crops, the same on every call and machine: for each photo
-        the centre, top-left and bottom-right crops (duplicates dropped). ``seed`` and the
-        epoch do not change it.
+    Each photo is cut in two across its longer side: the last :data:`DEMO_VAL_SHARE` of that
+    side (at least ``size`` pixels; the bottom of a tall photo, the right of a wide one) is
+    held out for validation, the rest is the training part, so no validation pixel is ever
+    trained on (:meth:`regions` gives the two boxes).
 
-    Photos whose shorter side is under ``size`` are upscaled to it; grayscale photos are
-    converted to RGB. Returns float32 (3, size, size) in [-1, 1].
+    split "train": ``samples_per_epoch`` random crops (and horizontal flips) of the training
+        parts; sample ``i`` comes from photo ``i % len(photos)`` at a position drawn from
+        (seed, epoch, i).
+    split "val": a fixed list of crops of the held-out parts, the same on every call and
+        machine: for each photo the centre, top-left and bottom-right crops of its held-out
+        part (duplicates dropped). ``seed`` and the epoch do not change it.
+
+    Photos whose shorter side is under ``size``, or whose longer side cannot hold a training
+    and a validation crop side by side (under ``2 * size``), are upscaled to fit; grayscale
+    photos are converted to RGB. Returns float32 (3, size, size) in [-1, 1].
     """
 
     def __init__(self, size: int = 256, split: str = "train", samples_per_epoch: int = 1024,
@@ -398,17 +415,35 @@ class DemoDataset(Dataset):
         for name in self.photo_names:
             a = _demo_photo(name)
             h, w = _upscaled_shape(a.shape[0], a.shape[1], self.size)
+            if max(h, w) < 2 * self.size:   # room for a training and a validation crop side by side
+                if h >= w:
+                    h, w = 2 * self.size, max(self.size, round(w * 2 * self.size / h))
+                else:
+                    h, w = max(self.size, round(h * 2 * self.size / w)), 2 * self.size
             out.append(_resize(a, h, w))
         return out
 
+    def regions(self, photo: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """The training and the validation part of photo ``photo`` (an index into
+        :attr:`images`), each as ``(top, left, height, width)``: disjoint, and together the
+        whole photo."""
+        h, w = self.images[photo].shape[:2]
+        tall = h >= w
+        side = h if tall else w
+        held = max(self.size, round(side * DEMO_VAL_SHARE))
+        cut = side - held
+        if tall:
+            return (0, 0, cut, w), (cut, 0, held, w)
+        return (0, 0, h, cut), (0, cut, h, held)
+
     def _val_positions(self) -> list[tuple[int, int, int]]:
-        """(photo, top, left) of every validation crop, fixed."""
+        """(photo, top, left) of every validation crop (in the whole photo), fixed."""
         crops = []
-        for p, img in enumerate(self._images):
-            h, w = img.shape[:2]
+        for p in range(len(self.images)):
+            top0, left0, h, w = self.regions(p)[1]
             seen = set()
             for ft, fl in _DEMO_VAL_POSITIONS:
-                pos = (int(round(ft * (h - self.size))), int(round(fl * (w - self.size))))
+                pos = (top0 + int(round(ft * (h - self.size))), left0 + int(round(fl * (w - self.size))))
                 if pos not in seen:
                     seen.add(pos)
                     crops.append((p,) + pos)
@@ -434,9 +469,10 @@ class DemoDataset(Dataset):
         if self.split == "val":
             p, top, left = self.val_crops[index]
             return _to_tensor(np.ascontiguousarray(self.images[p][top:top + s, left:left + s]))
-        img = self.images[index % len(self.photo_names)]
+        p = index % len(self.photo_names)
+        top, left, h, w = self.regions(p)[0]
         rng = sample_rng(self.seed, self.epoch, index)
-        return _to_tensor(_crop_flip(img, s, "random", True, rng))
+        return _to_tensor(_crop_flip(self.images[p][top:top + h, left:left + w], s, "random", True, rng))
 
     def __getstate__(self):
         state = self.__dict__.copy()

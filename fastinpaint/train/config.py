@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "load_config", "parse_value", "read_config_file",
-           "read_run_config"]
+__all__ = ["ConfigError", "LR_SCHEDULES", "TrainConfig", "apply_overrides", "load_config", "lr_factor", "parse_value",
+           "read_config_file", "read_run_config"]
 
 
 class ConfigError(InvalidInputError):
@@ -23,6 +23,22 @@ class ConfigError(InvalidInputError):
 
 
 _AMP = ("none", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup_steps: int = 0) -> float:
+    """The learning rates' multiplier for optimiser step ``step`` (0-based) of ``steps``: a
+    linear ramp over the first ``warmup_steps`` (``(step + 1) / warmup_steps``), then 1
+    ("constant") or a half cosine from 1 down to 0 at ``steps`` ("cosine"). A function of the
+    step alone, so a resumed run continues on the same curve."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -35,12 +51,17 @@ class TrainConfig:
     mask_options: dict = field(default_factory=dict)     # default_mask_options), else free_form
     size: Optional[int] = None                           # None: the model's default_size, else 64
     batch_size: Optional[int] = None                     # per process; None: default_batch_size, else 4
-    steps: int = 2000                                    # optimiser steps
+    steps: Optional[int] = None                          # optimiser steps; None: the model's
+                                                         # default_steps, else 2000
     lr: Optional[float] = None                           # None: the model's published default_lr
     betas: Optional[tuple] = None                        # None: the model's default_betas
     lr_d: Optional[float] = None                         # discriminator; None: the model's
                                                          # default_lr_discriminator, else lr
     eps: float = 1e-8                                    # Adam's epsilon
+    lr_schedule: Optional[str] = None                    # None: the model's default_lr_schedule, else
+                                                         # "constant"; "cosine": decays to 0 at `steps`
+    warmup_steps: Optional[int] = None                   # linear ramp of the learning rates from 0;
+                                                         # None: the model's default_warmup_steps, else 0
     loss_weights: dict = field(default_factory=dict)     # merged over the model's defaults
     structure_loss: dict = field(default_factory=dict)   # {} = off; else the spatially-correlative
                                                          # loss added to any model's generator loss
@@ -55,7 +76,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep: int = 3
     val_every: int = 500
-    val_batches: int = 2
+    val_batches: Optional[int] = None                    # None: the model's default_val_batches, else 2
     log_every: int = 10
     resume: bool = False
     init: Optional[str] = None                           # fine-tune: the weights a new run starts from
@@ -73,12 +94,14 @@ class TrainConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("size", "batch_size", "grad_accum", "keep", "val_batches", "log_every", "samples_per_epoch",
-                     "checkpoint_every", "val_every", "steps", "num_workers", "seed"):
-            v, least = getattr(self, name), 0 if name in ("steps", "num_workers", "seed") else 1
-            if v is None and name in ("size", "batch_size"):   # the model's default
+                     "checkpoint_every", "val_every", "steps", "num_workers", "seed", "warmup_steps"):
+            v, least = getattr(self, name), 0 if name in ("steps", "num_workers", "seed", "warmup_steps") else 1
+            if v is None and name in ("size", "batch_size", "val_batches", "warmup_steps", "steps"):   # model's default
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise bad(name, f"an integer >= {least}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)} (or none for the model's default)")
         if self.amp not in _AMP:
             raise bad("amp", f"one of {', '.join(_AMP)}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -48,10 +48,13 @@ from ..errors import InputNotFoundError, InvalidInputError, RunExistsError, Unre
     check_folder
 from ..models import build_model
 from .checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, save_weights, set_rng_state
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, lr_factor
 
-__all__ = ["MaskedDataset", "RUN_FILES", "Trainer", "build_structure_loss", "existing_run", "resolve_defaults",
-           "train"]
+__all__ = ["MaskedDataset", "RUN_FILES", "VALIDATION_BASELINES", "Trainer", "build_structure_loss", "existing_run",
+           "resolve_defaults", "train"]
+
+# the classical fills every validation is set beside (fastinpaint.baselines)
+VALIDATION_BASELINES = ("mean", "telea")
 
 # what a run writes into its folder (config.out); a folder holding any of them holds a run
 RUN_FILES = ("config.json", "checkpoints", "log.jsonl", "metrics.json", "samples.png", "weights.safetensors",
@@ -309,19 +312,29 @@ def resolve_defaults(config: TrainConfig, recipe) -> TrainConfig:
     published setting: ``lr`` from ``recipe.default_lr`` (else 1e-4), ``lr_d`` from
     ``default_lr_discriminator`` (else ``lr``), ``betas`` from ``default_betas`` (else
     (0.5, 0.999)), ``size`` from ``default_size`` (else 64), ``batch_size`` from
-    ``default_batch_size`` (else 4), and ``mask`` with its options from ``default_mask`` and
+    ``default_batch_size`` (else 4), ``lr_schedule`` from ``default_lr_schedule`` (else
+    "constant"), ``warmup_steps`` from ``default_warmup_steps`` (else 0), ``steps`` from
+    ``default_steps`` (else 2000), ``val_batches`` from
+    ``default_val_batches`` (else 2), and ``mask`` with its options from ``default_mask`` and
     ``default_mask_options`` (else free-form strokes)."""
     lr = config.lr if config.lr is not None else float(getattr(recipe, "default_lr", 1e-4))
     lr_d = config.lr_d if config.lr_d is not None else float(getattr(recipe, "default_lr_discriminator", lr))
     betas = config.betas if config.betas is not None else tuple(getattr(recipe, "default_betas", (0.5, 0.999)))
     size = config.size if config.size is not None else int(getattr(recipe, "default_size", 64))
     batch = config.batch_size if config.batch_size is not None else int(getattr(recipe, "default_batch_size", 4))
+    schedule = config.lr_schedule if config.lr_schedule is not None else \
+        str(getattr(recipe, "default_lr_schedule", "constant"))
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(getattr(recipe, "default_warmup_steps", 0))
+    steps = config.steps if config.steps is not None else int(getattr(recipe, "default_steps", 2000))
+    val_batches = config.val_batches if config.val_batches is not None else \
+        int(getattr(recipe, "default_val_batches", 2))
     mask, mask_options = config.mask, config.mask_options
     if mask is None:
         mask = getattr(recipe, "default_mask", "free_form")
         mask_options = {**dict(getattr(recipe, "default_mask_options", None) or {}), **mask_options}
     return dataclasses.replace(config, lr=lr, lr_d=lr_d, betas=betas, size=size, batch_size=batch, mask=mask,
-                               mask_options=mask_options).validate()
+                               mask_options=mask_options, lr_schedule=schedule, warmup_steps=warmup,
+                               steps=steps, val_batches=val_batches).validate()
 
 
 def existing_run(run_dir) -> list[str]:
@@ -413,8 +426,9 @@ class Trainer:
        that cannot take the crops fails here), then the previous run's files deleted (``overwrite``), config.json
     6. :meth:`wrap_distributed`: DDP (``world > 1``) and ``torch.compile``
     7. :meth:`seek_data`: the data stream at the resumed (epoch, batch)
-    8. :meth:`initial_validation`: the untrained network's validation (of step 5) recorded
-    9. per step, :meth:`train_step` (:meth:`discriminator_step`, :meth:`generator_step`,
+    8. :meth:`initial_validation`: the validations of step 5 (the baselines, mean colour and Telea,
+       and the untrained network) recorded
+    9. per step, :meth:`train_step` (:meth:`set_learning_rates`, :meth:`discriminator_step`, :meth:`generator_step`,
        :meth:`structure_heads_step`, :meth:`update_ema`) then :meth:`after_step` (log,
        :meth:`save_checkpoint`, :meth:`run_validation`, ``on_step``)
     10. :meth:`run_validation` and :meth:`export`: final metrics, checkpoint, grid, weights
@@ -435,6 +449,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: list = []          # validation metrics per validated step
         self.baseline: dict = {}         # the mean-colour fill's validation metrics
+        self.baselines: dict = {}        # every baseline's (VALIDATION_BASELINES) validation metrics
+        self.baselines_unavailable: dict = {}   # name -> why it could not be run here
         self.last_val: dict = {}
         self.last_grid: torch.Tensor | None = None
         self.last_ckpt: Path | None = None
@@ -558,15 +574,22 @@ class Trainer:
             self.generator.train(was_training)
 
     def check_validation(self) -> None:
-        """Rank 0, before the run folder is touched: the validation of the mean-colour fill (the
-        baseline) and, at step 0, of the network as it starts, computed now (no random draw), so
-        that a metric or network that cannot take the validation batches fails while the previous
-        run is intact; :meth:`initial_validation` records them."""
+        """Rank 0, before the run folder is touched: the validation of the classical baselines of
+        :data:`VALIDATION_BASELINES` (the mean known colour and OpenCV's Telea; one whose package
+        is missing is recorded as unavailable, with the reason) and, at step 0, of the network as
+        it starts, computed now (no random draw), so that a metric or network that cannot take
+        the validation batches fails while the previous run is intact; :meth:`initial_validation`
+        records them."""
         self._first_validation = None
         if self.main and self.val_batches:
-            from ..metrics import mean_fill
+            from ..baselines import BaselineUnavailableError, baseline_fill
 
-            self.baseline = self.evaluate(mean_fill)[0]   # what filling holes with the mean known colour scores
+            for name in VALIDATION_BASELINES:
+                try:
+                    self.baselines[name] = self.evaluate(baseline_fill(name))[0]
+                except BaselineUnavailableError as e:
+                    self.baselines_unavailable[name] = str(e)
+            self.baseline = self.baselines["mean"]   # what filling holes with the mean known colour scores
             if self.step == 0:
                 self._first_validation = self.validate()   # the untrained network, for comparison
 
@@ -709,6 +732,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimiser step on ``config.grad_accum`` batches; returns the mean losses."""
         batches = [self.next_batch() for _ in range(self.config.grad_accum)]
+        self.set_learning_rates()
         logs: dict[str, float] = {}
         if self.discriminator is not None:
             self.discriminator_step(batches, logs)
@@ -724,6 +748,17 @@ class Trainer:
             self.update_ema()
         self.step += 1
         return logs
+
+    def set_learning_rates(self) -> None:
+        """The generator's and the discriminator's learning rates for this step:
+        ``config.lr`` / ``lr_d`` times :func:`~fastinpaint.train.config.lr_factor` of the step
+        (the structure heads keep their own)."""
+        config = self.config
+        factor = lr_factor(config.lr_schedule, self.step, config.steps, config.warmup_steps)
+        for opt, base in ((self.opt_g, config.lr), (self.opt_d, config.lr_d)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = base * factor
 
     def discriminator_step(self, batches: list, logs: dict) -> None:
         """The discriminator's step, on the generator's outputs computed without gradient."""
@@ -852,7 +887,7 @@ class Trainer:
         else:
             self.history.append({"step": step, **values})
         _write_json(self.metrics_path, {"step": step, "metrics": values, "history": self.history,
-                                        "baseline_mean_fill": self.baseline})
+                                        **self.baseline_record()})
         if not again:   # its log line is there already
             self.logger.scalars(step, values, kind="val")
         if grid is not None:
@@ -863,9 +898,16 @@ class Trainer:
 
     def initial_validation(self) -> None:
         """Rank 0: records the validation of :meth:`check_validation` at step 0 (the untrained
-        network; the mean-colour-fill baseline is kept beside every validation)."""
+        network; the baselines' are kept beside every validation)."""
         if self.main and self.val_batches and self.step == 0:
             self.run_validation(getattr(self, "_first_validation", None))
+
+    def baseline_record(self) -> dict:
+        """The baselines' validation metrics as metrics.json and :func:`train` report them:
+        ``baseline_mean_fill`` (the mean-colour fill), ``baselines`` (name -> metrics) and
+        ``baselines_unavailable`` (name -> why it could not be run here)."""
+        return {"baseline_mean_fill": self.baseline, "baselines": self.baselines,
+                "baselines_unavailable": self.baselines_unavailable}
 
     # ------------------------------------------------------------------------- files
 
@@ -900,7 +942,7 @@ class Trainer:
         """The end of the run: rank 0 writes the final checkpoint, the sample grid, the weights
         (and the EMA's) and the metrics; returns the result of :func:`train`."""
         config, run_dir, step, history = self.config, self.run_dir, self.step, self.history
-        result = {"step": step, "metrics": self.last_val, "baseline_mean_fill": self.baseline,
+        result = {"step": step, "metrics": self.last_val, **self.baseline_record(),
                   "initial_metrics": history[0] if history and history[0]["step"] == 0 else {},
                   "run_dir": str(run_dir),
                   "config": str(run_dir / "config.json")}
@@ -920,7 +962,7 @@ class Trainer:
             result["metrics_path"] = str(self.metrics_path)
             if not history or history[-1]["step"] != step:
                 _write_json(self.metrics_path, {"step": step, "metrics": self.last_val, "history": history,
-                                                "baseline_mean_fill": self.baseline})
+                                                **self.baseline_record()})
         return result
 
 
