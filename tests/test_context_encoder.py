@@ -112,13 +112,15 @@ def test_bad_options():
 
 # ----------------------------------------------------------------------------- a real training run
 
-SIZE, STEPS, BATCH = 64, 400, 16
+SIZE, STEPS, BATCH = 64, 1000, 16
 
 
 @pytest.fixture(scope="module")
 def trained():
     """Train a small Context Encoder (width 8, 64x64, central holes, reconstruction loss)
-    on demo crops for 400 steps on one CPU thread (about 10-20 s)."""
+    on demo crops for 1000 steps on one CPU thread (about 30-60 s): enough to pass the
+    mean-colour fill on the held-out crops (16.50 dB against its 16.59 at 400 steps, 17.15 at
+    1000, measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
