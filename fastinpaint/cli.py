@@ -320,6 +320,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Once(argparse.Action):
+    """An option that takes one value: given twice, an error naming it (argparse would keep the
+    last one silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, f"_{self.dest}_given", False):
+            parser.error(f"{option_string} given twice; it takes one value (run the command once per value)")
+        setattr(namespace, f"_{self.dest}_given", True)
+        setattr(namespace, self.dest, values)
+
+
 def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     # SUPPRESS in the subcommands, so `fastinpaint --debug train` is not reset by train's default
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
@@ -414,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="demo",
                    help="'demo' (the photographs scikit-image ships, whole; the default) or a folder of images "
                         "(recursive; an unreadable file is skipped with a warning)")
-    e.add_argument("--masks", default="medium",
+    e.add_argument("--masks", default="medium", action=_Once,
                    help="thin, medium, thick (LaMa's evaluation masks; the default: medium), free_form, center, "
                         "block, region, or a folder of mask images (named like the images, any extension; else, "
                         "when there are as many masks as images, taken in sorted order; each stretched to its "

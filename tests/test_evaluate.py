@@ -465,3 +465,13 @@ def test_a_broken_method_is_an_error_not_a_number():
         evaluate(images, {"x": 3}, device="cpu")
     with pytest.raises(ValueError, match="baseline"):
         evaluate(images, ["median"], device="cpu")
+
+
+def test_masks_given_twice_is_an_error_naming_it(tmp_path, capsys):
+    """argparse would silently keep the last --masks; one run scores one mask protocol."""
+    with pytest.raises(SystemExit) as e:
+        _evaluate_cli("--baseline", "mean", "--masks", "thick", "--masks", "thin", "--out", tmp_path / "out")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--masks given twice" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

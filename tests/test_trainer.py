@@ -609,3 +609,16 @@ def test_the_trainer_follows_the_schedule(tmp_path):
 def test_a_bad_schedule_names_itself():
     with pytest.raises(ConfigError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_validation_lines_do_not_run_into_the_progress_bar(tmp_path):
+    """stdout and stderr into one file (as `> log 2>&1`): every validation line starts a line."""
+    out = tmp_path / "run"
+    code = ("import sys; from fastinpaint.train import TrainConfig, train; "
+            f"train(TrainConfig.from_dict({{**{TINY!r}, 'out': {str(out)!r}, 'steps': 4, 'val_every': 2}}))")
+    with open(tmp_path / "log.txt", "w") as f:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0
+    text = (tmp_path / "log.txt").read_text().replace("\r", "\n")
+    lines = [x for x in text.split("\n") if "validation psnr=" in x]
+    assert len(lines) == 3 and all(x.startswith("fastinpaint train: step") for x in lines), lines

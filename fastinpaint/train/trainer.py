@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -146,6 +147,15 @@ class _Logger:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def message(self, text: str) -> None:
+        """A line on stdout that does not run into the progress bar (on stderr), also when both
+        go to one file."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(text, flush=True)
 
     def progress(self, step: int, losses: dict) -> None:
         if not self.enabled:
@@ -893,8 +903,8 @@ class Trainer:
         if grid is not None:
             self.last_grid = grid
             self.logger.image(step, grid)
-        print(f"fastinpaint train: step {step} validation " +
-              " ".join(f"{k}={v:.4f}" for k, v in values.items()), flush=True)
+        self.logger.message(f"fastinpaint train: step {step} validation " +
+                            " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
     def initial_validation(self) -> None:
         """Rank 0: records the validation of :meth:`check_validation` at step 0 (the untrained
