@@ -59,6 +59,9 @@ def test_blocked_matches_reference_forward_and_gradients(case, masking):
     for budget in _budgets(hs, ws, b, ring):
         out = contextual_attention_blocked(x, mask, block_bytes=budget, **kw)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"budget {budget}: {m}")
+        with torch.no_grad():       # inference runs the masking and softmax in place
+            torch.testing.assert_close(contextual_attention_blocked(x, mask, block_bytes=budget, **kw), ref,
+                                       rtol=1e-10, atol=1e-12, msg=lambda m: f"no_grad, budget {budget}: {m}")
         (gx,) = torch.autograd.grad(out, x, g)
         torch.testing.assert_close(gx, gref, rtol=1e-9, atol=1e-11, msg=lambda m: f"budget {budget}: {m}")
     if b > 3:

@@ -50,11 +50,13 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
   and query features, the borders and the wrapping included, i.e. the published operation
   exactly. It is computed from the raw scores ``T = Q_N^T K`` (queries x keys) of a tile's
   queries ``J`` and their shifted positions ``N = {t_ed(j)}`` (the tile and a ring of
-  ``fuse_k//2``, plus the positions the wrapping reaches at the map's edges), with a zero
-  row for shifts that leave the map: ``S[J, i] = sum_ed T[pos(t_ed(J)), t_ed(i)]``. Per shift,
-  the rows are gathered whole, and ``t_ed`` on the keys is the slice ``i + e*Ws + d`` for
-  every key whose column-major shift stays in its column (the row-major shift wraps across
-  rows by itself in the flat index); the ``|e| * Ws`` others are added by index. Stacking the
+  ``fuse_k//2``, plus the positions the wrapping reaches at the map's edges), a shift that
+  leaves the map adding nothing: ``S[J, i] = sum_ed T[pos(t_ed(J)), t_ed(i)]``. Per shift,
+  the rows ``pos(t_ed(J))`` are slices of ``T``, not gathered copies (a run of consecutive rows
+  per tile row, broken where the shift wraps at the map's edges), and
+  ``t_ed`` on the keys is the slice ``i + e*Ws + d`` for every key whose column-major shift
+  stays in its column (the row-major shift wraps across rows by itself in the flat index);
+  the ``|e| * Ws`` others are added by index. Stacking the
   nine shifted copies as features instead would hold ``81 * C`` values per position.
 * Masking and the scaled softmax run on the tile's (|J| x L) scores as in the reference:
   every key is in the tile, so no online softmax is needed.
@@ -66,9 +68,10 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
   a third of the image, about a third of its cost).
 * Memory arithmetic. Held for the whole call: the normalised keys ``K`` (``9C x L``), the raw
   patches (at most ``16C x L``, ``rate = 2``) and the zero-padded downscaled features; per
-  tile, about ``B * L * (el * (|N| + 3|J|) + 2 * acc * |J|)`` bytes (``el`` the input's
-  element size, ``acc`` the softmax's): ``T``, a gathered shift, the fused sum and the
-  softmax's two float32 maps. Query tiles with all keys, not an online softmax over key
+  tile, at most ``B * L * (el * (|N| + 3|J|) + 2 * acc * |J|)`` bytes (``el`` the input's
+  element size, ``acc`` the softmax's): ``T``, the fused sum, the masked logits and the
+  softmax's maps (without gradients, in float32 and float64, the masking and the softmax's
+  output scaling run in place, so less). Query tiles with all keys, not an online softmax over key
   tiles: the tile's memory grows with L, but the ``(9 + 16) C x L`` features the call needs
   anyway grow the same way, so by default a tile may use half of them, and at least
   512 MiB (``block_bytes`` sets it). For DeepFill (C = 96, float32) that is a tile of
@@ -312,28 +315,52 @@ def _key_shift_plan(hs: int, ws: int, shifts, device) -> list[tuple]:
     return plan
 
 
-def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, tile_hw, ksize, rate, scale,
+def _row_runs(cols: list[int], outside: int) -> list[tuple[int, int, int]]:
+    """``(j0, j1, r0)``: the maximal runs of consecutive rows ``cols[j0:j1] = r0, r0+1, ...``
+    (one per tile row, broken where the shift wraps at the map's edges); entries naming the
+    row past the last (a shift that leaves the map: no term) are left out."""
+    runs, j, n = [], 0, len(cols)
+    while j < n:
+        if cols[j] == outside:
+            j += 1
+            continue
+        k = j + 1
+        while k < n and cols[k] == cols[k - 1] + 1 and cols[k] != outside:
+            k += 1
+        runs.append((j, k, cols[j]))
+        j = k
+    return runs
+
+
+def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, row_runs, tile_hw, ksize, rate, scale,
                   masking, out_dtype):
     """The output piece of one tile: fused scores of the tile's queries against all keys,
     masked softmax over the keys, and the overlap-add of the raw patches (module doc)."""
     ws = xs_pad.shape[-1] - 2 * (ksize // 2)
     acc = torch.promote_types(out_dtype, torch.float32)
-    queries = F.pad(_patches_at(xs_pad, positions, ksize, ws), (0, 1))            # B, D, |N|+1 (zero query last)
-    t = torch.bmm(queries.transpose(1, 2), keys)                                  # B, |N|+1, L: raw scores
+    queries = _patches_at(xs_pad, positions, ksize, ws)                           # B, D, |N|
+    t = torch.bmm(queries.transpose(1, 2), keys)                                  # B, |N|, L: raw scores
     del queries
-    s = None
-    for (off, a, b, dst, src), cols in zip(key_plan, col_shift):
-        u = t.index_select(1, cols)                               # B, |J|, L: rows of t_ed(j), whole rows
-        if s is None:                                             # the (0, 0) shift: the identity
-            s = u
-            continue
-        if b > a:
-            s[:, :, a:b] += u[:, :, a + off:b + off]
-        if dst.numel():
-            s.index_add_(2, dst, u.index_select(2, src))
-    del t, u
+    n_q = tile_hw[0] * tile_hw[1]
+    s = t.new_empty(t.shape[0], n_q, t.shape[2])
+    for shift, ((off, a, b, dst, src), runs) in enumerate(zip(key_plan, row_runs)):
+        # rows of t_ed(j) as slices of t (no gathered copy); the (0, 0) shift comes first:
+        # the identity, covering every query
+        for j0, j1, r0 in runs:
+            rows = t[:, r0:r0 + j1 - j0]
+            if shift == 0:
+                s[:, j0:j1] = rows
+                continue
+            if b > a:
+                s[:, j0:j1, a:b] += rows[:, :, a + off:b + off]
+            if dst.numel():
+                s[:, j0:j1].index_add_(2, dst, rows.index_select(2, src))
+    del t
     v = valid.unsqueeze(1)                                                        # B, 1, L
-    if masking == "official":
+    if masking == "official" and s.dtype == acc and not s.requires_grad:
+        # (s * v) * scale in place: v is 0 or 1, so s * (v * scale) rounds identically
+        attn = torch.softmax(s.mul_(v.to(acc) * scale), dim=2).mul_(v)
+    elif masking == "official":
         attn = torch.softmax((s * v.to(s.dtype)).to(acc) * scale, dim=2) * v
     else:
         attn = torch.softmax(torch.where(v, s.to(acc) * scale, torch.finfo(acc).min), dim=2) * v
@@ -397,7 +424,8 @@ def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = No
         positions = torch.unique(q_shift[q_shift >= 0])                                       # sorted
         col_shift = torch.where(q_shift >= 0, torch.searchsorted(positions, q_shift.clamp_min(0)),
                                 positions.numel())
-        args = (keys, xs_pad, raw, used, valid, key_plan, positions, col_shift, (y1 - y0, x1 - x0), ksize, rate,
+        row_runs = [_row_runs(cols, positions.numel()) for cols in col_shift.tolist()]
+        args = (keys, xs_pad, raw, used, valid, key_plan, positions, row_runs, (y1 - y0, x1 - x0), ksize, rate,
                 float(softmax_scale), masking, x.dtype)
         piece = checkpoint(_tile_forward, *args, use_reentrant=False) if use_checkpoint else _tile_forward(*args)
         # the piece covers output rows [rate*y0 - rate + 1, rate*y1 + 1) and the same in columns
