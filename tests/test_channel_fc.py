@@ -16,7 +16,8 @@ from conftest import assert_close_to_reference, backend_device_params, dtypes_fo
 
 ACTS = [None, "relu", "leaky_relu", "elu"]
 
-# H*W is never a multiple of a block (16): 35, 9, 6, 4, 17; C = 1 and 512; batch 1 and 64.
+# H*W is never a multiple of a block (16) but in the two small-map cases: 35, 9, 6, 4, 17, 18,
+# 72, 65, 16, 64; C = 1 and 512; batch 1 to 67.
 CASES = [
     dict(B=3, C=2, H=5, W=7, act="elu", bias=True, layout="contiguous"),
     dict(B=1, C=1, H=3, W=3, act="relu", bias=True, layout="channels_last"),
@@ -27,6 +28,10 @@ CASES = [
     # more than 64 positions, odd map sizes
     dict(B=3, C=2, H=9, W=8, act="leaky_relu", bias=True, layout="channels_last"),
     dict(B=2, C=3, H=5, W=13, act="elu", bias=False, layout="contiguous"),
+    # the CPU's fused small-map pass (at most 16 positions): two batch blocks (64 + 3 rows);
+    # and 64 positions
+    dict(B=67, C=5, H=4, W=4, act="relu", bias=True, layout="noncontig"),
+    dict(B=6, C=3, H=8, W=8, act="leaky_relu", bias=False, layout="channels_last"),
 ]
 CASE_IDS = [f"B{c['B']}-C{c['C']}-{c['H']}x{c['W']}-{c['act']}-{c['layout']}" for c in CASES]
 
@@ -91,6 +96,51 @@ def test_forward_backward_matches_reference(backend, device, case):
         grads64 = torch.autograd.grad(y64, leaves(x64, w64, b64), gy.double().cpu())
         for name, g, g_ref, g64 in zip(["x", "weight", "bias"], grads, grads_ref, grads64):
             assert_close_to_reference(g, g_ref, g64, f"{backend} grad {name} {dtype} act={act}")
+
+
+def _ops_called(fn) -> set:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("hw,fused", [((4, 4), True), ((3, 5), True), ((1, 16), True), ((1, 17), False),
+                                      ((8, 8), False)])
+def test_cpu_small_maps_take_the_fused_pass(hw, fused):
+    """float32 maps of at most 16 positions: one fused pass, no batched GEMM (and the
+    larger ones still the GEMM)."""
+    skip_unless_available("cpu", "cpu")
+    case = dict(B=9, C=6, H=hw[0], W=hw[1], bias=True)
+    x, w, b = make_inputs(case, "cpu", torch.float32, requires_grad=False, layout="contiguous")
+    ops = _ops_called(lambda: run("cpu", x, w, b, "relu"))
+    assert ("aten::bmm" not in ops) == fused, sorted(ops)
+    torch.testing.assert_close(run("cpu", x, w, b, "relu"), ref.channel_fc(x, w, b, "relu"), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_lower_instruction_sets_match_reference():
+    """The C++ loops compiled for x86-64-v3 and the baseline (picked when torch runs at a lower
+    CPU capability) against the reference, in fresh processes."""
+    skip_unless_available("cpu", "cpu")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastinpaint.functional as FI\n"
+        "from fastinpaint import use_backend\n"
+        "from fastinpaint.ops.channel_fc import reference as ref\n"
+        "torch.manual_seed(0)\n"
+        "for B, C, H, W in [(67, 3, 4, 4), (5, 2, 3, 3), (3, 2, 3, 7)]:\n"
+        "    x = torch.randn(B, C, H, W); w = torch.randn(C, H * W, H * W) / (H * W) ** 0.5\n"
+        "    b = torch.randn(C, H * W)\n"
+        "    for act in (None, 'relu', 'leaky_relu', 'elu'):\n"
+        "        with use_backend('cpu'):\n"
+        "            y = FI.channel_fc(x, w, b, act)\n"
+        "        torch.testing.assert_close(y, ref.channel_fc(x, w, b, act or 'none'), rtol=1e-5, atol=1e-5)\n"
+        "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    for capability in ("default", "avx2"):
+        env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=capability)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("ok"), (capability, done.stdout, done.stderr[-2000:])
 
 
 @pytest.mark.parametrize("backend,device", backend_device_params())

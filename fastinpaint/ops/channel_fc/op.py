@@ -7,7 +7,11 @@ Paths per backend:
   reference  eager permute -> bmm -> permute back (a view, batch innermost) -> + bias -> act (reference.py)
   cpu, cuda  one strided batched GEMM over channels on x where it lies (at::bmm: MKL /
              cuBLAS), then one fused pass (bias, activation, transposition into y's
-             layout) in fastinpaint._C; the backward's act' pass is fused likewise
+             layout) in fastinpaint._C; the backward's act' pass is fused likewise.
+             cpu, float32 maps of at most 16 positions (the Context Encoder's 4x4 bottleneck):
+             the forward is one fused pass instead (per channel and block of batch rows,
+             the products accumulated in registers, bias and activation applied on the
+             way out, x's layout read and y's written in place)
   triton     batched GEMM kernels that read and write NCHW, channels_last and strided
              views in place, bias and activation fused in the forward's epilogue and
              act' recomputed in the backward's operand loads (triton.py)
@@ -66,7 +70,8 @@ OP = Op("channel_fc", {
     "cuda": "one strided cuBLAS batched GEMM over channels (at::bmm), then one fused CUDA pass for bias, "
             "activation and the transposition into y's layout (csrc/cuda/channel_fc.cu)",
     "cpu": "one strided batched GEMM over channels (at::bmm, MKL/oneDNN), then one fused C++ pass for bias, "
-           "activation and the transposition into y's layout (csrc/cpu/channel_fc.cpp)",
+           "activation and the transposition into y's layout; float32 maps of at most 16 positions: the "
+           "forward in one fused C++ pass, products in registers (csrc/cpu/channel_fc.cpp)",
 }, kernels=(FORWARD, BACKWARD))
 
 
