@@ -149,18 +149,19 @@ def key_validity(mask: torch.Tensor | None, size_hw, ksize: int = 3, batch: int 
     return (hole_near == 0).flatten(1)
 
 
-def _flush_subnormal(attn: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """On the CPU, attention weights below the smallest normal number set to 0. The scaled
-    softmax of unnormalised queries is peaked: most weights underflow to 0 and a fraction of
-    a percent land among the subnormal numbers, which the CPU's matrix products handle
-    through microcode, about 14x slower (measured: the (C*16 x L) @ (L x L) product of a
-    256x256 DeepFill v2 image, 155 ms with them, 11 ms without). Their share of the
-    reconstruction is below float rounding (each < 1.2e-38 of a weight sum of at most 1).
-    GPUs handle subnormals at full speed: left as they are there."""
+def _flush_subnormal(attn: torch.Tensor) -> torch.Tensor:
+    """On the CPU, attention weights below the smallest normal number set to 0, in place
+    (``attn`` is the fresh product of the softmax and the validity; threshold's backward
+    reads its result, which is positive exactly where its input was). The scaled softmax of
+    unnormalised queries is peaked: most weights underflow to 0 and a fraction of a percent
+    land among the subnormal numbers, which the CPU's matrix products handle through
+    microcode, about 14x slower (measured: the (C*16 x L) @ (L x L) product of a 256x256
+    DeepFill v2 image on random features, 155 ms with them, 11 ms without). Their share of
+    the reconstruction is below float rounding (each < 1.2e-38 of a weight sum of at most
+    1). GPUs handle subnormals at full speed: left as they are there."""
     if not attn.is_cpu:
         return attn
-    tiny = torch.finfo(attn.dtype).tiny
-    return F.threshold_(attn, tiny, 0.0) if inplace else F.threshold(attn, tiny, 0.0)
+    return F.threshold_(attn, torch.finfo(attn.dtype).tiny, 0.0)
 
 
 class _FlushSubnormalGrad(torch.autograd.Function):
@@ -401,7 +402,7 @@ def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, row_runs,
     else:
         attn = torch.softmax(torch.where(v, s.to(acc) * scale, torch.finfo(acc).min), dim=2) * v
     del s
-    attn = _flush_subnormal(attn, inplace=not attn.requires_grad).to(out_dtype)
+    attn = _flush_subnormal(attn).to(out_dtype)
     if used is not None:                                   # the keys with a weight in some sample
         attn = attn.index_select(2, used)
     cols = torch.bmm(raw, attn.transpose(1, 2))                                   # B, C*k2*k2, |J|

@@ -391,9 +391,9 @@ class DeepFillV2Recipe:
         across the stages); the second the contextual attention's peak (``attention`` =
         :func:`~fastinpaint.models.contextual_attention.blocked_memory`: its keys, raw
         patches and one tile) with the maps held beside it. Fitted to peaks measured at
-        512 to 4096 pixels square (cnum 48), which it exceeds by 6-12% from 1024 up (27%
-        at 512). ``fastinpaint inpaint`` refuses an image this exceeds the memory
-        for."""
+        512 to 4096 pixels square (cnum 48), which it exceeds by 3-11% from 1024 up (36%
+        at 512; ``benchmarks/results/cpu_deepfill_v2_large_images_fp32_20261206.md``).
+        ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
         g = self.generator
         ca = g.stage2.contextual_attention
         pixels = height * width
