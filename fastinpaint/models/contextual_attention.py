@@ -514,8 +514,8 @@ class ContextualAttention(nn.Module):
     def _one_tile(self, x: torch.Tensor) -> bool:
         """With the default budget (``block_bytes`` None), whether the blocked form would run
         the whole map as one tile: then its memory is the reference's order anyway, and the
-        reference is as fast without gradients (CPU, C = 96: 33 against 41 ms on a 64x64
-        map, 638 against 603 ms on 128x128) and about twice as fast with them (1.9 against
+        reference is about as fast without gradients (CPU, C = 96: 35 against 38 ms on a 64x64
+        map, 628 against 596 ms on 128x128) and about twice as fast with them (1.9 against
         4.1 s on 128x128: the blocked form's backward adds the slices back one by one)."""
         if self.block_bytes is not None:
             return False
