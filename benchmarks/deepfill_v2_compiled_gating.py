@@ -9,7 +9,6 @@ with the gating as aten ops (inductor fuses them).
 
 import argparse
 import gc
-import json
 
 import torch
 
@@ -63,14 +62,8 @@ def main(argv=None) -> int:
     table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
                                                         "threads: torch's default."))
     print(table)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"environment": env, "results": rows}, fh, indent=1)
-    if a.markdown:
-        with open(a.markdown, "w") as fh:
-            fh.write(table)
-    if a.plot:
-        B.plot_speedups(rows, a.plot, "DeepFill v2 generator", env)
+    B.write_results(a.json, a.markdown, rows, env, {}, lambda *_: table, path_plot=a.plot,
+                    title="DeepFill v2 generator")
     return 0
 
 

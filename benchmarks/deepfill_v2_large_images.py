@@ -91,12 +91,7 @@ def main(argv=None) -> int:
             "size; peak RSS: the process's VmHWM (Python, torch and the model included); the estimate counts "
             "what the forward adds (estimate / peak: against the peak minus the RSS before the call)."))
     print(table)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"environment": env, "results": rows}, fh, indent=1)
-    if a.markdown:
-        with open(a.markdown, "w") as fh:
-            fh.write(table)
+    B.write_results(a.json, a.markdown, rows, env, {}, lambda *_: table)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -77,3 +77,24 @@ def test_deepfill_v2_bench_structure():
         assert "error" not in r and r["ms"] > 0 and r["x_vs_eager"] > 0, r
         if sys.platform.startswith("linux"):   # measured in a child process, not the timed one
             assert r["peak_MB"] is not None and r["peak_MB"] >= 0, r
+
+
+def test_large_image_bench_writes_its_files(tmp_path):
+    """benchmarks/deepfill_v2_large_images.py on a tiny image: a fresh process per size, the
+    row's figures (time, peak, estimate), the JSON and markdown files; a bad size is refused."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "deepfill_v2_large_images.py")
+    spec = importlib.util.spec_from_file_location("deepfill_v2_large_images", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_json, out_md = tmp_path / "large.json", tmp_path / "large.md"
+    assert mod.main(["--sizes", "64", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["image"] == "64x64" and row["seconds"] > 0 and 0 < row["hole_share"] < 1
+    assert row["peak_rss_GB"] >= row["rss_before_GB"] > 0 and row["estimate_GB"] > 0
+    assert "| 64x64 |" in out_md.read_text()
+    with pytest.raises(SystemExit):
+        mod.main(["--sizes", "60"])
