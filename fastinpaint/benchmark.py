@@ -314,7 +314,7 @@ def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, thre
                     dtype_choices=None) -> argparse.ArgumentParser:
     """The options every benchmark script shares: --device (default cuda when available),
     --dtype (default: see :func:`resolve_dtype`), --min-time, --threads, --json, --markdown."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, choices=dtype_choices,
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--min-time", type=float, default=min_time, help="seconds of timing per implementation")
@@ -335,9 +335,31 @@ def set_threads(threads: int | None) -> None:
 
 
 def apply_common_args(args: argparse.Namespace) -> torch.dtype:
-    """Apply --threads (:func:`set_threads`) and return the dtype."""
+    """Check --device, apply --threads (:func:`set_threads`) and return the dtype."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from .errors import InvalidInputError
+
+        raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
+                                fix="use --device cpu, or leave --device out")
     set_threads(getattr(args, "threads", None))
     return resolve_dtype(args.dtype, args.device)
+
+
+def select_cases(cases, patterns, prefix: bool = False) -> list:
+    """The ``cases`` (objects with a ``name``) whose name contains one of ``patterns`` (starts
+    with one, ``prefix``); all of them when ``patterns`` is empty. Patterns that select
+    nothing are an error naming ``--cases`` and listing the names (never an empty run)."""
+    if not patterns:
+        return list(cases)
+    hit = (lambda name, p: name.startswith(p)) if prefix else (lambda name, p: p in name)
+    chosen = [c for c in cases if any(hit(c.name, p) for p in patterns)]
+    if not chosen:
+        from .errors import InvalidInputError
+
+        how = "starts with" if prefix else "contains"
+        raise InvalidInputError(f"no case name {how} {' or '.join(map(repr, patterns))}", argument="cases",
+                                fix=f"the cases: {'; '.join(c.name for c in cases)}")
+    return chosen
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:

@@ -228,6 +228,21 @@ def takes_sketch(recipe) -> bool:
     return bool(getattr(recipe, "guided", False))
 
 
+def check_sketch_trained(generator, source: str = "the generator") -> None:
+    """Refuse a sketch for a guided generator whose sketch channel has zero weights in every
+    layer that reads it: unguided weights loaded as guided (``--model-option guided=true``, or
+    the start of a guided fine-tune) ignore the sketch, so the fill would silently be the
+    unguided one. The sketch channel is input channel 3 of the 6-channel layers (masked image,
+    sketch, ones, mask)."""
+    reads = [p for p in generator.parameters() if p.dim() == 4 and p.shape[1] == 6]
+    if reads and all(not bool(p[:, 3].any()) for p in reads):
+        raise InvalidInputError(
+            f"the sketch channel of {source} has zero weights (unguided weights loaded as a guided model): "
+            "the sketch cannot change the fill", argument="sketch",
+            fix="leave out --sketch, or give weights trained with guided = true (e.g. a guided fine-tune "
+                "of these: train --init ... --set model_options.guided=true)")
+
+
 def generator_fill(recipe, generator):
     """``fill(image, mask, sketch=None) -> output`` of a generator, for images of any size:
     ``image`` ``(B, 3, H, W)`` in [-1, 1] and ``mask`` ``(B, 1, H, W)`` (1 = hole) are padded
@@ -281,8 +296,12 @@ def parse_memory(value) -> int:
 
 
 def format_memory(n: int) -> str:
-    """``n`` bytes as ``6.0 GB`` / ``512 MB`` (powers of 1024)."""
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+    """``n`` bytes as ``6.0 GB`` / ``512 MB`` / ``12 KB`` / ``100 bytes`` (powers of 1024)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GB"
+    if n >= 2**20:
+        return f"{n / 2**20:.0f} MB"
+    return f"{n / 2**10:.0f} KB" if n >= 2**10 else f"{n} bytes"
 
 
 def available_memory(device="cpu") -> int | None:
@@ -359,6 +378,7 @@ def inpaint_array(recipe, generator, image: np.ndarray, hole: np.ndarray, device
                                     "no sketch", argument="sketch",
                                     fix="leave out the sketch, or use weights of a guided model "
                                         "(deepfill_v2 with guided = true)")
+        check_sketch_trained(generator)
         if np.shape(sketch) != hole.shape:
             raise ValueError(f"sketch must be {hole.shape}, got {np.shape(sketch)}")
         sketch = torch.from_numpy(np.asarray(sketch, dtype=np.float32).copy())[None, None].to(device)
@@ -511,6 +531,8 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
         raise InvalidInputError(f"the generator of {checkpoint} is not guided: it takes no sketch", argument="sketch",
                                 fix="leave out --sketch, or give weights of a guided model (deepfill_v2 with "
                                     "guided = true)")
+    if sketch is not None:
+        check_sketch_trained(generator, f"the generator of {checkpoint}")
 
     def read(img_path, mask_path, out_path, sketch_path):
         photo = read_photo(img_path)
@@ -537,8 +559,10 @@ def inpaint_files(checkpoint, image, mask, out, invert_mask: bool = False, ema: 
                 report(f"note: JPEG is lossy, so the known pixels in {out_path} differ slightly from the input's; "
                        "write a .png (or .webp, .tif, .bmp) to keep them exactly")
             if share > 0.5:
-                report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole; if black (or transparent) "
-                       "marks the holes in your masks, add --invert-mask")
+                report(f"note: {mask_path} marks {100 * share:.0f}% of the image as hole"
+                       + (" (with --invert-mask); if white marks the holes in your masks, leave out --invert-mask"
+                          if invert_mask else "; if black (or transparent) marks the holes in your masks, add "
+                                              "--invert-mask"))
             if sketch is not None and sketch_path is None:
                 report(f"note: no sketch for {img_path.relative_to(image)} in {sketch}: filled with an empty sketch "
                        "(no guidance)")

@@ -261,3 +261,31 @@ def test_gpu_suite_runs_every_benchmark_through_the_command():
             assert args.device == "cuda" and args.json and args.markdown, line
             ops.append(args.op)
     assert set(ops) == set(OPS), ops
+
+
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "self_similarity"])
+def test_bench_cases_that_select_nothing_are_an_error(name, capsys):
+    """--cases that match no case: one line naming --cases and listing the cases (was an empty
+    table and exit 0 for some benchmarks)."""
+    capsys.readouterr()
+    assert cli.main(["bench", name, "--device", "cpu", "--cases", "no-such-case"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --cases: ") and "'no-such-case'" in err, err
+
+
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "pixel_attention"])
+def test_bench_modes_are_checked(name):
+    """A misspelt mode is refused (it was timed as the forward, labelled with the typo)."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", name, "--device", "cpu", "--modes", "fwd+bw"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("name", ["channel_fc", "pixel_attention", "self_similarity", "partial_conv"])
+def test_bench_cuda_without_a_gpu_is_one_line(name, capsys):
+    capsys.readouterr()
+    assert cli.main(["bench", name, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --device: cuda asked for"), err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", name, "--device", "nosuch"])

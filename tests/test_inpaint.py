@@ -149,7 +149,7 @@ def test_a_folder_with_one_bad_pair_writes_nothing(run_dir, tmp_path, capsys, pr
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_inverted_masks_and_errors(run_dir, tmp_path):
+def test_inverted_masks_and_errors(run_dir, tmp_path, capsys):
     recipe, gen = load_generator(run_dir)
     img = np.random.default_rng(0).integers(0, 256, (12, 14, 3), dtype=np.uint8)
     hole = np.zeros((12, 14), bool)
@@ -159,7 +159,13 @@ def test_inverted_masks_and_errors(run_dir, tmp_path):
     _write(tmp_path, "b", 16, 16, seed=3)
     assert _inpaint(tmp_path / "nope", tmp_path / "b.png", tmp_path / "b_mask.png", tmp_path / "o.png") == 2
     assert _inpaint(run_dir, tmp_path / "missing.png", tmp_path / "b_mask.png", tmp_path / "o.png") == 2
+    capsys.readouterr()
     assert _inpaint(run_dir, tmp_path / "b.png", tmp_path / "b_mask.png", tmp_path / "o.png", "--invert-mask") == 0
+    said = "".join(capsys.readouterr())     # 70% hole once inverted: the note says to drop the flag
+    assert "with --invert-mask" in said and "leave out --invert-mask" in said and "add --invert-mask" not in said
+    _write(tmp_path, "c", 16, 16, seed=4, mask_fraction=0.8)
+    assert _inpaint(run_dir, tmp_path / "c.png", tmp_path / "c_mask.png", tmp_path / "o.png") == 0
+    assert "add --invert-mask" in "".join(capsys.readouterr())
 
 
 # ----------------------------------------------------------------------------- the mask rule
@@ -371,6 +377,9 @@ def test_parse_memory_sizes_and_mistakes():
         with pytest.raises(InvalidInputError) as e:
             parse_memory(bad)
         assert e.value.argument == "max_memory" and "6G" in str(e.value)
+    from fastinpaint.inpaint import format_memory    # small limits are not shown as "0 MB"
+
+    assert [format_memory(n) for n in (100, 4096, 512 * 2**20, 6 * 2**30)] == ["100 bytes", "4 KB", "512 MB", "6.0 GB"]
 
 
 def test_deepfill_memory_estimate_grows_with_the_image():

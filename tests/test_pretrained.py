@@ -523,3 +523,22 @@ def test_sketch_mistakes_are_one_line_naming_the_option(guided_weights, tiny_run
         recipe, g = load_generator(tiny_run)
         with pytest.raises(InvalidInputError, match="not guided"):
             inpaint_array(recipe, g, img, hole, sketch=hole)
+
+
+def test_a_sketch_for_unguided_weights_loaded_as_guided_is_refused(tmp_path, capsys):
+    """Unguided weights with --model-option guided=true get a zero-weight sketch channel: the
+    sketch could not change the fill, so it is refused (it was silently ignored)."""
+    torch.save(port_checkpoint(DeepFillV2Generator(cnum=4), seed=6, gain=3.0), tmp_path / "plain.pth")
+    img, hole = _photo(tmp_path)
+    Image.fromarray(_lines(*hole.shape, seed=0).astype(np.uint8) * 255).save(tmp_path / "sketch.png")
+    capsys.readouterr()
+    assert cli.main(["inpaint", "--checkpoint", str(tmp_path / "plain.pth"), "--model", "deepfill_v2",
+                     "--model-option", "cnum=4", "--model-option", "guided=true", "--image", str(tmp_path / "photo.png"),
+                     "--mask", str(tmp_path / "photo_mask.png"), "--sketch", str(tmp_path / "sketch.png"),
+                     "--out", str(tmp_path / "out.png")]) == 2
+    err = _one_line_error(capsys, "inpaint", "--sketch: ")
+    assert "zero weights" in err and not (tmp_path / "out.png").exists()
+    recipe, g = load_generator(tmp_path / "plain.pth", model="deepfill_v2", model_options={"cnum": 4, "guided": True})
+    with pytest.raises(InvalidInputError, match="zero weights"):
+        inpaint_array(recipe, g, img, hole, sketch=hole)
+    assert inpaint_array(recipe, g, img, hole).shape == img.shape      # without a sketch it fills

@@ -256,7 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="training batch (GPU default 8, CPU 1)")
     p.add_argument("--infer-size", type=int, default=512)
     p.add_argument("--cnum", type=int, default=48)
-    p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"])
+    p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"],
+                   choices=["G fwd+bwd", "train step", "G inference"])
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
     return p

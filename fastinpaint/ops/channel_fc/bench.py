@@ -171,7 +171,7 @@ def capture_calls(dtype: torch.dtype) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of this script and of ``fastinpaint bench channel_fc``."""
     B.add_common_args(p, min_time=0.5, dtype_choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"])
+    p.add_argument("--modes", nargs="+", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="+", default=None, help="substrings of case names")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-compile", action="store_true")
@@ -181,7 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_args(args: argparse.Namespace) -> int:
     """Run the cases ``args`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(args)
-    cases = CASES if not args.cases else [c for c in CASES if any(s in c.name for s in args.cases)]
+    cases = B.select_cases(CASES, args.cases)
     env = B.environment(args.device)
 
     def save(rows, ceilings):

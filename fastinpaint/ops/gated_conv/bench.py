@@ -220,12 +220,7 @@ def run_args(args: argparse.Namespace) -> int:
     dtype = B.apply_common_args(args)
     batch = args.batch or (8 if device == "cuda" else 1)
     cases = DEEPFILL_CASES
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases)]
-        if not cases:
-            print(f"fastinpaint bench: --cases: no case name contains {' or '.join(map(repr, args.cases))}; "
-                  f"the cases: {'; '.join(c.name for c in DEEPFILL_CASES)}", file=sys.stderr)
-            return 2
+    cases = B.select_cases(cases, args.cases)
     if args.quick:
         cases = quick_cases(cases)
     env = B.environment(device)

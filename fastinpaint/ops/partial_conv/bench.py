@@ -146,7 +146,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     B.add_common_args(p, min_time=0.5)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"])
+    p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
     p.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile of every implementation (compile(eager), compile(fastinpaint[...]))")
@@ -159,7 +159,7 @@ def run_args(a: argparse.Namespace) -> int:
     gpu = a.device == "cuda"
     batch = a.batch or (8 if gpu else 1)
     channels_last = gpu if a.channels_last is None else a.channels_last
-    cases = [c for c in CASES if not a.cases or any(c.name.startswith(x) for x in a.cases)]
+    cases = B.select_cases(CASES, a.cases, prefix=True)
     env = B.environment(a.device)
     env["channels_last"] = channels_last
 

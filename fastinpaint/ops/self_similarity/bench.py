@@ -233,8 +233,7 @@ def run_args(a: argparse.Namespace) -> int:
     """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
     dtype = B.apply_common_args(a)
     cases = GPU_CASES if a.device == "cuda" else CPU_CASES
-    if a.cases:
-        cases = [c for c in cases if any(s in c.name for s in a.cases)]
+    cases = B.select_cases(cases, a.cases)
     env = B.environment(a.device)
     ceilings = B.measure_ceilings(a.device) if a.device == "cuda" else {}
 
