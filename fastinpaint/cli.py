@@ -551,7 +551,9 @@ def main(argv=None) -> int:
     import warnings
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:   # named by the (sub)command that was given them, as its other errors are
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     debug = _debug(args)
     saved_format = warnings.formatwarning
     if not debug:   # a warning is one line too (--debug: with its source line)

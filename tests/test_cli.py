@@ -423,3 +423,14 @@ def test_warnings_are_one_line_during_a_command(monkeypatch):
     assert cli.main(["backends"]) == 0
     assert seen == ["fastinpaint: warning: skipping unreadable image 'x.png': truncated\n"]
     assert warnings.formatwarning is before
+
+
+@pytest.mark.parametrize("argv,prog", [(["bench", "channel_fc", "--quick"], "fastinpaint bench channel_fc"),
+                                       (["inpaint", "--checkpoint", "r", "--image", "i.png", "--mask", "m.png",
+                                         "--out", "o.png", "--bogus"], "fastinpaint inpaint")])
+def test_unknown_options_are_named_by_their_command(argv, prog, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"{prog}: unrecognized arguments: ") and err.count("\n") == 1, err
