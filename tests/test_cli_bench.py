@@ -281,7 +281,7 @@ def test_bench_modes_are_checked(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("name", ["channel_fc", "pixel_attention", "self_similarity", "partial_conv"])
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "pixel_attention", "self_similarity", "partial_conv"])
 def test_bench_cuda_without_a_gpu_is_one_line(name, capsys):
     capsys.readouterr()
     assert cli.main(["bench", name, "--device", "cuda"]) == 2
