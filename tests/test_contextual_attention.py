@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import assert_close_to_reference, devices
 from fastinpaint.models import DeepFillV2Generator, contextual_attention
 from fastinpaint.models.contextual_attention import (ContextualAttention, _tile_cost, _tile_shape,
-                                                     contextual_attention_blocked)
+                                                     blocked_memory, contextual_attention_blocked,
+                                                     reference_memory)
 
 
 def _inputs(b, c, hs, ws, rate, dtype=torch.float64, device="cpu", seed=0):
@@ -198,6 +199,22 @@ def test_generator_runs_the_blocked_form():
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     assert "blocked=False" in repr(ca)
+
+
+def test_module_memory_follows_the_form_it_runs():
+    """The module's no-gradient memory is the reference's where it runs the reference (a map
+    that is one tile, or ``blocked=False``) and the blocked form's otherwise; the reference's
+    grows with L^2, the blocked form's about linearly."""
+    small, large = (1, 96, 128, 128), (1, 96, 512, 512)
+    ca = ContextualAttention()
+    assert ca._one_tile(small, torch.float32) and not ca._one_tile(large, torch.float32)
+    assert ca.inference_memory(small) == reference_memory(small)
+    assert ca.inference_memory(large) == blocked_memory(large)
+    n = 64 * 64
+    assert reference_memory(small) >= 4 * n * n * 4                 # four (L x L) float32 maps
+    assert reference_memory(small, dtype=torch.float16) > reference_memory(small) / 2   # softmax in float32
+    assert ContextualAttention(block_bytes=2**26).inference_memory(small) == blocked_memory(small, block_bytes=2**26)
+    assert ContextualAttention(blocked=False).inference_memory(large) == reference_memory(large) > 16 * blocked_memory(large)
 
 
 @pytest.mark.parametrize("device", devices())

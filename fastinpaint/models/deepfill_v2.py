@@ -57,7 +57,7 @@ from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ._common import merge_loss_weights, strip_wrapper_prefixes
-from .contextual_attention import ContextualAttention, blocked_memory
+from .contextual_attention import ContextualAttention
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_checkpoint",
            "convert_port_state_dict", "edge_sketch", "hinge_d_loss", "hinge_g_loss"]
@@ -377,7 +377,7 @@ class DeepFillV2Recipe:
         return generator_state, discriminator_state
 
     #: :meth:`inference_memory`'s constants (bytes; bytes per pixel and unit of cnum)
-    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 100 * 2**20, 13.0, 4.0
+    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 150 * 2**20, 13.0, 4.0
 
     def inference_memory(self, height: int, width: int) -> int:
         """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
@@ -389,21 +389,19 @@ class DeepFillV2Recipe:
         The first term is the full-resolution gated layers (the largest, the second stage's
         gated deconv: its phase-stacked pre-activations, its output, and the maps held
         across the stages); the second the contextual attention's peak (``attention`` =
-        :func:`~fastinpaint.models.contextual_attention.blocked_memory`: its keys, raw
-        patches and one tile) with the maps held beside it. Fitted to peaks measured at
-        512 to 4096 pixels square (cnum 48), which it exceeds by 3-11% from 1024 up (36%
-        at 512; ``benchmarks/results/cpu_deepfill_v2_large_images_fp32_20261206.md``).
+        :meth:`ContextualAttention.inference_memory
+        <fastinpaint.models.contextual_attention.ContextualAttention.inference_memory>`: its
+        keys, raw patches and one tile, or the reference's (L x L) maps where the map is one
+        tile, up to 512x512 images) with the maps held beside it. Fitted to peaks measured
+        at 512 to 4096 pixels square (cnum 48) in fresh processes, which it exceeds by 4-6%
+        at 2048 and 4096 and by 10-30% at 512 and 1024, where the growth of a first call
+        varies from run to run (``benchmarks/deepfill_v2_large_images.py``;
+        ``benchmarks/results/cpu_deepfill_v2_large_images_fp32_20261206.md``, measured with
+        the formula's earlier constants).
         ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
         g = self.generator
-        ca = g.stage2.contextual_attention
         pixels = height * width
-        shape = (1, 2 * g.cnum, height // 4, width // 4)
-        if ca.blocked:
-            attention = blocked_memory(shape, ksize=ca.ksize, rate=ca.rate, fuse_k=ca.fuse_k, fuse=ca.fuse,
-                                       block_bytes=ca.block_bytes)
-        else:   # the reference: the score map, its fused copies and the softmax, each (L x L)
-            n = (height // 4 // ca.rate) * (width // 4 // ca.rate)
-            attention = 5 * n * n * 4
+        attention = g.stage2.contextual_attention.inference_memory((1, 2 * g.cnum, height // 4, width // 4))
         return int(self.memory_base + max(self.memory_conv_per_pixel_cnum * g.cnum * pixels,
                                           attention + self.memory_attention_per_pixel_cnum * g.cnum * pixels))
 

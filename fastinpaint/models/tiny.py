@@ -180,7 +180,7 @@ class TinyGatedRecipe:
     composite = staticmethod(composite)
 
     #: :meth:`inference_memory`'s constants: bytes, and bytes per pixel and unit of width
-    memory_base, memory_per_pixel_width = 128 * 2**20, 33.0   # skips on: measured 210, 630, 1259 MB at 512, 1024, 1536
+    memory_base, memory_per_pixel_width = 128 * 2**20, 36.0   # skips on: measured 210, 630-658, 1259 MB at 512, 1024, 1536
 
     def inference_memory(self, height: int, width: int) -> int:
         """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
