@@ -4,9 +4,12 @@
 // largest temporary of a task is a (kBlock, N) score block, never the (N, N) matrix, so the
 // memory is O(threads * kBlock * N) on top of the inputs. Tasks run in parallel
 // (parallel_for, cpu/cpu_common.h); inside a task the block products (at::mm) and the softmax are ATen ops
-// that run on the calling thread. The backward passes never reduce across tasks: one pass
-// over query blocks writes dq, one over key blocks recomputes the transposed scores and
-// writes dk (and dv). float16/bfloat16 inputs are computed in float32, float64 in float64.
+// that run on the calling thread. The attention's backward passes never reduce across tasks:
+// one pass over query blocks writes dq, one over key blocks recomputes the transposed scores
+// and writes dk and dv. The transfer loss's backward is one pass over query blocks (its dS
+// block gives both gradients, so the two score products are recomputed once, not twice),
+// with a (B, N, D) dk accumulator per thread, summed in a fixed order at the end.
+// float16/bfloat16 inputs are computed in float32, float64 in float64.
 //
 // pixel_attention_forward(q, k, v, key_mask?, scale) -> (out, lse)
 //   out_i = sum_j softmax_j(scale q_i.k_j) v_j over keys with key_mask false;
@@ -18,7 +21,8 @@
 //   r = softmax rows; dist_i = sum_j (r_s - r_t)^2 (distance 0) or |r_s - r_t| (1);
 //   c_i = sum_j r_s g with g = 2 (r_s - r_t) or sign(r_s - r_t).
 // attention_transfer_backward(grad_dist, q_s, k_s, q_t, k_t, lse_s, lse_t, c, scale, distance)
-//   -> (dq_s, dk_s): dS = gd_i r_s (g - c_i), dq_s = scale dS k_s, dk_s = scale dS^T q_s.
+//   -> (dq_s, dk_s): dS = gd_i r_s (g - c_i), dq_s = scale dS k_s, dk_s = scale dS^T q_s, in
+//   one pass over query blocks (dk_s summed from per-chunk accumulators).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -200,17 +204,32 @@ void check_transfer(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tens
               distance);
 }
 
-// Softmax rows of one block, student and teacher, plus their log-sum-exps.
+// Softmax rows of one block, student and teacher, and the distance's derivative g.
 struct TransferBlock {
   at::Tensor ps, pt, g;
 };
 
-TransferBlock transfer_block(const at::Tensor& qs, const at::Tensor& kst, const at::Tensor& qt,
-                             const at::Tensor& ktt, double scale, const at::Tensor& lse_s,
-                             const at::Tensor& lse_t, int64_t distance) {
+// Rows of exp(s - lse) from the (n, N) scores s (overwritten): lse given (backward), or
+// computed and returned through *lse_out (forward, lse_out non-null).
+at::Tensor softmax_rows(at::Tensor s, const at::Tensor& lse, at::Tensor* lse_out) {
+  if (lse_out != nullptr) {
+    at::Tensor m = std::get<0>(s.max(1, /*keepdim=*/true));
+    s.sub_(m).exp_();
+    at::Tensor l = s.sum(1, /*keepdim=*/true);
+    s.div_(l);
+    *lse_out = m.add_(l.log_());
+    return s;
+  }
+  return s.sub_(lse).exp_();
+}
+
+// qs, qt: (n, D) rows already multiplied by the scale; ks, kt: (N, D).
+TransferBlock transfer_block(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                             const at::Tensor& kt, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                             int64_t distance, at::Tensor* lse_s_out = nullptr, at::Tensor* lse_t_out = nullptr) {
   TransferBlock r;
-  r.ps = at::mm(qs, kst).mul_(scale).sub_(lse_s).exp_();
-  r.pt = at::mm(qt, ktt).mul_(scale).sub_(lse_t).exp_();
+  r.ps = softmax_rows(at::mm(qs, ks.t()), lse_s, lse_s_out);
+  r.pt = softmax_rows(at::mm(qt, kt.t()), lse_t, lse_t_out);
   at::Tensor diff = r.ps - r.pt;
   r.g = distance == 0 ? diff.mul_(2) : diff.sign_();
   return r;
@@ -227,24 +246,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_transfer_fo
   at::Tensor lse_s = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
   at::Tensor lse_t = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
   at::Tensor crow = new_output({B, N}, opts, at::MemoryFormat::Contiguous);
-  const at::Tensor qs_a = q_s.to(acc), qt_a = q_t.to(acc);
-  const at::Tensor kst = k_s.to(acc).transpose(1, 2).contiguous(), ktt = k_t.to(acc).transpose(1, 2).contiguous();
+  // the scale folded into the queries once (the score blocks need no pass of their own)
+  const at::Tensor qs_a = q_s.to(acc).mul(scale), qt_a = q_t.to(acc).mul(scale);
+  const at::Tensor ks_a = k_s.to(acc).contiguous(), kt_a = k_t.to(acc).contiguous();
+  const at::Tensor none;
   for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
-    const at::Tensor qs = qs_a[b].narrow(0, i0, n), qt = qt_a[b].narrow(0, i0, n);
-    // the two log-sum-exps first (one score block at a time), then the rows themselves
-    const at::Tensor ls = at::logsumexp(at::mm(qs, kst[b]).mul_(scale), {1}, /*keepdim=*/true);
-    const at::Tensor lt = at::logsumexp(at::mm(qt, ktt[b]).mul_(scale), {1}, /*keepdim=*/true);
-    TransferBlock r = transfer_block(qs, kst[b], qt, ktt[b], scale, ls, lt, distance);
-    at::Tensor diff = r.ps - r.pt;
-    dist[b].narrow(0, i0, n).copy_(distance == 0 ? diff.mul_(diff).sum(1) : diff.abs_().sum(1));
-    crow[b].narrow(0, i0, n).copy_(r.g.mul_(r.ps).sum(1));
+    at::Tensor ls, lt;
+    TransferBlock r = transfer_block(qs_a[b].narrow(0, i0, n), ks_a[b], qt_a[b].narrow(0, i0, n), kt_a[b], none,
+                                     none, distance, &ls, &lt);
+    // dist_i = sum_j d(r_s - r_t) and c_i = sum_j g r_s, each one pass over the block
+    at::Tensor dn = dist[b].narrow(0, i0, n), cn = crow[b].narrow(0, i0, n);
+    if (distance == 0) {
+      at::linalg_vector_norm_out(dn, r.g, 2, {1}).square_().mul_(0.25);   // g = 2 (r_s - r_t)
+    } else {
+      at::Tensor diff = r.ps - r.pt;
+      at::sum_out(dn, diff.abs_(), {1});
+    }
+    at::sum_out(cn, r.g.mul_(r.ps), {1});
     lse_s[b].narrow(0, i0, n).copy_(ls.squeeze(1));
     lse_t[b].narrow(0, i0, n).copy_(lt.squeeze(1));
   });
   return {dist, lse_s, lse_t, crow};
 }
 
-// Backward in two parallel passes (query blocks -> dq_s, key blocks -> dk_s), as for attention.
+// Backward in one parallel pass over query blocks: each block's dS gives its rows of dq_s
+// (dS k_s) and adds dS^T q_s to its chunk's own dk_s accumulator; the accumulators are
+// summed in chunk order afterwards (deterministic for a given thread count). The scores are
+// recomputed once, not once per pass.
 std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
     const at::Tensor& grad_dist, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
     const at::Tensor& k_t, const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& crow, double scale,
@@ -257,27 +285,34 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
   check_rows(crow, "c", B, N);
   const auto acc = acc_type(q_s.scalar_type());
   at::Tensor dq = new_output({B, N, Ds}, q_s.options(), at::MemoryFormat::Contiguous);
-  at::Tensor dk = new_output({B, N, Ds}, q_s.options(), at::MemoryFormat::Contiguous);
-  const at::Tensor qs_a = q_s.to(acc).contiguous(), ks_a = k_s.to(acc).contiguous();
-  const at::Tensor qt_a = q_t.to(acc).contiguous(), kt_a = k_t.to(acc).contiguous();
+  at::Tensor dq_a = q_s.scalar_type() == acc ? dq : at::empty({B, N, Ds}, q_s.options().dtype(acc));
+  const at::Tensor qs_raw = q_s.to(acc).contiguous();
+  const at::Tensor qs_a = qs_raw.mul(scale), qt_a = q_t.to(acc).mul(scale);
+  const at::Tensor ks_a = k_s.to(acc).contiguous(), kt_a = k_t.to(acc).contiguous();
   const at::Tensor gd = grad_dist.to(acc).contiguous(), cr = crow.to(acc).contiguous();
   const at::Tensor ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
-  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
-    const at::Tensor qs = qs_a[b].narrow(0, i0, n);
-    TransferBlock r = transfer_block(qs, ks_a[b].t(), qt_a[b].narrow(0, i0, n), kt_a[b].t(), scale,
-                                     ls[b].narrow(0, i0, n).unsqueeze(1), lt[b].narrow(0, i0, n).unsqueeze(1),
-                                     distance);
-    at::Tensor ds = r.g.sub_(cr[b].narrow(0, i0, n).unsqueeze(1)).mul_(r.ps).mul_(gd[b].narrow(0, i0, n).unsqueeze(1));
-    dq[b].narrow(0, i0, n).copy_(at::mm(ds, ks_a[b]).mul_(scale));
+  const int64_t nb = (N + kBlock - 1) / kBlock, tasks = B * nb;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  at::Tensor dk_parts = at::zeros({chunks, B, N, Ds}, qs_a.options());
+  parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t t = tasks * c / chunks; t < tasks * (c + 1) / chunks; ++t) {
+        const int64_t b = t / nb, i0 = (t % nb) * kBlock, n = std::min(kBlock, N - i0);
+        TransferBlock r = transfer_block(qs_a[b].narrow(0, i0, n), ks_a[b], qt_a[b].narrow(0, i0, n), kt_a[b],
+                                         ls[b].narrow(0, i0, n).unsqueeze(1), lt[b].narrow(0, i0, n).unsqueeze(1),
+                                         distance);
+        // dS = gd_i r_s (g - c_i), times the scale of the scores
+        at::Tensor ds = r.g.sub_(cr[b].narrow(0, i0, n).unsqueeze(1))
+                            .mul_(r.ps)
+                            .mul_(gd[b].narrow(0, i0, n).unsqueeze(1).mul(scale));
+        at::Tensor dq_rows = dq_a[b].narrow(0, i0, n);
+        at::mm_out(dq_rows, ds, ks_a[b]);
+        dk_parts[c][b].addmm_(ds.t(), qs_raw[b].narrow(0, i0, n));
+      }
+    }
   });
-  for_blocks(B, N, [&](int64_t b, int64_t j0, int64_t n) {
-    // transposed block: (n keys, N queries); the row statistics broadcast along dim 0
-    TransferBlock r = transfer_block(ks_a[b].narrow(0, j0, n), qs_a[b].t(), kt_a[b].narrow(0, j0, n), qt_a[b].t(),
-                                     scale, ls[b].unsqueeze(0), lt[b].unsqueeze(0), distance);
-    at::Tensor dst = r.g.sub_(cr[b].unsqueeze(0)).mul_(r.ps).mul_(gd[b].unsqueeze(0));
-    dk[b].narrow(0, j0, n).copy_(at::mm(dst, qs_a[b]).mul_(scale));
-  });
-  return {dq, dk};
+  if (!dq_a.is_same(dq)) dq.copy_(dq_a);
+  return {dq, dk_parts.sum(0).to(q_s.scalar_type())};
 }
 
 }  // namespace
