@@ -267,27 +267,3 @@ def test_cpu_backend_bfloat16(distance):
                                    torch.autograd.grad(loss64, leaves64), ["q_s", "k_s", "w"]):
         assert_close_to_reference(g, g_ref, g64, f"cpu grad {name} bfloat16 {distance}")
 
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("distance", ["l2", "l1"])
-def test_cpu_several_blocks_per_sample_any_thread_count(threads, distance):
-    """N = 150: three row blocks per sample (the last partial), two samples; the backward's
-    per-thread dk accumulators with 1, 2 and 3 threads (chunks that split a sample's blocks)."""
-    skip_unless_available("cpu", "cpu")
-    q_s, k_s, q_t, k_t, w, mask = make_inputs(2, 150, 16, 8, "cpu", torch.float32, "hole", seed=3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with use_backend("cpu"):
-            loss = FI.attention_transfer_loss(q_s, k_s, q_t, k_t, w, mask, distance, 0.7)
-            grads = torch.autograd.grad(loss, (q_s, k_s, w))
-    finally:
-        torch.set_num_threads(before)
-    loss_ref = ref.attention_transfer_loss(q_s, k_s, q_t, k_t, w, mask, distance, 0.7)
-    leaves64 = [t.detach().double().requires_grad_() for t in (q_s, k_s, w)]
-    loss64 = ref.attention_transfer_loss(leaves64[0], leaves64[1], q_t.double(), k_t.double(), leaves64[2], mask,
-                                         distance, 0.7)
-    assert_close_to_reference(loss, loss_ref, loss64, f"cpu loss {threads} threads")
-    for g, g_ref, g64, name in zip(grads, torch.autograd.grad(loss_ref, (q_s, k_s, w)),
-                                   torch.autograd.grad(loss64, leaves64), ["q_s", "k_s", "w"]):
-        assert_close_to_reference(g, g_ref, g64, f"cpu grad {name} {threads} threads {distance}")

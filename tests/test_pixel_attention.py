@@ -317,10 +317,19 @@ def test_cpu_backend_bfloat16_and_autocast():
         assert FI.pixel_attention(qf, kf, vf, mask).dtype == torch.bfloat16
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", ["cpu"])
-def test_cpu_several_blocks(backend):
+def test_cpu_several_blocks(backend, threads):
     """N = 150: the C++ kernels' 64-row tasks, two full and one partial, forward and backward,
-    for both ops (the small cases above fit one task)."""
+    for both ops (the small cases above fit one task), at 1, 2 and 3 threads (the backward's
+    per-thread accumulators: one chunk, chunks that split a sample, three chunks)."""
     skip_unless_available(backend, "cpu")
     q, k, v, mask = make_inputs(2, 150, 12, 20, "cpu", torch.float64, "one_sample_empty")
     mask[1, 70:140] = True  # a whole task's keys excluded

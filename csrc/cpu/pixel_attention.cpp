@@ -2,13 +2,14 @@
 //
 // Both are computed in tasks of (sample, block of kBlock rows) against all N keys: the
 // largest temporary of a task is a (kBlock, N) score block, never the (N, N) matrix, so the
-// memory is O(threads * kBlock * N) on top of the inputs. Tasks run in parallel
+// memory is O(threads * kBlock * N) on top of the inputs (and, in backward, the gradient
+// accumulators: O((B + threads) * N * D)). Tasks run in parallel
 // (parallel_for, cpu/cpu_common.h); inside a task the block products (at::mm) and the softmax are ATen ops
-// that run on the calling thread. The attention's backward passes never reduce across tasks:
-// one pass over query blocks writes dq, one over key blocks recomputes the transposed scores
-// and writes dk and dv. The transfer loss's backward is one pass over query blocks (its dS
-// block gives both gradients, so the two score products are recomputed once, not twice),
-// with a (B, N, D) dk accumulator per thread, summed in a fixed order at the end.
+// that run on the calling thread. Each backward is one pass over query blocks: a block's
+// recomputed probabilities and dS give its rows of dq and its share of dk (and dv), added into
+// the thread's own accumulators (Accumulators: the samples its tasks touch), summed in a fixed
+// order at the end; recomputing the scores transposed in a second pass over key blocks, to
+// write dk without a reduction, would cost two more block products of every block.
 // float16/bfloat16 inputs are computed in float32, float64 in float64.
 //
 // pixel_attention_forward(q, k, v, key_mask?, scale) -> (out, lse)
@@ -106,6 +107,52 @@ void for_blocks(int64_t B, int64_t N, const F& f) {
   });
 }
 
+// Backward passes that reduce over query blocks: the (sample, block) tasks split into at most
+// one contiguous range per thread (a chunk); each chunk adds into its own zeroed (samples it
+// touches, N, D) accumulators, and Accumulators::sum adds them up in chunk order, so the
+// result depends on the thread count only, not on scheduling.
+struct Chunks {
+  int64_t nb, tasks, count;
+  Chunks(int64_t B, int64_t N)
+      : nb((N + kBlock - 1) / kBlock),
+        tasks(B * nb),
+        count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * nb))) {}
+  int64_t first(int64_t c) const { return tasks * c / count; }
+  int64_t end(int64_t c) const { return tasks * (c + 1) / count; }
+  int64_t b_lo(int64_t c) const { return first(c) / nb; }
+  int64_t samples(int64_t c) const { return end(c) > first(c) ? (end(c) - 1) / nb - b_lo(c) + 1 : 0; }
+};
+
+struct Accumulators {
+  const Chunks& chunks;
+  std::vector<at::Tensor> parts;
+  Accumulators(const Chunks& ch, int64_t N, int64_t D, const at::TensorOptions& opts) : chunks(ch) {
+    for (int64_t c = 0; c < ch.count; ++c) parts.push_back(at::zeros({ch.samples(c), N, D}, opts));
+  }
+  // the (N, D) accumulator of sample b in chunk c
+  at::Tensor at(int64_t c, int64_t b) const { return parts[c][b - chunks.b_lo(c)]; }
+  at::Tensor sum(int64_t B, at::ScalarType dtype) const {
+    at::Tensor out = at::zeros({B, parts[0].size(1), parts[0].size(2)}, parts[0].options());
+    for (int64_t c = 0; c < chunks.count; ++c) {
+      if (parts[c].size(0) > 0) out.narrow(0, chunks.b_lo(c), parts[c].size(0)).add_(parts[c]);
+    }
+    return out.to(dtype);
+  }
+};
+
+// f(chunk, b, i0, n) for every (sample, block of rows) task, chunk by chunk in parallel.
+template <typename F>
+void for_chunked_blocks(const Chunks& chunks, int64_t N, const F& f) {
+  parallel_for(0, chunks.count, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t t = chunks.first(c); t < chunks.end(c); ++t) {
+        const int64_t b = t / chunks.nb, i0 = (t % chunks.nb) * kBlock;
+        f(c, b, i0, std::min(kBlock, N - i0));
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> pixel_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v,
                                                                const std::optional<at::Tensor>& key_mask,
@@ -135,8 +182,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_attention_forward_cpu(const at::Tensor&
   return {out, lse};
 }
 
-// Backward in two parallel passes without reductions across tasks: query blocks give dq,
-// key blocks give dk and dv (the scores are recomputed transposed, (keys, all queries)).
+// Backward in one parallel pass over query blocks (file comment).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& key_mask, const at::Tensor& out, const at::Tensor& lse, double scale) {
@@ -159,32 +205,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_attention_backward_cpu(
   const at::Tensor go = grad_out.to(acc).contiguous();
   const at::Tensor delta = (go * out.to(acc)).sum(2);  // (B, N)
   const at::Tensor lsea = lse.to(acc).contiguous();
-  // pass 1: dq of each query block
-  for_blocks(B, N, [&](int64_t b, int64_t i0, int64_t n) {
+  at::Tensor dq_a = q.scalar_type() == acc ? dq : at::empty({B, N, Dqk}, q.options().dtype(acc));
+  const Chunks chunks(B, N);
+  const Accumulators dk_acc(chunks, N, Dqk, qa.options()), dv_acc(chunks, N, Dv, qa.options());
+  for_chunked_blocks(chunks, N, [&](int64_t c, int64_t b, int64_t i0, int64_t n) {
+    at::Tensor dq_rows = dq_a[b].narrow(0, i0, n);
     if (masks.empty[b]) {  // the output is 0 whatever q, k, v are
-      dq[b].narrow(0, i0, n).zero_();
+      dq_rows.zero_();
       return;
     }
-    at::Tensor p = at::mm(qa[b].narrow(0, i0, n), ka[b].t()).mul_(scale);  // (n, N)
+    const at::Tensor q_rows = qa[b].narrow(0, i0, n), go_rows = go[b].narrow(0, i0, n);
+    at::Tensor p = at::mm(q_rows, ka[b].t()).mul_(scale);  // (n, N)
     if (masks.excluded[b].defined()) p.masked_fill_(masks.excluded[b].unsqueeze(0), -inf);
     p.sub_(lsea[b].narrow(0, i0, n).unsqueeze(1)).exp_();
-    at::Tensor ds = at::mm(go[b].narrow(0, i0, n), va[b].t()).sub_(delta[b].narrow(0, i0, n).unsqueeze(1)).mul_(p);
-    dq[b].narrow(0, i0, n).copy_(at::mm(ds, ka[b]).mul_(scale));
+    dv_acc.at(c, b).addmm_(p.t(), go_rows);
+    // dS = p (dO V^T - delta), times the scale of the scores
+    at::Tensor ds = at::mm(go_rows, va[b].t()).sub_(delta[b].narrow(0, i0, n).unsqueeze(1)).mul_(p).mul_(scale);
+    at::mm_out(dq_rows, ds, ka[b]);
+    dk_acc.at(c, b).addmm_(ds.t(), q_rows);
   });
-  // pass 2: dk, dv of each key block
-  for_blocks(B, N, [&](int64_t b, int64_t j0, int64_t n) {
-    if (masks.empty[b]) {
-      dk[b].narrow(0, j0, n).zero_();
-      dv[b].narrow(0, j0, n).zero_();
-      return;
-    }
-    at::Tensor pt = at::mm(ka[b].narrow(0, j0, n), qa[b].t()).mul_(scale);  // (n keys, N queries)
-    pt.sub_(lsea[b].unsqueeze(0)).exp_();
-    if (masks.excluded[b].defined()) pt.masked_fill_(masks.excluded[b].narrow(0, j0, n).unsqueeze(1), 0.0);
-    dv[b].narrow(0, j0, n).copy_(at::mm(pt, go[b]));
-    at::Tensor dst = at::mm(va[b].narrow(0, j0, n), go[b].t()).sub_(delta[b].unsqueeze(0)).mul_(pt);
-    dk[b].narrow(0, j0, n).copy_(at::mm(dst, qa[b]).mul_(scale));
-  });
+  if (!dq_a.is_same(dq)) dq.copy_(dq_a);
+  dk.copy_(dk_acc.sum(B, acc));
+  dv.copy_(dv_acc.sum(B, acc));
   return {dq, dk, dv};
 }
 
@@ -269,10 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_transfer_fo
   return {dist, lse_s, lse_t, crow};
 }
 
-// Backward in one parallel pass over query blocks: each block's dS gives its rows of dq_s
-// (dS k_s) and adds dS^T q_s to its chunk's own dk_s accumulator; the accumulators are
-// summed in chunk order afterwards (deterministic for a given thread count). The scores are
-// recomputed once, not once per pass.
+// Backward in one parallel pass over query blocks (file comment): dq_s = dS k_s, dk_s += dS^T q_s.
 std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
     const at::Tensor& grad_dist, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
     const at::Tensor& k_t, const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& crow, double scale,
@@ -291,28 +330,22 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_backward_cpu(
   const at::Tensor ks_a = k_s.to(acc).contiguous(), kt_a = k_t.to(acc).contiguous();
   const at::Tensor gd = grad_dist.to(acc).contiguous(), cr = crow.to(acc).contiguous();
   const at::Tensor ls = lse_s.to(acc).contiguous(), lt = lse_t.to(acc).contiguous();
-  const int64_t nb = (N + kBlock - 1) / kBlock, tasks = B * nb;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
-  at::Tensor dk_parts = at::zeros({chunks, B, N, Ds}, qs_a.options());
-  parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      for (int64_t t = tasks * c / chunks; t < tasks * (c + 1) / chunks; ++t) {
-        const int64_t b = t / nb, i0 = (t % nb) * kBlock, n = std::min(kBlock, N - i0);
-        TransferBlock r = transfer_block(qs_a[b].narrow(0, i0, n), ks_a[b], qt_a[b].narrow(0, i0, n), kt_a[b],
-                                         ls[b].narrow(0, i0, n).unsqueeze(1), lt[b].narrow(0, i0, n).unsqueeze(1),
-                                         distance);
-        // dS = gd_i r_s (g - c_i), times the scale of the scores
-        at::Tensor ds = r.g.sub_(cr[b].narrow(0, i0, n).unsqueeze(1))
-                            .mul_(r.ps)
-                            .mul_(gd[b].narrow(0, i0, n).unsqueeze(1).mul(scale));
-        at::Tensor dq_rows = dq_a[b].narrow(0, i0, n);
-        at::mm_out(dq_rows, ds, ks_a[b]);
-        dk_parts[c][b].addmm_(ds.t(), qs_raw[b].narrow(0, i0, n));
-      }
-    }
+  const Chunks chunks(B, N);
+  const Accumulators dk_acc(chunks, N, Ds, qs_a.options());
+  for_chunked_blocks(chunks, N, [&](int64_t c, int64_t b, int64_t i0, int64_t n) {
+    TransferBlock r = transfer_block(qs_a[b].narrow(0, i0, n), ks_a[b], qt_a[b].narrow(0, i0, n), kt_a[b],
+                                     ls[b].narrow(0, i0, n).unsqueeze(1), lt[b].narrow(0, i0, n).unsqueeze(1),
+                                     distance);
+    // dS = gd_i r_s (g - c_i), times the scale of the scores
+    at::Tensor ds = r.g.sub_(cr[b].narrow(0, i0, n).unsqueeze(1))
+                        .mul_(r.ps)
+                        .mul_(gd[b].narrow(0, i0, n).unsqueeze(1).mul(scale));
+    at::Tensor dq_rows = dq_a[b].narrow(0, i0, n);
+    at::mm_out(dq_rows, ds, ks_a[b]);
+    dk_acc.at(c, b).addmm_(ds.t(), qs_raw[b].narrow(0, i0, n));
   });
   if (!dq_a.is_same(dq)) dq.copy_(dq_a);
-  return {dq, dk_parts.sum(0).to(q_s.scalar_type())};
+  return {dq, dk_acc.sum(B, q_s.scalar_type())};
 }
 
 }  // namespace
