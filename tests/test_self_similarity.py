@@ -271,6 +271,64 @@ def test_distance_matches_reference(backend, device, mode, case):
             assert_close_to_reference(g, g_ref, g64, f"{backend} {mode} grad {name} {dtype}")
 
 
+# Windows at least 8 wide: the C++ kernels' float32 rows and backward scatter work from a
+# channel-major copy, vectorised over a window row's positions (csrc/cpu/self_similarity.cpp);
+# the cases above are narrower and take the channel-vectorised loops. Zero windows cut by
+# every edge, a clamped one, a whole-map one 12 wide, widths that are not multiples of the
+# vector, channels that are not multiples of 4, a dense form.
+WIDE_CASES = [
+    dict(B=2, C=19, H=13, W=21, K=9, window="zero", normalize=True, Q=40),
+    dict(B=1, C=37, H=20, W=40, K=17, window="clamp", normalize=False, Q=30),
+    dict(B=2, C=5, H=6, W=12, K=8, window="clamp", normalize=True, Q=10),
+    dict(B=2, C=6, H=10, W=11, K=9, window="zero", normalize=True, Q="all"),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=[f"wide{i}" for i in range(len(WIDE_CASES))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_wide_windows_maps(layout, case):
+    test_maps_match_reference("cpu", "cpu", layout, case)
+
+
+@pytest.mark.parametrize("case", [c for c in WIDE_CASES if c["Q"] != "all"], ids=["wide0", "wide1", "wide2"])
+@pytest.mark.parametrize("mode", ["l1", "cos"])
+def test_cpu_wide_windows_distance(mode, case):
+    test_distance_matches_reference("cpu", "cpu", mode, case)
+
+
+def test_cpu_wide_windows_at_every_instruction_set():
+    """The baseline and AVX2 builds of the vectorised loops against the reference, in fresh
+    processes (torch's CPU capability caps the one picked)."""
+    skip_unless_implemented("cpu", "cpu")
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "import fastinpaint.functional as FI\n"
+        "from fastinpaint import use_backend\n"
+        "from fastinpaint.ops.self_similarity import reference as ref\n"
+        "torch.manual_seed(0)\n"
+        "f, t = torch.randn(2, 19, 13, 21), torch.randn(2, 19, 13, 21)\n"
+        "i = torch.randperm(13 * 21)[:40]\n"
+        "for window in ('zero', 'clamp'):\n"
+        "    a, b = f.clone().requires_grad_(), t.clone().requires_grad_()\n"
+        "    with use_backend('cpu'):\n"
+        "        y = FI.spatial_correlative_distance(a, b, i, patch_size=9, mode='cos', window=window)\n"
+        "        m = FI.self_similarity(a, i, patch_size=9, window=window)\n"
+        "    a2, b2 = f.clone().requires_grad_(), t.clone().requires_grad_()\n"
+        "    y2 = ref.spatial_correlative_distance(a2, b2, i, 9, 'cos', window)\n"
+        "    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-5)\n"
+        "    torch.testing.assert_close(m, ref.self_similarity(a2, i, 9, window), rtol=1e-4, atol=1e-5)\n"
+        "    for g, g2 in zip(torch.autograd.grad(y + m.square().mean(), (a, b)),\n"
+        "                     torch.autograd.grad(y2 + ref.self_similarity(a2, i, 9, window).square().mean(), (a2, b2))):\n"
+        "        torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-5)\n"
+        "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    for capability in ("default", "avx2"):
+        env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=capability)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("ok"), (capability, done.stdout, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     skip_unless_implemented(backend, "cpu")

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <type_traits>
@@ -133,12 +134,152 @@ FI_INLINE void similarity_row_body(const T* gb, int64_t C, const Geometry& geo, 
   }
 }
 
+// ---- float32 rows from a channel-major copy of the features
+//
+// In the kernels' layout (B, H, W, C) an entry is a dot product over C contiguous values:
+// vectorised over channels, each entry ends in a horizontal sum, and a window row of kw
+// entries is kw of them. From a channel-major copy gc (B, C, H, W), a window row is kw
+// contiguous values per channel, so the row is a sum over channels of q[c] times a
+// contiguous vector: vectorised over the row's positions, one broadcast and one load per
+// multiply-add and no horizontal sums. The copy is padded by kCmPad values: a row's last
+// vector may read past its end (into the next row, the channel's padding or the end's), and
+// those lanes are not stored.
+constexpr int64_t kCmPad = 64;
+
+// GCC vector types of L lanes (a vector_size that depends on a template parameter is ignored,
+// so each width is spelt out): f float, u / i 32-bit ints; fu, uu the same at any 4-byte
+// alignment (for loads from memory that is not aligned to the vector).
+template <int L>
+struct Vec;
+#define FI_VEC_TYPES(L)                                                   \
+  template <>                                                             \
+  struct Vec<L> {                                                         \
+    typedef float f __attribute__((vector_size(4 * L)));                  \
+    typedef float fu __attribute__((vector_size(4 * L), aligned(4)));     \
+    typedef uint32_t u __attribute__((vector_size(4 * L)));               \
+    typedef uint32_t uu __attribute__((vector_size(4 * L), aligned(4)));  \
+    typedef int32_t i __attribute__((vector_size(4 * L)));                \
+  };
+FI_VEC_TYPES(4)
+FI_VEC_TYPES(8)
+FI_VEC_TYPES(16)
+#undef FI_VEC_TYPES
+
+// The copy's distance between channels: H*W rounded up to whole cache lines, plus one line,
+// so that it is never a multiple of 4 KiB (a 64x64 map's 16 KiB stride put every channel of
+// a position in one L1 set).
+inline int64_t cm_channel_stride(int64_t HW) { return (HW + 15) / 16 * 16 + 16; }
+
+// out[k] = sum_c q[c] * base[c * HW + k] for k in [0, n); L floats per vector, two vectors
+// of positions at a time, four channel phases (independent accumulators).
+template <int L>
+FI_INLINE void row_cm_body(const float* __restrict__ q, const float* __restrict__ base, int64_t HW, int64_t C,
+                           int64_t n, float* __restrict__ out) {
+  using vf = typename Vec<L>::f;
+  using vfu = typename Vec<L>::fu;
+  for (int64_t k = 0; k < n; k += 2 * L) {
+    vf a0[4] = {}, a1[4] = {};
+    const float* p = base + k;
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const float* pc = p + (c + u) * HW;
+        const vf w = vf{} + q[c + u];
+        a0[u] += w * *reinterpret_cast<const vfu*>(pc);
+        a1[u] += w * *reinterpret_cast<const vfu*>(pc + L);
+      }
+    }
+    for (; c < C; ++c) {
+      const float* pc = p + c * HW;
+      const vf w = vf{} + q[c];
+      a0[0] += w * *reinterpret_cast<const vfu*>(pc);
+      a1[0] += w * *reinterpret_cast<const vfu*>(pc + L);
+    }
+    const vf r0 = (a0[0] + a0[1]) + (a0[2] + a0[3]), r1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
+    float tmp[2 * L];
+    std::memcpy(tmp, &r0, sizeof(r0));
+    std::memcpy(tmp + L, &r1, sizeof(r1));
+    const int64_t m = std::min<int64_t>(2 * L, n - k);
+    for (int64_t j = 0; j < m; ++j) {
+      out[k + j] = tmp[j];
+    }
+  }
+}
+
+// similarity_row_body's row from the channel-major copy: gq the query's C values, gcb the
+// sample's (C, H, W) copy.
+template <int L>
+FI_INLINE void similarity_row_cm_body(const float* gq, const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
+                                      int64_t p, bool squash, float* out) {
+  int64_t r0, c0;
+  geo.start(p, r0, c0);
+  for (int64_t i = 0; i < geo.kh; ++i) {
+    const int64_t r = r0 + i;
+    float* o = out + i * geo.kw;
+    if (r < 0 || r >= geo.H) {
+      std::fill(o, o + geo.kw, 0.0f);
+      continue;
+    }
+    const int64_t k_lo = std::max<int64_t>(0, -c0), k_hi = std::min<int64_t>(geo.kw, geo.W - c0);
+    std::fill(o, o + k_lo, 0.0f);
+    std::fill(o + std::max(k_lo, k_hi), o + geo.kw, 0.0f);
+    if (k_hi > k_lo) {
+      row_cm_body<L>(gq, gcb + r * geo.W + c0 + k_lo, cs, C, k_hi - k_lo, o + k_lo);
+    }
+    if (squash) {
+      for (int64_t kk = k_lo; kk < k_hi; ++kk) {
+        o[kk] = std::tanh(o[kk] / float(selfsim::kTanhScale));
+      }
+    }
+  }
+}
+
+using RowCmFn = void (*)(const float*, const float*, int64_t, int64_t, const Geometry&, int64_t, bool, float*);
+
+void similarity_row_cm_default(const float* gq, const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
+                               int64_t p, bool squash, float* out) {
+  similarity_row_cm_body<4>(gq, gcb, C, cs, geo, p, squash, out);
+}
+#if FI_X86_MULTIVERSION
+FI_TARGET_V3 void similarity_row_cm_v3(const float* gq, const float* gcb, int64_t C, int64_t cs,
+                                       const Geometry& geo, int64_t p, bool squash, float* out) {
+  similarity_row_cm_body<8>(gq, gcb, C, cs, geo, p, squash, out);
+}
+FI_TARGET_V4 void similarity_row_cm_v4(const float* gq, const float* gcb, int64_t C, int64_t cs,
+                                       const Geometry& geo, int64_t p, bool squash, float* out) {
+  similarity_row_cm_body<16>(gq, gcb, C, cs, geo, p, squash, out);
+}
+#endif
+
+RowCmFn pick_row_cm() {
+#if FI_X86_MULTIVERSION
+  switch (isa_level()) {
+    case 2: return &similarity_row_cm_v4;
+    case 1: return &similarity_row_cm_v3;
+    default: break;
+  }
+#endif
+  return &similarity_row_cm_default;
+}
+
 void check_index_values(const at::Tensor& index, int64_t HW) {
   const int64_t* ip = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     TORCH_CHECK(ip[i] >= 0 && ip[i] < HW, "fastinpaint: query_index must lie in [0, H*W) = [0, ", HW,
                 "), got ", ip[i], " at position ", i);
   }
+}
+
+// The queries in the order of their positions (row-major; stable): consecutive rows of a
+// task then read overlapping windows, which stay in cache (random queries otherwise fetch
+// each window from memory again). Each row's result still goes to its own place.
+std::vector<int64_t> spatial_order(const int64_t* ip, int64_t Q) {
+  std::vector<int64_t> order(Q);
+  for (int64_t q = 0; q < Q; ++q) {
+    order[q] = q;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ip[a] < ip[b]; });
+  return order;
 }
 
 // Rows per task: about 64 K dot products each.
@@ -269,21 +410,205 @@ RowFn<T, acc_t> pick_row() {
   return &similarity_row_default<T, acc_t>;
 }
 
+// dst[(b * C + c) * cs + p] = g[(b * HW + p) * C + c]: 16 x 16 tiles (reads and writes by
+// whole cache lines), in parallel over (sample, block of 16 channels). ATen's strided copy
+// of the permuted tensor took 4x as long (a 2 x 64 x 64 x 128 map: 1.7 ms).
+void to_channel_major(const float* g, float* dst, int64_t B, int64_t HW, int64_t C, int64_t cs) {
+  const int64_t cb = (C + 15) / 16;
+  parallel_tasks(B * cb, [&](int64_t t) {
+    const int64_t b = t / cb, c_lo = (t % cb) * 16, nc = std::min<int64_t>(16, C - c_lo);
+    const float* src = g + b * HW * C + c_lo;
+    float* out = dst + (b * C + c_lo) * cs;
+    for (int64_t p0 = 0; p0 < HW; p0 += 16) {
+      const int64_t np = std::min<int64_t>(16, HW - p0);
+      for (int64_t c = 0; c < nc; ++c) {
+        for (int64_t p = 0; p < np; ++p) {
+          out[c * cs + p0 + p] = src[(p0 + p) * C + c];
+        }
+      }
+    }
+  });
+}
+
+// The rows of one call's features g (B, H, W, C): float32 windows at least kCmMinWidth wide
+// from the channel-major copy (above), everything else by similarity_row_body.
+constexpr int64_t kCmMinWidth = 8;
+
 template <typename T, typename acc_t>
-void scatter_backward(const acc_t* G, const T* gp, T* dgp, const int64_t* ip, int64_t B, int64_t Q, int64_t C,
-                      const Geometry& geo) {
+struct Rows {
+  const T* g;
+  int64_t HW, C;
+  const Geometry& geo;
+  RowFn<T, acc_t> by_channel = pick_row<T, acc_t>();
+  RowCmFn by_position = nullptr;
+  at::Tensor gc;  // (B, C, cs) copy: each channel's H x W map, then padding
+  const float* gcp = nullptr;
+  int64_t cs = 0;
+
+  Rows(const at::Tensor& g_, const Geometry& geo_)
+      : g(g_.data_ptr<T>()), HW(g_.size(1) * g_.size(2)), C(g_.size(3)), geo(geo_) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (geo.kw >= kCmMinWidth) {
+        const int64_t B = g_.size(0);
+        cs = cm_channel_stride(HW);
+        gc = at::zeros({B * C * cs + kCmPad}, g_.options());
+        gcp = gc.data_ptr<float>();
+        to_channel_major(g, gc.data_ptr<float>(), B, HW, C, cs);
+        by_position = pick_row_cm();
+      }
+    }
+  }
+
+  // the row of query position p in sample b
+  void operator()(int64_t b, int64_t p, bool squash, acc_t* out) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (by_position != nullptr) {
+        by_position(g + (b * HW + p) * C, gcp + b * C * cs, C, cs, geo, p, squash, out);
+        return;
+      }
+    }
+    by_channel(g + b * HW * C, C, geo, p, squash, out);
+  }
+};
+
+// ---- float32 backward scatter from the channel-major copy
+//
+// One task: sample b, channels [c_lo, c_lo + n), every query, into acc (n, cs)
+// channel-major. Per query and channel, each window row is a contiguous run:
+// acc[c, window] += G_row * g[p, c] (an axpy over positions) and acc[c, p] += <G_row,
+// gc[c, window]> (one vector accumulator, summed once per channel), vectorised over the
+// row's positions as the forward rows are.
+template <int L>
+FI_INLINE void scatter_cm_task_body(const float* G, const float* g, const float* gc, const int64_t* ip,
+                                    const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
+                                    int64_t b, int64_t c_lo, int64_t n, float* acc) {
+  using vf = typename Vec<L>::f;
+  using vfu = typename Vec<L>::fu;
   const int64_t HW = geo.H * geo.W, N = geo.entries();
+  // each query's window inside the map, found once: rows [i_lo, i_hi), columns [k_lo, k_hi)
+  struct Window {
+    int64_t q, p, r0, c0, i_lo, i_hi, k_lo, k_hi;
+  };
+  std::vector<Window> windows;
+  windows.reserve(Q);
+  for (int64_t qq = 0; qq < Q; ++qq) {
+    Window w;
+    w.q = order[qq];
+    w.p = ip[w.q];
+    geo.start(w.p, w.r0, w.c0);
+    w.i_lo = std::max<int64_t>(0, -w.r0);
+    w.i_hi = std::min<int64_t>(geo.kh, geo.H - w.r0);
+    w.k_lo = std::max<int64_t>(0, -w.c0);
+    w.k_hi = std::min<int64_t>(geo.kw, geo.W - w.c0);
+    if (w.i_hi > w.i_lo && w.k_hi > w.k_lo) {
+      windows.push_back(w);
+    }
+  }
+  // channel by channel: its map of g and of acc (2 x H x W values) stay in L1 across all
+  // the queries, and only G streams (from L2: the task's G is Q x N values)
+  for (int64_t c = 0; c < n; ++c) {
+    const float* gch = gc + (b * C + c_lo + c) * cs;
+    float* ach = acc + c * cs;
+    for (const Window& win : windows) {
+      const float* Gr = G + (b * Q + win.q) * N;
+      const float gp = g[(b * HW + win.p) * C + c_lo + c];
+      const vf w = vf{} + gp;
+      vf dq = {};
+      float dq_tail = 0.0f;
+      for (int64_t i = win.i_lo; i < win.i_hi; ++i) {
+        const float* Grow = Gr + i * geo.kw;
+        const int64_t off = (win.r0 + i) * geo.W + win.c0;
+        int64_t k = win.k_lo;
+        for (; k + L <= win.k_hi; k += L) {
+          const vf gv = *reinterpret_cast<const vfu*>(Grow + k);
+          dq += gv * *reinterpret_cast<const vfu*>(gch + off + k);
+          vfu* a = reinterpret_cast<vfu*>(ach + off + k);
+          *a = *a + gv * w;
+        }
+        for (; k < win.k_hi; ++k) {
+          dq_tail += Grow[k] * gch[off + k];
+          ach[off + k] += Grow[k] * gp;
+        }
+      }
+      float total = dq_tail;
+      for (int l = 0; l < L; ++l) {
+        total += dq[l];
+      }
+      ach[win.p] += total;
+    }
+  }
+}
+
+using ScatterCmFn = void (*)(const float*, const float*, const float*, const int64_t*, const int64_t*, int64_t,
+                             int64_t, int64_t, const Geometry&, int64_t, int64_t, int64_t, float*);
+void scatter_cm_task_default(const float* G, const float* g, const float* gc, const int64_t* ip,
+                             const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo, int64_t b,
+                             int64_t c_lo, int64_t n, float* acc) {
+  scatter_cm_task_body<4>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+}
+#if FI_X86_MULTIVERSION
+FI_TARGET_V3 void scatter_cm_task_v3(const float* G, const float* g, const float* gc, const int64_t* ip,
+                                     const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
+                                     int64_t b, int64_t c_lo, int64_t n, float* acc) {
+  scatter_cm_task_body<8>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+}
+FI_TARGET_V4 void scatter_cm_task_v4(const float* G, const float* g, const float* gc, const int64_t* ip,
+                                     const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
+                                     int64_t b, int64_t c_lo, int64_t n, float* acc) {
+  scatter_cm_task_body<16>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+}
+#endif
+
+ScatterCmFn pick_scatter_cm() {
+#if FI_X86_MULTIVERSION
+  switch (isa_level()) {
+    case 2: return &scatter_cm_task_v4;
+    case 1: return &scatter_cm_task_v3;
+    default: break;
+  }
+#endif
+  return &scatter_cm_task_default;
+}
+
+// dg from the coefficients G (B, Q, N): one task per (sample, block of channels), so the
+// scatter never conflicts between tasks (deterministic, no atomics). rows: the features'
+// Rows (their channel-major copy, where they have one, selects the vectorised tasks).
+template <typename T, typename acc_t>
+void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, T* dgp, const int64_t* ip,
+                      const std::vector<int64_t>& order, int64_t B, int64_t Q, int64_t C, const Geometry& geo) {
+  const int64_t HW = geo.H * geo.W;
   // channel blocks of 8..64, enough of them for every thread (two tasks each)
   const int64_t want = std::max<int64_t>(1, 2 * at::get_num_threads());
   int64_t cw = (C * B + want - 1) / want;
   cw = std::min<int64_t>(64, std::max<int64_t>(8, (cw + 7) / 8 * 8));
   cw = std::min<int64_t>(cw, C);
   const int64_t nblk = (C + cw - 1) / cw;
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows.gcp != nullptr) {
+      const ScatterCmFn task = pick_scatter_cm();
+      const int64_t cs = rows.cs;
+      parallel_tasks(B * nblk, [&](int64_t t) {
+        const int64_t b = t / nblk, c_lo = (t % nblk) * cw, n = std::min(cw, C - c_lo);
+        std::vector<float> acc(n * cs, 0.0f);
+        task(G, rows.g, rows.gcp, ip, order.data(), Q, C, cs, geo, b, c_lo, n, acc.data());
+        float* db = dgp + b * HW * C + c_lo;
+        for (int64_t p0 = 0; p0 < HW; p0 += 16) {  // back to (H, W, C), in 16-position tiles
+          const int64_t np = std::min<int64_t>(16, HW - p0);
+          for (int64_t pos = p0; pos < p0 + np; ++pos) {
+            for (int64_t c = 0; c < n; ++c) {
+              db[pos * C + c] = acc[c * cs + pos];
+            }
+          }
+        }
+      });
+      return;
+    }
+  }
   const ScatterFn<T, acc_t> task = pick_scatter<T, acc_t>();
   parallel_tasks(B * nblk, [&](int64_t t) {
     const int64_t b = t / nblk, c_lo = (t % nblk) * cw, n = std::min(cw, C - c_lo);
     std::vector<acc_t> acc(HW * n, acc_t(0));
-    task(G, gp, ip, Q, C, geo, b, c_lo, n, acc.data());
+    task(G, rows.g, ip, Q, C, geo, b, c_lo, n, acc.data());
     T* db = dgp + b * HW * C + c_lo;
     for (int64_t pos = 0; pos < HW; ++pos) {
       for (int64_t c = 0; c < n; ++c) {
@@ -308,6 +633,7 @@ at::Tensor self_similarity_forward_cpu(const at::Tensor& g_, const at::Tensor& i
     return out;
   }
   const int64_t* ip = index.data_ptr<int64_t>();
+  const std::vector<int64_t> order = spatial_order(ip, Q);
   dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
@@ -315,15 +641,15 @@ at::Tensor self_similarity_forward_cpu(const at::Tensor& g_, const at::Tensor& i
     T* op = out.data_ptr<T>();
     const int64_t per = rows_per_task(N, C);
     const int64_t tasks = (B * Q + per - 1) / per;
-    const RowFn<T, acc_t> similarity_row = pick_row<T, acc_t>();
+    const Rows<T, acc_t> rows(g, geo);
     parallel_tasks(tasks, [&](int64_t t) {
-      std::vector<acc_t> row(N);
+      std::vector<acc_t> buf(N);
       for (int64_t rq = t * per; rq < std::min(B * Q, (t + 1) * per); ++rq) {
-        const int64_t b = rq / Q, q = rq % Q;
-        similarity_row(gp + b * H * W * C, C, geo, ip[q], squash, row.data());
-        T* o = op + rq * N;
+        const int64_t b = rq / Q, q = order[rq % Q], row = b * Q + q;
+        rows(b, ip[q], squash, buf.data());
+        T* o = op + row * N;
         for (int64_t j = 0; j < N; ++j) {
-          o[j] = static_cast<T>(row[j]);
+          o[j] = static_cast<T>(buf[j]);
         }
       }
     });
@@ -350,19 +676,86 @@ at::Tensor self_similarity_backward_cpu(const at::Tensor& grad_, const at::Tenso
     return dg;
   }
   const int64_t* ip = index.data_ptr<int64_t>();
+  const std::vector<int64_t> order = spatial_order(ip, Q);
   dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
-    scatter_backward<T, acc_t>(G.data_ptr<acc_t>(), g.data_ptr<T>(), dg.data_ptr<T>(), ip, B, Q, C, geo);
+    const Rows<T, acc_t> rows(g, geo);
+    scatter_backward<T, acc_t>(G.data_ptr<acc_t>(), rows, dg.data_ptr<T>(), ip, order, B, Q, C, geo);
   });
   return dg;
 }
 
 // The threshold of a target row: its value at 0-based index num of the descending sort.
-template <typename acc_t>
-acc_t top_threshold(const acc_t* t, int64_t N, int64_t num, std::vector<acc_t>& scratch) {
+// float: the largest order-preserving key k (the float's bits, sign-flipped) with at least
+// num + 1 keys >= k, found bit by bit: 32 counting passes, vectorised (L lanes), without
+// the branches of a selection.
+// Any key k built so is some entry's key, so the result is that entry's value.
+FI_INLINE uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <int L>
+FI_INLINE float top_threshold_body(const float* t, int64_t N, int64_t num, std::vector<uint32_t>& keys) {
+  using vuu = typename Vec<L>::uu;
+  using vi = typename Vec<L>::i;
+  const int64_t Np = (N + L - 1) / L * L;
+  keys.assign(Np, 0u);  // padding keys 0: never >= a candidate (candidates have a bit set)
+  for (int64_t j = 0; j < N; ++j) {
+    keys[j] = order_key(t[j]);
+  }
+  const vuu* kv = reinterpret_cast<const vuu*>(keys.data());
+  uint32_t k = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = k | (1u << bit);
+    vi cnt = {};
+    for (int64_t v = 0; v < Np / L; ++v) {
+      cnt -= reinterpret_cast<vi>(kv[v] >= cand);  // true lanes are -1
+    }
+    int64_t total = 0;
+    for (int l = 0; l < L; ++l) {
+      total += cnt[l];
+    }
+    if (total >= num + 1) {
+      k = cand;
+    }
+  }
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+using ThresholdFn = float (*)(const float*, int64_t, int64_t, std::vector<uint32_t>&);
+float top_threshold_default(const float* t, int64_t N, int64_t num, std::vector<uint32_t>& keys) {
+  return top_threshold_body<4>(t, N, num, keys);
+}
+#if FI_X86_MULTIVERSION
+FI_TARGET_V3 float top_threshold_v3(const float* t, int64_t N, int64_t num, std::vector<uint32_t>& keys) {
+  return top_threshold_body<8>(t, N, num, keys);
+}
+FI_TARGET_V4 float top_threshold_v4(const float* t, int64_t N, int64_t num, std::vector<uint32_t>& keys) {
+  return top_threshold_body<16>(t, N, num, keys);
+}
+#endif
+
+ThresholdFn pick_threshold() {
+#if FI_X86_MULTIVERSION
+  switch (isa_level()) {
+    case 2: return &top_threshold_v4;
+    case 1: return &top_threshold_v3;
+    default: break;
+  }
+#endif
+  return &top_threshold_default;
+}
+
+// double: a selection.
+double top_threshold(const double* t, int64_t N, int64_t num, std::vector<double>& scratch) {
   scratch.assign(t, t + N);
-  std::nth_element(scratch.begin(), scratch.begin() + num, scratch.end(), std::greater<acc_t>());
+  std::nth_element(scratch.begin(), scratch.begin() + num, scratch.end(), std::greater<double>());
   return scratch[num];
 }
 
@@ -389,6 +782,7 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
     return {rows, stats};
   }
   const int64_t* ip = index.data_ptr<int64_t>();
+  const std::vector<int64_t> order = spatial_order(ip, Q);
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
@@ -398,14 +792,21 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
     acc_t* stp = stats.data_ptr<acc_t>();
     const int64_t per = std::max<int64_t>(1, rows_per_task(N, C) / 2);
     const int64_t tasks = (B * Q + per - 1) / per;
-    const RowFn<T, acc_t> similarity_row = pick_row<T, acc_t>();
+    const Rows<T, acc_t> rows_s(gs, geo), rows_t(gt, geo);
+    const ThresholdFn threshold = pick_threshold();
     parallel_tasks(tasks, [&](int64_t t) {
       std::vector<acc_t> S(N), Tr(N), scratch;
+      std::vector<uint32_t> keys;
       for (int64_t rq = t * per; rq < std::min(B * Q, (t + 1) * per); ++rq) {
-        const int64_t b = rq / Q, q = rq % Q;
-        similarity_row(sp + b * H * W * C, C, geo, ip[q], squash, S.data());
-        similarity_row(tp + b * H * W * C, C, geo, ip[q], squash, Tr.data());
-        const acc_t thr = top_threshold(Tr.data(), N, num, scratch);
+        const int64_t b = rq / Q, q = order[rq % Q], row = b * Q + q;
+        rows_s(b, ip[q], squash, S.data());
+        rows_t(b, ip[q], squash, Tr.data());
+        acc_t thr;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          thr = threshold(Tr.data(), N, num, keys);
+        } else {
+          thr = top_threshold(Tr.data(), N, num, scratch);
+        }
         acc_t l1 = 0, st = 0, ss = 0, tt = 0;
         for (int64_t j = 0; j < N; ++j) {
           if (Tr[j] < thr) {
@@ -417,13 +818,13 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
           tt += Tr[j] * Tr[j];
         }
         if (mode == selfsim::kL1) {
-          rp[rq] = l1;
+          rp[row] = l1;
         } else {
           const acc_t eps = acc_t(selfsim::kCosEps);
           const acc_t ns = std::max(std::sqrt(ss), eps), nt = std::max(std::sqrt(tt), eps);
-          rp[rq] = acc_t(1) - st / (ns * nt);
+          rp[row] = acc_t(1) - st / (ns * nt);
         }
-        acc_t* s4 = stp + rq * selfsim::kStats;
+        acc_t* s4 = stp + row * selfsim::kStats;
         s4[0] = thr;
         s4[1] = st;
         s4[2] = ss;
@@ -463,6 +864,7 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
   at::Tensor GS = at::empty({B, Q, N}, gs.options().dtype(acc));
   at::Tensor GT = at::empty({B, Q, N}, gs.options().dtype(acc));
   const int64_t* ip = index.data_ptr<int64_t>();
+  const std::vector<int64_t> order = spatial_order(ip, Q);
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
@@ -474,17 +876,17 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
     acc_t* gtp = GT.data_ptr<acc_t>();
     const int64_t per = std::max<int64_t>(1, rows_per_task(N, C) / 2);
     const int64_t tasks = (B * Q + per - 1) / per;
-    const RowFn<T, acc_t> similarity_row = pick_row<T, acc_t>();
+    const Rows<T, acc_t> rows_s(gs, geo), rows_t(gt, geo);
     parallel_tasks(tasks, [&](int64_t t) {
       std::vector<acc_t> S(N), Tr(N);
       for (int64_t rq = t * per; rq < std::min(B * Q, (t + 1) * per); ++rq) {
-        const int64_t b = rq / Q, q = rq % Q;
-        similarity_row(sp + b * H * W * C, C, geo, ip[q], squash, S.data());
-        similarity_row(tp + b * H * W * C, C, geo, ip[q], squash, Tr.data());
-        const acc_t* s4 = stp + rq * selfsim::kStats;
-        const acc_t thr = s4[0], gr = grp[rq];
-        acc_t* os = gsp + rq * N;
-        acc_t* ot = gtp + rq * N;
+        const int64_t b = rq / Q, q = order[rq % Q], row = b * Q + q;
+        rows_s(b, ip[q], squash, S.data());
+        rows_t(b, ip[q], squash, Tr.data());
+        const acc_t* s4 = stp + row * selfsim::kStats;
+        const acc_t thr = s4[0], gr = grp[row];
+        acc_t* os = gsp + row * N;
+        acc_t* ot = gtp + row * N;
         acc_t a = 0, bs = 0, bt = 0;  // cos: dL/dS_j = a T_j + bs S_j, dL/dT_j = a S_j + bt T_j
         if (mode == selfsim::kCos) {
           const acc_t eps = acc_t(selfsim::kCosEps);
@@ -516,8 +918,8 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
         }
       }
     });
-    scatter_backward<T, acc_t>(gsp, sp, dgs.data_ptr<T>(), ip, B, Q, C, geo);
-    scatter_backward<T, acc_t>(gtp, tp, dgt.data_ptr<T>(), ip, B, Q, C, geo);
+    scatter_backward<T, acc_t>(gsp, rows_s, dgs.data_ptr<T>(), ip, order, B, Q, C, geo);
+    scatter_backward<T, acc_t>(gtp, rows_t, dgt.data_ptr<T>(), ip, order, B, Q, C, geo);
   });
   return {dgs, dgt};
 }
