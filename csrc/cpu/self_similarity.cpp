@@ -570,6 +570,11 @@ ScatterCmFn pick_scatter_cm() {
   return &scatter_cm_task_default;
 }
 
+// The scatter by positions wants whole vectors of a window row (16 lanes with AVX-512): below
+// this width the channel-vectorised loop, which also skips the zero coefficients, is faster
+// (measured, a dense 15 x 15 window, C = 64, 2 x 64 x 64, forward + backward: 60 against 24 ms).
+constexpr int64_t kCmScatterMinWidth = 16;
+
 // dg from the coefficients G (B, Q, N): one task per (sample, block of channels), so the
 // scatter never conflicts between tasks (deterministic, no atomics). rows: the features'
 // Rows (their channel-major copy, where they have one, selects the vectorised tasks).
@@ -584,7 +589,7 @@ void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, T* dgp, const 
   cw = std::min<int64_t>(cw, C);
   const int64_t nblk = (C + cw - 1) / cw;
   if constexpr (std::is_same_v<T, float>) {
-    if (rows.gcp != nullptr) {
+    if (rows.gcp != nullptr && geo.kw >= kCmScatterMinWidth) {
       const ScatterCmFn task = pick_scatter_cm();
       const int64_t cs = rows.cs;
       parallel_tasks(B * nblk, [&](int64_t t) {
