@@ -479,6 +479,40 @@ def test_opcheck_cpp_ops():
                           (torch.randn(2, 4), g.detach(), t.detach(), index, stats, 3, 0, False, 1))
 
 
+@pytest.mark.parametrize("patch", [3, 9])
+def test_cpp_ops_keep_a_channel_major_layout(patch):
+    """g as a permuted (B, C, H, W) tensor (what the CPU backend's normalisation gives NCHW
+    features): the kernels read it as it is (the same values as from a contiguous g) and
+    their gradients come back in its layout, as the fake implementations say (opcheck);
+    narrow windows (3: the channel loops) and wide ones (9: the channel-major rows)."""
+    skip_unless_implemented("cpu", "cpu")
+    ops = torch.ops.fastinpaint
+    g = torch.randn(2, 7, 10, 12).permute(0, 2, 3, 1)
+    t = torch.randn(2, 7, 10, 12).permute(0, 2, 3, 1)
+    index = torch.tensor([0, 17, 63, 119, 44])
+    for a in (g, t):
+        assert not a.is_contiguous() and a.permute(0, 3, 1, 2).is_contiguous()
+    maps = ops.self_similarity_forward(g, index, patch, 1, False)
+    torch.testing.assert_close(maps, ops.self_similarity_forward(g.contiguous(), index, patch, 1, False))
+    grad = torch.randn_like(maps)
+    dg = ops.self_similarity_backward(grad, g, index, patch, 1)
+    assert dg.stride() == g.stride()
+    torch.testing.assert_close(dg, ops.self_similarity_backward(grad, g.contiguous(), index, patch, 1))
+    rows, stats = ops.spatial_correlative_distance_forward(g, t, index, patch, 1, False, 1)
+    rows_c, stats_c = ops.spatial_correlative_distance_forward(g.contiguous(), t.contiguous(), index, patch, 1, False, 1)
+    torch.testing.assert_close(rows, rows_c)
+    gr = torch.randn_like(rows)
+    d = ops.spatial_correlative_distance_backward(gr, g, t, index, stats, patch, 1, False, 1)
+    d_c = ops.spatial_correlative_distance_backward(gr, g.contiguous(), t.contiguous(), index, stats, patch, 1, False, 1)
+    for a, b, like in zip(d, d_c, (g, t)):
+        assert a.stride() == like.stride()
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(ops.self_similarity_backward.default, (grad, g, index, patch, 1))
+    torch.library.opcheck(ops.spatial_correlative_distance_backward.default,
+                          (gr, g, t, index, stats, patch, 1, False, 1))
+    torch.library.opcheck(ops.self_similarity_forward.default, (g.clone().requires_grad_(), index, patch, 1, False))
+
+
 def test_opcheck_triton_ops():
     skip_unless_implemented("triton", "cpu")
     g = torch.randn(1, 4, 5, 3, requires_grad=True)

@@ -206,11 +206,16 @@ FI_INLINE void row_cm_body(const float* __restrict__ q, const float* __restrict_
   }
 }
 
-// similarity_row_body's row from the channel-major copy: gq the query's C values, gcb the
-// sample's (C, H, W) copy.
+// similarity_row_body's row from the channel-major copy: gcb the sample's (C, cs) copy.
 template <int L>
-FI_INLINE void similarity_row_cm_body(const float* gq, const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
-                                      int64_t p, bool squash, float* out) {
+FI_INLINE void similarity_row_cm_body(const float* gcb, int64_t C, int64_t cs, const Geometry& geo, int64_t p,
+                                      bool squash, float* out) {
+  thread_local std::vector<float> query;  // the query's C values, gathered from the copy once
+  query.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    query[c] = gcb[c * cs + p];
+  }
+  const float* gq = query.data();
   int64_t r0, c0;
   geo.start(p, r0, c0);
   for (int64_t i = 0; i < geo.kh; ++i) {
@@ -234,20 +239,20 @@ FI_INLINE void similarity_row_cm_body(const float* gq, const float* gcb, int64_t
   }
 }
 
-using RowCmFn = void (*)(const float*, const float*, int64_t, int64_t, const Geometry&, int64_t, bool, float*);
+using RowCmFn = void (*)(const float*, int64_t, int64_t, const Geometry&, int64_t, bool, float*);
 
-void similarity_row_cm_default(const float* gq, const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
-                               int64_t p, bool squash, float* out) {
-  similarity_row_cm_body<4>(gq, gcb, C, cs, geo, p, squash, out);
+void similarity_row_cm_default(const float* gcb, int64_t C, int64_t cs, const Geometry& geo, int64_t p, bool squash,
+                               float* out) {
+  similarity_row_cm_body<4>(gcb, C, cs, geo, p, squash, out);
 }
 #if FI_X86_MULTIVERSION
-FI_TARGET_V3 void similarity_row_cm_v3(const float* gq, const float* gcb, int64_t C, int64_t cs,
-                                       const Geometry& geo, int64_t p, bool squash, float* out) {
-  similarity_row_cm_body<8>(gq, gcb, C, cs, geo, p, squash, out);
+FI_TARGET_V3 void similarity_row_cm_v3(const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
+                                       int64_t p, bool squash, float* out) {
+  similarity_row_cm_body<8>(gcb, C, cs, geo, p, squash, out);
 }
-FI_TARGET_V4 void similarity_row_cm_v4(const float* gq, const float* gcb, int64_t C, int64_t cs,
-                                       const Geometry& geo, int64_t p, bool squash, float* out) {
-  similarity_row_cm_body<16>(gq, gcb, C, cs, geo, p, squash, out);
+FI_TARGET_V4 void similarity_row_cm_v4(const float* gcb, int64_t C, int64_t cs, const Geometry& geo,
+                                       int64_t p, bool squash, float* out) {
+  similarity_row_cm_body<16>(gcb, C, cs, geo, p, squash, out);
 }
 #endif
 
@@ -419,6 +424,9 @@ void to_channel_major(const float* g, float* dst, int64_t B, int64_t HW, int64_t
     const int64_t b = t / cb, c_lo = (t % cb) * 16, nc = std::min<int64_t>(16, C - c_lo);
     const float* src = g + b * HW * C + c_lo;
     float* out = dst + (b * C + c_lo) * cs;
+    for (int64_t c = 0; c < nc; ++c) {
+      std::fill(out + c * cs + HW, out + (c + 1) * cs, 0.0f);
+    }
     for (int64_t p0 = 0; p0 < HW; p0 += 16) {
       const int64_t np = std::min<int64_t>(16, HW - p0);
       for (int64_t c = 0; c < nc; ++c) {
@@ -430,32 +438,60 @@ void to_channel_major(const float* g, float* dst, int64_t B, int64_t HW, int64_t
   });
 }
 
-// The rows of one call's features g (B, H, W, C): float32 windows at least kCmMinWidth wide
-// from the channel-major copy (above), everything else by similarity_row_body.
+// Whether g (B, H, W, C) is a permuted view of a contiguous (B, C, H, W) tensor (what the
+// CPU backend's normalisation gives NCHW features): the kernels then read it as it is, and
+// return gradients in the same layout (no transposition either way).
+bool channel_major(const at::Tensor& g) { return !g.is_contiguous() && g.permute({0, 3, 1, 2}).is_contiguous(); }
+
+// The rows of one call's features g (B, H, W, C), and what the backward scatter reads: float32
+// windows at least kCmMinWidth wide from a channel-major copy (above), everything else from
+// g in (B, H, W, C) order (a contiguous copy where g is not). The scatter by positions wants
+// windows at least kCmScatterMinWidth wide: below, the channel-vectorised loop, which also
+// skips the zero coefficients, is faster (measured, a dense 15 x 15 window, C = 64,
+// 2 x 64 x 64, forward + backward: 60 against 24 ms).
 constexpr int64_t kCmMinWidth = 8;
+constexpr int64_t kCmScatterMinWidth = 16;
 
 template <typename T, typename acc_t>
 struct Rows {
-  const T* g;
   int64_t HW, C;
   const Geometry& geo;
   RowFn<T, acc_t> by_channel = pick_row<T, acc_t>();
   RowCmFn by_position = nullptr;
-  at::Tensor gc;  // (B, C, cs) copy: each channel's H x W map, then padding
+  bool scatter_by_position = false;
+  at::Tensor bhwc;       // g, (B, H, W, C) contiguous: where something reads it so
+  const T* g = nullptr;
+  at::Tensor gc;         // (B, C, cs): each channel's H x W map, then padding
   const float* gcp = nullptr;
   int64_t cs = 0;
 
-  Rows(const at::Tensor& g_, const Geometry& geo_)
-      : g(g_.data_ptr<T>()), HW(g_.size(1) * g_.size(2)), C(g_.size(3)), geo(geo_) {
+  Rows(const at::Tensor& g_, const Geometry& geo_) : HW(g_.size(1) * g_.size(2)), C(g_.size(3)), geo(geo_) {
+    const int64_t B = g_.size(0);
     if constexpr (std::is_same_v<T, float>) {
       if (geo.kw >= kCmMinWidth) {
-        const int64_t B = g_.size(0);
-        cs = cm_channel_stride(HW);
-        gc = at::zeros({B * C * cs + kCmPad}, g_.options());
-        gcp = gc.data_ptr<float>();
-        to_channel_major(g, gc.data_ptr<float>(), B, HW, C, cs);
         by_position = pick_row_cm();
+        scatter_by_position = geo.kw >= kCmScatterMinWidth;
+        cs = cm_channel_stride(HW);
+        gc = at::empty({B * C * cs + kCmPad}, g_.options());
+        gcp = gc.data_ptr<float>();
+        float* dst = gc.data_ptr<float>();
+        // the padding read past a row's end is zeroed (its lanes are never stored)
+        std::fill(dst + B * C * cs, dst + B * C * cs + kCmPad, 0.0f);
+        if (channel_major(g_)) {  // channel by channel into the padded rows
+          const float* src = g_.data_ptr<float>();
+          parallel_tasks(B * C, [&](int64_t t) {
+            std::memcpy(dst + t * cs, src + t * HW, HW * sizeof(float));
+            std::fill(dst + t * cs + HW, dst + (t + 1) * cs, 0.0f);
+          });
+        } else {
+          bhwc = g_.contiguous();
+          to_channel_major(bhwc.data_ptr<float>(), gc.data_ptr<float>(), B, HW, C, cs);
+        }
       }
+    }
+    if (by_position == nullptr || !scatter_by_position) {
+      if (!bhwc.defined()) bhwc = g_.contiguous();
+      g = bhwc.data_ptr<T>();
     }
   }
 
@@ -463,13 +499,22 @@ struct Rows {
   void operator()(int64_t b, int64_t p, bool squash, acc_t* out) const {
     if constexpr (std::is_same_v<T, float>) {
       if (by_position != nullptr) {
-        by_position(g + (b * HW + p) * C, gcp + b * C * cs, C, cs, geo, p, squash, out);
+        by_position(gcp + b * C * cs, C, cs, geo, p, squash, out);
         return;
       }
     }
     by_channel(g + b * HW * C, C, geo, p, squash, out);
   }
 };
+
+// A gradient in g's layout: channel-major (a permuted (B, C, H, W) tensor) where g is.
+at::Tensor new_gradient(const at::Tensor& g) {
+  if (channel_major(g)) {
+    return new_output({g.size(0), g.size(3), g.size(1), g.size(2)}, g.options(), at::MemoryFormat::Contiguous)
+        .permute({0, 2, 3, 1});
+  }
+  return new_output(g.sizes(), g.options(), at::MemoryFormat::Contiguous);
+}
 
 // ---- float32 backward scatter from the channel-major copy
 //
@@ -479,12 +524,12 @@ struct Rows {
 // gc[c, window]> (one vector accumulator, summed once per channel), vectorised over the
 // row's positions as the forward rows are.
 template <int L>
-FI_INLINE void scatter_cm_task_body(const float* G, const float* g, const float* gc, const int64_t* ip,
-                                    const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
-                                    int64_t b, int64_t c_lo, int64_t n, float* acc) {
+FI_INLINE void scatter_cm_task_body(const float* G, const float* gc, const int64_t* ip, const int64_t* order,
+                                    int64_t Q, int64_t C, int64_t cs, const Geometry& geo, int64_t b, int64_t c_lo,
+                                    int64_t n, float* acc) {
   using vf = typename Vec<L>::f;
   using vfu = typename Vec<L>::fu;
-  const int64_t HW = geo.H * geo.W, N = geo.entries();
+  const int64_t N = geo.entries();
   // each query's window inside the map, found once: rows [i_lo, i_hi), columns [k_lo, k_hi)
   struct Window {
     int64_t q, p, r0, c0, i_lo, i_hi, k_lo, k_hi;
@@ -511,7 +556,7 @@ FI_INLINE void scatter_cm_task_body(const float* G, const float* g, const float*
     float* ach = acc + c * cs;
     for (const Window& win : windows) {
       const float* Gr = G + (b * Q + win.q) * N;
-      const float gp = g[(b * HW + win.p) * C + c_lo + c];
+      const float gp = gch[win.p];
       const vf w = vf{} + gp;
       vf dq = {};
       float dq_tail = 0.0f;
@@ -539,23 +584,23 @@ FI_INLINE void scatter_cm_task_body(const float* G, const float* g, const float*
   }
 }
 
-using ScatterCmFn = void (*)(const float*, const float*, const float*, const int64_t*, const int64_t*, int64_t,
-                             int64_t, int64_t, const Geometry&, int64_t, int64_t, int64_t, float*);
-void scatter_cm_task_default(const float* G, const float* g, const float* gc, const int64_t* ip,
-                             const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo, int64_t b,
-                             int64_t c_lo, int64_t n, float* acc) {
-  scatter_cm_task_body<4>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+using ScatterCmFn = void (*)(const float*, const float*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t,
+                             const Geometry&, int64_t, int64_t, int64_t, float*);
+void scatter_cm_task_default(const float* G, const float* gc, const int64_t* ip, const int64_t* order, int64_t Q,
+                             int64_t C, int64_t cs, const Geometry& geo, int64_t b, int64_t c_lo, int64_t n,
+                             float* acc) {
+  scatter_cm_task_body<4>(G, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
 }
 #if FI_X86_MULTIVERSION
-FI_TARGET_V3 void scatter_cm_task_v3(const float* G, const float* g, const float* gc, const int64_t* ip,
-                                     const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
-                                     int64_t b, int64_t c_lo, int64_t n, float* acc) {
-  scatter_cm_task_body<8>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+FI_TARGET_V3 void scatter_cm_task_v3(const float* G, const float* gc, const int64_t* ip, const int64_t* order,
+                                     int64_t Q, int64_t C, int64_t cs, const Geometry& geo, int64_t b, int64_t c_lo,
+                                     int64_t n, float* acc) {
+  scatter_cm_task_body<8>(G, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
 }
-FI_TARGET_V4 void scatter_cm_task_v4(const float* G, const float* g, const float* gc, const int64_t* ip,
-                                     const int64_t* order, int64_t Q, int64_t C, int64_t cs, const Geometry& geo,
-                                     int64_t b, int64_t c_lo, int64_t n, float* acc) {
-  scatter_cm_task_body<16>(G, g, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
+FI_TARGET_V4 void scatter_cm_task_v4(const float* G, const float* gc, const int64_t* ip, const int64_t* order,
+                                     int64_t Q, int64_t C, int64_t cs, const Geometry& geo, int64_t b, int64_t c_lo,
+                                     int64_t n, float* acc) {
+  scatter_cm_task_body<16>(G, gc, ip, order, Q, C, cs, geo, b, c_lo, n, acc);
 }
 #endif
 
@@ -570,18 +615,15 @@ ScatterCmFn pick_scatter_cm() {
   return &scatter_cm_task_default;
 }
 
-// The scatter by positions wants whole vectors of a window row (16 lanes with AVX-512): below
-// this width the channel-vectorised loop, which also skips the zero coefficients, is faster
-// (measured, a dense 15 x 15 window, C = 64, 2 x 64 x 64, forward + backward: 60 against 24 ms).
-constexpr int64_t kCmScatterMinWidth = 16;
-
-// dg from the coefficients G (B, Q, N): one task per (sample, block of channels), so the
-// scatter never conflicts between tasks (deterministic, no atomics). rows: the features'
-// Rows (their channel-major copy, where they have one, selects the vectorised tasks).
+// dg (B, H, W, C; contiguous or channel-major, new_gradient) from the coefficients G (B, Q, N):
+// one task per (sample, block of channels), so the scatter never conflicts between tasks
+// (deterministic, no atomics).
 template <typename T, typename acc_t>
-void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, T* dgp, const int64_t* ip,
+void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, at::Tensor& dg, const int64_t* ip,
                       const std::vector<int64_t>& order, int64_t B, int64_t Q, int64_t C, const Geometry& geo) {
   const int64_t HW = geo.H * geo.W;
+  T* dgp = dg.data_ptr<T>();
+  const int64_t s_pos = dg.stride(2), s_ch = dg.stride(3);  // (C, 1) or (1, H*W)
   // channel blocks of 8..64, enough of them for every thread (two tasks each)
   const int64_t want = std::max<int64_t>(1, 2 * at::get_num_threads());
   int64_t cw = (C * B + want - 1) / want;
@@ -589,19 +631,25 @@ void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, T* dgp, const 
   cw = std::min<int64_t>(cw, C);
   const int64_t nblk = (C + cw - 1) / cw;
   if constexpr (std::is_same_v<T, float>) {
-    if (rows.gcp != nullptr && geo.kw >= kCmScatterMinWidth) {
+    if (rows.scatter_by_position) {
       const ScatterCmFn task = pick_scatter_cm();
       const int64_t cs = rows.cs;
       parallel_tasks(B * nblk, [&](int64_t t) {
         const int64_t b = t / nblk, c_lo = (t % nblk) * cw, n = std::min(cw, C - c_lo);
         std::vector<float> acc(n * cs, 0.0f);
-        task(G, rows.g, rows.gcp, ip, order.data(), Q, C, cs, geo, b, c_lo, n, acc.data());
-        float* db = dgp + b * HW * C + c_lo;
-        for (int64_t p0 = 0; p0 < HW; p0 += 16) {  // back to (H, W, C), in 16-position tiles
+        task(G, rows.gcp, ip, order.data(), Q, C, cs, geo, b, c_lo, n, acc.data());
+        float* db = dgp + b * HW * C + c_lo * s_ch;
+        if (s_pos == 1) {  // channel-major: a channel's map is one run
+          for (int64_t c = 0; c < n; ++c) {
+            std::memcpy(db + c * s_ch, acc.data() + c * cs, HW * sizeof(float));
+          }
+          return;
+        }
+        for (int64_t p0 = 0; p0 < HW; p0 += 16) {  // to (H, W, C), in 16-position tiles
           const int64_t np = std::min<int64_t>(16, HW - p0);
           for (int64_t pos = p0; pos < p0 + np; ++pos) {
             for (int64_t c = 0; c < n; ++c) {
-              db[pos * C + c] = acc[c * cs + pos];
+              db[pos * s_pos + c * s_ch] = acc[c * cs + pos];
             }
           }
         }
@@ -614,10 +662,10 @@ void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, T* dgp, const 
     const int64_t b = t / nblk, c_lo = (t % nblk) * cw, n = std::min(cw, C - c_lo);
     std::vector<acc_t> acc(HW * n, acc_t(0));
     task(G, rows.g, ip, Q, C, geo, b, c_lo, n, acc.data());
-    T* db = dgp + b * HW * C + c_lo;
+    T* db = dgp + b * HW * C + c_lo * s_ch;
     for (int64_t pos = 0; pos < HW; ++pos) {
       for (int64_t c = 0; c < n; ++c) {
-        db[pos * C + c] = static_cast<T>(acc[pos * n + c]);
+        db[pos * s_pos + c * s_ch] = static_cast<T>(acc[pos * n + c]);
       }
     }
   });
@@ -627,7 +675,7 @@ at::Tensor self_similarity_forward_cpu(const at::Tensor& g_, const at::Tensor& i
                                        int64_t window, bool squash) {
   selfsim::check_features(g_, "g", c10::DeviceType::CPU);
   selfsim::check_index(index_, g_);
-  const at::Tensor g = g_.contiguous();
+  const at::Tensor& g = g_;  // any layout: Rows reads it
   const at::Tensor index = index_.contiguous();
   const int64_t B = g.size(0), H = g.size(1), W = g.size(2), C = g.size(3), Q = index.numel();
   const Geometry geo = selfsim::make_geometry(H, W, patch_size, window);
@@ -642,7 +690,6 @@ at::Tensor self_similarity_forward_cpu(const at::Tensor& g_, const at::Tensor& i
   dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
-    const T* gp = g.data_ptr<T>();
     T* op = out.data_ptr<T>();
     const int64_t per = rows_per_task(N, C);
     const int64_t tasks = (B * Q + per - 1) / per;
@@ -666,7 +713,7 @@ at::Tensor self_similarity_backward_cpu(const at::Tensor& grad_, const at::Tenso
                                         int64_t patch_size, int64_t window) {
   selfsim::check_features(g_, "g", c10::DeviceType::CPU);
   selfsim::check_index(index_, g_);
-  const at::Tensor g = g_.contiguous();
+  const at::Tensor& g = g_;  // any layout: Rows reads it
   const at::Tensor index = index_.contiguous();
   const int64_t B = g.size(0), H = g.size(1), W = g.size(2), C = g.size(3), Q = index.numel();
   const Geometry geo = selfsim::make_geometry(H, W, patch_size, window);
@@ -676,7 +723,7 @@ at::Tensor self_similarity_backward_cpu(const at::Tensor& grad_, const at::Tenso
               grad_.sizes());
   TORCH_CHECK(grad_.device() == g.device(), "fastinpaint: grad must be on ", g.device());
   const at::Tensor G = grad_.to(selfsim::acc_type(g.scalar_type())).contiguous();
-  at::Tensor dg = new_output(g.sizes(), g.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dg = new_gradient(g);
   if (dg.numel() == 0) {
     return dg;
   }
@@ -686,7 +733,7 @@ at::Tensor self_similarity_backward_cpu(const at::Tensor& grad_, const at::Tenso
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
     const Rows<T, acc_t> rows(g, geo);
-    scatter_backward<T, acc_t>(G.data_ptr<acc_t>(), rows, dg.data_ptr<T>(), ip, order, B, Q, C, geo);
+    scatter_backward<T, acc_t>(G.data_ptr<acc_t>(), rows, dg, ip, order, B, Q, C, geo);
   });
   return dg;
 }
@@ -773,7 +820,8 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
   selfsim::check_index(index_, gs_);
   TORCH_CHECK(mode == selfsim::kL1 || mode == selfsim::kCos, "fastinpaint: mode must be 0 (l1) or 1 (cos), got ",
               mode);
-  const at::Tensor gs = gs_.contiguous(), gt = gt_.contiguous(), index = index_.contiguous();
+  const at::Tensor &gs = gs_, &gt = gt_;  // any layout: Rows reads them
+  const at::Tensor index = index_.contiguous();
   const int64_t B = gs.size(0), H = gs.size(1), W = gs.size(2), C = gs.size(3), Q = index.numel();
   const Geometry geo = selfsim::make_geometry(H, W, patch_size, window);
   check_index_values(index, H * W);
@@ -791,8 +839,6 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
-    const T* sp = gs.data_ptr<T>();
-    const T* tp = gt.data_ptr<T>();
     acc_t* rp = rows.data_ptr<acc_t>();
     acc_t* stp = stats.data_ptr<acc_t>();
     const int64_t per = std::max<int64_t>(1, rows_per_task(N, C) / 2);
@@ -850,7 +896,8 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
   selfsim::check_index(index_, gs_);
   TORCH_CHECK(mode == selfsim::kL1 || mode == selfsim::kCos, "fastinpaint: mode must be 0 (l1) or 1 (cos), got ",
               mode);
-  const at::Tensor gs = gs_.contiguous(), gt = gt_.contiguous(), index = index_.contiguous();
+  const at::Tensor &gs = gs_, &gt = gt_;  // any layout: Rows reads them
+  const at::Tensor index = index_.contiguous();
   const int64_t B = gs.size(0), H = gs.size(1), W = gs.size(2), C = gs.size(3), Q = index.numel();
   const Geometry geo = selfsim::make_geometry(H, W, patch_size, window);
   check_index_values(index, H * W);
@@ -861,8 +908,8 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
   TORCH_CHECK(stats_.dim() == 3 && stats_.size(0) == B && stats_.size(1) == Q && stats_.size(2) == selfsim::kStats,
               "fastinpaint: stats must have shape (B, Q, 4), got ", stats_.sizes());
   const at::Tensor grad_rows = grad_rows_.to(acc).contiguous(), stats = stats_.to(acc).contiguous();
-  at::Tensor dgs = new_output(gs.sizes(), gs.options(), at::MemoryFormat::Contiguous);
-  at::Tensor dgt = new_output(gt.sizes(), gt.options(), at::MemoryFormat::Contiguous);
+  at::Tensor dgs = new_gradient(gs);
+  at::Tensor dgt = new_gradient(gt);
   if (dgs.numel() == 0) {
     return {dgs, dgt};
   }
@@ -873,8 +920,6 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
   dispatch_dtype(gs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
-    const T* sp = gs.data_ptr<T>();
-    const T* tp = gt.data_ptr<T>();
     const acc_t* grp = grad_rows.data_ptr<acc_t>();
     const acc_t* stp = stats.data_ptr<acc_t>();
     acc_t* gsp = GS.data_ptr<acc_t>();
@@ -923,8 +968,8 @@ std::tuple<at::Tensor, at::Tensor> distance_backward_cpu(const at::Tensor& grad_
         }
       }
     });
-    scatter_backward<T, acc_t>(gsp, rows_s, dgs.data_ptr<T>(), ip, order, B, Q, C, geo);
-    scatter_backward<T, acc_t>(gtp, rows_t, dgt.data_ptr<T>(), ip, order, B, Q, C, geo);
+    scatter_backward<T, acc_t>(gsp, rows_s, dgs, ip, order, B, Q, C, geo);
+    scatter_backward<T, acc_t>(gtp, rows_t, dgt, ip, order, B, Q, C, geo);
   });
   return {dgs, dgt};
 }

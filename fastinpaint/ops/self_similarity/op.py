@@ -3,9 +3,11 @@ sampling, autograd wiring, torch.library registration and dispatch to a backend.
 
 Every backend but ``reference`` splits the work in two:
 
-1. the centring and normalisation of the features, in torch ops, written straight into the
-   kernels' layout ``g`` (B, H, W, C) contiguous (``_NormalizeToBHWC``: saves only ``g`` and
-   the norms; its backward updates one temporary in place);
+1. the centring and normalisation of the features, in torch ops, into ``g`` of shape
+   (B, H, W, C) (``_NormalizeToBHWC``: saves only ``g`` and the norms; its backward updates
+   one temporary in place): contiguous, except for the C++ CPU kernels' float32 windows at
+   least 8 wide, which take the features' own order (NCHW features: a permuted view of a
+   (B, C, H, W) tensor, which they read as it is and whose layout their gradients keep);
 2. a kernel on ``g``:
    * ``self_similarity_forward``: the (B, Q, N) maps; backward ``self_similarity_backward``
      (saves ``g`` and the index; the output too when ``normalize=False``, for tanh's
@@ -56,13 +58,26 @@ def _distance_fake(g_src, g_tgt, index, patch_size, window, squash, mode):
     return g_src.new_empty((B, Q), dtype=acc), g_src.new_empty((B, Q, 4), dtype=acc)
 
 
-def _maps_backward_fake(grad, g, index, patch_size, window):
+def _channel_major(g: torch.Tensor) -> bool:
+    """g (B, H, W, C) is a permuted view of a contiguous (B, C, H, W) tensor."""
+    return not g.is_contiguous() and g.permute(0, 3, 1, 2).is_contiguous()
+
+
+def _gradient_like(g: torch.Tensor) -> torch.Tensor:
+    """The layout the backward kernels give dg: the C++ CPU kernels keep a channel-major g's
+    layout (csrc/cpu/self_similarity.cpp, new_gradient); everything else is (B, H, W, C)
+    contiguous."""
+    if g.device.type == "cpu" and _channel_major(g):
+        return g.new_empty((g.shape[0], g.shape[3], g.shape[1], g.shape[2])).permute(0, 2, 3, 1)
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
+def _maps_backward_fake(grad, g, index, patch_size, window):
+    return _gradient_like(g)
+
+
 def _distance_backward_fake(grad_rows, g_src, g_tgt, index, stats, patch_size, window, squash, mode):
-    return torch.empty_like(g_src, memory_format=torch.contiguous_format), torch.empty_like(
-        g_tgt, memory_format=torch.contiguous_format)
+    return _gradient_like(g_src), _gradient_like(g_tgt)
 
 
 # g = normalised features (B, H, W, C), index = flat query positions (Q,) int64
@@ -209,14 +224,23 @@ def _resolve_index(query_index, height, width, num_queries, generator, device) -
 
 
 class _NormalizeToBHWC(torch.autograd.Function):
-    """Centring + normalisation straight into the kernels' (B, H, W, C) layout, saving only
-    its output and the (B, H, W, 1) norms for backward (autograd of the eager formulation
-    also keeps the centred features); the input is saved too (no copy: it lives anyway), for
-    double backward, which differentiates the eager formulation."""
+    """Centring + normalisation into (B, H, W, C) form, saving only its output and the
+    (B, H, W, 1) norms for backward (autograd of the eager formulation also keeps the
+    centred features); the input is saved too (no copy: it lives anyway), for double
+    backward, which differentiates the eager formulation.
+
+    ``contiguous``: the result (B, H, W, C) contiguous, the layout the Triton and CUDA
+    kernels read, and the C++ CPU kernels' loops over channels. Else (the C++ CPU kernels'
+    float32 rows by positions, which read any layout) it keeps the features' own order: NCHW
+    features give a permuted view of a (B, C, H, W) tensor, and no transposition happens in
+    forward, in the kernels or in backward, whose gradient comes back in the features'
+    layout."""
 
     @staticmethod
-    def forward(ctx, feat, normalize):
-        x = (feat - feat.mean(dim=(-2, -1), keepdim=True)).permute(0, 2, 3, 1).contiguous()
+    def forward(ctx, feat, normalize, contiguous=True):
+        x = (feat - feat.mean(dim=(-2, -1), keepdim=True)).permute(0, 2, 3, 1)
+        if contiguous or not (x.is_contiguous() or _channel_major(x)):
+            x = x.contiguous()
         if normalize:
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
             g = x.div_(norm)
@@ -235,24 +259,31 @@ class _NormalizeToBHWC(torch.autograd.Function):
             with torch.enable_grad():
                 y = reference.normalize_features(feat, ctx.normalize).permute(0, 2, 3, 1)
                 (df,) = torch.autograd.grad(y, feat, dg, create_graph=True)
-            return df, None
-        # one (B, H, W, C) temporary: dx, updated in place
+            return df, None, None
+        # dx in dg's layout, updated in place
         if ctx.normalize:
             # y = x / max(|x|, eps): dx = (dy - y <y, dy> [|x| > eps]) / max(|x|, eps)
-            C = g.shape[-1]
-            radial = torch.bmm(g.reshape(-1, 1, C), dg.reshape(-1, C, 1)).view(norm.shape)
+            radial = torch.linalg.vecdot(g, dg, dim=-1).unsqueeze(-1)
             radial = radial * (norm > 1e-12).to(radial.dtype) / norm
             dx = dg / norm
             dx.addcmul_(g, radial, value=-1)
         else:
             dx = dg / math.sqrt(ctx.channels)
         dx.sub_(dx.mean(dim=(1, 2), keepdim=True))
-        return dx.permute(0, 3, 1, 2), None
+        return dx.permute(0, 3, 1, 2), None, None
 
 
-def _normalized(feat: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """(B, H, W, C) contiguous normalised features."""
-    return _NormalizeToBHWC.apply(feat, bool(normalize))
+# The C++ CPU kernels read float32 windows at least this wide by positions, from a
+# channel-major copy (csrc/cpu/self_similarity.cpp, kCmMinWidth), narrower ones by channels
+# from (B, H, W, C) order.
+_CPU_BY_POSITION_MIN_WIDTH = 8
+
+
+def _normalized(feat: torch.Tensor, normalize: bool, backend: str, window_width: int) -> torch.Tensor:
+    """(B, H, W, C) normalised features: contiguous, except for the C++ CPU kernels' float32
+    windows read by positions, which take the features' own order."""
+    keep_order = backend == "cpu" and feat.dtype == torch.float32 and window_width >= _CPU_BY_POSITION_MIN_WIDTH
+    return _NormalizeToBHWC.apply(feat, bool(normalize), not keep_order)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -297,7 +328,7 @@ def self_similarity(feat: torch.Tensor, query_index=None, num_queries: int = 256
     backend = MAPS_OP.select(feat, "feat")
     if backend == "reference":
         return reference.self_similarity(feat, index, patch_size, window, bool(normalize))
-    g = _normalized(feat, bool(normalize))
+    g = _normalized(feat, bool(normalize), backend, window_shape(H, W, patch_size, window)[1])
     squash = not normalize
     if isinstance(query_index, str) and code == WINDOW_CODES["zero"]:
         # every position a query, in order (DENSE_ZERO): the triton and cuda backwards gather each
@@ -360,7 +391,7 @@ def spatial_correlative_distance(f_src: torch.Tensor, f_tgt: torch.Tensor, query
     backend = DISTANCE_OP.select(f_src, "f_src")
     if backend == "reference":
         return reference.spatial_correlative_distance(f_src, f_tgt, index, patch_size, mode, window, bool(normalize))
-    gs, gt = _normalized(f_src, bool(normalize)), _normalized(f_tgt, bool(normalize))
+    gs, gt = (_normalized(f, bool(normalize), backend, kw) for f in (f_src, f_tgt))
     args = (gs, gt, index, patch_size, code, not normalize, MODE_CODES[mode])
     if backend == "triton" and n > _TRITON_MAX_FUSED_ENTRIES:
         # a row does not fit in one program's registers: the maps op, then the eager comparison
