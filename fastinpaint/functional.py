@@ -12,6 +12,8 @@ from .ops.partial_conv.op import partial_conv2d
 from .ops.pixel_attention.op import attention_transfer_loss, pixel_attention
 # self-similarity maps and the spatially-correlative distance (F-LSeSim)
 from .ops.self_similarity.op import sample_query_index, self_similarity, spatial_correlative_distance
+# the blocked contextual attention's fused scores (DeepFill v2; used by models.ContextualAttention)
+from .ops.contextual_attention import op as _contextual_attention_op  # noqa: F401  (declares its kernel)
 
 __all__ = ["attention_transfer_loss", "channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d",
            "pixel_attention", "sample_query_index", "self_similarity", "spatial_correlative_distance"]

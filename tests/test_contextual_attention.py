@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_close_to_reference, devices
+from fastinpaint import use_backend
+from fastinpaint._backend import unavailable_reason
 from fastinpaint.models import DeepFillV2Generator, contextual_attention
 from fastinpaint.models.contextual_attention import (ContextualAttention, _tile_cost, _tile_shape,
                                                      blocked_memory, contextual_attention_blocked,
@@ -62,13 +64,61 @@ def test_blocked_matches_reference_forward_and_gradients(case, masking):
     for budget in _budgets(hs, ws, b, ring):
         out = contextual_attention_blocked(x, mask, block_bytes=budget, **kw)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"budget {budget}: {m}")
-        with torch.no_grad():       # inference runs the masking and softmax in place
-            torch.testing.assert_close(contextual_attention_blocked(x, mask, block_bytes=budget, **kw), ref,
-                                       rtol=1e-10, atol=1e-12, msg=lambda m: f"no_grad, budget {budget}: {m}")
+        # inference: the C++ fused scores (cpu backend), and the loop that runs the masking and
+        # softmax in place (reference backend)
+        for backend in ("cpu", "reference"):
+            if backend == "cpu" and unavailable_reason("cpu", "cpu") is not None:
+                continue
+            with torch.no_grad(), use_backend(backend):
+                torch.testing.assert_close(contextual_attention_blocked(x, mask, block_bytes=budget, **kw), ref,
+                                           rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"no_grad, {backend}, budget {budget}: {m}")
         (gx,) = torch.autograd.grad(out, x, g)
         torch.testing.assert_close(gx, gref, rtol=1e-9, atol=1e-11, msg=lambda m: f"budget {budget}: {m}")
     if b > 3:
         assert torch.all(out[3] == 0)     # no valid key: zeros, as the reference
+
+
+def _ran_fused_scores(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("contextual_fuse_scores" in e.key for e in prof.key_averages())
+
+
+def test_fused_scores_kernel_runs_where_it_applies():
+    """Without gradients on CPU float32/float64 the C++ kernel builds the fused scores; with
+    gradients, under use_backend("reference") and for float16 the module's loop does."""
+    if unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    x, mask = _inputs(2, 3, 7, 9, 2, dtype=torch.float32)
+    ref = contextual_attention(x, mask)
+    with torch.no_grad():
+        assert _ran_fused_scores(lambda: contextual_attention_blocked(x, mask, block_bytes=1))
+        out = contextual_attention_blocked(x, mask, block_bytes=1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        with use_backend("reference"):
+            assert not _ran_fused_scores(lambda: contextual_attention_blocked(x, mask, block_bytes=1))
+        assert not _ran_fused_scores(lambda: contextual_attention_blocked(x.half(), mask.half(), block_bytes=1))
+    xg = x.clone().requires_grad_()
+    assert not _ran_fused_scores(lambda: contextual_attention_blocked(xg, mask, block_bytes=1))
+
+
+def test_fused_scores_kernel_refuses_a_plan_outside_the_map():
+    if unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    op = torch.ops.fastinpaint.contextual_fuse_scores
+    t, valid = torch.randn(1, 4, 6), torch.ones(1, 6, dtype=torch.bool)
+    z = torch.zeros(1, dtype=torch.long)
+    plan = dict(offs=z, spans=torch.tensor([0, 6]), wrap_ptr=torch.zeros(2, dtype=torch.long),
+                wrap_dst=z[:0], wrap_src=z[:0])
+    good = op(t, torch.tensor([[0, 1, 3]]), *plan.values(), valid, 2.0, 0)
+    torch.testing.assert_close(good, t[:, [0, 1, 3]] * 2)
+    with pytest.raises(RuntimeError, match="rows must be"):
+        op(t, torch.tensor([[0, 4, 3]]), *plan.values(), valid, 2.0, 0)
+    with pytest.raises(RuntimeError, match="key span leaves the map"):
+        op(t, torch.tensor([[0, 1, 3]]), torch.ones(1, dtype=torch.long), *list(plan.values())[1:], valid, 2.0, 0)
+    with pytest.raises(RuntimeError, match="masking must be"):
+        op(t, torch.tensor([[0, 1, 3]]), *plan.values(), valid, 2.0, 5)
 
 
 def test_tile_shapes():
@@ -203,17 +253,24 @@ def test_generator_runs_the_blocked_form():
 
 def test_module_memory_follows_the_form_it_runs():
     """The module's no-gradient memory is the reference's where it runs the reference (a map
-    that is one tile, or ``blocked=False``) and the blocked form's otherwise; the reference's
-    grows with L^2, the blocked form's about linearly."""
+    that is one tile without the C++ fused scores, or ``blocked=False``) and the blocked
+    form's otherwise (with the fused scores' fewer temporaries where they run); the
+    reference's grows with L^2, the blocked form's about linearly."""
     small, large = (1, 96, 128, 128), (1, 96, 512, 512)
     ca = ContextualAttention()
     assert ca._one_tile(small, torch.float32) and not ca._one_tile(large, torch.float32)
-    assert ca.inference_memory(small) == reference_memory(small)
-    assert ca.inference_memory(large) == blocked_memory(large)
+    fused = unavailable_reason("cpu", "cpu") is None
+    assert ca.inference_memory(large) == blocked_memory(large, fused_kernel=fused)
+    assert ca.inference_memory(small) == (blocked_memory(small, fused_kernel=True) if fused else reference_memory(small))
+    with use_backend("reference"):      # the fused scores off: one tile runs the reference
+        assert ca.inference_memory(small) == reference_memory(small)
+        assert ca.inference_memory(large) == blocked_memory(large)
+    assert blocked_memory(large, fused_kernel=True) < blocked_memory(large)
     n = 64 * 64
     assert reference_memory(small) >= 4 * n * n * 4                 # four (L x L) float32 maps
     assert reference_memory(small, dtype=torch.float16) > reference_memory(small) / 2   # softmax in float32
-    assert ContextualAttention(block_bytes=2**26).inference_memory(small) == blocked_memory(small, block_bytes=2**26)
+    assert ContextualAttention(block_bytes=2**26).inference_memory(large) == \
+        blocked_memory(large, block_bytes=2**26, fused_kernel=fused)
     assert ContextualAttention(blocked=False).inference_memory(large) == reference_memory(large) > 16 * blocked_memory(large)
 
 

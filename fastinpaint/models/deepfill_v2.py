@@ -377,7 +377,7 @@ class DeepFillV2Recipe:
         return generator_state, discriminator_state
 
     #: :meth:`inference_memory`'s constants (bytes; bytes per pixel and unit of cnum)
-    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 150 * 2**20, 13.0, 4.0
+    memory_base, memory_conv_per_pixel_cnum, memory_attention_per_pixel_cnum = 100 * 2**20, 13.0, 10.0
 
     def inference_memory(self, height: int, width: int) -> int:
         """Bytes the generator's eval-mode forward (no gradients, float32, batch 1, CPU) adds
@@ -391,13 +391,12 @@ class DeepFillV2Recipe:
         across the stages); the second the contextual attention's peak (``attention`` =
         :meth:`ContextualAttention.inference_memory
         <fastinpaint.models.contextual_attention.ContextualAttention.inference_memory>`: its
-        keys, raw patches and one tile, or the reference's (L x L) maps where the map is one
-        tile, up to 512x512 images) with the maps held beside it. Fitted to peaks measured
-        at 512 to 4096 pixels square (cnum 48) in fresh processes, which it exceeds by 4-6%
-        at 2048 and 4096 and by 10-30% at 512 and 1024, where the growth of a first call
-        varies from run to run (``benchmarks/deepfill_v2_large_images.py``;
-        ``benchmarks/results/cpu_deepfill_v2_large_images_fp32_20261206.md``, measured with
-        the formula's earlier constants).
+        keys, raw patches and one tile, fewer temporaries where the C++ fused scores run, or
+        the reference's (L x L) maps where that runs) with the maps held beside it. Fitted to
+        the first call's growth in fresh processes (cnum 48, CPU, the C++ fused scores), which
+        it exceeds by 34% at 512, 18% at 1024 and 20% at 2048 pixels square
+        (``benchmarks/results/cpu_deepfill_v2_large_images_fused_fp32_20261206.md``); at 4096
+        it gives 11.8 GB against 10.3 GB measured before the fused scores (which need less).
         ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
         g = self.generator
         pixels = height * width

@@ -1,0 +1,1 @@
+"""The blocked contextual attention's fused scores (DeepFill v2): reference, C++ (CPU)."""
