@@ -528,7 +528,9 @@ class ContextualAttention(nn.Module):
 
     ``blocked`` (default True): :func:`contextual_attention_blocked`, with ``block_bytes``
     (with the default budget, a map that would be one tile runs the reference, which is
-    faster and then needs no more memory); False: the reference :func:`contextual_attention` (the full L x L maps). Under
+    faster with gradients and then needs no more memory, except where the blocked form's
+    fused scores run in C++: without gradients, CPU, float32/float64); False: the reference
+    :func:`contextual_attention` (the full L x L maps). Under
     ``torch.compile`` and ``torch.export`` the reference is traced either way: the blocked
     form's tile plans and its choice of keys are data-dependent (``unique``, ``nonzero``)
     and its tile count depends on the size, while the reference is one graph for any size
@@ -563,10 +565,11 @@ class ContextualAttention(nn.Module):
 
     def _one_tile(self, shape, dtype) -> bool:
         """With the default budget (``block_bytes`` None), whether the blocked form would run
-        the whole map as one tile: then its memory is the reference's order anyway, and the
-        reference is about as fast without gradients (CPU, C = 96: 35 against 38 ms on a 64x64
-        map, 628 against 596 ms on 128x128) and about twice as fast with them (1.9 against
-        4.1 s on 128x128: the blocked form's backward adds the slices back one by one)."""
+        the whole map as one tile: then its memory is the reference's order anyway, and with
+        gradients the reference is about twice as fast (1.9 against 4.1 s on 128x128: the
+        blocked form's backward adds the slices back one by one); without them the blocked
+        form's Python loop was about as fast (628 against 596 ms on 128x128), its C++ fused
+        scores are faster (:meth:`_runs_blocked`)."""
         if self.block_bytes is not None:
             return False
         b, c, h, w = shape
