@@ -170,3 +170,16 @@ def train_tiny_run(out, *extra):
 def tiny_run(tmp_path_factory):
     """A finished run folder trained without EMA (shared by the CLI and inpainting tests)."""
     return train_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+def assert_runs_at_lower_cpu_capabilities(code: str) -> None:
+    """Run ``code`` (a Python program that prints "ok" at the end) in fresh processes with
+    torch's CPU capability capped at the baseline and at AVX2 (ATEN_CPU_CAPABILITY), which
+    caps the C++ kernels' hot loops too (csrc/cpu/cpu_common.h, isa_level)."""
+    import subprocess
+    import sys
+
+    for capability in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.startswith("ok"), (capability, done.stdout, done.stderr[-2000:])
