@@ -63,6 +63,11 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
   nine shifted copies as features instead would hold ``81 * C`` values per position.
 * Masking and the scaled softmax run on the tile's (|J| x L) scores as in the reference:
   every key is in the tile, so no online softmax is needed.
+* Without gradients (CPU, float32/float64) the fused, masked and scaled scores come from a
+  C++ kernel (``fastinpaint.ops.contextual_attention``): each row of the tile built in one
+  pass from its nine source rows of ``T`` while they are in cache, where the loop above
+  makes a pass over the tile per shift and more for the masking. The module then runs the
+  blocked form for maps of one tile too (faster than the reference without gradients).
 * Reconstruction: the tile's columns ``P @ A[J]^T`` are folded (an overlap-add of the
   ``2*rate`` patches, stride ``rate``) into the output rows and columns the tile covers
   (``rate * |tile| + rate`` each way, minus the ``rate - 1`` of padding), and added. ``P``
