@@ -13,7 +13,7 @@ from .ops.pixel_attention.op import attention_transfer_loss, pixel_attention
 # self-similarity maps and the spatially-correlative distance (F-LSeSim)
 from .ops.self_similarity.op import sample_query_index, self_similarity, spatial_correlative_distance
 # the blocked contextual attention's fused scores (DeepFill v2; used by models.ContextualAttention)
-from .ops.contextual_attention import op as _contextual_attention_op  # noqa: F401  (declares its kernel)
+from .ops import _contextual_scores  # noqa: F401  (declares its kernel before fastinpaint._C loads)
 
 __all__ = ["attention_transfer_loss", "channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d",
            "pixel_attention", "sample_query_index", "self_similarity", "spatial_correlative_distance"]

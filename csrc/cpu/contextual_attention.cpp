@@ -6,9 +6,9 @@
 //
 // t (B, |N|, L): the raw scores of the tile's shifted queries N against every key. For each
 // fuse shift k (k = 0 the identity) and tile query j, rows[k, j] is the row of t holding
-// t_k(j) (>= |N|: the shift leaves the map, no term); the shift maps keys [spans[k, 0],
-// spans[k, 1]) to key + offs[k], and keys wrap_dst[p] to wrap_src[p] for p in
-// [wrap_ptr[k], wrap_ptr[k + 1]). Then
+// t_k(j) (negative or >= |N|: the shift leaves the map, no term); the shift maps keys
+// [spans[k, 0], spans[k, 1]) to key + offs[k], and keys wrap_dst[p] to wrap_src[p] (negative:
+// no term) for p in [wrap_ptr[k], wrap_ptr[k + 1]). Then
 //
 //   fused[b, j, i] = sum_k t[b, rows[k, j], t_k(i)]
 //   s = fused * scale where the key is valid, 0 elsewhere        (masking 0, "official")
@@ -43,7 +43,7 @@ void fuse_rows(const T* t, const int64_t* rows, const int64_t* offs, const int64
       std::copy(tb + rows[j] * L, tb + rows[j] * L + L, o);  // shift 0: the identity, every key
       for (int64_t k = 1; k < S; ++k) {
         const int64_t r = rows[k * J + j];
-        if (r >= n_rows) {
+        if (r < 0 || r >= n_rows) {
           continue;
         }
         const T* __restrict__ src = tb + r * L;
@@ -53,7 +53,9 @@ void fuse_rows(const T* t, const int64_t* rows, const int64_t* offs, const int64
           o[i] += shifted[i];
         }
         for (int64_t p = wrap_ptr[k]; p < wrap_ptr[k + 1]; ++p) {
-          o[wrap_dst[p]] += src[wrap_src[p]];
+          if (wrap_src[p] >= 0) {
+            o[wrap_dst[p]] += src[wrap_src[p]];
+          }
         }
       }
       const bool* v = valid + b * L;
@@ -92,9 +94,9 @@ at::Tensor contextual_fuse_scores_cpu(const at::Tensor& t_, const at::Tensor& ro
   // the plan is trusted to stay inside t (it comes from the module's own geometry), but a
   // wrong one must not write outside the output: checked once here
   const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t j = 0; j < S * J; ++j) {
-    TORCH_CHECK(rp[j] >= 0 && (j >= J || rp[j] < n_rows), "fastinpaint: rows must be >= 0, and those of the "
-                "identity shift (rows[0]) below ", n_rows);
+  for (int64_t j = 0; j < J; ++j) {
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < n_rows, "fastinpaint: rows of the identity shift (rows[0]) must lie in [0, ",
+                n_rows, ")");
   }
   const int64_t* pp = wrap_ptr.data_ptr<int64_t>();
   for (int64_t k = 0; k < S; ++k) {
@@ -111,7 +113,7 @@ at::Tensor contextual_fuse_scores_cpu(const at::Tensor& t_, const at::Tensor& ro
   const int64_t* wd = wrap_dst.data_ptr<int64_t>();
   const int64_t* ws = wrap_src.data_ptr<int64_t>();
   for (int64_t p = 0; p < wrap_dst.numel(); ++p) {
-    TORCH_CHECK(wd[p] >= 0 && wd[p] < L && ws[p] >= 0 && ws[p] < L, "fastinpaint: a wrapped key leaves the map");
+    TORCH_CHECK(wd[p] >= 0 && wd[p] < L && ws[p] < L, "fastinpaint: a wrapped key leaves the map");
   }
   at::Tensor out = new_output({B, J, L}, t.options(), at::MemoryFormat::Contiguous);
   if (out.numel() == 0) {

@@ -64,7 +64,7 @@ DeepFill v2 run): the same function, computed for tiles of queries against all k
 * Masking and the scaled softmax run on the tile's (|J| x L) scores as in the reference:
   every key is in the tile, so no online softmax is needed.
 * Without gradients (CPU, float32/float64) the fused, masked and scaled scores come from a
-  C++ kernel (``fastinpaint.ops.contextual_attention``): each row of the tile built in one
+  C++ kernel (``fastinpaint.ops._contextual_scores``): each row of the tile built in one
   pass from its nine source rows of ``T`` while they are in cache, where the loop above
   makes a pass over the tile per shift and more for the masking. The module then runs the
   blocked form for maps of one tile too (faster than the reference without gradients).
@@ -107,7 +107,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.contextual_attention import op as _scores_op
+from ..ops import _contextual_scores as _scores_op
 
 __all__ = ["ContextualAttention", "DEFAULT_BLOCK_BYTES", "blocked_memory", "contextual_attention",
            "contextual_attention_blocked", "key_validity", "reference_memory"]
@@ -363,12 +363,13 @@ def _patches_at(xp: torch.Tensor, positions: torch.Tensor, ksize: int, ws: int, 
     return xp.flatten(2)[:, :, flat].view(b, c * ksize * ksize, positions.numel())
 
 
-def _key_shift_plan(hs: int, ws: int, shifts, device) -> list[tuple]:
+def _key_shift_plan(hs: int, ws: int, shifts, device, drop_outside: bool = True) -> list[tuple]:
     """Per shift ``(e, d)``, how ``t_ed`` maps the keys: ``(off, a, b, dst, src)``. Keys
     ``[a, b)`` (those whose column-major shift stays in their column) go to ``key + off``,
     ``off = e * ws + d`` (the row-major shift wraps across rows by itself); the few others,
     ``dst``, wrap to the next or previous column, to ``src`` (those that leave the map are
-    dropped: their term is zero)."""
+    dropped: their term is zero; kept with ``src = -1`` where ``drop_outside`` is False, so
+    that the sizes do not depend on the values, for torch.compile)."""
     n = hs * ws
     plan = []
     for e, d in shifts:
@@ -381,8 +382,10 @@ def _key_shift_plan(hs: int, ws: int, shifts, device) -> list[tuple]:
             wrap = torch.arange(n, device=device)
             a = b = 0
         src = _shifted(wrap, e, d, hs, ws)
-        keep = src >= 0
-        plan.append((off, a, max(a, b), wrap[keep], src[keep]))
+        if drop_outside:
+            keep = src >= 0
+            wrap, src = wrap[keep], src[keep]
+        plan.append((off, a, max(a, b), wrap, src))
     return plan
 
 
@@ -413,7 +416,7 @@ def _tile_forward(keys, xs_pad, raw, used, valid, key_plan, positions, row_runs,
     t = _flush_subnormal_grad(torch.bmm(queries.transpose(1, 2), keys))           # B, |N|, L: raw scores
     del queries
     v = valid.unsqueeze(1)                                                        # B, 1, L
-    if cpp_plan is not None:   # no gradients: each fused row in one pass, masked and scaled (ops/contextual_attention)
+    if cpp_plan is not None:   # no gradients: each fused row in one pass, masked and scaled (ops/_contextual_scores.py)
         s = _scores_op.fused_scores(t, row_shift, cpp_plan, valid, scale, masking)
         del t
         attn = torch.softmax(s, dim=2)
@@ -456,6 +459,31 @@ def _reconstruct(attn, raw, used, tile_hw, rate, out_dtype):
     th, tw = tile_hw
     k2 = 2 * rate
     return F.fold(cols, (rate * th + rate, rate * tw + rate), k2, stride=rate) / 4.0
+
+
+def _one_tile_fused(x: torch.Tensor, mask, *, ksize: int, rate: int, fuse_k: int, softmax_scale: float, fuse: bool,
+                    masking: str, eps: float = 1e-4) -> torch.Tensor:
+    """The blocked form's computation for a map that is one tile, with the C++ fused scores,
+    in ops whose shapes depend on the sizes only (every key, plans kept whole): what
+    ``torch.compile`` traces for :class:`ContextualAttention` without gradients on the CPU,
+    where the blocked form's data-dependent plan cannot be traced."""
+    b, c, h, w = x.shape
+    hs, ws = h // rate, w // rate
+    pad = ksize // 2
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = x[:, :, ::rate, ::rate]
+    queries = F.unfold(xs, ksize, padding=pad)                                    # B, D, L
+    norms = queries.to(acc).pow(2).sum(1, keepdim=True).sqrt().clamp_min(eps).to(queries.dtype)
+    t = torch.bmm(queries.transpose(1, 2), queries / norms)                       # B, L queries, L keys
+    shifts = _fuse_shifts(fuse, fuse_k)
+    positions = torch.arange(hs * ws, device=x.device)
+    row_shift = torch.stack([_shifted(positions, e, d, hs, ws) for e, d in shifts])   # S, L; -1 outside
+    plan = _scores_op.key_plan_tensors(_key_shift_plan(hs, ws, shifts, x.device, drop_outside=False))
+    valid = key_validity(mask, (hs, ws), ksize, b, x.device)
+    s = _scores_op.fused_scores(t, row_shift, plan, valid, softmax_scale, masking)
+    attn = _flush_subnormal(torch.softmax(s, dim=2) * valid.unsqueeze(1)).to(x.dtype)
+    raw = F.unfold(x, 2 * rate, stride=rate, padding=rate - 1)                   # B, C*k2*k2, L
+    return F.fold(torch.bmm(raw, attn.transpose(1, 2)), (h, w), 2 * rate, stride=rate, padding=rate - 1) / 4.0
 
 
 def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = None, *, ksize: int = 3,
@@ -557,13 +585,25 @@ class ContextualAttention(nn.Module):
         kw = dict(ksize=self.ksize, rate=self.rate, fuse_k=self.fuse_k, softmax_scale=self.softmax_scale,
                   fuse=self.fuse, masking=self.masking)
         grad = torch.is_grad_enabled() and x.requires_grad
-        if self.blocked and not torch.compiler.is_compiling() and self._runs_blocked(x, grad):
+        if self.blocked and torch.compiler.is_compiling():
+            if self._traces_fused(x, grad):
+                return _one_tile_fused(x, mask, **kw)
+        elif self.blocked and self._runs_blocked(x, grad):
             return contextual_attention_blocked(x, mask, block_bytes=self.block_bytes, **kw)
         return contextual_attention(x, mask, **kw)
 
+    def _traces_fused(self, x: torch.Tensor, grad: bool) -> bool:
+        """Under torch.compile (not torch.export, whose graph must be standard ops): the one-tile
+        computation with the C++ fused scores where it applies (no gradients, CPU, float32 or
+        float64, static sizes, a map of one tile), as the module runs uncompiled."""
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if exporting or not all(isinstance(n, int) for n in x.shape):
+            return False
+        return _scores_op.cpp_applies(x, grad, traced=True) and self._one_tile(x.shape, x.dtype)
+
     def _runs_blocked(self, x: torch.Tensor, grad: bool) -> bool:
         """The blocked form where the map is more than one tile, and, without gradients, where
-        its fused scores run in C++ (ops/contextual_attention: one pass per row instead of a
+        its fused scores run in C++ (ops/_contextual_scores.py: one pass per row instead of a
         pass per fuse shift and several for the masking; a 512x512 DeepFill v2 image, C = 96,
         128 x 128 features: 392 against the reference's 597 ms)."""
         return not self._one_tile(x.shape, x.dtype) or _scores_op.cpp_applies(x, grad)

@@ -1,1 +1,0 @@
-"""The blocked contextual attention's fused scores (DeepFill v2): reference, C++ (CPU)."""
