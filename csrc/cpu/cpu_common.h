@@ -130,6 +130,17 @@ inline int isa_level() {
   static const int level = detect_isa_level();
   return level;
 }
+
+// The build of a hot loop that isa_level() allows, among its baseline, x86-64-v3 and v4 ones.
+template <typename Fn>
+Fn pick_by_isa(Fn baseline, Fn v3, Fn v4) {
+  const int level = isa_level();
+  return level == 2 ? v4 : (level == 1 ? v3 : baseline);
+}
+// FI_PICK_ISA(name): name_default, name_v3 or name_v4 (name_default alone without multiversioning).
+#define FI_PICK_ISA(name) ::fastinpaint::pick_by_isa(&name##_default, &name##_v3, &name##_v4)
+#else
+#define FI_PICK_ISA(name) (&name##_default)
 #endif  // FI_X86_MULTIVERSION
 
 }  // namespace fastinpaint

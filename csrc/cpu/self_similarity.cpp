@@ -256,17 +256,6 @@ FI_TARGET_V4 void similarity_row_cm_v4(const float* gcb, int64_t C, int64_t cs, 
 }
 #endif
 
-RowCmFn pick_row_cm() {
-#if FI_X86_MULTIVERSION
-  switch (isa_level()) {
-    case 2: return &similarity_row_cm_v4;
-    case 1: return &similarity_row_cm_v3;
-    default: break;
-  }
-#endif
-  return &similarity_row_cm_default;
-}
-
 void check_index_values(const at::Tensor& index, int64_t HW) {
   const int64_t* ip = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
@@ -469,7 +458,7 @@ struct Rows {
     const int64_t B = g_.size(0);
     if constexpr (std::is_same_v<T, float>) {
       if (geo.kw >= kCmMinWidth) {
-        by_position = pick_row_cm();
+        by_position = FI_PICK_ISA(similarity_row_cm);
         scatter_by_position = geo.kw >= kCmScatterMinWidth;
         cs = cm_channel_stride(HW);
         gc = at::empty({B * C * cs + kCmPad}, g_.options());
@@ -604,17 +593,6 @@ FI_TARGET_V4 void scatter_cm_task_v4(const float* G, const float* gc, const int6
 }
 #endif
 
-ScatterCmFn pick_scatter_cm() {
-#if FI_X86_MULTIVERSION
-  switch (isa_level()) {
-    case 2: return &scatter_cm_task_v4;
-    case 1: return &scatter_cm_task_v3;
-    default: break;
-  }
-#endif
-  return &scatter_cm_task_default;
-}
-
 // dg (B, H, W, C; contiguous or channel-major, new_gradient) from the coefficients G (B, Q, N):
 // one task per (sample, block of channels), so the scatter never conflicts between tasks
 // (deterministic, no atomics).
@@ -632,7 +610,7 @@ void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, at::Tensor& dg
   const int64_t nblk = (C + cw - 1) / cw;
   if constexpr (std::is_same_v<T, float>) {
     if (rows.scatter_by_position) {
-      const ScatterCmFn task = pick_scatter_cm();
+      const ScatterCmFn task = FI_PICK_ISA(scatter_cm_task);
       const int64_t cs = rows.cs;
       parallel_tasks(B * nblk, [&](int64_t t) {
         const int64_t b = t / nblk, c_lo = (t % nblk) * cw, n = std::min(cw, C - c_lo);
@@ -645,12 +623,9 @@ void scatter_backward(const acc_t* G, const Rows<T, acc_t>& rows, at::Tensor& dg
           }
           return;
         }
-        for (int64_t p0 = 0; p0 < HW; p0 += 16) {  // to (H, W, C), in 16-position tiles
-          const int64_t np = std::min<int64_t>(16, HW - p0);
-          for (int64_t pos = p0; pos < p0 + np; ++pos) {
-            for (int64_t c = 0; c < n; ++c) {
-              db[pos * s_pos + c * s_ch] = acc[c * cs + pos];
-            }
+        for (int64_t pos = 0; pos < HW; ++pos) {  // to (H, W, C)
+          for (int64_t c = 0; c < n; ++c) {
+            db[pos * s_pos + c * s_ch] = acc[c * cs + pos];
           }
         }
       });
@@ -793,17 +768,6 @@ FI_TARGET_V4 float top_threshold_v4(const float* t, int64_t N, int64_t num, std:
 }
 #endif
 
-ThresholdFn pick_threshold() {
-#if FI_X86_MULTIVERSION
-  switch (isa_level()) {
-    case 2: return &top_threshold_v4;
-    case 1: return &top_threshold_v3;
-    default: break;
-  }
-#endif
-  return &top_threshold_default;
-}
-
 // double: a selection.
 double top_threshold(const double* t, int64_t N, int64_t num, std::vector<double>& scratch) {
   scratch.assign(t, t + N);
@@ -844,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor> distance_forward_cpu(const at::Tensor& gs_, c
     const int64_t per = std::max<int64_t>(1, rows_per_task(N, C) / 2);
     const int64_t tasks = (B * Q + per - 1) / per;
     const Rows<T, acc_t> rows_s(gs, geo), rows_t(gt, geo);
-    const ThresholdFn threshold = pick_threshold();
+    const ThresholdFn threshold = FI_PICK_ISA(top_threshold);
     parallel_tasks(tasks, [&](int64_t t) {
       std::vector<acc_t> S(N), Tr(N), scratch;
       std::vector<uint32_t> keys;
