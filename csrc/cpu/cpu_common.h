@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -86,6 +87,25 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
       },
       /*grain_size=*/1);
 }
+
+// GCC vector types of L lanes (a vector_size that depends on a template parameter is ignored,
+// so each width is spelt out): f float, u / i 32-bit ints; fu, uu the same at any 4-byte
+// alignment (for loads from memory that is not aligned to the vector).
+template <int L>
+struct Vec;
+#define FI_VEC_TYPES(L)                                                   \
+  template <>                                                             \
+  struct Vec<L> {                                                         \
+    typedef float f __attribute__((vector_size(4 * L)));                  \
+    typedef float fu __attribute__((vector_size(4 * L), aligned(4)));     \
+    typedef uint32_t u __attribute__((vector_size(4 * L)));               \
+    typedef uint32_t uu __attribute__((vector_size(4 * L), aligned(4)));  \
+    typedef int32_t i __attribute__((vector_size(4 * L)));                \
+  };
+FI_VEC_TYPES(4)
+FI_VEC_TYPES(8)
+FI_VEC_TYPES(16)
+#undef FI_VEC_TYPES
 
 // Calls fn(T{}) for the (checked) floating dtype st.
 template <typename Fn>

@@ -146,25 +146,6 @@ FI_INLINE void similarity_row_body(const T* gb, int64_t C, const Geometry& geo, 
 // those lanes are not stored.
 constexpr int64_t kCmPad = 64;
 
-// GCC vector types of L lanes (a vector_size that depends on a template parameter is ignored,
-// so each width is spelt out): f float, u / i 32-bit ints; fu, uu the same at any 4-byte
-// alignment (for loads from memory that is not aligned to the vector).
-template <int L>
-struct Vec;
-#define FI_VEC_TYPES(L)                                                   \
-  template <>                                                             \
-  struct Vec<L> {                                                         \
-    typedef float f __attribute__((vector_size(4 * L)));                  \
-    typedef float fu __attribute__((vector_size(4 * L), aligned(4)));     \
-    typedef uint32_t u __attribute__((vector_size(4 * L)));               \
-    typedef uint32_t uu __attribute__((vector_size(4 * L), aligned(4)));  \
-    typedef int32_t i __attribute__((vector_size(4 * L)));                \
-  };
-FI_VEC_TYPES(4)
-FI_VEC_TYPES(8)
-FI_VEC_TYPES(16)
-#undef FI_VEC_TYPES
-
 // The copy's distance between channels: H*W rounded up to whole cache lines, plus one line,
 // so that it is never a multiple of 4 KiB (a 64x64 map's 16 KiB stride put every channel of
 // a position in one L1 set).

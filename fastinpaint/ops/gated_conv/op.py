@@ -34,6 +34,7 @@ from .._common import autocast_cast, check_float_tensor, check_kernel_span, chec
     conv_output_size, needs_grad, pair
 from .._layout import conv_output_format, is_channels_last
 from .._registry import Op, differentiable, kernel
+from .. import _winograd
 from . import reference, upsample
 
 # ----------------------------------------------------------------------------- kernels
@@ -157,7 +158,10 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         return upsample.interleave(upsample.from_phase_rows(gated, scale_factor, phases.shape, plan[-1]), plan)
     if scale_factor != 1:
         x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
-    pre = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if backend == "cpu":  # Winograd F(4x4, 3x3) for 3x3 stride-1 layers (ops/_winograd.py)
+        pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
+    else:
+        pre = F.conv2d(x, weight, bias, stride, padding, dilation)
     if COMPILED_GATING.get(backend) == "aten" and torch.compiler.is_compiling():
         return reference.gate(pre, activation, negative_slope)
     return GATE_FORWARD(backend, pre, code, float(negative_slope))
