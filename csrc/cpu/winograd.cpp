@@ -270,43 +270,77 @@ FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geomet
   }
 }
 
-// dW (O, C, 3, 3) rows c in [c0, c1) from dU (36, C, O): dg = G^T du G per pair of channels
-// (the gradient of the kernel's transform), vectorised over o
-FI_INLINE void kernel_grad_1d(const float* u, float* g) {
+// dg = G^T u for six values u (the gradient of kernel_1d: three values)
+template <typename V>
+FI_INLINE void kernel_grad_1d(const V* u, V* g) {
   constexpr float q = 1.0f / 4.0f, s = 1.0f / 6.0f, t = 1.0f / 12.0f, v = 1.0f / 24.0f;
-  g[0] = q * u[0] - s * (u[1] + u[2]) + v * (u[3] + u[4]);
+  const V pair12 = u[1] + u[2], pair34 = u[3] + u[4];
+  g[0] = q * u[0] - s * pair12 + v * pair34;
   g[1] = s * (u[2] - u[1]) + t * (u[3] - u[4]);
-  g[2] = s * (u[3] + u[4] - u[1] - u[2]) + u[5];
+  g[2] = s * (pair34 - pair12) + u[5];
 }
 
-void weight_grad_rows(const float* dU, int64_t C, int64_t O, int64_t c0, int64_t c1, float* dW) {
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t o = 0; o < O; ++o) {
-      float u[kIn][kIn], t[kIn][3];
-      for (int k = 0; k < kPoints; ++k) {
-        u[k / kIn][k % kIn] = dU[(k * C + c) * O + o];
-      }
-      for (int i = 0; i < kIn; ++i) {
-        kernel_grad_1d(u[i], t[i]);  // along the second axis: t[i][b]
-      }
-      float* dst = dW + (o * C + c) * 9;
-      for (int b = 0; b < 3; ++b) {
-        float col[kIn], r[3];
-        for (int i = 0; i < kIn; ++i) {
-          col[i] = t[i][b];
-        }
-        kernel_grad_1d(col, r);
-        for (int a = 0; a < 3; ++a) {
-          dst[a * 3 + b] = r[a];
-        }
-      }
+// dW[o, c] for the output channels [o, o + lanes) from dU (36, C, O): dg = G^T du G
+template <typename V>
+FI_INLINE void kernel_grad(const float* dU, int64_t C, int64_t O, int64_t c, int64_t o, float* dW) {
+  constexpr int lanes = sizeof(V) / sizeof(float);
+  V t[kIn][3];
+  for (int i = 0; i < kIn; ++i) {
+    V u[kIn];
+    for (int j = 0; j < kIn; ++j) {
+      u[j] = load<V>(dU + ((i * kIn + j) * C + c) * O + o);
+    }
+    kernel_grad_1d(u, t[i]);  // along the second axis: t[i][b]
+  }
+  float taps[9][lanes];
+  for (int b = 0; b < 3; ++b) {
+    V col[kIn], r[3];
+    for (int i = 0; i < kIn; ++i) {
+      col[i] = t[i][b];
+    }
+    kernel_grad_1d(col, r);
+    for (int a = 0; a < 3; ++a) {
+      store(taps[a * 3 + b], r[a]);
+    }
+  }
+  for (int l = 0; l < lanes; ++l) {
+    float* dst = dW + ((o + l) * C + c) * 9;
+    for (int k = 0; k < 9; ++k) {
+      dst[k] = taps[k][l];
     }
   }
 }
 
+// dW (O, C, 3, 3) for the input channels [c0, c1) from dU (36, C, O)
+template <int L>
+FI_INLINE void weight_grad_rows_body(const float* dU, int64_t C, int64_t O, int64_t c0, int64_t c1, float* dW) {
+  using vf = typename Vec<L>::f;
+  for (int64_t c = c0; c < c1; ++c) {
+    int64_t o = 0;
+    for (; o + L <= O; o += L) {
+      kernel_grad<vf>(dU, C, O, c, o, dW);
+    }
+    for (; o < O; ++o) {
+      kernel_grad<float>(dU, C, O, c, o, dW);
+    }
+  }
+}
+
+using WeightGradRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+void weight_grad_rows_default(const float* dU, int64_t C, int64_t O, int64_t c0, int64_t c1, float* dW) {
+  weight_grad_rows_body<4>(dU, C, O, c0, c1, dW);
+}
+#if FI_X86_MULTIVERSION
+FI_TARGET_V3 void weight_grad_rows_v3(const float* dU, int64_t C, int64_t O, int64_t c0, int64_t c1, float* dW) {
+  weight_grad_rows_body<8>(dU, C, O, c0, c1, dW);
+}
+FI_TARGET_V4 void weight_grad_rows_v4(const float* dU, int64_t C, int64_t O, int64_t c0, int64_t c1, float* dW) {
+  weight_grad_rows_body<16>(dU, C, O, c0, c1, dW);
+}
+#endif
+
 using InputChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, float*);
 using OutputChunkFn = void (*)(const float*, const float*, float*, const Geometry&, int64_t, int64_t, float*);
-
 using GradChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, float*);
 void grad_chunk_default(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, float* D) {
   grad_chunk_body<4>(gy, zeros, g, t0, nt, D);
@@ -527,10 +561,10 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   const Geometry g = make_geometry(x, grad.size(1), padding, dilation);
   TORCH_CHECK(grad.size(2) == g.Ho && grad.size(3) == g.Wo, "winograd_conv3x3_weight_grad: grad must be (B, O, ",
               g.Ho, ", ", g.Wo, ")");
-  at::Tensor dW = at::zeros({g.O, g.C, 3, 3}, x.options());
+  at::Tensor dW = new_output({g.O, g.C, 3, 3}, x.options(), at::MemoryFormat::Contiguous);
   const int64_t T = static_cast<int64_t>(g.tiles.size() / 3);
   if (T == 0 || g.C == 0 || g.O == 0) {
-    return dW;
+    return dW.zero_();
   }
   const at::Tensor xin = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gin = grad.contiguous(at::MemoryFormat::ChannelsLast);
@@ -547,14 +581,19 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
     at::Tensor Vbuf = at::empty({kPoints * TC * g.C}, xin.options());
     at::Tensor Dbuf = at::empty({kPoints * TC * g.O}, xin.options());
     for (int64_t p = p0; p < p1; ++p) {
-      acc[p] = at::zeros({kPoints, g.C, g.O}, xin.options());
-      for (int64_t chunk = p * chunks / tasks; chunk < (p + 1) * chunks / tasks; ++chunk) {
+      acc[p] = at::empty({kPoints, g.C, g.O}, xin.options());
+      const int64_t first = p * chunks / tasks;
+      for (int64_t chunk = first; chunk < (p + 1) * chunks / tasks; ++chunk) {
         const int64_t t0 = chunk * TC, nt = std::min(TC, T - t0);
         const at::Tensor V = Vbuf.narrow(0, 0, kPoints * nt * g.C).view({kPoints, nt, g.C});
         const at::Tensor D = Dbuf.narrow(0, 0, kPoints * nt * g.O).view({kPoints, nt, g.O});
         input_chunk(xp, zeros.data(), g, t0, nt, V.data_ptr<float>());
         grad_chunk(gp, zeros.data(), g, t0, nt, D.data_ptr<float>());
-        acc[p].baddbmm_(V.transpose(1, 2), D);
+        if (chunk == first) {
+          at::bmm_out(acc[p], V.transpose(1, 2), D);
+        } else {
+          acc[p].baddbmm_(V.transpose(1, 2), D);
+        }
       }
     }
   });
@@ -563,6 +602,7 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   }
   const float* dU = acc[0].data_ptr<float>();
   float* dWp = dW.data_ptr<float>();
+  const WeightGradRowsFn weight_grad_rows = FI_PICK_ISA(weight_grad_rows);
   parallel_for(0, g.C, 8, [&](int64_t c0, int64_t c1) { weight_grad_rows(dU, g.C, g.O, c0, c1, dWp); });
   return dW;
 }
