@@ -235,3 +235,20 @@ def test_compiled_gated_conv_uses_it_and_matches_eager():
     # (the gating of the compiled layer is inductor's: its gradient rounds differently)
     for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(eager, (x, w, b), g)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_conv_runs_it_on_the_cpu_backend():
+    x = torch.randn(1, 32, 11, 13).requires_grad_()
+    mask = (torch.rand(1, 1, 11, 13) > 0.3).float()
+    w = (torch.randn(40, 32, 3, 3) / 17).requires_grad_()
+    b = torch.randn(40).requires_grad_()
+    with use_backend("cpu"):
+        assert _ran_winograd(lambda: FI.partial_conv2d(x, mask, w, b, padding=1))
+        y, m = FI.partial_conv2d(x, mask, w, b, padding=1)
+    with use_backend("reference"):
+        y_ref, m_ref = FI.partial_conv2d(x, mask, w, b, padding=1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m, m_ref)
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=2e-4)

@@ -4,7 +4,9 @@ and dispatch to a backend.
 Paths per backend:
   reference  eager conv -> split -> act * sigmoid (reference.py)
   cpu, cuda  torch's convolution -> fused gating kernel of fastinpaint._C
-             (the gated deconv's upsampling folded into the convolution: upsample.py)
+             (the gated deconv's upsampling folded into the convolution: upsample.py); on
+             the cpu backend a 3x3, stride-1 float32 convolution of >= 32 channels in and out
+             is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too
   triton     with autograd: torch's convolution -> fused Triton gating kernel;
              without (inference, no_grad): one implicit-GEMM Triton kernel with the
              gating in its epilogue, which never writes the 2*Cout pre-activation.
@@ -82,8 +84,9 @@ OP = Op("gated_conv2d", {
     "triton": "with autograd: torch's conv2d, then the fused Triton gating kernel; inference: one "
               "implicit-GEMM Triton convolution with the gating in its epilogue",
     "cuda": "torch's conv2d (cuDNN), then fastinpaint's fused CUDA gating kernel (csrc/cuda/gated_conv.cu)",
-    "cpu": "torch's conv2d (oneDNN), then fastinpaint's fused, vectorised C++ gating kernel "
-           "(csrc/cpu/gated_conv.cpp); under torch.compile the gating is aten ops inductor fuses",
+    "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp), "
+           "then fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); under "
+           "torch.compile the gating is aten ops inductor fuses",
 }, kernels=(GATE_FORWARD, GATE_BACKWARD))
 
 

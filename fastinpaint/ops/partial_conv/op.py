@@ -6,7 +6,9 @@ Paths per backend:
              a ones kernel, the ratio, and four elementwise passes over the (B, Cout) output
   cpu, cuda  torch's convolution of x * M (no bias), then one fused C++/CUDA kernel
              (fastinpaint::partial_conv_renorm) computing the mask's window sum (a box filter
-             with the convolution's geometry), the ratio, the bias and the updated mask
+             with the convolution's geometry), the ratio, the bias and the updated mask; on
+             the cpu backend a 3x3, stride-1 float32 convolution of >= 32 channels in and out
+             is Winograd's F(4x4, 3x3) (ops/_winograd.py)
   triton     the same split with the fused Triton kernel (triton.py)
 
 Autograd: ``out = raw * scale + bias * um`` with per-pixel ``scale`` and ``um`` (B, 1, Ho, Wo)
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from .._common import acc_dtype, autocast_cast, check_float_tensor, check_kernel_span, check_same_device, check_same_dtype, \
     pair
 from .._layout import suggest_memory_format
+from .. import _winograd
 from .._registry import Op, differentiable, kernel
 from . import reference
 
@@ -53,8 +56,8 @@ OP = Op("partial_conv2d", {
               "and updated mask",
     "cuda": "torch's conv2d of x * M (cuDNN), then the same fused renormalisation as a CUDA kernel "
             "(csrc/cuda/partial_conv.cu)",
-    "cpu": "torch's conv2d of x * M (oneDNN), then the same fused renormalisation in C++ "
-           "(csrc/cpu/partial_conv.cpp)",
+    "cpu": "torch's conv2d of x * M (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, "
+           "csrc/cpu/winograd.cpp), then the same fused renormalisation in C++ (csrc/cpu/partial_conv.cpp)",
 }, kernels=(RENORM,))
 
 
@@ -139,7 +142,8 @@ def partial_conv2d(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bi
     window = float(cm * weight.shape[2] * weight.shape[3])
     m = mask.detach().to(x.dtype)
     mask_sum = (m.sum(1, keepdim=True) if cm > 1 else m).to(acc_dtype(x.dtype))
-    raw = F.conv2d(x * m, weight, None, stride, padding, dilation)
+    conv = _winograd.conv2d if backend == "cpu" else F.conv2d  # Winograd for 3x3 stride-1 layers
+    raw = conv(x * m, weight, None, stride, padding, dilation)
     ksize = [int(weight.shape[2]), int(weight.shape[3])]
     out, _, um = RENORM(backend, raw, mask_sum, bias, ksize, list(stride), list(padding), list(dilation), window)
     new_mask = um.to(x.dtype)
