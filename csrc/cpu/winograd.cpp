@@ -190,7 +190,7 @@ std::vector<int32_t> make_tiles(const Geometry& g) {
 
 // the input transform of tiles [t0, t0 + nt) into V (36, nt, C)
 template <int L>
-FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                 float* V) {
   using vf = typename Vec<L>::f;
   const float* src[kPoints];
@@ -208,10 +208,10 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
     float* dst = V + tl * g.C;
     int64_t c = 0;
     for (; c + L <= g.C; c += L) {
-      input_tile<vf>(src, c, dst + c, nt * g.C);
+      input_tile<vf>(src, c, dst + c, ld * g.C);
     }
     for (; c < g.C; ++c) {
-      input_tile<float>(src, c, dst + c, nt * g.C);
+      input_tile<float>(src, c, dst + c, ld * g.C);
     }
   }
 }
@@ -219,7 +219,7 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
 // the output transform of tiles [t0, t0 + nt) from M (36, nt, O), plus the bias, into out
 template <int L>
 FI_INLINE void output_chunk_body(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
-                                 int64_t nt, float* out) {
+                                 int64_t nt, int64_t ld, float* out) {
   using vf = typename Vec<L>::f;
   float* dst[kOut * kOut];
   for (int64_t tl = 0; tl < nt; ++tl) {
@@ -235,17 +235,17 @@ FI_INLINE void output_chunk_body(const float* M, const float* bias, float* sink,
     const float* src = M + tl * g.O;
     int64_t o = 0;
     for (; o + L <= g.O; o += L) {
-      output_tile<vf>(src + o, nt * g.O, bias, o, dst);
+      output_tile<vf>(src + o, ld * g.O, bias, o, dst);
     }
     for (; o < g.O; ++o) {
-      output_tile<float>(src + o, nt * g.O, bias, o, dst);
+      output_tile<float>(src + o, ld * g.O, bias, o, dst);
     }
   }
 }
 
 // the output-gradient transform of tiles [t0, t0 + nt) from gy (B, Ho, Wo, O) into D (36, nt, O)
 template <int L>
-FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                float* D) {
   using vf = typename Vec<L>::f;
   const float* src[kOut * kOut];
@@ -262,10 +262,10 @@ FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geomet
     float* dst = D + tl * g.O;
     int64_t o = 0;
     for (; o + L <= g.O; o += L) {
-      grad_tile<vf>(src, o, dst + o, nt * g.O);
+      grad_tile<vf>(src, o, dst + o, ld * g.O);
     }
     for (; o < g.O; ++o) {
-      grad_tile<float>(src, o, dst + o, nt * g.O);
+      grad_tile<float>(src, o, dst + o, ld * g.O);
     }
   }
 }
@@ -339,43 +339,43 @@ FI_TARGET_V4 void weight_grad_rows_v4(const float* dU, int64_t C, int64_t O, int
 }
 #endif
 
-using InputChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, float*);
-using OutputChunkFn = void (*)(const float*, const float*, float*, const Geometry&, int64_t, int64_t, float*);
-using GradChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, float*);
-void grad_chunk_default(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, float* D) {
-  grad_chunk_body<4>(gy, zeros, g, t0, nt, D);
+using InputChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, float*);
+using OutputChunkFn = void (*)(const float*, const float*, float*, const Geometry&, int64_t, int64_t, int64_t, float*);
+using GradChunkFn = void (*)(const float*, const float*, const Geometry&, int64_t, int64_t, int64_t, float*);
+void grad_chunk_default(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld, float* D) {
+  grad_chunk_body<4>(gy, zeros, g, t0, nt, ld, D);
 }
-void input_chunk_default(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, float* V) {
-  input_chunk_body<4>(x, zeros, g, t0, nt, V);
+void input_chunk_default(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld, float* V) {
+  input_chunk_body<4>(x, zeros, g, t0, nt, ld, V);
 }
-void output_chunk_default(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0, int64_t nt,
+void output_chunk_default(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                           float* out) {
-  output_chunk_body<4>(M, bias, sink, g, t0, nt, out);
+  output_chunk_body<4>(M, bias, sink, g, t0, nt, ld, out);
 }
 #if FI_X86_MULTIVERSION
-FI_TARGET_V3 void grad_chunk_v3(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_TARGET_V3 void grad_chunk_v3(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                 float* D) {
-  grad_chunk_body<8>(gy, zeros, g, t0, nt, D);
+  grad_chunk_body<8>(gy, zeros, g, t0, nt, ld, D);
 }
-FI_TARGET_V4 void grad_chunk_v4(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_TARGET_V4 void grad_chunk_v4(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                 float* D) {
-  grad_chunk_body<16>(gy, zeros, g, t0, nt, D);
+  grad_chunk_body<16>(gy, zeros, g, t0, nt, ld, D);
 }
-FI_TARGET_V3 void input_chunk_v3(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_TARGET_V3 void input_chunk_v3(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                  float* V) {
-  input_chunk_body<8>(x, zeros, g, t0, nt, V);
+  input_chunk_body<8>(x, zeros, g, t0, nt, ld, V);
 }
 FI_TARGET_V3 void output_chunk_v3(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
-                                  int64_t nt, float* out) {
-  output_chunk_body<8>(M, bias, sink, g, t0, nt, out);
+                                  int64_t nt, int64_t ld, float* out) {
+  output_chunk_body<8>(M, bias, sink, g, t0, nt, ld, out);
 }
-FI_TARGET_V4 void input_chunk_v4(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt,
+FI_TARGET_V4 void input_chunk_v4(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                  float* V) {
-  input_chunk_body<16>(x, zeros, g, t0, nt, V);
+  input_chunk_body<16>(x, zeros, g, t0, nt, ld, V);
 }
 FI_TARGET_V4 void output_chunk_v4(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
-                                  int64_t nt, float* out) {
-  output_chunk_body<16>(M, bias, sink, g, t0, nt, out);
+                                  int64_t nt, int64_t ld, float* out) {
+  output_chunk_body<16>(M, bias, sink, g, t0, nt, ld, out);
 }
 #endif
 
@@ -477,6 +477,13 @@ int64_t chunk_tiles(int64_t T, int64_t C, int64_t O) {
   return std::max<int64_t>(16, std::min<int64_t>({128, budget, per_thread}));
 }
 
+// Few tiles (small maps): one pass over all of them per step (each transform a parallel loop
+// over the tiles, the products one multi-threaded at::bmm) instead of chunks per thread, which
+// would leave threads idle or multiply small products; the buffers within 16 MB.
+bool whole_pass(int64_t T, int64_t C, int64_t O) {
+  return T <= 64 * at::get_num_threads() && T * kPoints * 4 * (C + O) <= (int64_t{16} << 20);
+}
+
 // The geometry of a call (the tiles included) and the channels-last copy of its input.
 Geometry make_geometry(const at::Tensor& x, int64_t O, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(padding.size() == 2 && dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
@@ -525,13 +532,26 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor xin = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor U = transform_weight(weight, transposed);
   const int64_t T = static_cast<int64_t>(g.tiles.size() / 3);
-  const int64_t TC = chunk_tiles(T, g.C, g.O);
-  const int64_t chunks = (T + TC - 1) / TC;
   const std::vector<float> zeros(g.C, 0.0f);
   const float* xp = xin.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const InputChunkFn input_chunk = FI_PICK_ISA(input_chunk);
   const OutputChunkFn output_chunk = FI_PICK_ISA(output_chunk);
+  if (whole_pass(T, g.C, g.O)) {
+    const at::Tensor V = at::empty({kPoints, T, g.C}, xin.options());
+    at::Tensor M = at::empty({kPoints, T, g.O}, xin.options());
+    float* vp = V.data_ptr<float>();
+    const float* mp = M.data_ptr<float>();
+    parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) { input_chunk(xp, zeros.data(), g, t0, t1 - t0, T, vp + t0 * g.C); });
+    at::bmm_out(M, V, U);
+    parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sink(g.O);
+      output_chunk(mp + t0 * g.O, bp, sink.data(), g, t0, t1 - t0, T, op);
+    });
+    return out;
+  }
+  const int64_t TC = chunk_tiles(T, g.C, g.O);
+  const int64_t chunks = (T + TC - 1) / TC;
   parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     at::Tensor Vbuf = at::empty({kPoints * TC * g.C}, xin.options());
     at::Tensor Mbuf = at::empty({kPoints * TC * g.O}, xin.options());
@@ -540,9 +560,9 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
       const int64_t t0 = chunk * TC, nt = std::min(TC, T - t0);
       const at::Tensor V = Vbuf.narrow(0, 0, kPoints * nt * g.C).view({kPoints, nt, g.C});
       at::Tensor M = Mbuf.narrow(0, 0, kPoints * nt * g.O).view({kPoints, nt, g.O});
-      input_chunk(xp, zeros.data(), g, t0, nt, V.data_ptr<float>());
+      input_chunk(xp, zeros.data(), g, t0, nt, nt, V.data_ptr<float>());
       at::bmm_out(M, V, U);
-      output_chunk(M.data_ptr<float>(), bp, sink.data(), g, t0, nt, op);
+      output_chunk(M.data_ptr<float>(), bp, sink.data(), g, t0, nt, nt, op);
     }
   });
   return out;
@@ -568,15 +588,31 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   }
   const at::Tensor xin = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor gin = grad.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t TC = chunk_tiles(T, g.C, g.O);
-  const int64_t chunks = (T + TC - 1) / TC;
-  const int64_t tasks = std::min<int64_t>(chunks, at::get_num_threads());
-  std::vector<at::Tensor> acc(tasks);
   const std::vector<float> zeros(std::max(g.C, g.O), 0.0f);
   const float* xp = xin.data_ptr<float>();
   const float* gp = gin.data_ptr<float>();
   const InputChunkFn input_chunk = FI_PICK_ISA(input_chunk);
   const GradChunkFn grad_chunk = FI_PICK_ISA(grad_chunk);
+  const WeightGradRowsFn weight_grad_rows = FI_PICK_ISA(weight_grad_rows);
+  float* dWp = dW.data_ptr<float>();
+  if (whole_pass(T, g.C, g.O)) {
+    const at::Tensor V = at::empty({kPoints, T, g.C}, xin.options());
+    const at::Tensor D = at::empty({kPoints, T, g.O}, xin.options());
+    float* vp = V.data_ptr<float>();
+    float* dp = D.data_ptr<float>();
+    parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+      input_chunk(xp, zeros.data(), g, t0, t1 - t0, T, vp + t0 * g.C);
+      grad_chunk(gp, zeros.data(), g, t0, t1 - t0, T, dp + t0 * g.O);
+    });
+    const at::Tensor dU = at::bmm(V.transpose(1, 2), D);
+    const float* up = dU.data_ptr<float>();
+    parallel_for(0, g.C, 8, [&](int64_t c0, int64_t c1) { weight_grad_rows(up, g.C, g.O, c0, c1, dWp); });
+    return dW;
+  }
+  const int64_t TC = chunk_tiles(T, g.C, g.O);
+  const int64_t chunks = (T + TC - 1) / TC;
+  const int64_t tasks = std::min<int64_t>(chunks, at::get_num_threads());
+  std::vector<at::Tensor> acc(tasks);
   parallel_for(0, tasks, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor Vbuf = at::empty({kPoints * TC * g.C}, xin.options());
     at::Tensor Dbuf = at::empty({kPoints * TC * g.O}, xin.options());
@@ -587,8 +623,8 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
         const int64_t t0 = chunk * TC, nt = std::min(TC, T - t0);
         const at::Tensor V = Vbuf.narrow(0, 0, kPoints * nt * g.C).view({kPoints, nt, g.C});
         const at::Tensor D = Dbuf.narrow(0, 0, kPoints * nt * g.O).view({kPoints, nt, g.O});
-        input_chunk(xp, zeros.data(), g, t0, nt, V.data_ptr<float>());
-        grad_chunk(gp, zeros.data(), g, t0, nt, D.data_ptr<float>());
+        input_chunk(xp, zeros.data(), g, t0, nt, nt, V.data_ptr<float>());
+        grad_chunk(gp, zeros.data(), g, t0, nt, nt, D.data_ptr<float>());
         if (chunk == first) {
           at::bmm_out(acc[p], V.transpose(1, 2), D);
         } else {
@@ -601,8 +637,6 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
     acc[0].add_(acc[p]);
   }
   const float* dU = acc[0].data_ptr<float>();
-  float* dWp = dW.data_ptr<float>();
-  const WeightGradRowsFn weight_grad_rows = FI_PICK_ISA(weight_grad_rows);
   parallel_for(0, g.C, 8, [&](int64_t c0, int64_t c1) { weight_grad_rows(dU, g.C, g.O, c0, c1, dWp); });
   return dW;
 }

@@ -104,21 +104,54 @@ WEIGHT_GRAD = kernel("winograd_conv3x3_weight_grad",
 differentiable(WINOGRAD_CONV, None, _setup_context, _backward)
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> bool:
+#: fewer tiles than this: the direct convolution (the weights' transform, per call, would
+#: cost more than the products save)
+MIN_TILES = 32
+
+#: the tiles' products must be at most this share of the direct convolution's multiply-adds
+#: (36 per tile against 9 per output): a dilated map whose sub-grids are not multiples of 4
+#: leaves tiles partly empty (dilation 16 on a 32x32 map: 2x2 outputs in each 4x4 tile)
+MAX_WORK_SHARE = 0.6
+
+
+def tiles(batch: int, ho: int, wo: int, dilation: Sequence[int]) -> int:
+    """The kernel's 4x4 tiles for a (ho, wo) output: per dilation sub-grid, its outputs in 4x4 tiles."""
+    def along(size, d):
+        return sum(-(-(-(-(size - p) // d)) // 4) for p in range(min(d, size)))
+    return batch * along(ho, dilation[0]) * along(wo, dilation[1])
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int] = (1, 1),
+            dilation: Sequence[int] = (1, 1)) -> bool:
     """Whether :func:`conv2d` runs the Winograd kernel for this call (the caller's backend is
     ``cpu``): CPU float32, a 3x3 kernel, stride 1, >= :data:`MIN_CHANNELS` channels in and out,
-    enabled, and the loaded extension has the kernel."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    >= :data:`MIN_TILES` tiles that save enough products (:data:`MAX_WORK_SHARE`), enabled, and
+    the loaded extension has the kernel."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and weight.shape[0] >= MIN_CHANNELS and weight.shape[1] >= MIN_CHANNELS and enabled()
-            and (torch.compiler.is_compiling() or WINOGRAD_CONV.built_for("cpu")))
+            and (torch.compiler.is_compiling() or WINOGRAD_CONV.built_for("cpu"))):
+        return False
+    ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
+    wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
+    if ho <= 0 or wo <= 0:
+        return False
+    n = tiles(x.shape[0], ho, wo, dilation)
+    return n >= MIN_TILES and 36 * n <= MAX_WORK_SHARE * 9 * x.shape[0] * ho * wo
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
            dilation) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` (groups 1) for the ``cpu`` backend: by Winograd's F(4x4, 3x3)
     where :func:`applies`, the direct convolution otherwise; the output in conv2d's memory format."""
-    if not applies(x, weight, stride):
+    if not applies(x, weight, stride, padding, dilation):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
+    return winograd_conv2d(x, weight, bias, padding, dilation)
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding,
+                    dilation) -> torch.Tensor:
+    """The Winograd kernel's 3x3, stride-1 convolution (float32 CPU tensors, whatever
+    :func:`applies` says), in conv2d's memory format."""
     out = WINOGRAD_CONV("cpu", x, weight, bias, list(padding), list(dilation), False)
     return out.contiguous(memory_format=conv_output_format(x, weight))
