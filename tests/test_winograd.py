@@ -260,3 +260,20 @@ def test_partial_conv_runs_it_on_the_cpu_backend():
     for name, a, e in zip(("grad x", "grad weight", "grad bias"), torch.autograd.grad(y, (x, w, b), g),
                           torch.autograd.grad(y_ref, (x, w, b), g)):
         assert_close_scaled(a, e.double(), 5e-5, name)
+
+
+def test_compiled_with_dynamic_shapes_keeps_the_direct_convolution():
+    """Symbolic sizes leave the rule (which counts tiles) no numbers: torch's convolution."""
+    torch._dynamo.reset()
+    x = torch.randn(1, 32, 26, 30)
+    w, b = torch.randn(64, 32, 3, 3) / 17, torch.randn(64)
+
+    def layer(x):
+        return FI.gated_conv2d(x, w, b, padding=1)
+
+    with use_backend("cpu"):
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+        y = compiled(x)
+        assert not _ran_winograd(lambda: compiled(torch.randn(1, 32, 28, 30)))
+        eager = layer(x)
+    torch.testing.assert_close(y, eager, rtol=1e-4, atol=1e-4)

@@ -53,6 +53,8 @@ def enabled() -> bool:
 
 def _fake(x, weight, bias, padding, dilation, transposed):
     out_channels = weight.shape[1] if transposed else weight.shape[0]
+    if not all(isinstance(n, int) for n in x.shape):  # traced with symbolic sizes: the rule needs numbers
+        return False
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
     return x.new_empty((x.shape[0], out_channels, ho, wo)).contiguous(memory_format=torch.channels_last)
@@ -82,6 +84,8 @@ def _backward(ctx, _kernel, grad):
             [wants_x, wants_w, wants_b and ctx.has_bias])
         return gx, gw, gb, None, None, None
     gx = gw = gb = None
+    if wants_x or wants_w:  # both kernels read it channels-last: one copy at most
+        grad = grad.contiguous(memory_format=torch.channels_last)
     if wants_x:
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
         gx = WINOGRAD_CONV("cpu", grad, weight, None, back_padding, ctx.dilation, True)
@@ -126,11 +130,13 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
     """Whether :func:`conv2d` runs the Winograd kernel for this call (the caller's backend is
     ``cpu``): CPU float32, a 3x3 kernel, stride 1, >= :data:`MIN_CHANNELS` channels in and out,
     >= :data:`MIN_TILES` tiles that save enough products (:data:`MAX_WORK_SHARE`), enabled, and
-    the loaded extension has the kernel."""
+    the loaded extension has the kernel. Traced with symbolic sizes (dynamic shapes): no."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and weight.shape[0] >= MIN_CHANNELS and weight.shape[1] >= MIN_CHANNELS and enabled()
             and (torch.compiler.is_compiling() or WINOGRAD_CONV.built_for("cpu"))):
+        return False
+    if not all(isinstance(n, int) for n in x.shape):  # traced with symbolic sizes: the rule needs numbers
         return False
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
@@ -141,17 +147,19 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
-           dilation) -> torch.Tensor:
+           dilation, any_format: bool = False) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` (groups 1) for the ``cpu`` backend: by Winograd's F(4x4, 3x3)
-    where :func:`applies`, the direct convolution otherwise; the output in conv2d's memory format."""
+    where :func:`applies`, the direct convolution otherwise; the output in conv2d's memory format,
+    or, with ``any_format``, in the kernel's (channels-last; the caller lays out what it makes of
+    it: the gated convolution converts its gated half, not the whole pre-activation)."""
     if not applies(x, weight, stride, padding, dilation):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
-    return winograd_conv2d(x, weight, bias, padding, dilation)
+    return winograd_conv2d(x, weight, bias, padding, dilation, any_format)
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding,
-                    dilation) -> torch.Tensor:
+                    dilation, any_format: bool = False) -> torch.Tensor:
     """The Winograd kernel's 3x3, stride-1 convolution (float32 CPU tensors, whatever
-    :func:`applies` says), in conv2d's memory format."""
+    :func:`applies` says), in conv2d's memory format (channels-last with ``any_format``)."""
     out = WINOGRAD_CONV("cpu", x, weight, bias, list(padding), list(dilation), False)
-    return out.contiguous(memory_format=conv_output_format(x, weight))
+    return out if any_format else out.contiguous(memory_format=conv_output_format(x, weight))
