@@ -262,10 +262,10 @@ def test_partial_conv_runs_it_on_the_cpu_backend():
         assert_close_scaled(a, e.double(), 5e-5, name)
 
 
-def test_compiled_with_dynamic_shapes_keeps_the_direct_convolution():
-    """Symbolic sizes leave the rule (which counts tiles) no numbers: torch's convolution."""
+def test_compiled_with_dynamic_shapes():
+    """Symbolic sizes: the rule (which counts tiles) is guarded like any branch on sizes; every
+    size gives eager's result, the kernel running where the rule says so."""
     torch._dynamo.reset()
-    x = torch.randn(1, 32, 26, 30)
     w, b = torch.randn(64, 32, 3, 3) / 17, torch.randn(64)
 
     def layer(x):
@@ -273,7 +273,7 @@ def test_compiled_with_dynamic_shapes_keeps_the_direct_convolution():
 
     with use_backend("cpu"):
         compiled = torch.compile(layer, fullgraph=True, dynamic=True)
-        y = compiled(x)
-        assert not _ran_winograd(lambda: compiled(torch.randn(1, 32, 28, 30)))
-        eager = layer(x)
-    torch.testing.assert_close(y, eager, rtol=1e-4, atol=1e-4)
+        for size in ((26, 30), (28, 30), (12, 10)):  # 56, 56 and 9 tiles
+            x = torch.randn(1, 32, *size)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+            assert _ran_winograd(lambda: compiled(x)) == (size != (12, 10))

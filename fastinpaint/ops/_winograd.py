@@ -53,8 +53,6 @@ def enabled() -> bool:
 
 def _fake(x, weight, bias, padding, dilation, transposed):
     out_channels = weight.shape[1] if transposed else weight.shape[0]
-    if not all(isinstance(n, int) for n in x.shape):  # traced with symbolic sizes: the rule needs numbers
-        return False
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
     return x.new_empty((x.shape[0], out_channels, ho, wo)).contiguous(memory_format=torch.channels_last)
@@ -130,13 +128,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
     """Whether :func:`conv2d` runs the Winograd kernel for this call (the caller's backend is
     ``cpu``): CPU float32, a 3x3 kernel, stride 1, >= :data:`MIN_CHANNELS` channels in and out,
     >= :data:`MIN_TILES` tiles that save enough products (:data:`MAX_WORK_SHARE`), enabled, and
-    the loaded extension has the kernel. Traced with symbolic sizes (dynamic shapes): no."""
+    the loaded extension has the kernel. (Traced with symbolic sizes, torch.compile guards on
+    the rule's outcome, as on any branch on sizes.)"""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and weight.shape[0] >= MIN_CHANNELS and weight.shape[1] >= MIN_CHANNELS and enabled()
             and (torch.compiler.is_compiling() or WINOGRAD_CONV.built_for("cpu"))):
-        return False
-    if not all(isinstance(n, int) for n in x.shape):  # traced with symbolic sizes: the rule needs numbers
         return False
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
