@@ -86,8 +86,9 @@ def _backward(ctx, _kernel, grad):
         grad = grad.contiguous(memory_format=torch.channels_last)
     if wants_x:
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
+        # channels-last as the kernel writes it: the layer below (a gating kernel, or this one's
+        # backward) reads it in that layout, and autograd lays out a leaf's .grad as the leaf
         gx = WINOGRAD_CONV("cpu", grad, weight, None, back_padding, ctx.dilation, True)
-        gx = gx.contiguous(memory_format=conv_output_format(x, weight))
     if wants_w:
         gw = WEIGHT_GRAD("cpu", x, grad, ctx.padding, ctx.dilation)
     if wants_b and ctx.has_bias:
