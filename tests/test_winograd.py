@@ -216,11 +216,14 @@ def test_opcheck():
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(1, 32, 9, 7).contiguous(memory_format=fmt).requires_grad_()
         w, b = torch.randn(33, 32, 3, 3, requires_grad=True), torch.randn(33, requires_grad=True)
-        torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3.default, (x, w, b, [1, 2], [1, 2], False))
-        torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3.default, (x, w, None, [0, 0], [1, 1], False))
+        for channels_last in (False, True):
+            torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3.default,
+                                  (x, w, b, [1, 2], [1, 2], False, channels_last))
+            torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3.default,
+                                  (x, w, None, [0, 0], [1, 1], False, channels_last))
         g = torch.randn(1, 33, 9, 5).contiguous(memory_format=fmt)
         torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3.default,
-                              (g, w.detach(), None, [1, 0], [1, 1], True))
+                              (g, w.detach(), None, [1, 0], [1, 1], True, True))
         gy = torch.randn(1, 33, 9, 7).contiguous(memory_format=fmt)  # the output of padding (1, 2), dilation (1, 2)
         torch.library.opcheck(torch.ops.fastinpaint.winograd_conv3x3_weight_grad.default,
                               (x.detach(), gy, [1, 2], [1, 2]))

@@ -167,6 +167,7 @@ FI_INLINE void grad_tile(const float* const* src, int64_t o, float* dst, int64_t
 // the tiles as (b, y0, x0) of their first output.
 struct Geometry {
   int64_t B, H, W, C, O, Ho, Wo, ph, pw, dh, dw;
+  bool nchw = false;  // the output's layout: NCHW, or channels-last
   std::vector<int32_t> tiles;
 };
 
@@ -216,9 +217,13 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
   }
 }
 
-// the output transform of tiles [t0, t0 + nt) from M (36, nt, O), plus the bias, into out
+// the output transform of tiles [t0, t0 + nt) from M (36, nt, O), plus the bias, into out:
+// channels-last, each output position's channels written in place; or NCHW (g.nchw), the tile
+// gathered in scratch (16 x O floats) and written per channel, rows of 4 contiguous outputs
+// at dilation 1. scratch holds 16 * O floats (channels-last: its first O take the outputs
+// that fall outside the map).
 template <int L>
-FI_INLINE void output_chunk_body(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
+FI_INLINE void output_chunk_body(const float* M, const float* bias, float* scratch, const Geometry& g, int64_t t0,
                                  int64_t nt, int64_t ld, float* out) {
   using vf = typename Vec<L>::f;
   float* dst[kOut * kOut];
@@ -229,7 +234,11 @@ FI_INLINE void output_chunk_body(const float* M, const float* bias, float* sink,
       const int64_t oy = y0 + g.dh * i;
       for (int j = 0; j < kOut; ++j) {
         const int64_t ox = x0 + g.dw * j;
-        dst[i * kOut + j] = oy < g.Ho && ox < g.Wo ? out + ((b * g.Ho + oy) * g.Wo + ox) * g.O : sink;
+        if (g.nchw) {
+          dst[i * kOut + j] = scratch + (i * kOut + j) * g.O;
+        } else {
+          dst[i * kOut + j] = oy < g.Ho && ox < g.Wo ? out + ((b * g.Ho + oy) * g.Wo + ox) * g.O : scratch;
+        }
       }
     }
     const float* src = M + tl * g.O;
@@ -239,6 +248,19 @@ FI_INLINE void output_chunk_body(const float* M, const float* bias, float* sink,
     }
     for (; o < g.O; ++o) {
       output_tile<float>(src + o, ld * g.O, bias, o, dst);
+    }
+    if (g.nchw) {
+      const int64_t rows = std::min<int64_t>(kOut, (g.Ho - 1 - y0) / g.dh + 1);
+      const int64_t cols = std::min<int64_t>(kOut, (g.Wo - 1 - x0) / g.dw + 1);
+      for (int64_t oc = 0; oc < g.O; ++oc) {
+        float* plane = out + (b * g.O + oc) * g.Ho * g.Wo;
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = plane + (y0 + g.dh * i) * g.Wo + x0;
+          for (int64_t j = 0; j < cols; ++j) {
+            row[g.dw * j] = scratch[(i * kOut + j) * g.O + oc];
+          }
+        }
+      }
     }
   }
 }
@@ -348,9 +370,9 @@ void grad_chunk_default(const float* gy, const float* zeros, const Geometry& g, 
 void input_chunk_default(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld, float* V) {
   input_chunk_body<4>(x, zeros, g, t0, nt, ld, V);
 }
-void output_chunk_default(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
+void output_chunk_default(const float* M, const float* bias, float* scratch, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                           float* out) {
-  output_chunk_body<4>(M, bias, sink, g, t0, nt, ld, out);
+  output_chunk_body<4>(M, bias, scratch, g, t0, nt, ld, out);
 }
 #if FI_X86_MULTIVERSION
 FI_TARGET_V3 void grad_chunk_v3(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
@@ -365,17 +387,17 @@ FI_TARGET_V3 void input_chunk_v3(const float* x, const float* zeros, const Geome
                                  float* V) {
   input_chunk_body<8>(x, zeros, g, t0, nt, ld, V);
 }
-FI_TARGET_V3 void output_chunk_v3(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
+FI_TARGET_V3 void output_chunk_v3(const float* M, const float* bias, float* scratch, const Geometry& g, int64_t t0,
                                   int64_t nt, int64_t ld, float* out) {
-  output_chunk_body<8>(M, bias, sink, g, t0, nt, ld, out);
+  output_chunk_body<8>(M, bias, scratch, g, t0, nt, ld, out);
 }
 FI_TARGET_V4 void input_chunk_v4(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                  float* V) {
   input_chunk_body<16>(x, zeros, g, t0, nt, ld, V);
 }
-FI_TARGET_V4 void output_chunk_v4(const float* M, const float* bias, float* sink, const Geometry& g, int64_t t0,
+FI_TARGET_V4 void output_chunk_v4(const float* M, const float* bias, float* scratch, const Geometry& g, int64_t t0,
                                   int64_t nt, int64_t ld, float* out) {
-  output_chunk_body<16>(M, bias, sink, g, t0, nt, ld, out);
+  output_chunk_body<16>(M, bias, scratch, g, t0, nt, ld, out);
 }
 #endif
 
@@ -506,7 +528,8 @@ Geometry make_geometry(const at::Tensor& x, int64_t O, at::IntArrayRef padding, 
 }
 
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                                bool channels_last) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_conv3x3: x must be (B, C, H, W) and weight (O, C, 3, 3)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
@@ -514,7 +537,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int64_t O = transposed ? weight.size(1) : weight.size(0);
   TORCH_CHECK((transposed ? weight.size(0) : weight.size(1)) == x.size(1), "winograd_conv3x3: x has ", x.size(1),
               " channels, the weight expects another count");
-  const Geometry g = make_geometry(x, O, padding, dilation);
+  Geometry g = make_geometry(x, O, padding, dilation);
+  g.nchw = !channels_last;
   const float* bp = nullptr;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -522,7 +546,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
     b = bias->contiguous();
     bp = b.data_ptr<float>();
   }
-  at::Tensor out = new_output({g.B, g.O, g.Ho, g.Wo}, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = new_output({g.B, g.O, g.Ho, g.Wo}, x.options(),
+                              channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (g.B == 0 || g.O == 0) {
     return out;
   }
@@ -545,8 +570,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
     parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) { input_chunk(xp, zeros.data(), g, t0, t1 - t0, T, vp + t0 * g.C); });
     at::bmm_out(M, V, U);
     parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
-      std::vector<float> sink(g.O);
-      output_chunk(mp + t0 * g.O, bp, sink.data(), g, t0, t1 - t0, T, op);
+      std::vector<float> scratch(kOut * kOut * g.O);
+      output_chunk(mp + t0 * g.O, bp, scratch.data(), g, t0, t1 - t0, T, op);
     });
     return out;
   }
@@ -555,14 +580,14 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     at::Tensor Vbuf = at::empty({kPoints * TC * g.C}, xin.options());
     at::Tensor Mbuf = at::empty({kPoints * TC * g.O}, xin.options());
-    std::vector<float> sink(g.O);
+    std::vector<float> scratch(kOut * kOut * g.O);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t t0 = chunk * TC, nt = std::min(TC, T - t0);
       const at::Tensor V = Vbuf.narrow(0, 0, kPoints * nt * g.C).view({kPoints, nt, g.C});
       at::Tensor M = Mbuf.narrow(0, 0, kPoints * nt * g.O).view({kPoints, nt, g.O});
       input_chunk(xp, zeros.data(), g, t0, nt, nt, V.data_ptr<float>());
       at::bmm_out(M, V, U);
-      output_chunk(M.data_ptr<float>(), bp, sink.data(), g, t0, nt, nt, op);
+      output_chunk(M.data_ptr<float>(), bp, scratch.data(), g, t0, nt, nt, op);
     }
   });
   return out;

@@ -15,8 +15,10 @@ of the output's scale at 96 to 192 channels, against about 1e-6; tests/test_wino
 bounds it against float64). ``FASTINPAINT_WINOGRAD=0`` in the environment (read at each call)
 or :func:`set_enabled` (False) keeps oneDNN's direct convolution everywhere.
 
-The output is channels-last (the kernel's layout) and is returned in the memory format
-``torch.nn.functional.conv2d`` gives, so a layer's output format does not change.
+The output is written in the memory format ``torch.nn.functional.conv2d`` gives (the kernel
+reads a channels-last copy of an NCHW input), so a layer's output format does not change; the
+input's gradient is channels-last (the layer below reads it so; autograd lays out a leaf's
+``.grad`` as the leaf).
 """
 
 from __future__ import annotations
@@ -51,20 +53,22 @@ def enabled() -> bool:
     return _enabled and os.environ.get("FASTINPAINT_WINOGRAD", "1") != "0"
 
 
-def _fake(x, weight, bias, padding, dilation, transposed):
+def _fake(x, weight, bias, padding, dilation, transposed, channels_last):
     out_channels = weight.shape[1] if transposed else weight.shape[0]
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
-    return x.new_empty((x.shape[0], out_channels, ho, wo)).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.new_empty((x.shape[0], out_channels, ho, wo)).contiguous(memory_format=fmt)
 
 
+# channels_last: the output's layout (NCHW otherwise, written per channel from each tile)
 WINOGRAD_CONV = kernel("winograd_conv3x3",
-                       "(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation, bool transposed) "
-                       "-> Tensor", _fake)
+                       "(Tensor x, Tensor weight, Tensor? bias, int[] padding, int[] dilation, bool transposed, "
+                       "bool channels_last) -> Tensor", _fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, padding, dilation, transposed = inputs
+    x, weight, bias, padding, dilation, transposed, _ = inputs
     if transposed:
         raise RuntimeError("winograd_conv3x3: the transposed form (a backward) has no gradient of its own")
     ctx.save_for_backward(x, weight)
@@ -80,7 +84,7 @@ def _backward(ctx, _kernel, grad):
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, bias_sizes, [1, 1], ctx.padding, ctx.dilation, False, [0, 0], 1,
             [wants_x, wants_w, wants_b and ctx.has_bias])
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
     gx = gw = gb = None
     if wants_x or wants_w:  # both kernels read it channels-last: one copy at most
         grad = grad.contiguous(memory_format=torch.channels_last)
@@ -88,12 +92,12 @@ def _backward(ctx, _kernel, grad):
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
         # channels-last as the kernel writes it: the layer below (a gating kernel, or this one's
         # backward) reads it in that layout, and autograd lays out a leaf's .grad as the leaf
-        gx = WINOGRAD_CONV("cpu", grad, weight, None, back_padding, ctx.dilation, True)
+        gx = WINOGRAD_CONV("cpu", grad, weight, None, back_padding, ctx.dilation, True, True)
     if wants_w:
         gw = WEIGHT_GRAD("cpu", x, grad, ctx.padding, ctx.dilation)
     if wants_b and ctx.has_bias:
         gb = grad.sum((0, 2, 3))
-    return gx, gw, gb, None, None, None
+    return gx, gw, gb, None, None, None, None
 
 
 def _weight_grad_fake(x, grad, padding, dilation):
@@ -145,19 +149,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
-           dilation, any_format: bool = False) -> torch.Tensor:
+           dilation) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` (groups 1) for the ``cpu`` backend: by Winograd's F(4x4, 3x3)
-    where :func:`applies`, the direct convolution otherwise; the output in conv2d's memory format,
-    or, with ``any_format``, in the kernel's (channels-last; the caller lays out what it makes of
-    it: the gated convolution converts its gated half, not the whole pre-activation)."""
+    where :func:`applies`, the direct convolution otherwise; the output in conv2d's memory format."""
     if not applies(x, weight, stride, padding, dilation):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
-    return winograd_conv2d(x, weight, bias, padding, dilation, any_format)
+    return winograd_conv2d(x, weight, bias, padding, dilation)
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding,
-                    dilation, any_format: bool = False) -> torch.Tensor:
+                    dilation) -> torch.Tensor:
     """The Winograd kernel's 3x3, stride-1 convolution (float32 CPU tensors, whatever
-    :func:`applies` says), in conv2d's memory format (channels-last with ``any_format``)."""
-    out = WINOGRAD_CONV("cpu", x, weight, bias, list(padding), list(dilation), False)
-    return out if any_format else out.contiguous(memory_format=conv_output_format(x, weight))
+    :func:`applies` says), written in conv2d's memory format."""
+    channels_last = conv_output_format(x, weight) == torch.channels_last
+    return WINOGRAD_CONV("cpu", x, weight, bias, list(padding), list(dilation), False, channels_last)

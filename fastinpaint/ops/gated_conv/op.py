@@ -162,16 +162,12 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
     if scale_factor != 1:
         x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
     if backend == "cpu":  # Winograd F(4x4, 3x3) for 3x3 stride-1 layers (ops/_winograd.py)
-        # its channels-last pre-activation gated as it is, the gated half laid out as conv2d's output
-        pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation, any_format=True)
+        pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
     else:
         pre = F.conv2d(x, weight, bias, stride, padding, dilation)
     if COMPILED_GATING.get(backend) == "aten" and torch.compiler.is_compiling():
-        y = reference.gate(pre, activation, negative_slope)
-    else:
-        y = GATE_FORWARD(backend, pre, code, float(negative_slope))
-    fmt = conv_output_format(x, weight)
-    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+        return reference.gate(pre, activation, negative_slope)
+    return GATE_FORWARD(backend, pre, code, float(negative_slope))
 
 
 def gated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
