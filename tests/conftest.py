@@ -148,6 +148,16 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    """torch's intra-op threads set to 1, 2 and 3 in turn (the C++ kernels' parallel loops
+    split work by it), restored after the test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

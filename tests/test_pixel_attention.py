@@ -317,14 +317,6 @@ def test_cpu_backend_bfloat16_and_autocast():
         assert FI.pixel_attention(qf, kf, vf, mask).dtype == torch.bfloat16
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("backend", ["cpu"])
 def test_cpu_several_blocks(backend, threads):
     """N = 150: the C++ kernels' 64-row tasks, two full and one partial, forward and backward,

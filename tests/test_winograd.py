@@ -168,14 +168,6 @@ def test_double_backward():
     assert_close_scaled(gw, gw2, 1e-4, "second-order grad weight")
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("size", [(64, 62), (17, 23)], ids=["chunks", "one-pass"])
 def test_threads(threads, size):
     """Many chunks of tiles (two 64x62 maps: 512 tiles) and one pass over few tiles (two 17x23

@@ -54,15 +54,18 @@ FI_INLINE void store(float* p, const V& v) {
 }
 
 // r = B^T d for six values d (the input transform along one axis)
-template <typename V>
-FI_INLINE void input_1d(const V* d, V* r) {
-  r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
-  r[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
-  r[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
-  r[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
-  r[4] = 2.0f * (d[1] - d[3]) - d[2] + d[4];
-  r[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
-}
+struct InputTransform {
+  static constexpr int n = kIn;  // values in
+  template <typename V>
+  static FI_INLINE void apply(const V* d, V* r) {
+    r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    r[1] = d[3] + d[4] - 4.0f * (d[1] + d[2]);
+    r[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
+    r[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
+    r[4] = 2.0f * (d[1] - d[3]) - d[2] + d[4];
+    r[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+  }
+};
 
 // o = A^T m for six values m (the output transform along one axis: four outputs)
 template <typename V>
@@ -74,25 +77,26 @@ FI_INLINE void output_1d(const V* m, V* o) {
   o[3] = b + 8.0f * d + m[5];
 }
 
-// One tile's input transform for the channels [c, c + lanes): src holds the tile's 36 input
-// positions (row-major; a position outside the image points at zeros), dst receives point k
-// at dst + k * stride.
-template <typename V>
-FI_INLINE void input_tile(const float* const* src, int64_t c, float* dst, int64_t stride) {
-  V t[kIn][kIn];
-  for (int j = 0; j < kIn; ++j) {
-    V col[kIn], r[kIn];
-    for (int i = 0; i < kIn; ++i) {
-      col[i] = load<V>(src[i * kIn + j] + c);
+// One tile's two-axis transform (Transform along each axis: n values in, six out) for the
+// channels [c, c + lanes): src holds the tile's n x n positions (row-major; a position outside
+// the map points at zeros), dst receives point k at dst + k * stride.
+template <typename V, typename Transform>
+FI_INLINE void transform_tile(const float* const* src, int64_t c, float* dst, int64_t stride) {
+  constexpr int n = Transform::n;
+  V t[kIn][n];
+  for (int j = 0; j < n; ++j) {
+    V col[n], r[kIn];
+    for (int i = 0; i < n; ++i) {
+      col[i] = load<V>(src[i * n + j] + c);
     }
-    input_1d(col, r);
+    Transform::apply(col, r);
     for (int i = 0; i < kIn; ++i) {
       t[i][j] = r[i];
     }
   }
   for (int i = 0; i < kIn; ++i) {
     V r[kIn];
-    input_1d(t[i], r);
+    Transform::apply(t[i], r);
     for (int j = 0; j < kIn; ++j) {
       store(dst + (i * kIn + j) * stride, r[j]);
     }
@@ -125,43 +129,21 @@ FI_INLINE void output_tile(const float* src, int64_t stride, const float* bias, 
   }
 }
 
-// m = A y for four values y (the transpose of the output transform: six values; the
-// gradient of output_1d)
-template <typename V>
-FI_INLINE void grad_1d(const V* y, V* m) {
-  const V even = y[0] + y[2], odd = y[1] + y[3], even4 = y[0] + 4.0f * y[2], odd8 = 2.0f * y[1] + 8.0f * y[3];
-  m[0] = y[0];
-  m[1] = even + odd;
-  m[2] = even - odd;
-  m[3] = even4 + odd8;
-  m[4] = even4 - odd8;
-  m[5] = y[3];
-}
-
-// One tile's output-gradient transform A dY A^T for the channels [o, o + lanes): src holds
-// the gradient at the tile's 16 output positions (one outside the output points at zeros),
-// dst receives point k at dst + k * stride.
-template <typename V>
-FI_INLINE void grad_tile(const float* const* src, int64_t o, float* dst, int64_t stride) {
-  V t[kIn][kOut];
-  for (int j = 0; j < kOut; ++j) {
-    V col[kOut], r[kIn];
-    for (int i = 0; i < kOut; ++i) {
-      col[i] = load<V>(src[i * kOut + j] + o);
-    }
-    grad_1d(col, r);
-    for (int i = 0; i < kIn; ++i) {
-      t[i][j] = r[i];
-    }
+// m = A y for four values y (the transpose of the output transform, six values: the
+// output-gradient transform A dY A^T along one axis)
+struct GradTransform {
+  static constexpr int n = kOut;  // values in
+  template <typename V>
+  static FI_INLINE void apply(const V* y, V* m) {
+    const V even = y[0] + y[2], odd = y[1] + y[3], even4 = y[0] + 4.0f * y[2], odd8 = 2.0f * y[1] + 8.0f * y[3];
+    m[0] = y[0];
+    m[1] = even + odd;
+    m[2] = even - odd;
+    m[3] = even4 + odd8;
+    m[4] = even4 - odd8;
+    m[5] = y[3];
   }
-  for (int i = 0; i < kIn; ++i) {
-    V r[kIn];
-    grad_1d(t[i], r);
-    for (int j = 0; j < kIn; ++j) {
-      store(dst + (i * kIn + j) * stride, r[j]);
-    }
-  }
-}
+};
 
 // The problem: x (B, H, W, C) channels-last, the output (B, Ho, Wo, O) channels-last, and
 // the tiles as (b, y0, x0) of their first output.
@@ -209,10 +191,10 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
     float* dst = V + tl * g.C;
     int64_t c = 0;
     for (; c + L <= g.C; c += L) {
-      input_tile<vf>(src, c, dst + c, ld * g.C);
+      transform_tile<vf, InputTransform>(src, c, dst + c, ld * g.C);
     }
     for (; c < g.C; ++c) {
-      input_tile<float>(src, c, dst + c, ld * g.C);
+      transform_tile<float, InputTransform>(src, c, dst + c, ld * g.C);
     }
   }
 }
@@ -284,10 +266,10 @@ FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geomet
     float* dst = D + tl * g.O;
     int64_t o = 0;
     for (; o + L <= g.O; o += L) {
-      grad_tile<vf>(src, o, dst + o, ld * g.O);
+      transform_tile<vf, GradTransform>(src, o, dst + o, ld * g.O);
     }
     for (; o < g.O; ++o) {
-      grad_tile<float>(src, o, dst + o, ld * g.O);
+      transform_tile<float, GradTransform>(src, o, dst + o, ld * g.O);
     }
   }
 }
