@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -327,6 +328,21 @@ def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, thre
     return parser
 
 
+def script_main(main: Callable[[], int], name: str) -> int:
+    """A benchmark script's entry point (``python -m fastinpaint.ops.<op>.bench``): a user error
+    (an unknown --cases pattern, a bad --min-time, ...) is one line on stderr and exit status 2,
+    as in ``fastinpaint bench`` (``FASTINPAINT_DEBUG=1``: the traceback)."""
+    from .errors import UserError
+
+    try:
+        return main()
+    except UserError as exc:
+        if os.environ.get("FASTINPAINT_DEBUG") == "1":
+            raise
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+
+
 def set_threads(threads: int | None) -> None:
     """torch's CPU threads and, for child processes, OMP_NUM_THREADS; None: unchanged."""
     if threads:
@@ -335,13 +351,19 @@ def set_threads(threads: int | None) -> None:
 
 
 def apply_common_args(args: argparse.Namespace) -> torch.dtype:
-    """Check --device, apply --threads (:func:`set_threads`) and return the dtype."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        from .errors import InvalidInputError
+    """Check --device, --min-time and --threads, apply --threads (:func:`set_threads`) and
+    return the dtype."""
+    from .errors import InvalidInputError
 
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("cuda asked for, but torch sees no CUDA device", argument="device",
                                 fix="use --device cpu, or leave --device out")
-    set_threads(getattr(args, "threads", None))
+    if not args.min_time > 0:  # NaN too
+        raise InvalidInputError(f"must be a positive number of seconds, got {args.min_time}", argument="min_time")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise InvalidInputError(f"must be at least 1, got {threads}", argument="threads")
+    set_threads(threads)
     return resolve_dtype(args.dtype, args.device)
 
 

@@ -289,3 +289,30 @@ def test_bench_cuda_without_a_gpu_is_one_line(name, capsys):
     assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --device: cuda asked for"), err
     with pytest.raises(SystemExit):
         cli.main(["bench", name, "--device", "nosuch"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "deepfill_v2"])
+def test_bench_min_time_must_be_positive(name, value, capsys):
+    """--min-time 0, negative or NaN: one line naming it (it timed five calls and called that a
+    measurement)."""
+    capsys.readouterr()
+    assert cli.main(["bench", name, "--device", "cpu", "--min-time", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --min-time: must be a positive"), err
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_bench_scripts_report_user_errors_in_one_line(name, capsys):
+    """``python -m <module>`` with --cases that select nothing (or a bad --min-time): one line on
+    stderr naming the option and exit status 2, not a traceback."""
+    from fastinpaint import benchmark as B
+
+    module = cli._bench_module(name)
+    capsys.readouterr()
+    no_cases = name in ("deepfill_v2", "pixel_attention")  # no --cases pattern (deepfill_v2: choices)
+    bad = ["--min-time", "-1"] if no_cases else ["--cases", "no-such-case"]
+    assert B.script_main(lambda: module.main(["--device", "cpu", *bad]), "script") == 2
+    err = capsys.readouterr().err
+    option = "min_time" if no_cases else "cases"
+    assert err.count("\n") == 1 and err.startswith(f"script: {option}: "), err

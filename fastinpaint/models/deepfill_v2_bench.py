@@ -286,4 +286,4 @@ def run_args(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.models.deepfill_v2_bench"))

@@ -200,4 +200,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.ops.channel_fc.bench"))

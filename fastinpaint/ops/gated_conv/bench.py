@@ -266,4 +266,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.ops.gated_conv.bench"))

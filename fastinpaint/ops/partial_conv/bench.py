@@ -179,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.ops.partial_conv.bench"))

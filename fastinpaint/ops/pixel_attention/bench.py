@@ -281,4 +281,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.ops.pixel_attention.bench"))

@@ -251,4 +251,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(B.script_main(main, "python -m fastinpaint.ops.self_similarity.bench"))
