@@ -12,8 +12,8 @@ import fastinpaint.functional as FI
 from fastinpaint import BackendUnavailableError, use_backend
 from fastinpaint.ops.gated_conv import reference as ref
 
-from conftest import (assert_close_to_reference, backend_device_params, dtypes_for, gpu, requires_cuda,
-                      skip_unless_available)
+from conftest import (assert_close_to_reference, assert_runs_at_lower_cpu_capabilities, backend_device_params,
+                      dtypes_for, gpu, requires_cuda, skip_unless_available)
 
 # (B, Cin, Cout, H, W, kernel, stride, padding, dilation, activation, bias, scale_factor)
 CASES = [
@@ -573,3 +573,30 @@ def test_interleave_ops_pass_opcheck(channels_last):
     g = torch.randn_like(y)
     (dout,) = torch.autograd.grad(y, out, g)
     torch.testing.assert_close(dout, upsample.deinterleave_phases(g, 2, 6, 7, [0, 1], [1, 0], channels_last))
+
+
+def test_cpu_gating_at_lower_instruction_sets():
+    """The gating kernel's baseline and AVX2 builds (csrc/cpu/gated_conv.cpp, picked by the CPU
+    capability torch runs at), forward and backward, every activation, float32 and bfloat16,
+    against the reference backend."""
+    skip_unless_available("cpu", "cpu")
+    code = (
+        "import torch\n"
+        "import fastinpaint.functional as FI\n"
+        "from fastinpaint import use_backend\n"
+        "torch.manual_seed(0)\n"
+        "for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
+        "    x = torch.randn(2, 5, 9, 11).to(dtype).requires_grad_()\n"
+        "    w = (torch.randn(14, 5, 3, 3) / 4).to(dtype).requires_grad_()\n"
+        "    b = torch.randn(14).to(dtype).requires_grad_()\n"
+        "    for act in ('elu', 'leaky_relu', 'relu', 'none'):\n"
+        "        outs = []\n"
+        "        for backend in ('cpu', 'reference'):\n"
+        "            with use_backend(backend):\n"
+        "                y = FI.gated_conv2d(x, w, b, padding=1, activation=act)\n"
+        "            outs.append((y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y))))\n"
+        "        for got, want in zip(*outs):  # bfloat16: the weights' sums round coarsely in both\n"
+        "            err = (got.float() - want.float()).abs().max()\n"
+        "            assert err <= tol * (1 + want.float().abs().max()), (dtype, act, err)\n"
+        "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    assert_runs_at_lower_cpu_capabilities(code)

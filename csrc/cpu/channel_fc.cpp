@@ -367,11 +367,7 @@ FI_TARGET_V4 void small_v4(const SmallArgs& a, int64_t t0, int64_t t1) {
 template <int NP, int A>
 SmallFn pick_small() {
 #if FI_X86_MULTIVERSION
-  switch (isa_level()) {
-    case 2: return &small_v4<NP, A>;
-    case 1: return &small_v3<NP, A>;
-    default: break;
-  }
+  return pick_by_isa(&small_default<NP, A>, &small_v3<NP, A>, &small_v4<NP, A>);
 #endif
   return &small_default<NP, A>;
 }

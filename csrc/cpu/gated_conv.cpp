@@ -385,11 +385,7 @@ template <typename T>
 LoopFn pick_forward() {
 #if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
-    switch (isa_level()) {
-      case 2: return &forward_v4<T>;
-      case 1: return &forward_v3<T>;
-      default: break;
-    }
+    return pick_by_isa(&forward_default<T>, &forward_v3<T>, &forward_v4<T>);
   }
 #endif
   return &forward_default<T>;
@@ -399,11 +395,7 @@ template <typename T>
 LoopFn pick_backward() {
 #if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
-    switch (isa_level()) {
-      case 2: return &backward_v4<T>;
-      case 1: return &backward_v3<T>;
-      default: break;
-    }
+    return pick_by_isa(&backward_default<T>, &backward_v3<T>, &backward_v4<T>);
   }
 #endif
   return &backward_default<T>;

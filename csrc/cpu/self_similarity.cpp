@@ -361,11 +361,7 @@ template <typename T, typename acc_t>
 ScatterFn<T, acc_t> pick_scatter() {
 #if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
-    switch (isa_level()) {
-      case 2: return &scatter_task_v4<T, acc_t>;
-      case 1: return &scatter_task_v3<T, acc_t>;
-      default: break;
-    }
+    return pick_by_isa(&scatter_task_default<T, acc_t>, &scatter_task_v3<T, acc_t>, &scatter_task_v4<T, acc_t>);
   }
 #endif
   return &scatter_task_default<T, acc_t>;
@@ -375,11 +371,7 @@ template <typename T, typename acc_t>
 RowFn<T, acc_t> pick_row() {
 #if FI_X86_MULTIVERSION
   if constexpr (!std::is_same_v<T, double>) {
-    switch (isa_level()) {
-      case 2: return &similarity_row_v4<T, acc_t>;
-      case 1: return &similarity_row_v3<T, acc_t>;
-      default: break;
-    }
+    return pick_by_isa(&similarity_row_default<T, acc_t>, &similarity_row_v3<T, acc_t>, &similarity_row_v4<T, acc_t>);
   }
 #endif
   return &similarity_row_default<T, acc_t>;
