@@ -283,7 +283,7 @@ def _cmd_export(args) -> int:
     from .export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out, args.format, ema=args.ema, opset=args.opset, report=print,
-                      model=args.model, model_options=_model_options(args.model_option))
+                      model=args.model, model_options=_model_options(args.model_option), overwrite=args.overwrite)
     return 0
 
 
@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True,
                    help="onnx (standard ONNX operators, verified with onnxruntime) or pt2 (a torch.export "
                         "program, torch.export.load)")
-    x.add_argument("--out", required=True, help="the file to write: .onnx for --format onnx, .pt2 for pt2")
+    x.add_argument("--out", required=True, help="the file to write: .onnx for --format onnx, .pt2 for pt2 (an "
+                                                "existing file is refused unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     x.add_argument("--ema", action="store_true", help="export the EMA weights of a run trained with --set ema=...")
     x.add_argument("--opset", type=int, default=18, help="the ONNX opset (default 18, the lowest torch writes)")
     _weights_arguments(x, "the weights")

@@ -531,7 +531,7 @@ def example_input(recipe, size: int | None = None, batch: int = 1, seed: int = 0
 
 
 def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset: int = 18, report=None,
-                      model: str | None = None, model_options: dict | None = None) -> Path:
+                      model: str | None = None, model_options: dict | None = None, overwrite: bool = False) -> Path:
     """Export the generator of a trained run (a run folder, its ``weights.safetensors`` or a
     ``checkpoints/ckpt_*.pt``; ``ema``: its EMA weights; or, with ``model`` and
     ``model_options``, another project's checkpoint: see
@@ -539,7 +539,9 @@ def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset:
     ``.onnx`` file, verified with onnxruntime) or "pt2" (a ``.pt2`` file of
     ``torch.export.save``, verified against the eager model). The exported signature is
     :class:`InpaintingNetwork`'s. Errors name the argument (``checkpoint``, ``format``,
-    ``out``, ``ema``, ``opset``); ``report(line)`` (optional) gets what was written."""
+    ``out``, ``ema``, ``opset``); ``report(line)`` (optional) gets what was written. An
+    existing ``out`` is refused (before any work) unless ``overwrite``."""
+    from .errors import OutputExistsError
     from .inpaint import load_generator
 
     if format not in FORMATS:
@@ -555,6 +557,8 @@ def export_checkpoint(checkpoint, out, format: str, *, ema: bool = False, opset:
                                 fix=f"name it *{want}" + (f", or give --format {other[0]}" if other else ""))
     if out.is_dir():
         raise InvalidInputError(f"{out} is a folder", argument="out", fix=f"give a file name ending in {want}")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists", argument="out", fix="add --overwrite to replace it, or give another --out")
     if format == "onnx":
         _require(_ONNX_PACKAGES + ("onnxruntime",))
         _check_opset(opset)

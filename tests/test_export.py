@@ -246,6 +246,9 @@ def test_export_command_on_a_trained_run(tiny_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tiny.onnx (onnx): (image, mask) -> output" in printed and "multiples of 4" in printed
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["tiny.onnx", "tiny.pt2"]
+    again = ["export", "--checkpoint", str(tiny_run), "--format", "pt2", "--out", str(tmp_path / "tiny.pt2")]
+    assert cli.main(again) == 2                      # an existing file is kept...
+    assert cli.main(again + ["--overwrite"]) == 0    # ...unless --overwrite
     program = torch.export.load(str(tmp_path / "tiny.pt2")).module()
     for batch, h, w in ((1, 36, 20), (3, 12, 44)):
         x = _inputs(recipe, batch, h, w)
@@ -288,6 +291,7 @@ EXPORT_ERRORS = [
                                              "--format pt2"]),
     ({"--out": "{tmp}/model"}, "--out", ["has no extension", ".onnx"]),
     ({"--out": "{tmp}/folder.onnx"}, "--out", ["is a folder"]),
+    ({"--out": "{tmp}/existing.onnx"}, "--out", ["exists", "--overwrite"]),   # a second run into the same file
     ({"--opset": "12"}, "--opset", ["from 18"]),
     ({"--ema": None}, "--ema", ["without EMA"]),
 ]
@@ -300,6 +304,7 @@ def test_export_mistakes_are_one_line_naming_the_option(tiny_run, tmp_path, caps
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photo.png")
     (tmp_path / "folder.onnx").mkdir()
+    (tmp_path / "existing.onnx").write_bytes(b"an earlier export")
     args = {"--checkpoint": str(tiny_run), "--format": "onnx", "--out": str(tmp_path / "model.onnx"), **wrong}
     names = {"missing": tmp_path / "missing", "photo": tmp_path / "photo.png", "tmp": tmp_path}
     argv = ["export"]
