@@ -168,20 +168,31 @@ def test_double_backward():
     assert_close_scaled(gw, gw2, 1e-4, "second-order grad weight")
 
 
-@pytest.mark.parametrize("size", [(64, 62), (17, 23)], ids=["chunks", "one-pass"])
-def test_threads(threads, size):
-    """Many chunks of tiles (two 64x62 maps: 512 tiles) and one pass over few tiles (two 17x23
-    maps: 60 tiles, each transform a parallel loop): every thread count gives the float64
-    result within the tolerance; the weights' gradient sums one accumulator per task in order."""
-    x, w, b = make_inputs(2, 32, 48, *size, "channels_last", True)
-    y = W.winograd_conv2d(x, w, b, (1, 1), (1, 1))
+# (B, C, O, H, W, padding, dilation, layout): many chunks of tiles (two 64x62 maps: 512 tiles),
+# one pass over few tiles (two 17x23 maps: 60 tiles, each transform a parallel loop), and chunks
+# with what the first leaves out: NCHW output, dilation, uneven padding, channel counts off the
+# vector width (two 41x58 maps at dilation (2, 3): 330 tiles, more than one pass takes at 3 threads)
+THREAD_CASES = [(2, 32, 48, 64, 62, (1, 1), (1, 1), "channels_last"),
+                (2, 32, 48, 17, 23, (1, 1), (1, 1), "channels_last"),
+                (2, 33, 47, 41, 58, (2, 4), (2, 3), "contiguous")]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=["chunks", "one-pass", "chunks-nchw-dilated"])
+def test_threads(threads, case):
+    """Every thread count gives the float64 result within the tolerance; the weights' gradient
+    sums one accumulator per task in order."""
+    B, C, O, H, Wd, padding, dilation, layout = case
+    assert W.tiles(B, H + 2 * padding[0] - 2 * dilation[0], Wd + 2 * padding[1] - 2 * dilation[1], dilation) in \
+        (512, 60, 330)
+    x, w, b = make_inputs(B, C, O, H, Wd, layout, True)
+    y = W.winograd_conv2d(x, w, b, padding, dilation)
     grad = torch.randn_like(y)
-    want, want_grads = float64_reference(x, w, b, (1, 1), (1, 1), grad)
+    want, want_grads = float64_reference(x, w, b, padding, dilation, grad)
     assert_close_scaled(y, want, 2e-5, "output")
     got = torch.autograd.grad(y, (x, w, b), grad)
     for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want_grads):
         assert_close_scaled(a, e, 2e-5, name)
-    again = torch.autograd.grad(W.winograd_conv2d(x, w, b, (1, 1), (1, 1)), w, grad)[0]
+    again = torch.autograd.grad(W.winograd_conv2d(x, w, b, padding, dilation), w, grad)[0]
     assert torch.equal(again, got[1])  # deterministic for a thread count
 
 
@@ -234,6 +245,10 @@ def test_compiled_gated_conv_uses_it_and_matches_eager():
         compiled = torch.compile(layer, fullgraph=True)
         y = compiled(x, w, b)
         assert _ran_winograd(lambda: compiled(x, w, b))
+        with torch.autograd.profiler.profile() as prof:   # the compiled backward runs its kernels too
+            compiled(x, w, b).sum().backward()
+        names = {e.name for e in prof.function_events}
+        assert {"fastinpaint::winograd_conv3x3", "fastinpaint::winograd_conv3x3_weight_grad"} <= names, names
         eager = layer(x, w, b)
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
@@ -275,3 +290,19 @@ def test_compiled_with_dynamic_shapes():
             x = torch.randn(1, 32, *size)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
             assert _ran_winograd(lambda: compiled(x)) == (size != (12, 10))
+
+
+@pytest.mark.parametrize("size", [(10, 10), (66, 66)], ids=["one-pass", "chunks"])
+def test_backward_inside_an_autocast_region(size):
+    """A float32 forward whose backward runs inside a CPU autocast region (an AMP step that
+    calls backward in its ``with`` block): float32 gradients as torch's convolution gives, not
+    an error (the kernels' products would otherwise be autocast's bfloat16)."""
+    x, w, b = make_inputs(1, 32, 32, *size, "contiguous", True)
+    y = W.winograd_conv2d(x, w, b, (1, 1), (1, 1))
+    grad = torch.randn_like(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(y, (x, w, b), grad)
+    _, want = float64_reference(x, w, b, (1, 1), (1, 1), grad)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert a.dtype == torch.float32, name
+        assert_close_scaled(a, e, 2e-5, name)

@@ -64,8 +64,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
     fn(begin, end);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(threads, (n + grain - 1) / grain);
-  const int64_t size = (n + chunks - 1) / chunks;
+  const int64_t wanted = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  const int64_t size = (n + wanted - 1) / wanted;
+  const int64_t chunks = (n + size - 1) / size;  // every chunk non-empty (33 in 8 chunks of 5: 7 chunks)
   const at::ThreadLocalState caller;
   at::Tensor ids = at::arange(chunks, at::TensorOptions().dtype(at::kLong));
   at::Tensor sink = at::empty({chunks}, at::TensorOptions().dtype(at::kByte));

@@ -24,6 +24,7 @@
 // Accuracy: F(4x4, 3x3) in float32 rounds more than a direct convolution (the transforms'
 // coefficients up to 8 and 1/24); tests/test_winograd.py bounds the error against float64.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -514,6 +515,9 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                 bool channels_last) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_conv3x3: x must be (B, C, H, W) and weight (O, C, 3, 3)");
+  // the products are float32 whatever autocast region the call runs in (a backward inside
+  // one, say): below autocast, on this thread and, through parallel_for, on the workers
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "winograd_conv3x3: float32 only");
   const int64_t O = transposed ? weight.size(1) : weight.size(0);
@@ -524,7 +528,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const float* bp = nullptr;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == g.O, "winograd_conv3x3: bias must be (O,)");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == g.O,
+                "winograd_conv3x3: bias must be (O,)");
     b = bias->contiguous();
     bp = b.data_ptr<float>();
   }
@@ -583,6 +588,7 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
                                             at::IntArrayRef dilation) {
   TORCH_CHECK(x.dim() == 4 && grad.dim() == 4 && x.size(0) == grad.size(0),
               "winograd_conv3x3_weight_grad: x (B, C, H, W) and grad (B, O, Ho, Wo)");
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
               "winograd_conv3x3_weight_grad: float32 only");
   const Geometry g = make_geometry(x, grad.size(1), padding, dilation);

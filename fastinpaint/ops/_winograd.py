@@ -6,8 +6,9 @@ output channels, any padding and dilation (DeepFill v2's 3x3 and dilated layers:
 multiply-adds), runs as one F(4x4, 3x3) computation (csrc/cpu/winograd.cpp): 36 products per
 pair of channels per 4x4 outputs instead of 144, so about 2.5x fewer multiply-adds than the
 direct convolution of oneDNN, in one batched matrix product between two transforms. The
-backward to the input is the same kernel on the flipped, transposed weight; the weights' and
-the bias's gradients stay torch's (``aten.convolution_backward``). A double backward
+backward to the input is the same kernel on the flipped, transposed weight; the weights'
+gradient is computed by the transforms too (a sum over tiles of the transformed input times
+the transformed output gradient, then G^T dU G); the bias's is a sum. A double backward
 (``create_graph=True``) differentiates torch's convolution backward.
 
 Accuracy: the transforms round more than a direct convolution does in float32 (about 1e-5
@@ -128,6 +129,13 @@ def tiles(batch: int, ho: int, wo: int, dilation: Sequence[int]) -> int:
     return batch * along(ho, dilation[0]) * along(wo, dilation[1])
 
 
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Whether the loaded fastinpaint._C has both kernels for CPU tensors (a stale build: the
+    direct convolution); a constant for torch.compile (evaluated once while tracing)."""
+    return WINOGRAD_CONV.built_for("cpu") and WEIGHT_GRAD.built_for("cpu")
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int] = (1, 1),
             dilation: Sequence[int] = (1, 1)) -> bool:
     """Whether :func:`conv2d` runs the Winograd kernel for this call (the caller's backend is
@@ -138,7 +146,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and weight.shape[0] >= MIN_CHANNELS and weight.shape[1] >= MIN_CHANNELS and enabled()
-            and (torch.compiler.is_compiling() or WINOGRAD_CONV.built_for("cpu"))):
+            and _kernels_built()):
         return False
     ho = x.shape[2] + 2 * padding[0] - 2 * dilation[0]
     wo = x.shape[3] + 2 * padding[1] - 2 * dilation[1]
