@@ -624,7 +624,11 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   }
   const int64_t TC = chunk_tiles(T, g.C, g.O);
   const int64_t chunks = (T + TC - 1) / TC;
-  const int64_t tasks = std::min<int64_t>(chunks, at::get_num_threads());
+  // one accumulator (36 x C x O floats) per task, all of them within 256 MB (512 x 512
+  // channels: 37.7 MB each, 6 tasks on a larger machine)
+  const int64_t per_acc = kPoints * g.C * g.O * 4;
+  const int64_t tasks = std::max<int64_t>(
+      1, std::min<int64_t>({chunks, at::get_num_threads(), (int64_t{256} << 20) / per_acc}));
   std::vector<at::Tensor> acc(tasks);
   parallel_for(0, tasks, 1, [&](int64_t p0, int64_t p1) {
     at::Tensor Vbuf = at::empty({kPoints * TC * g.C}, xin.options());
