@@ -159,15 +159,62 @@ void backward_loop(at::TensorIterator& iter, double slope_d) {
       kGrain);
 }
 
+// t (B, C, P): a view of the GEMM's (C, P, B) result (the orientation of maps larger than the
+// batch, strides (1, P * B, B)), y contiguous (B, C, P). The generic loop reads t with a
+// stride of B per position (a scalar gather: 1.4 ms of a 32x32, batch-16 forward). Here each
+// channel is a P x B transposition in blocks of 16 positions: the block of t (16 x B values)
+// stays in L1 while every batch row of y takes 16 contiguous outputs. In parallel over
+// channels.
+template <typename T, int A, bool kBias>
+void forward_transposed(const T* t, const T* bias, T* y, int64_t B, int64_t C, int64_t P, double slope_d) {
+  using acc_t = typename AccOf<T>::type;
+  const acc_t slope = static_cast<acc_t>(slope_d);
+  constexpr int64_t kBlock = 16;
+  parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* tc = t + c * P * B;
+      for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
+        const int64_t np = std::min(kBlock, P - p0);
+        for (int64_t b = 0; b < B; ++b) {
+          T* yr = y + (b * C + c) * P + p0;
+          for (int64_t i = 0; i < np; ++i) {
+            acc_t v = static_cast<acc_t>(tc[(p0 + i) * B + b]);
+            if constexpr (kBias) {
+              v += static_cast<acc_t>(bias[c * P + p0 + i]);
+            }
+            yr[i] = static_cast<T>(act_fwd<A, acc_t>(v, slope));
+          }
+        }
+      }
+    }
+  });
+}
+
 struct CpuKernels {
   static void forward_epilogue(const at::Tensor& t, const at::Tensor& bias, at::Tensor& y3,
                                int64_t activation, double slope) {
     const int64_t B = y3.size(0), C = y3.size(1), P = y3.size(2);
+    const bool has_bias = bias.defined();
+    if (t.stride(0) == 1 && t.stride(1) == P * B && t.stride(2) == B && y3.is_contiguous() &&
+        (!has_bias || bias.is_contiguous())) {
+      dispatch_dtype(t.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        dispatch_act(activation, [&](auto a) {
+          constexpr int A = decltype(a)::value;
+          const T* bp = has_bias ? bias.data_ptr<T>() : nullptr;
+          if (has_bias) {
+            forward_transposed<T, A, true>(t.data_ptr<T>(), bp, y3.data_ptr<T>(), B, C, P, slope);
+          } else {
+            forward_transposed<T, A, false>(t.data_ptr<T>(), bp, y3.data_ptr<T>(), B, C, P, slope);
+          }
+        });
+      });
+      return;
+    }
     at::TensorIteratorConfig config;
     config.check_all_same_dtype(true).resize_outputs(false);
     // The config borrows its operands: the views live until the loop is done.
     const at::Tensor& tt = t;
-    const bool has_bias = bias.defined();
     const at::Tensor bb = has_bias ? bias.view({1, C, P}).expand({B, C, P}) : at::Tensor();
     config.add_output(y3).add_const_input(tt);
     if (has_bias) {
