@@ -82,6 +82,42 @@ inline T& at_byte(char* base, int64_t offset) {
   return *reinterpret_cast<T*>(base + offset);
 }
 
+// The dense float32 row of the forward epilogue, y[i] = act(t[i] + b[i]), compiled for the
+// baseline, x86-64-v3 and v4 (picked by pick_by_isa): the vector width is the loop's speed.
+template <int A, bool kBias>
+FI_INLINE void dense_forward_body(float* FI_RESTRICT y, const float* FI_RESTRICT t, const float* FI_RESTRICT b,
+                                  int64_t n, float slope) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = t[i];
+    if constexpr (kBias) {
+      v += b[i];
+    }
+    y[i] = act_fwd<A, float>(v, slope);
+  }
+}
+using DenseForwardFn = void (*)(float*, const float*, const float*, int64_t, float);
+template <int A, bool kBias>
+void dense_forward_default(float* y, const float* t, const float* b, int64_t n, float slope) {
+  dense_forward_body<A, kBias>(y, t, b, n, slope);
+}
+#if FI_X86_MULTIVERSION
+template <int A, bool kBias>
+FI_TARGET_V3 void dense_forward_v3(float* y, const float* t, const float* b, int64_t n, float slope) {
+  dense_forward_body<A, kBias>(y, t, b, n, slope);
+}
+template <int A, bool kBias>
+FI_TARGET_V4 void dense_forward_v4(float* y, const float* t, const float* b, int64_t n, float slope) {
+  dense_forward_body<A, kBias>(y, t, b, n, slope);
+}
+#endif
+template <int A, bool kBias>
+DenseForwardFn pick_dense_forward() {
+#if FI_X86_MULTIVERSION
+  return pick_by_isa(&dense_forward_default<A, kBias>, &dense_forward_v3<A, kBias>, &dense_forward_v4<A, kBias>);
+#endif
+  return &dense_forward_default<A, kBias>;
+}
+
 // Operands: y (out), t, [bias]. A contiguous inner dimension (the usual case: p) takes a
 // plain pointer loop that the compiler vectorises.
 template <typename T, int A, bool kBias>
@@ -89,8 +125,12 @@ void forward_loop(at::TensorIterator& iter, double slope_d) {
   using acc_t = typename AccOf<T>::type;
   const acc_t slope = static_cast<acc_t>(slope_d);
   constexpr int nt = kBias ? 3 : 2;
+  DenseForwardFn dense_float = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    dense_float = pick_dense_forward<A, kBias>();
+  }
   iter.for_each(
-      [slope_m = slope](char** data, const int64_t* strides, int64_t n, int64_t m) {
+      [slope_m = slope, dense_float](char** data, const int64_t* strides, int64_t n, int64_t m) {
         const acc_t slope = slope_m;  // a local: the member could alias the output for the compiler
         const int64_t* outer = strides + nt;
         constexpr int64_t es = sizeof(T);
@@ -99,6 +139,13 @@ void forward_loop(at::TensorIterator& iter, double slope_d) {
           char* y = data[0] + j * outer[0];
           char* t = data[1] + j * outer[1];
           char* b = kBias ? data[2] + j * outer[2] : nullptr;
+          if constexpr (std::is_same_v<T, float>) {
+            if (dense) {
+              dense_float(reinterpret_cast<float*>(y), reinterpret_cast<const float*>(t),
+                          reinterpret_cast<const float*>(b), n, slope);
+              continue;
+            }
+          }
           if (dense) {
             T* __restrict__ yp = reinterpret_cast<T*>(y);
             const T* __restrict__ tp = reinterpret_cast<const T*>(t);
