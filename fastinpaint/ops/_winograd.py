@@ -125,7 +125,11 @@ MAX_WORK_SHARE = 0.6
 def tiles(batch: int, ho: int, wo: int, dilation: Sequence[int]) -> int:
     """The kernel's 4x4 tiles for a (ho, wo) output: per dilation sub-grid, its outputs in 4x4 tiles."""
     def along(size, d):
-        return sum(-(-(-(-(size - p) // d)) // 4) for p in range(min(d, size)))
+        count = 0
+        for start in range(min(d, size)):
+            outputs = -(-(size - start) // d)  # the sub-grid starting at `start`: ceil((size - start) / d)
+            count += -(-outputs // 4)          # its tiles along this axis
+        return count
     return batch * along(ho, dilation[0]) * along(wo, dilation[1])
 
 
