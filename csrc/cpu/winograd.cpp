@@ -104,6 +104,19 @@ FI_INLINE void transform_tile(const float* const* src, int64_t c, float* dst, in
   }
 }
 
+// transform_tile over all n channels: L at a time, then one at a time for the tail.
+template <int L, typename Transform>
+FI_INLINE void transform_channels(const float* const* src, int64_t n, float* dst, int64_t stride) {
+  using vf = typename Vec<L>::f;
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    transform_tile<vf, Transform>(src, c, dst + c, stride);
+  }
+  for (; c < n; ++c) {
+    transform_tile<float, Transform>(src, c, dst + c, stride);
+  }
+}
+
 // One tile's output transform for the channels [o, o + lanes): src holds point k at
 // src + k * stride, dst the tile's 16 output positions (row-major; one outside the output
 // points at a scratch row).
@@ -176,7 +189,6 @@ std::vector<int32_t> make_tiles(const Geometry& g) {
 template <int L>
 FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                 float* V) {
-  using vf = typename Vec<L>::f;
   const float* src[kPoints];
   for (int64_t tl = 0; tl < nt; ++tl) {
     const int32_t* tile = g.tiles.data() + 3 * (t0 + tl);
@@ -189,14 +201,7 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
         src[i * kIn + j] = inside ? x + ((b * g.H + iy) * g.W + ix) * g.C : zeros;
       }
     }
-    float* dst = V + tl * g.C;
-    int64_t c = 0;
-    for (; c + L <= g.C; c += L) {
-      transform_tile<vf, InputTransform>(src, c, dst + c, ld * g.C);
-    }
-    for (; c < g.C; ++c) {
-      transform_tile<float, InputTransform>(src, c, dst + c, ld * g.C);
-    }
+    transform_channels<L, InputTransform>(src, g.C, V + tl * g.C, ld * g.C);
   }
 }
 
@@ -252,7 +257,6 @@ FI_INLINE void output_chunk_body(const float* M, const float* bias, float* scrat
 template <int L>
 FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geometry& g, int64_t t0, int64_t nt, int64_t ld,
                                float* D) {
-  using vf = typename Vec<L>::f;
   const float* src[kOut * kOut];
   for (int64_t tl = 0; tl < nt; ++tl) {
     const int32_t* tile = g.tiles.data() + 3 * (t0 + tl);
@@ -264,14 +268,7 @@ FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geomet
         src[i * kOut + j] = oy < g.Ho && ox < g.Wo ? gy + ((b * g.Ho + oy) * g.Wo + ox) * g.O : zeros;
       }
     }
-    float* dst = D + tl * g.O;
-    int64_t o = 0;
-    for (; o + L <= g.O; o += L) {
-      transform_tile<vf, GradTransform>(src, o, dst + o, ld * g.O);
-    }
-    for (; o < g.O; ++o) {
-      transform_tile<float, GradTransform>(src, o, dst + o, ld * g.O);
-    }
+    transform_channels<L, GradTransform>(src, g.O, D + tl * g.O, ld * g.O);
   }
 }
 
