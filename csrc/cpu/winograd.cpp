@@ -205,6 +205,20 @@ FI_INLINE void input_chunk_body(const float* x, const float* zeros, const Geomet
   }
 }
 
+// The tile's 16 output positions in a channels-last (B, Ho, Wo, n) map at `base` (the output,
+// or the output's gradient), row-major; a position past the map's edge gets `outside`.
+template <typename P>
+FI_INLINE void output_positions(const Geometry& g, const int32_t* tile, P* base, int64_t n, P* outside, P** ptrs) {
+  const int64_t b = tile[0], y0 = tile[1], x0 = tile[2];
+  for (int i = 0; i < kOut; ++i) {
+    const int64_t oy = y0 + g.dh * i;
+    for (int j = 0; j < kOut; ++j) {
+      const int64_t ox = x0 + g.dw * j;
+      ptrs[i * kOut + j] = oy < g.Ho && ox < g.Wo ? base + ((b * g.Ho + oy) * g.Wo + ox) * n : outside;
+    }
+  }
+}
+
 // the output transform of tiles [t0, t0 + nt) from M (36, nt, O), plus the bias, into out:
 // channels-last, each output position's channels written in place; or NCHW (g.nchw), the tile
 // gathered in scratch (16 x O floats) and written per channel, rows of 4 contiguous outputs
@@ -218,16 +232,12 @@ FI_INLINE void output_chunk_body(const float* M, const float* bias, float* scrat
   for (int64_t tl = 0; tl < nt; ++tl) {
     const int32_t* tile = g.tiles.data() + 3 * (t0 + tl);
     const int64_t b = tile[0], y0 = tile[1], x0 = tile[2];
-    for (int i = 0; i < kOut; ++i) {
-      const int64_t oy = y0 + g.dh * i;
-      for (int j = 0; j < kOut; ++j) {
-        const int64_t ox = x0 + g.dw * j;
-        if (g.nchw) {
-          dst[i * kOut + j] = scratch + (i * kOut + j) * g.O;
-        } else {
-          dst[i * kOut + j] = oy < g.Ho && ox < g.Wo ? out + ((b * g.Ho + oy) * g.Wo + ox) * g.O : scratch;
-        }
+    if (g.nchw) {
+      for (int k = 0; k < kOut * kOut; ++k) {
+        dst[k] = scratch + k * g.O;
       }
+    } else {
+      output_positions<float>(g, tile, out, g.O, scratch, dst);
     }
     const float* src = M + tl * g.O;
     int64_t o = 0;
@@ -259,15 +269,7 @@ FI_INLINE void grad_chunk_body(const float* gy, const float* zeros, const Geomet
                                float* D) {
   const float* src[kOut * kOut];
   for (int64_t tl = 0; tl < nt; ++tl) {
-    const int32_t* tile = g.tiles.data() + 3 * (t0 + tl);
-    const int64_t b = tile[0], y0 = tile[1], x0 = tile[2];
-    for (int i = 0; i < kOut; ++i) {
-      const int64_t oy = y0 + g.dh * i;
-      for (int j = 0; j < kOut; ++j) {
-        const int64_t ox = x0 + g.dw * j;
-        src[i * kOut + j] = oy < g.Ho && ox < g.Wo ? gy + ((b * g.Ho + oy) * g.Wo + ox) * g.O : zeros;
-      }
-    }
+    output_positions<const float>(g, g.tiles.data() + 3 * (t0 + tl), gy, g.O, zeros, src);
     transform_channels<L, GradTransform>(src, g.O, D + tl * g.O, ld * g.O);
   }
 }
