@@ -51,5 +51,8 @@ timeout 60 $PY -m fastinpaint.cli bench channel_fc --device cuda --dtype bfloat1
 step "benchmarks: partial convolution (PConv U-Net layers), bfloat16, channels_last, batch 8"
 timeout 60 $PY -m fastinpaint.cli bench partial_conv --device cuda --dtype bfloat16 --min-time 0.2 \
     --json "$RESULTS/partial_conv_bf16_${tag}.json" --markdown "$RESULTS/partial_conv_bf16_${tag}.md" || status=1
+step "benchmarks: spectral-normalised convolutions (SN-PatchGAN layers), bfloat16, channels_last, batch 16"
+timeout 60 $PY -m fastinpaint.cli bench spectral_norm_conv --device cuda --dtype bfloat16 --batch 16 --min-time 0.1 \
+    --json "$RESULTS/spectral_norm_conv_bf16_${tag}.json" --markdown "$RESULTS/spectral_norm_conv_bf16_${tag}.md" || status=1
 echo; echo "gpu suite status: $status"
 exit $status

@@ -309,6 +309,17 @@ def baseline_ratios(results: dict[str, dict], baselines=BASELINES) -> dict[str, 
     return {label: speedups(row, bases) for label, row in results.items()}
 
 
+def add_ratios(results: dict[str, dict]) -> None:
+    """Add to each row of one case (``{label: row}``) its :func:`baseline_ratios` and, where
+    both it and eager have ``saved_MB``, ``saved_vs_eager``."""
+    eager_saved = results.get("eager", {}).get("saved_MB")
+    for label, ratios in baseline_ratios(results).items():
+        row = results[label]
+        row.update(ratios)
+        if eager_saved and "saved_MB" in row:
+            row["saved_vs_eager"] = row["saved_MB"] / eager_saved
+
+
 # ----------------------------------------------------------------------------- command line and results
 
 def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, threads: bool = True,
@@ -326,6 +337,51 @@ def add_common_args(parser: argparse.ArgumentParser, min_time: float = 0.5, thre
     parser.add_argument("--plot", help="write a PNG bar chart of the speed-ups over eager and compile(eager) here "
                                        "(needs matplotlib)")
     return parser
+
+
+#: a layer benchmark's table (partial_conv, spectral_norm_conv): (header, row key, format)
+LAYER_COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
+                 ("batch", "batch", None), ("ms", "ms", ".3f"), ("x vs eager", "x_vs_eager", ".2f"),
+                 ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"), ("saved MB", "saved_MB", ".2f"),
+                 ("saved / eager's", "saved_vs_eager", ".2f")]
+
+
+def add_layer_args(parser: argparse.ArgumentParser, batch_help: str = "batch size") -> argparse.ArgumentParser:
+    """A layer benchmark's options (partial_conv, spectral_norm_conv): the common ones and --batch,
+    --channels-last, --modes, --cases (name prefixes), --no-compile."""
+    add_common_args(parser, min_time=0.5)
+    parser.add_argument("--batch", type=int, default=None, help=batch_help)
+    parser.add_argument("--channels-last", action="store_true", default=None)
+    parser.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
+    parser.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip torch.compile of every implementation (compile(eager), compile(fastinpaint[...]))")
+    return parser
+
+
+def run_layer_args(args: argparse.Namespace, cases: list, run: Callable, markdown: Callable, title: str,
+                   batch: int) -> int:
+    """Run a layer benchmark (options of :func:`add_layer_args`): the cases ``--cases`` selects,
+    ``run(cases, device, dtype, batch, channels_last, modes, min_time_s, progress, compile_baseline=)``,
+    ``batch`` where --batch is not given, channels_last by default on CUDA; print the table and
+    write the files after every case. Exit status 1 when a row failed."""
+    from .errors import InvalidInputError
+
+    dtype = apply_common_args(args)
+    if args.batch is not None and args.batch < 1:
+        raise InvalidInputError(f"must be at least 1, got {args.batch}", argument="batch")
+    channels_last = args.device == "cuda" if args.channels_last is None else args.channels_last
+    selected = select_cases(cases, args.cases, prefix=True)
+    env = environment(args.device)
+    env["channels_last"] = channels_last
+
+    def progress(rows):
+        write_results(args.json, args.markdown, rows, env, {}, markdown, path_plot=args.plot, title=title)
+
+    rows = run(selected, args.device, dtype, args.batch or batch, channels_last, tuple(args.modes), args.min_time,
+               progress, compile_baseline=not args.no_compile)
+    print(markdown(rows, env))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def script_main(main: Callable[[], int], name: str) -> int:

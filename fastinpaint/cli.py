@@ -55,6 +55,8 @@ BENCHMARKS = {
     "pixel_attention": ("fastinpaint.ops.pixel_attention.bench",
                         "pixel attention and the attention-transfer loss (distillation-guided inpainting)"),
     "partial_conv": ("fastinpaint.ops.partial_conv.bench", "the PConv U-Net's partial convolutions"),
+    "spectral_norm_conv": ("fastinpaint.models.spectral_norm_conv_bench",
+                           "the SN-PatchGAN discriminator's spectral-normalised convolutions"),
     "deepfill_v2": ("fastinpaint.models.deepfill_v2_bench",
                     "the whole DeepFill v2 generator and a training step, against the same model on eager layers"),
 }

@@ -8,6 +8,8 @@ from .ops.gated_conv.op import gated_conv2d, gated_deconv2d
 from .ops.channel_fc.op import channel_fc
 # partial convolution (Liu et al. 2018)
 from .ops.partial_conv.op import partial_conv2d
+# spectral-normalised convolution (SN-PatchGAN) and its power iteration
+from .ops._spectral_norm import power_iteration, spectral_norm_conv2d
 # pixel (matmul) attention and the attention-transfer loss (DGII)
 from .ops.pixel_attention.op import attention_transfer_loss, pixel_attention
 # self-similarity maps and the spatially-correlative distance (F-LSeSim)
@@ -16,4 +18,5 @@ from .ops.self_similarity.op import sample_query_index, self_similarity, spatial
 from .ops import _contextual_scores  # noqa: F401  (declares its kernel before fastinpaint._C loads)
 
 __all__ = ["attention_transfer_loss", "channel_fc", "gated_conv2d", "gated_deconv2d", "partial_conv2d",
-           "pixel_attention", "sample_query_index", "self_similarity", "spatial_correlative_distance"]
+           "pixel_attention", "power_iteration", "sample_query_index", "self_similarity",
+           "spatial_correlative_distance", "spectral_norm_conv2d"]

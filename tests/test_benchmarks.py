@@ -46,6 +46,17 @@ def test_partial_conv_bench():
     _check(rows, COMPILED)
 
 
+def test_spectral_norm_conv_bench():
+    from fastinpaint.models import spectral_norm_conv_bench as bench
+
+    rows = bench.run(cases=[bench.Case("tiny", 8, 16, 6, k=5, stride=2)], device="cpu", min_time_s=0.0)
+    _check(rows, COMPILED)
+    grad = [r for r in rows if r["mode"] == "fwd+bwd"]
+    assert {r["impl"] for r in grad if "saved_MB" in r} == {"eager", "fastinpaint[cpu]"}
+    by = {r["impl"]: r for r in grad}
+    assert by["fastinpaint[cpu]"]["saved_MB"] < by["eager"]["saved_MB"]   # no normalised weight saved
+
+
 def test_pixel_attention_bench():
     from fastinpaint.ops.pixel_attention import bench
 

@@ -40,7 +40,8 @@ def _recorders(monkeypatch, result=0):
 
 
 def test_every_benchmark_module_is_listed_and_runnable_as_a_script():
-    assert OPS == ["gated_conv", "channel_fc", "self_similarity", "pixel_attention", "partial_conv", "deepfill_v2"]
+    assert OPS == ["gated_conv", "channel_fc", "self_similarity", "pixel_attention", "partial_conv",
+                   "spectral_norm_conv", "deepfill_v2"]
     for name in OPS:
         module = cli._bench_module(name)
         assert callable(module.main) and callable(module.run_args) and callable(module.add_arguments)
@@ -56,6 +57,7 @@ OWN_OPTIONS = {
     "self_similarity": ["--no-peak", "--cases", "K7", "--no-compile"],
     "pixel_attention": ["--sizes", "16", "32", "--kinds", "loss", "--no-peak", "--batch", "2"],
     "partial_conv": ["--batch", "2", "--no-compile", "--cases", "dec", "single"],
+    "spectral_norm_conv": ["--batch", "3", "--no-compile", "--cases", "conv5", "--modes", "fwd"],
     "deepfill_v2": ["--cnum", "4", "--impls", "eager", "--infer-size", "40", "--cases", "G inference"],
 }
 
@@ -134,6 +136,7 @@ TINY = {
     "pixel_attention": (["--sizes", "16", "--batch", "1", "--kinds", "attention", "--modes", "fwd", "--no-compile",
                          "--no-peak"], "attention N=16 B=1"),
     "partial_conv": (["--cases", "single-mask", "--modes", "fwd", "--no-compile"], "single-mask 64->64"),
+    "spectral_norm_conv": (["--cases", "conv6", "--batch", "1", "--no-compile"], "conv6 256->256"),
     "deepfill_v2": (["--cases", "G inference", "--infer-size", "32", "--cnum", "4", "--impls", "eager", "fastinpaint"],
                     "G inference"),
 }
@@ -263,7 +266,7 @@ def test_gpu_suite_runs_every_benchmark_through_the_command():
     assert set(ops) == set(OPS), ops
 
 
-@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "self_similarity"])
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "self_similarity", "spectral_norm_conv"])
 def test_bench_cases_that_select_nothing_are_an_error(name, capsys):
     """--cases that match no case: one line naming --cases and listing the cases (was an empty
     table and exit 0 for some benchmarks)."""
@@ -273,7 +276,7 @@ def test_bench_cases_that_select_nothing_are_an_error(name, capsys):
     assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --cases: ") and "'no-such-case'" in err, err
 
 
-@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "pixel_attention"])
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "partial_conv", "pixel_attention", "spectral_norm_conv"])
 def test_bench_modes_are_checked(name):
     """A misspelt mode is refused (it was timed as the forward, labelled with the typo)."""
     with pytest.raises(SystemExit):
@@ -281,7 +284,8 @@ def test_bench_modes_are_checked(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "pixel_attention", "self_similarity", "partial_conv"])
+@pytest.mark.parametrize("name", ["gated_conv", "channel_fc", "pixel_attention", "self_similarity", "partial_conv",
+                                  "spectral_norm_conv"])
 def test_bench_cuda_without_a_gpu_is_one_line(name, capsys):
     capsys.readouterr()
     assert cli.main(["bench", name, "--device", "cuda"]) == 2

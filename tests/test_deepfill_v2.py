@@ -277,6 +277,35 @@ def test_discriminator_layers_and_spectral_norm():
                                rtol=1e-3, atol=1e-3)                    # largest singular value 1
 
 
+def test_discriminator_backends_agree_and_deep_layers_fold():
+    """SN-PatchGAN's SpectralNormConv2d layers: fastinpaint's folded op (the deeper layers, whose
+    output is smaller than their weight) gives torch's scores, gradients and power iteration."""
+    import copy
+    from fastinpaint import use_backend
+
+    torch.manual_seed(0)
+    d = SNPatchGANDiscriminator(cnum=4).double()
+    d_ref = copy.deepcopy(d)
+    image, mask = _batch(2, 64, 64)
+    image = image.double()
+    results = []
+    for module, backend in ((d, "auto"), (d_ref, "reference")):
+        x = image.clone().requires_grad_()
+        with use_backend(backend), torch.autograd.profiler.profile() as prof:
+            for _ in range(2):
+                scores = module(x, mask)
+                scores.pow(2).sum().backward()
+        folded = sum(e.name == "fastinpaint::spectral_norm_conv2d_folded" for e in prof.function_events)
+        results.append((scores.detach(), x.grad, [p.grad for p in module.parameters()], folded,
+                        [b.clone() for b in module.buffers()]))
+    (s, gx, gp, folded, bufs), (s_r, gx_r, gp_r, folded_r, bufs_r) = results
+    assert folded == 2 * 4 and folded_r == 0            # conv3-6 fold at 64x64, twice
+    torch.testing.assert_close(s, s_r)
+    torch.testing.assert_close(gx, gx_r)
+    for a, b in zip(gp + bufs, gp_r + bufs_r):
+        torch.testing.assert_close(a, b)
+
+
 def test_hinge_losses_and_recipe_losses():
     real, fake = torch.randn(4, 10), torch.randn(4, 10)
     d_real, d_fake = hinge_d_loss(real, fake)

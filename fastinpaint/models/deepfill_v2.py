@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+from ..nn.spectral_norm_conv import SpectralNormConv2d
 from ._common import merge_loss_weights, strip_wrapper_prefixes
 from .contextual_attention import ContextualAttention
 
@@ -197,7 +198,7 @@ class DeepFillV2Generator(nn.Module):
 class _DConv(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv_sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(cin, cout, 5, 2, 2))
+        self.conv_sn = SpectralNormConv2d(cin, cout, 5, 2, 2)   # torch's spectral_norm, output-scaled
 
     def forward(self, x):
         return F.leaky_relu(self.conv_sn(x), 0.2)

@@ -7,7 +7,9 @@ Cases:
   * ``G fwd+bwd``: the generator's forward and the backward of its L1 losses (both stages);
   * ``train step``: one discriminator step (G forward without grad, D on real and fake,
     hinge loss, backward) and one generator step (G forward, L1 + hinge losses through D,
-    backward); no optimiser update. D is the same eager module in every implementation;
+    backward); no optimiser update. D is never compiled; its spectral-normalised convolutions
+    (``SpectralNormConv2d``) run torch's formula (W / sigma) in eager and compile(eager), and
+    fastinpaint's op (the output scaled by 1/sigma where that is smaller) in the other two;
   * ``G inference``: eval mode, no grad, the refined output.
 
 Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory

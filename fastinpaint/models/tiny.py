@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
+from ..nn.spectral_norm_conv import SpectralNormConv2d
 from ._common import merge_loss_weights
 
 __all__ = ["PatchDiscriminator", "TinyGatedGenerator", "TinyGatedRecipe"]
@@ -141,11 +142,10 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, width: int = 32, in_channels: int = 4):
         super().__init__()
         w = width
-        sn = nn.utils.parametrizations.spectral_norm
-        self.body = nn.Sequential(
-            sn(nn.Conv2d(in_channels, w, 4, 2, 1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(w, 2 * w, 4, 2, 1)), nn.LeakyReLU(0.2),
-            sn(nn.Conv2d(2 * w, 1, 3, 1, 1)),
+        self.body = nn.Sequential(   # torch's spectral_norm parametrization, output-scaled
+            SpectralNormConv2d(in_channels, w, 4, 2, 1), nn.LeakyReLU(0.2),
+            SpectralNormConv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2),
+            SpectralNormConv2d(2 * w, 1, 3, 1, 1),
         )
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -167,14 +167,10 @@ def _run_case(case, device, dtype, batch, channels_last, modes, compile_baseline
                 row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
             flops = case.flops(batch) * (3 if grad else 1)
             row["TFLOPs"] = flops / (row["ms"] * 1e-3) / 1e12
-        ratios = B.baseline_ratios(results)
-        eager_saved = results.get("eager", {}).get("saved_MB")
+        B.add_ratios(results)
         for label, row in results.items():
-            entry = {"case": case.name, "mode": mode, "impl": label, "batch": batch,
-                     "dtype": str(dtype).split(".")[-1], "channels_last": channels_last, **row, **ratios[label]}
-            if eager_saved and "saved_MB" in row:
-                entry["saved_vs_eager"] = row["saved_MB"] / eager_saved
-            rows.append(entry)
+            rows.append({"case": case.name, "mode": mode, "impl": label, "batch": batch,
+                         "dtype": str(dtype).split(".")[-1], "channels_last": channels_last, **row})
         if progress:
             progress(case.name + " " + mode, done + rows)
     return rows

@@ -111,21 +111,13 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
                         row["error"] = B.error_text(e, limit=None)
                     results[name] = row
                     rows.append(row)
-                eager_saved = results.get("eager", {}).get("saved_MB")
-                for name, ratios in B.baseline_ratios(results).items():
-                    row = results[name]
-                    row.update(ratios)
-                    if eager_saved and "saved_MB" in row:
-                        row["saved_vs_eager"] = row["saved_MB"] / eager_saved
+                B.add_ratios(results)
                 if progress:
                     progress(rows)
     return rows
 
 
-COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
-           ("batch", "batch", None), ("ms", "ms", ".3f"), ("x vs eager", "x_vs_eager", ".2f"),
-           ("x vs compile(eager)", "x_vs_compile(eager)", ".2f"), ("saved MB", "saved_MB", ".2f"),
-           ("saved / eager's", "saved_vs_eager", ".2f"), ("peak MB", "peak_MB", ".1f")]
+COLUMNS = B.LAYER_COLUMNS + [("peak MB", "peak_MB", ".1f")]
 
 
 def markdown(rows, env, ceilings=None) -> str:
@@ -143,34 +135,12 @@ def capture_calls(dtype: torch.dtype) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of this script and of ``fastinpaint bench partial_conv``."""
-    B.add_common_args(p, min_time=0.5)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--modes", nargs="*", default=["fwd+bwd", "fwd"], choices=["fwd+bwd", "fwd"])
-    p.add_argument("--cases", nargs="*", default=None, help="case name prefixes")
-    p.add_argument("--no-compile", action="store_true",
-                   help="skip torch.compile of every implementation (compile(eager), compile(fastinpaint[...]))")
-    return p
+    return B.add_layer_args(p, batch_help="batch size (default 8 on CUDA, 1 on the CPU)")
 
 
 def run_args(a: argparse.Namespace) -> int:
     """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
-    dtype = B.apply_common_args(a)
-    gpu = a.device == "cuda"
-    batch = a.batch or (8 if gpu else 1)
-    channels_last = gpu if a.channels_last is None else a.channels_last
-    cases = B.select_cases(CASES, a.cases, prefix=True)
-    env = B.environment(a.device)
-    env["channels_last"] = channels_last
-
-    def progress(rows):
-        B.write_results(a.json, a.markdown, rows, env, {}, markdown,
-                        path_plot=a.plot, title='partial convolution')
-
-    rows = run(cases, a.device, dtype, batch, channels_last, tuple(a.modes), a.min_time, progress,
-               compile_baseline=not a.no_compile)
-    print(markdown(rows, env))
-    return 1 if any("error" in r for r in rows) else 0
+    return B.run_layer_args(a, CASES, run, markdown, "partial convolution", 8 if a.device == "cuda" else 1)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+from ..ops._spectral_norm import power_iteration, spectral_norm_conv2d
+
+
+class SpectralNormConv2d(nn.Conv2d):
+    """``torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(...))`` whose forward scales the
+    convolution's output by 1/sigma instead of dividing the weight (``fastinpaint.functional.
+    spectral_norm_conv2d``): the same numbers, without the weight-sized passes.
+
+    The parametrization is torch's own, so the state_dict (``parametrizations.weight.original``,
+    ``parametrizations.weight.0._u``, ``._v``) and ``module.weight`` (the normalised weight) are
+    those of the torch version, and checkpoints load either way. As there, each training-mode
+    forward runs ``n_power_iterations`` steps of the power method (updating ``_u``, ``_v`` in
+    place); eval mode uses the stored vectors. ``padding`` may be an int, a pair, "valid" or
+    "same", with any ``padding_mode``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", n_power_iterations: int = 1,
+                 eps: float = 1e-12, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        nn.utils.parametrizations.spectral_norm(self, n_power_iterations=n_power_iterations, eps=eps, dim=0)
+
+    def _explicit_padding(self, x: torch.Tensor):
+        """(x padded where the convolution cannot pad, the convolution's own padding pair)."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+        if self.padding == "valid":
+            return x, (0, 0)
+        if self.padding == "same":   # stride 1 (nn.Conv2d checks): total dilation * (k - 1), the extra one after
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if all(t % 2 == 0 for t in totals):
+                return x, (totals[0] // 2, totals[1] // 2)
+            return F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)), (0, 0)
+        return x, self.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chain = self.parametrizations.weight if parametrize.is_parametrized(self, "weight") else ()
+        if len(chain) != 1 or not isinstance(chain[0], _SpectralNorm) or chain[0].dim != 0:
+            return super().forward(x)   # the parametrization removed or changed: torch's forward
+        weight = self.parametrizations.weight.original
+        sn = chain[0]
+        if self.training:
+            power_iteration(weight, sn._u, sn._v, sn.n_power_iterations, sn.eps)
+        # copies: a later forward's power iteration must not change what this one's backward uses
+        u = sn._u.clone(memory_format=torch.contiguous_format)
+        v = sn._v.clone(memory_format=torch.contiguous_format)
+        x, padding = self._explicit_padding(x)
+        return spectral_norm_conv2d(x, weight, self.bias, u, v, self.stride, padding, self.dilation, self.groups)

@@ -1,0 +1,272 @@
+"""Spectral-normalised convolution (Miyato et al., ICLR 2018; the SN-PatchGAN discriminator of
+DeepFill v2): argument checks, the power iteration, autograd and dispatch.
+
+``torch.nn.utils.parametrizations.spectral_norm`` divides the whole weight by sigma in every
+forward and differentiates through that division: in a profile of DeepFill v2's discriminator
+(CPU, 128x128 images) these weight-sized passes took about as long as the convolutions. Since the convolution is linear
+in its weight, ``conv(x, W / sigma) = conv(x, W) / sigma``, and the gradient needs no weight-sized
+pass but one rank-1 update:
+
+    y      = conv(x, W) / sigma + b                    sigma = u . (W v), u and v constants
+    gx     = conv_input_grad(gy / sigma, W)
+    gW     = conv_weight_grad(x, gy / sigma) + gsigma u v^T
+    gsigma = -sum(gy * conv(x, W)) / sigma^2 = -<W, conv_weight_grad(x, gy / sigma)> / sigma
+
+(the last step by the same linearity: ``sum(gy * conv(x, W)) = <W, conv_weight_grad(x, gy)>``).
+
+Paths per backend:
+  reference  W / sigma, then conv2d (:func:`reference_conv2d`): what the parametrization computes
+  cpu, cuda  the folded form above where the output is no larger than the weight (:func:`folds`;
+             a discriminator's deeper layers), one autograd node over torch's convolution and its
+             backward (oneDNN / cuDNN), no C++ kernel of its own; the reference elsewhere
+
+Under autocast the convolution runs in the autocast dtype (as conv2d would) and sigma, its
+gradient and the power iteration in the weight's dtype; the folded convolution's raw output is
+sigma times the normalised one before its scaling, which float16 holds for any sigma below
+thousands. A double backward (``create_graph``,
+e.g. a gradient penalty) differentiates the reference formula, recomputed inside the backward.
+
+Not an op folder (``ops/<op>/``): it has no kernel of its own, Triton or C++, only two
+torch.library ops over torch's convolution (so that torch.compile calls them as they are, as
+``gated_conv/upsample.py``'s phase ops). ``nn.SpectralNormConv2d`` is the module;
+``models/spectral_norm_conv_bench.py`` times it on SN-PatchGAN's layers.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._common import acc_dtype, check_float_tensor, check_same_device, conv_output_size, pair
+from ._layout import conv_output_format
+from ._registry import Op
+
+OP = Op("spectral_norm_conv2d", {
+    "reference": "the weight divided by sigma, then conv2d, as torch.nn.utils.parametrizations.spectral_norm "
+                 "(ops/_spectral_norm.py)",
+    "cpu": "where the output is no larger than the weight, conv2d on the raw weight, its output scaled by "
+           "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
+           "(oneDNN convolutions); the reference elsewhere",
+    "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
+}, cpp_backends=())
+
+
+# ----------------------------------------------------------------------------- reference
+
+def sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``u . (W v)`` with the weight flattened to (Cout, rest): the spectral-norm estimate."""
+    return torch.vdot(u, torch.mv(weight.flatten(1), v))
+
+
+def reference_conv2d(x, weight, bias, u, v, stride=1, padding=0, dilation=1, groups=1):
+    """What the parametrization computes: ``conv2d(x, W / sigma, b)`` (the reference backend)."""
+    return F.conv2d(x, weight / sigma(weight, u, v), bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------- weight as a matrix
+
+def _matrix(weight: torch.Tensor):
+    """``weight`` as a (Cout, rest) matrix view in its memory order and whether that order is
+    channels-last ((kh, kw, Cin) per row instead of (Cin, kh, kw)); None when neither."""
+    if weight.is_contiguous():
+        return weight.view(weight.shape[0], -1), False
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), True
+    return None, False
+
+
+def _to_rows(vec: torch.Tensor, weight: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A row vector in (Cin, kh, kw) order, reordered to the weight's memory order."""
+    if not channels_last:
+        return vec
+    _, ci, kh, kw = weight.shape
+    return vec.view(ci, kh, kw).permute(1, 2, 0).reshape(-1)
+
+
+def _from_rows(vec: torch.Tensor, weight: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return vec
+    _, ci, kh, kw = weight.shape
+    return vec.view(kh, kw, ci).permute(2, 0, 1).reshape(-1)
+
+
+def _mv(weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``W v`` with W flattened to (Cout, rest), without copying a channels-last weight."""
+    mat, cl = _matrix(weight)
+    if mat is None:
+        return torch.mv(weight.flatten(1), v)
+    return torch.mv(mat, _to_rows(v, weight, cl))
+
+
+@torch.no_grad()
+def power_iteration(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iterations: int, eps: float) -> None:
+    """``iterations`` steps of the power method on ``weight`` (Cout, ...) flattened to a matrix,
+    updating ``u`` (Cout) and ``v`` (rest) in place, as torch's spectral_norm does in training:
+    ``u = normalize(W v)``, ``v = normalize(W^T u)``. Runs in the weight's dtype, outside autocast."""
+    if torch.is_autocast_enabled(weight.device.type):
+        with torch.autocast(weight.device.type, enabled=False):
+            return power_iteration(weight, u, v, iterations, eps)
+    mat, cl = _matrix(weight)
+    if mat is None:
+        mat, cl = weight.flatten(1), False
+    for _ in range(iterations):
+        F.normalize(torch.mv(mat, _to_rows(v, weight, cl)), dim=0, eps=eps, out=u)
+        F.normalize(_from_rows(torch.mv(mat.t(), u), weight, cl), dim=0, eps=eps, out=v)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``sum(a * b)`` in ``dtype``, without a temporary when both share one dense memory order."""
+    if a.dtype == b.dtype == dtype and a.stride() == b.stride():
+        fa, _ = _matrix(a)
+        fb, _ = _matrix(b)
+        if fa is not None and fb is not None:
+            return torch.dot(fa.reshape(-1), fb.reshape(-1))
+    return (a.to(dtype) * b.to(dtype)).sum()
+
+
+def _add_rank1(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``grad + u v^T`` (v in (Cin, kh, kw) order), in place where the layout allows."""
+    mat, cl = _matrix(grad)
+    if mat is not None and not torch.is_grad_enabled():
+        mat.addr_(u.to(grad.dtype), _to_rows(v, grad, cl).to(grad.dtype))
+        return grad
+    return grad + torch.outer(u, v).view(grad.shape).to(grad.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+# Two torch.library ops, so that torch.compile calls them as they are: traced into its graph,
+# inductor would copy the input and the weight to channels-last for its own convolution and
+# turn the matrix-vector products and the rank-1 update into generated loops (2-3x slower here).
+
+def _fold_fake(x, weight, bias, u, v, stride, padding, dilation, groups):
+    ho, wo = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+              for i in range(2))
+    y = x.new_empty((x.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=conv_output_format(x, weight))
+    return y, u.new_empty(())
+
+
+def folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
+    """Whether the folded form runs: where the output is no larger than the weight. The fold trades
+    the reference's weight-sized passes (one forward, several backward) for two output-sized ones
+    (the scaling of the output and of its gradient); a first layer, whose output dwarfs its weight,
+    keeps the reference, which torch.compile also lays out and fuses as it would torch's."""
+    ho, wo = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+              for i in range(2))
+    return x.shape[0] * weight.shape[0] * ho * wo <= weight.numel()
+
+
+@torch.library.custom_op("fastinpaint::spectral_norm_conv2d_folded", mutates_args=())
+def _fold(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], u: torch.Tensor, v: torch.Tensor,
+          stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(conv(x, W) / sigma + b in x's dtype, 1 / sigma in the weight's): x arrives in the compute
+    dtype (autocast's, cast by the caller), the weight is cast here, so that sigma sees it as it is."""
+    sigma = torch.dot(u, _mv(weight, v))
+    inv = torch.reciprocal(sigma)
+    bc = None if bias is None else (bias * sigma).to(x.dtype)   # conv(x, W, b sigma) / sigma: one pass
+    y = torch.ops.aten.convolution(x, weight.to(x.dtype), bc, stride, padding, dilation, False, [0, 0], groups)
+    y.mul_(inv.to(y.dtype))
+    return y.contiguous(memory_format=conv_output_format(x, weight)), inv
+
+
+_fold.register_fake(_fold_fake)
+
+
+@torch.library.custom_op("fastinpaint::spectral_norm_conv2d_folded_backward", mutates_args=())
+def _fold_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                   inv: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                   need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gx, gW) of :func:`_fold` (an empty tensor for one not needed)."""
+    fmt = conv_output_format(x, weight)
+    wc = weight.to(x.dtype)
+    gx = gw = None
+    if need_x or need_w:
+        gx, gw, _ = torch.ops.aten.convolution_backward(gy * inv.to(gy.dtype), x, wc, None, stride, padding,
+                                                        dilation, False, [0, 0], groups, [need_x, need_w, False])
+    if need_w:
+        acc = acc_dtype(weight.dtype)
+        gsigma = -_dot(wc, gw, acc) * inv.to(acc)
+        gw = _add_rank1(gw.to(weight.dtype), u, v * gsigma.to(v.dtype)).contiguous(memory_format=fmt)
+    gx = gx.contiguous(memory_format=fmt) if need_x else x.new_empty(0)
+    return gx, gw if need_w else weight.new_empty(0)
+
+
+@_fold_backward.register_fake
+def _fold_backward_fake(gy, x, weight, u, v, inv, stride, padding, dilation, groups, need_x, need_w):
+    fmt = conv_output_format(x, weight)
+    gx = x.new_empty(x.shape).contiguous(memory_format=fmt) if need_x else x.new_empty(0)
+    gw = weight.new_empty(weight.shape).contiguous(memory_format=fmt) if need_w else weight.new_empty(0)
+    return gx, gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, u, v, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight, bias, u, v, output[1])
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, gy, _ginv):
+    x, weight, bias, u, v, inv = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():   # create_graph: the reference formula's gradient, itself differentiable
+        inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != weight.dtype):
+            y = reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
+        grads = iter(torch.autograd.grad(y, inputs, gy, create_graph=True))
+        gx, gw, gb = (next(grads) if need else None for need in (need_x, need_w, need_b))
+    else:
+        gx, gw = _fold_backward(gy, x, weight, u, v, inv, stride, padding, dilation, groups, need_x, need_w)
+        gx, gw = (gx if need_x else None), (gw if need_w else None)
+        gb = gy.sum((0, 2, 3)).to(bias.dtype) if need_b else None
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+_fold.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+def _check(x, weight, bias, u, v):
+    check_float_tensor(x, "x", 4, "(B, Cin, H, W)")
+    check_float_tensor(weight, "weight", 4, "(Cout, Cin/groups, kh, kw)")
+    if bias is not None:
+        check_float_tensor(bias, "bias", 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} elements (the weight's Cout), got {bias.shape[0]}")
+    check_float_tensor(u, "u", 1)
+    check_float_tensor(v, "v", 1)
+    if u.shape[0] != weight.shape[0]:
+        raise ValueError(f"u must have {weight.shape[0]} elements (the weight's Cout), got {u.shape[0]}")
+    if v.shape[0] != weight[0].numel():
+        raise ValueError(f"v must have {weight[0].numel()} elements (Cin/groups * kh * kw), got {v.shape[0]}")
+    check_same_device(x, (("weight", weight), ("bias", bias), ("u", u), ("v", v)))
+    for name, t in (("bias", bias), ("u", u), ("v", v)):   # also under autocast: sigma runs in the weight's dtype
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}")
+
+
+def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
+                         v: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """``conv2d(x, weight / sigma, bias, ...)`` with ``sigma = u . (W v)`` (W flattened to
+    (Cout, Cin/groups*kh*kw)), differentiated with ``u`` and ``v`` held constant, as
+    ``torch.nn.utils.parametrizations.spectral_norm`` does; ``u`` and ``v`` come from
+    :func:`power_iteration`. ``padding`` is an int or a pair (pad first for other modes)."""
+    _check(x, weight, bias, u, v)
+    stride, padding, dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[1]} channels; the weight takes {weight.shape[1] * groups} "
+                         f"({weight.shape[1]} per group, groups={groups})")
+    backend = OP.select(x)
+    if backend == "reference" or not folds(x, weight, stride, padding, dilation):
+        return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) and torch.float64 not in (x.dtype, weight.dtype)
+    if autocast:   # as conv2d under autocast: the convolution in the autocast dtype
+        x = x.to(torch.get_autocast_dtype(dev))
+    elif x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
+    with torch.autocast(dev, enabled=False):
+        return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]
