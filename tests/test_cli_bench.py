@@ -306,6 +306,25 @@ def test_bench_min_time_must_be_positive(name, value, capsys):
     assert err.count("\n") == 1 and err.startswith("fastinpaint bench: --min-time: must be a positive"), err
 
 
+@pytest.mark.parametrize("name,option", [("deepfill_v2", "--batch"), ("deepfill_v2", "--infer-batch"),
+                                         ("partial_conv", "--batch"), ("spectral_norm_conv", "--batch")])
+def test_bench_batch_must_be_positive(name, option, capsys):
+    capsys.readouterr()
+    assert cli.main(["bench", name, "--device", "cpu", option, "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fastinpaint bench: {option}: must be at least 1"), err
+
+
+def test_deepfill_v2_inference_runs_at_infer_batch(tmp_path):
+    skip_unless_available("cpu", "cpu")
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "deepfill_v2", "--device", "cpu", "--min-time", "0.01", "--cases", "G inference",
+                     "--infer-size", "32", "--infer-batch", "2", "--batch", "3", "--cnum", "4", "--impls", "eager",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["batch"] for r in rows] == [2] and "error" not in rows[0]
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_bench_scripts_report_user_errors_in_one_line(name, capsys):
     """``python -m <module>`` with --cases that select nothing (or a bad --min-time): one line on

@@ -10,7 +10,7 @@ Cases:
     backward); no optimiser update. D is never compiled; its spectral-normalised convolutions
     (``SpectralNormConv2d``) run torch's formula (W / sigma) in eager and compile(eager), and
     fastinpaint's op (the output scaled by 1/sigma where that is smaller) in the other two;
-  * ``G inference``: eval mode, no grad, the refined output.
+  * ``G inference``: eval mode, no grad, the refined output, at ``--infer-batch`` images (default 1).
 
 Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory
 of one call above the memory held before it: ``torch.cuda.max_memory_allocated`` on GPU; on
@@ -257,6 +257,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="training / fwd+bwd size (256 published)")
     p.add_argument("--batch", type=int, default=None, help="training batch (GPU default 8, CPU 1)")
     p.add_argument("--infer-size", type=int, default=512)
+    p.add_argument("--infer-batch", type=int, default=1, help="batch of the inference case (default 1: one image)")
     p.add_argument("--cnum", type=int, default=48)
     p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"],
                    choices=["G fwd+bwd", "train step", "G inference"])
@@ -267,13 +268,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_args(a: argparse.Namespace) -> int:
     """Run the cases ``a`` (from :func:`add_arguments`) select; print and write the table."""
+    from ..errors import InvalidInputError
+
     dtype = B.apply_common_args(a)
     gpu = a.device == "cuda"
     channels_last = gpu if a.channels_last is None else a.channels_last
     size = a.size or 256
     batch = a.batch or (8 if gpu else 1)
     sizes = {"G fwd+bwd": size, "train step": a.train_size or size, "G inference": a.infer_size}
-    cases = [(c, batch if c != "G inference" else 1, sizes[c]) for c in a.cases]
+    for name in ("batch", "infer_batch"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise InvalidInputError(f"must be at least 1, got {value}", argument=name.replace("_", "-"))
+    cases = [(c, batch if c != "G inference" else a.infer_batch, sizes[c]) for c in a.cases]
     env = B.environment(a.device)
     env.update(channels_last=channels_last, cnum=a.cnum)
 

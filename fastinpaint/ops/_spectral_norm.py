@@ -53,14 +53,14 @@ OP = Op("spectral_norm_conv2d", {
 
 # ----------------------------------------------------------------------------- reference
 
-def sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _reference_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``u . (W v)`` with the weight flattened to (Cout, rest): the spectral-norm estimate."""
     return torch.vdot(u, torch.mv(weight.flatten(1), v))
 
 
 def reference_conv2d(x, weight, bias, u, v, stride=1, padding=0, dilation=1, groups=1):
     """What the parametrization computes: ``conv2d(x, W / sigma, b)`` (the reference backend)."""
-    return F.conv2d(x, weight / sigma(weight, u, v), bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight / _reference_sigma(weight, u, v), bias, stride, padding, dilation, groups)
 
 
 # ----------------------------------------------------------------------------- weight as a matrix
