@@ -90,6 +90,30 @@ def test_deepfill_v2_bench_structure():
             assert r["peak_MB"] is not None and r["peak_MB"] >= 0, r
 
 
+def test_deepfill_v2_train_step_freezes_d_for_the_generator_step():
+    """As the trainer: the discriminator's gradients come from its own step only, and it is
+    trainable again afterwards."""
+    from fastinpaint.models import deepfill_v2_bench as DB
+
+    recipe = DB.build("cpu", torch.float32, False, cnum=4)
+    image, mask = DB._inputs(1, (32, 32), "cpu", torch.float32, False)
+    DB.make_step(recipe, "fastinpaint", "train step", image, mask)()
+    d = recipe.discriminator
+    grads = [p.grad.clone() for p in d.parameters()]
+    assert all(p.requires_grad for p in d.parameters())
+    for p in d.parameters():
+        p.grad = None
+    # the D step alone, from the same initial state (same seed); the generator's output is the
+    # same in eval mode
+    recipe2 = DB.build("cpu", torch.float32, False, cnum=4)
+    out = recipe2.generator.eval()(recipe2.prepare_input(image, mask))
+    recipe2.generator.train()
+    sum(recipe2.discriminator_losses(image, mask, out, recipe2.discriminator).values()).backward()
+    grads2 = [p.grad for p in recipe2.discriminator.parameters()]
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_large_image_bench_writes_its_files(tmp_path):
     """benchmarks/deepfill_v2_large_images.py on a tiny image: a fresh process per size, the
     row's figures (time, peak, estimate), the JSON and markdown files; a bad size is refused."""

@@ -299,7 +299,7 @@ def test_discriminator_backends_agree_and_deep_layers_fold():
         results.append((scores.detach(), x.grad, [p.grad for p in module.parameters()], folded,
                         [b.clone() for b in module.buffers()]))
     (s, gx, gp, folded, bufs), (s_r, gx_r, gp_r, folded_r, bufs_r) = results
-    assert folded == 2 * 4 and folded_r == 0            # conv3-6 fold at 64x64, twice
+    assert folded == 2 * 3 and folded_r == 0            # conv4-6 fold at 64x64, twice
     torch.testing.assert_close(s, s_r)
     torch.testing.assert_close(gx, gx_r)
     for a, b in zip(gp + bufs, gp_r + bufs_r):

@@ -6,10 +6,10 @@ and ``torch.compile`` of the generator on fastinpaint's layers, timed in the sam
 Cases:
   * ``G fwd+bwd``: the generator's forward and the backward of its L1 losses (both stages);
   * ``train step``: one discriminator step (G forward without grad, D on real and fake,
-    hinge loss, backward) and one generator step (G forward, L1 + hinge losses through D,
-    backward); no optimiser update. D is never compiled; its spectral-normalised convolutions
+    hinge loss, backward) and one generator step (G forward, L1 + hinge losses through the
+    frozen D, backward), as ``fastinpaint train`` runs them; no optimiser update. D is never compiled; its spectral-normalised convolutions
     (``SpectralNormConv2d``) run torch's formula (W / sigma) in eager and compile(eager), and
-    fastinpaint's op (the output scaled by 1/sigma where that is smaller) in the other two;
+    fastinpaint's op (the output scaled by 1/sigma where the output is the smaller) in the other two;
   * ``G inference``: eval mode, no grad, the refined output, at ``--infer-batch`` images (default 1).
 
 Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory
@@ -156,8 +156,12 @@ def make_step(recipe, impl: str, case: str, image, mask):
                 with torch.no_grad():
                     out = net(x)
                 sum(recipe.discriminator_losses(image, mask, out, d).values()).backward()
-                out = net(x)
-                sum(recipe.generator_losses(image, mask, out, d).values()).backward()
+                d.requires_grad_(False)   # frozen for the generator's step, as the trainer does
+                try:
+                    out = net(x)
+                    sum(recipe.generator_losses(image, mask, out, d).values()).backward()
+                finally:
+                    d.requires_grad_(True)
     else:
         raise ValueError(f"unknown case {case!r}")
     return run

@@ -16,8 +16,8 @@ pass but one rank-1 update:
 
 Paths per backend:
   reference  W / sigma, then conv2d (:func:`reference_conv2d`): what the parametrization computes
-  cpu, cuda  the folded form above where the output is no larger than the weight (:func:`folds`;
-             a discriminator's deeper layers), one autograd node over torch's convolution and its
+  cpu, cuda  the folded form above where the output is at most a quarter of the weight
+             (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's convolution and its
              backward (oneDNN / cuDNN), no C++ kernel of its own; the reference elsewhere
 
 Under autocast the convolution runs in the autocast dtype (as conv2d would) and sigma, its
@@ -44,7 +44,7 @@ from ._registry import Op
 OP = Op("spectral_norm_conv2d", {
     "reference": "the weight divided by sigma, then conv2d, as torch.nn.utils.parametrizations.spectral_norm "
                  "(ops/_spectral_norm.py)",
-    "cpu": "where the output is no larger than the weight, conv2d on the raw weight, its output scaled by "
+    "cpu": "where the output is at most a quarter of the weight, conv2d on the raw weight, its output scaled by "
            "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
            "(oneDNN convolutions); the reference elsewhere",
     "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
@@ -146,14 +146,20 @@ def _fold_fake(x, weight, bias, u, v, stride, padding, dilation, groups):
     return y, u.new_empty(())
 
 
+#: the folded form runs where the output has at most this share of the weight's elements
+FOLD_MAX_OUTPUT_SHARE = 0.25
+
+
 def folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
-    """Whether the folded form runs: where the output is no larger than the weight. The fold trades
-    the reference's weight-sized passes (one forward, several backward) for two output-sized ones
-    (the scaling of the output and of its gradient); a first layer, whose output dwarfs its weight,
-    keeps the reference, which torch.compile also lays out and fuses as it would torch's."""
+    """Whether the folded form runs: where the output is small against the weight
+    (:data:`FOLD_MAX_OUTPUT_SHARE`). The fold trades the reference's weight-sized passes (one
+    forward, several backward) for two output-sized ones (the scaling of the output and of its
+    gradient) and an opaque op; where the output is larger (SN-PatchGAN's first three layers at
+    256x256: no gain measured in eager), the reference runs, which torch.compile also lays out and
+    fuses as it would torch's (its channels-last convolution beat the opaque op there)."""
     ho, wo = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
               for i in range(2))
-    return x.shape[0] * weight.shape[0] * ho * wo <= weight.numel()
+    return x.shape[0] * weight.shape[0] * ho * wo <= FOLD_MAX_OUTPUT_SHARE * weight.numel()
 
 
 @torch.library.custom_op("fastinpaint::spectral_norm_conv2d_folded", mutates_args=())
