@@ -83,11 +83,16 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None when ``backend`` can run on ``device_type`` here, else why not."""
+def unavailable_reason(backend: str, device_type: str, extension: bool = True) -> str | None:
+    """None when ``backend`` can run on ``device_type`` here, else why not. ``extension=False``:
+    an op's ``cpu`` / ``cuda`` backend built on torch's ops alone (no fastinpaint._C kernel), which
+    needs only tensors of its device."""
     _check_name(backend)
     if backend == "reference":
         return None
+    if not extension and backend in ("cpu", "cuda"):
+        return None if device_type == backend else f"the {backend} backend takes {backend.upper()} tensors, got " \
+                                                   f"{device_type} tensors"
     if backend == "triton":
         missing = _triton_missing()
         if missing:
@@ -116,23 +121,25 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _resolve(op: str, implemented: tuple, device_type: str, name: str) -> str:
+def _resolve(op: str, implemented: tuple, device_type: str, name: str, torch_only: tuple = ()) -> str:
     if name == "auto":
         for candidate in AUTO_ORDER.get(device_type, ("reference",)):
-            if candidate in implemented and unavailable_reason(candidate, device_type) is None:
+            if candidate in implemented and unavailable_reason(candidate, device_type,
+                                                               candidate not in torch_only) is None:
                 return candidate
         return "reference"
     if name not in implemented:
         raise BackendUnavailableError(f"{op} has no {name!r} backend; it has {implemented}")
-    why = unavailable_reason(name, device_type)
+    why = unavailable_reason(name, device_type, name not in torch_only)
     if why is not None:
         raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable for {device_type} tensors: {why}")
     return name
 
 
-def select(op: str, implemented: tuple, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors of ``device``."""
-    return _resolve(op, tuple(implemented), device.type, requested())
+def select(op: str, implemented: tuple, device: torch.device, torch_only: tuple = ()) -> str:
+    """The backend that runs ``op`` on tensors of ``device``; ``torch_only``: its ``cpu`` / ``cuda``
+    backends that call no fastinpaint._C kernel (available wherever the device is)."""
+    return _resolve(op, tuple(implemented), device.type, requested(), tuple(torch_only))
 
 
 def backends() -> dict[str, dict[str, str]]:

@@ -15,7 +15,6 @@ from fastinpaint.nn import SpectralNormConv2d
 from fastinpaint.ops import _spectral_norm as sn_op
 from fastinpaint.ops._spectral_norm import folds, power_iteration, reference_conv2d, spectral_norm_conv2d
 
-from conftest import skip_unless_available
 
 # (cin, cout, kernel, stride, padding, dilation, groups, input size): the first three fold (their
 # output is at most a quarter of the weight), the others keep the reference
@@ -77,7 +76,11 @@ def test_module_matches_torch_spectral_norm(index, dtype, channels_last):
         == FOLDS[index]
     gys = [torch.randn_like(y0) for _ in xs]
     ours.load_state_dict(theirs.state_dict())   # undo the power-iteration step of y0
-    got, want = _steps(ours, xs, gys), _steps(theirs, xs, gys)
+    with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        got = _steps(ours, xs, gys)
+    ran = {e.name for e in prof.function_events}
+    assert ("fastinpaint::spectral_norm_conv2d_folded_backward" in ran) == FOLDS[index]
+    want = _steps(theirs, xs, gys)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for a, b in zip(got[0] + got[1] + [got[2], got[3]], want[0] + want[1] + [want[2], want[3]]):
         if b is None:
@@ -107,17 +110,20 @@ def test_folded_gradcheck_and_double_backward(bias):
     args = [t.requires_grad_() for t in (x, w, b) if t is not None]
 
     def fn(x, w, b=None):
-        return spectral_norm_conv2d(x, w, b, u, v, 2, 1, 1, 2)
+        with use_backend("cpu"):
+            return spectral_norm_conv2d(x, w, b, u, v, 2, 1, 1, 2)
 
-    assert torch.autograd.gradcheck(fn, args)
-    assert torch.autograd.gradgradcheck(fn, args)
+    with torch.autograd.profiler.profile() as prof:
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+    assert "fastinpaint::spectral_norm_conv2d_folded_backward" in {e.name for e in prof.function_events}
 
 
 def test_folded_matches_reference_formula_and_runs_the_op():
     x, w, b, u, v = _fold_inputs(dtype=torch.float32)
     for t in (x, w, b):
         t.requires_grad_()
-    with torch.autograd.profiler.profile() as prof:
+    with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         y = spectral_norm_conv2d(x, w, b, u, v, 2, 1, 1, 2)
         y.backward(torch.ones_like(y))
     names = {e.name for e in prof.function_events}
@@ -173,7 +179,7 @@ def test_padding_forms(padding, padding_mode, kernel):
     x = torch.randn(1, 32, 3, 4, dtype=torch.float64)
     gy = torch.randn_like(theirs(x))
     ours.load_state_dict(theirs.state_dict())
-    with torch.autograd.profiler.profile() as prof:
+    with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         got = _steps(ours, [x], [gy])
     assert "fastinpaint::spectral_norm_conv2d_folded" in {e.name for e in prof.function_events}
     want = _steps(theirs, [x], [gy])
@@ -181,12 +187,33 @@ def test_padding_forms(padding, padding_mode, kernel):
         torch.testing.assert_close(a, b)
 
 
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 def test_removed_or_extra_parametrization_falls_back():
     torch.manual_seed(0)
     m = SpectralNormConv2d(16, 24, 5, 2, 2)
     x = torch.randn(1, 16, 9, 7)
+    extra = SpectralNormConv2d(16, 24, 5, 2, 2)   # not a deepcopy: that would share m's injected class
     nn.utils.parametrize.remove_parametrizations(m, "weight")
     torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, 2, 2))
+    nn.utils.parametrize.register_parametrization(extra, "weight", _Double())   # W -> 2 W / sigma
+    extra.eval()
+    torch.testing.assert_close(extra(x), F.conv2d(x, extra.weight, extra.bias, 2, 2))
+
+
+def test_deepcopy_and_power_iteration_options_match_torch():
+    torch.manual_seed(0)
+    kwargs = dict(_kwargs(GEOMETRIES[0]), n_power_iterations=3, eps=1e-4)
+    ours, theirs = _pair(kwargs, torch.float64, torch.contiguous_format)
+    ours = copy.deepcopy(ours)
+    x = torch.randn(2, 16, 9, 7, dtype=torch.float64)
+    with use_backend("cpu"):
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.parametrizations.weight[0]._v, theirs.parametrizations.weight[0]._v)
+    assert ours.parametrizations.weight[0].n_power_iterations == 3 and ours.parametrizations.weight[0].eps == 1e-4
 
 
 def test_state_dict_is_torchs():
@@ -213,16 +240,44 @@ def test_power_iteration_matches_torch_and_channels_last():
         torch.testing.assert_close(v, ev)
 
 
-def test_autocast_cpu_bfloat16():
+def test_autocast_and_low_precision_run_the_reference():
+    """Under autocast (or on bfloat16 tensors) torch's formula runs: the same numbers as torch's
+    module, gradients included; the power iteration stays in float32."""
     torch.manual_seed(0)
     ours, theirs = _pair(_kwargs(GEOMETRIES[0]), torch.float32, torch.contiguous_format)
     x = torch.randn(2, 16, 9, 7)
+    with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours(x)
+        y.float().sum().backward()
+    assert not any(e.name.startswith("fastinpaint::") for e in prof.function_events)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, yt = ours(x), theirs(x)
+        yt = theirs(x)
+    yt.float().sum().backward()
     assert y.dtype == yt.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), yt.float(), rtol=3e-2, atol=3e-2)
-    y.float().sum().backward()
-    assert ours.parametrizations.weight.original.grad.dtype == torch.float32
+    torch.testing.assert_close(y, yt)
+    g, gt = ours.parametrizations.weight.original.grad, theirs.parametrizations.weight.original.grad
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, gt)
+    low = copy.deepcopy(ours).bfloat16()
+    with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
+        low(x.bfloat16())
+    assert not any(e.name.startswith("fastinpaint::") for e in prof.function_events)
+
+
+def test_torch_compile_inductor_channels_last_matches_torch():
+    torch.manual_seed(0)
+    ours, theirs = _pair(_kwargs(GEOMETRIES[0]), torch.float32, torch.channels_last)
+    x = torch.randn(2, 16, 9, 7).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(ours, fullgraph=True)
+    with use_backend("cpu"):
+        y = compiled(x)
+    yt = theirs(x)
+    torch.testing.assert_close(y, yt, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    yt.sum().backward()
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad,
+                               theirs.parametrizations.weight.original.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -239,14 +294,25 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(m.parametrizations.weight[0]._u, m2.parametrizations.weight[0]._u)
 
 
-def test_opcheck():
-    skip_unless_available("cpu", "cpu")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck(channels_last):
     x, w, b, u, v = _fold_inputs(dtype=torch.float32)
+    if channels_last:
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     geometry = ([2, 2], [1, 1], [1, 1], 2)
     torch.library.opcheck(sn_op._fold, (x, w, b, u, v, *geometry))
     y, inv = sn_op._fold(x, w, b, u, v, *geometry)
-    torch.library.opcheck(sn_op._fold_backward, (torch.randn_like(y), x, w, u, v, inv, *geometry, True, True))
-    torch.library.opcheck(sn_op._fold_backward, (torch.randn_like(y), x, w, u, v, inv, *geometry, False, True))
+    gy = torch.randn_like(y)
+    for need_x, need_w in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(sn_op._fold_backward, (gy, x, w, u, v, inv, *geometry, need_x, need_w))
+
+
+def test_torch_only_backends_need_no_extension():
+    from fastinpaint import _backend
+
+    assert sn_op.OP.torch_only == ("cpu", "cuda")
+    assert _backend.unavailable_reason("cpu", "cpu", extension=False) is None
+    assert "CUDA tensors" in _backend.unavailable_reason("cuda", "cpu", extension=False)
 
 
 def test_bad_input_names_the_argument():

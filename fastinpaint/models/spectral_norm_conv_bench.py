@@ -62,29 +62,33 @@ def _input(case: Case, batch, device, dtype, channels_last, grad):
     return x.requires_grad_(grad)
 
 
+def _on_backend(module, backend: str):
+    def fn(x):
+        with _backend.use_backend(backend):
+            return module(x)
+    return fn
+
+
 def implementations(case: Case, device: str, dtype=torch.float32, channels_last: bool = False,
                     compile_baseline: bool = True) -> tuple[dict, list]:
     """(``{label: fn(x)}``, every parameter they train): eager (torch's module), fastinpaint[<backend>]
-    (SpectralNormConv2d on it), and torch.compile of each; each implementation has its own copy of
-    the parameters and vectors (a compiled module updates its vectors too)."""
+    (SpectralNormConv2d on it) and, unless ``compile_baseline`` is False, torch.compile of each;
+    each implementation has its own copy of the parameters and vectors (the power iteration
+    updates them)."""
     ours, theirs = _modules(case, device, dtype, channels_last)
-    modules = {"eager": theirs}
-    impls = {"eager": theirs}
+    impls, modules = {"eager": theirs}, [theirs]
+    if compile_baseline:
+        modules.append(copy.deepcopy(theirs))
+        impls["compile(eager)"] = torch.compile(modules[-1], dynamic=False)
     for backend in ("cpu", "cuda"):
         if _backend.unavailable_reason(backend, device) is None:
-            module = modules[backend] = copy.deepcopy(ours)
-
-            def fn(x, _module=module, _name=backend):
-                with _backend.use_backend(_name):
-                    return _module(x)
-            impls[f"fastinpaint[{backend}]"] = fn
-    out = {}
-    for label, fn in B.with_compiled(impls, compile_baseline).items():
-        if label == "compile(eager)":
-            module = modules[label] = copy.deepcopy(theirs)
-            fn = torch.compile(module, dynamic=False)
-        out[label] = fn
-    return out, [p for m in modules.values() for p in m.parameters()]
+            modules.append(copy.deepcopy(ours))
+            impls[f"fastinpaint[{backend}]"] = _on_backend(modules[-1], backend)
+            if compile_baseline:
+                modules.append(copy.deepcopy(ours))
+                impls[f"compile(fastinpaint[{backend}])"] = torch.compile(_on_backend(modules[-1], backend),
+                                                                          dynamic=False)
+    return impls, [p for m in modules for p in m.parameters()]
 
 
 def run(cases=CASES, device="cpu", dtype=torch.float32, batch=2, channels_last=False, modes=("fwd+bwd", "fwd"),

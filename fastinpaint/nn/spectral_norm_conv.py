@@ -19,12 +19,17 @@ class SpectralNormConv2d(nn.Conv2d):
     those of the torch version, and checkpoints load either way. As there, each training-mode
     forward runs ``n_power_iterations`` steps of the power method (updating ``_u``, ``_v`` in
     place); eval mode uses the stored vectors. ``padding`` may be an int, a pair, "valid" or
-    "same", with any ``padding_mode``.
+    "same", with any ``padding_mode``. The positional arguments are ``nn.Conv2d``'s;
+    ``n_power_iterations`` and ``eps`` (torch's spectral_norm's) are keyword-only.
+
+    Differences from torch's module: the fold runs in float32 / float64 outside autocast (else
+    torch's formula runs); the power iteration runs outside autocast, in the weight's dtype; and
+    ``torch.nn.utils.parametrize.cached()`` does not cache here (each training forward iterates).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", n_power_iterations: int = 1,
-                 eps: float = 1e-12, device=None, dtype=None):
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 n_power_iterations: int = 1, eps: float = 1e-12):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         nn.utils.parametrizations.spectral_norm(self, n_power_iterations=n_power_iterations, eps=eps, dim=0)

@@ -125,6 +125,8 @@ class Op:
         self.implemented = tuple(b for b in _backend.BACKENDS if b in backends)
         self.kernels = tuple(kernels)
         self.cpp_backends = tuple(b for b in cpp_backends if b in backends)
+        #: its cpu / cuda backends on torch's ops alone: available without fastinpaint._C
+        self.torch_only = tuple(b for b in ("cpu", "cuda") if b in backends and b not in self.cpp_backends)
         self._complete: set[str] = set()  # device types whose kernels were all found (a loaded library stays)
         OPS[name] = self
 
@@ -135,7 +137,7 @@ class Op:
     def select(self, x: torch.Tensor, arg: str = "x") -> str:
         """The backend that runs this op on ``x`` (the op's first tensor argument, named ``arg``
         in errors)."""
-        backend = _backend.select(self.name, self.implemented, x.device)
+        backend = _backend.select(self.name, self.implemented, x.device, self.torch_only)
         if backend == "triton" and x.dtype == torch.float64:
             raise TypeError(f"{arg} is float64, which the triton backend does not take (float16, bfloat16, "
                             "float32); use the reference or cpu backend for float64")
@@ -159,7 +161,7 @@ def describe() -> dict[str, dict[str, dict[str, str]]]:
         for backend, runs in op.backends.items():
             entry = {"runs": runs}
             for device in ("cpu", "cuda"):
-                why = _backend.unavailable_reason(backend, device)
+                why = _backend.unavailable_reason(backend, device, backend not in op.torch_only)
                 if why is None and backend in op.cpp_backends and op.missing_kernels(device):
                     why = f"fastinpaint._C lacks {', '.join(op.missing_kernels(device))} (a stale build)"
                 if why is None and device == "cuda" and not torch.cuda.is_available():

@@ -20,10 +20,11 @@ Paths per backend:
              (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's convolution and its
              backward (oneDNN / cuDNN), no C++ kernel of its own; the reference elsewhere
 
-Under autocast the convolution runs in the autocast dtype (as conv2d would) and sigma, its
-gradient and the power iteration in the weight's dtype; the folded convolution's raw output is
-sigma times the normalised one before its scaling, which float16 holds for any sigma below
-thousands. A double backward (``create_graph``,
+The fold runs in float32 and float64; under autocast, or for float16 / bfloat16 tensors, the
+reference runs (1/sigma rounded to 16 bits would scale a whole layer by one rounding error, and
+the raw output, sigma times the normalised one, could overflow float16). The power iteration
+runs in the weight's dtype outside autocast (torch's runs its products in float16 under CUDA
+autocast). A double backward (``create_graph``,
 e.g. a gradient penalty) differentiates the reference formula, recomputed inside the backward.
 
 Not an op folder (``ops/<op>/``): it has no kernel of its own, Triton or C++, only two
@@ -37,7 +38,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import acc_dtype, check_float_tensor, check_same_device, conv_output_size, pair
+from ._common import check_float_tensor, check_same_device, conv_output_size, pair
 from ._layout import conv_output_format
 from ._registry import Op
 
@@ -114,23 +115,23 @@ def power_iteration(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iter
         F.normalize(_from_rows(torch.mv(mat.t(), u), weight, cl), dim=0, eps=eps, out=v)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``sum(a * b)`` in ``dtype``, without a temporary when both share one dense memory order."""
-    if a.dtype == b.dtype == dtype and a.stride() == b.stride():
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum(a * b)``, without a temporary when both share one dense memory order."""
+    if a.stride() == b.stride():
         fa, _ = _matrix(a)
         fb, _ = _matrix(b)
         if fa is not None and fb is not None:
             return torch.dot(fa.reshape(-1), fb.reshape(-1))
-    return (a.to(dtype) * b.to(dtype)).sum()
+    return (a * b).sum()
 
 
 def _add_rank1(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``grad + u v^T`` (v in (Cin, kh, kw) order), in place where the layout allows."""
     mat, cl = _matrix(grad)
     if mat is not None and not torch.is_grad_enabled():
-        mat.addr_(u.to(grad.dtype), _to_rows(v, grad, cl).to(grad.dtype))
+        mat.addr_(u, _to_rows(v, grad, cl))
         return grad
-    return grad + torch.outer(u, v).view(grad.shape).to(grad.dtype)
+    return grad + torch.outer(u, v).view(grad.shape)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -165,13 +166,13 @@ def folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> b
 @torch.library.custom_op("fastinpaint::spectral_norm_conv2d_folded", mutates_args=())
 def _fold(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], u: torch.Tensor, v: torch.Tensor,
           stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(conv(x, W) / sigma + b in x's dtype, 1 / sigma in the weight's): x arrives in the compute
-    dtype (autocast's, cast by the caller), the weight is cast here, so that sigma sees it as it is."""
+    """(conv(x, W) / sigma + b, 1 / sigma): float32 or float64, x, the weight and the vectors of one
+    dtype (the caller checks)."""
     sigma = torch.dot(u, _mv(weight, v))
     inv = torch.reciprocal(sigma)
-    bc = None if bias is None else (bias * sigma).to(x.dtype)   # conv(x, W, b sigma) / sigma: one pass
-    y = torch.ops.aten.convolution(x, weight.to(x.dtype), bc, stride, padding, dilation, False, [0, 0], groups)
-    y.mul_(inv.to(y.dtype))
+    bc = None if bias is None else bias * sigma   # conv(x, W, b sigma) / sigma: one pass over the output
+    y = torch.ops.aten.convolution(x, weight, bc, stride, padding, dilation, False, [0, 0], groups)
+    y.mul_(inv)
     return y.contiguous(memory_format=conv_output_format(x, weight)), inv
 
 
@@ -184,15 +185,13 @@ def _fold_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: t
                    need_x: bool, need_w: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(gx, gW) of :func:`_fold` (an empty tensor for one not needed)."""
     fmt = conv_output_format(x, weight)
-    wc = weight.to(x.dtype)
     gx = gw = None
     if need_x or need_w:
-        gx, gw, _ = torch.ops.aten.convolution_backward(gy * inv.to(gy.dtype), x, wc, None, stride, padding,
+        gx, gw, _ = torch.ops.aten.convolution_backward(gy * inv, x, weight, None, stride, padding,
                                                         dilation, False, [0, 0], groups, [need_x, need_w, False])
     if need_w:
-        acc = acc_dtype(weight.dtype)
-        gsigma = -_dot(wc, gw, acc) * inv.to(acc)
-        gw = _add_rank1(gw.to(weight.dtype), u, v * gsigma.to(v.dtype)).contiguous(memory_format=fmt)
+        gsigma = -_dot(weight, gw) * inv
+        gw = _add_rank1(gw, u, v * gsigma).contiguous(memory_format=fmt)
     gx = gx.contiguous(memory_format=fmt) if need_x else x.new_empty(0)
     return gx, gw if need_w else weight.new_empty(0)
 
@@ -207,6 +206,7 @@ def _fold_backward_fake(gy, x, weight, u, v, inv, stride, padding, dilation, gro
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, u, v, stride, padding, dilation, groups = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, bias, u, v, output[1])
     ctx.geometry = (stride, padding, dilation, groups)
 
@@ -217,14 +217,13 @@ def _backward(ctx, gy, _ginv):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():   # create_graph: the reference formula's gradient, itself differentiable
         inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
-        with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != weight.dtype):
-            y = reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
+        y = reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
         grads = iter(torch.autograd.grad(y, inputs, gy, create_graph=True))
         gx, gw, gb = (next(grads) if need else None for need in (need_x, need_w, need_b))
     else:
         gx, gw = _fold_backward(gy, x, weight, u, v, inv, stride, padding, dilation, groups, need_x, need_w)
         gx, gw = (gx if need_x else None), (gw if need_w else None)
-        gb = gy.sum((0, 2, 3)).to(bias.dtype) if need_b else None
+        gb = gy.sum((0, 2, 3)) if need_b else None
     return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -266,13 +265,12 @@ def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"x has {x.shape[1]} channels; the weight takes {weight.shape[1] * groups} "
                          f"({weight.shape[1]} per group, groups={groups})")
     backend = OP.select(x)
-    if backend == "reference" or not folds(x, weight, stride, padding, dilation):
-        return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
-    dev = x.device.type
-    autocast = torch.is_autocast_enabled(dev) and torch.float64 not in (x.dtype, weight.dtype)
-    if autocast:   # as conv2d under autocast: the convolution in the autocast dtype
-        x = x.to(torch.get_autocast_dtype(dev))
-    elif x.dtype != weight.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype)
+    if not autocast and x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}")
-    with torch.autocast(dev, enabled=False):
-        return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]
+    # the fold in float32 / float64 only: 1/sigma rounded to 16 bits would scale the whole layer
+    # by one rounding error, and a raw float16 output can overflow where the normalised one does not
+    if (backend == "reference" or autocast or x.dtype not in (torch.float32, torch.float64)
+            or not folds(x, weight, stride, padding, dilation)):
+        return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
+    return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]
