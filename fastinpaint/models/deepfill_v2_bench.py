@@ -8,7 +8,8 @@ Cases:
   * ``train step``: one discriminator step (G forward without grad, D on real and fake,
     hinge loss, backward) and one generator step (G forward, L1 + hinge losses through the
     frozen D, backward), as ``fastinpaint train`` runs them; no optimiser update. D is never compiled; its spectral-normalised convolutions
-    (``SpectralNormConv2d``) run torch's formula (W / sigma) in eager and compile(eager), and
+    (``SpectralNormConv2d``; its power iteration, the same ops as torch's for NCHW weights, in
+    every column) run torch's formula (W / sigma) in eager and compile(eager), and
     fastinpaint's op (the output scaled by 1/sigma where the output is the smaller) in the other two;
   * ``G inference``: eval mode, no grad, the refined output, at ``--infer-batch`` images (default 1).
 

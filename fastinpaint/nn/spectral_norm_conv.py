@@ -41,10 +41,10 @@ class SpectralNormConv2d(nn.Conv2d):
         if self.padding == "valid":
             return x, (0, 0)
         if self.padding == "same":   # stride 1 (nn.Conv2d checks): total dilation * (k - 1), the extra one after
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            if all(t % 2 == 0 for t in totals):
-                return x, (totals[0] // 2, totals[1] // 2)
-            return F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)), (0, 0)
+            th, tw = (d * (k - 1) for d, k in zip(self.dilation, self.kernel_size))
+            if th % 2 == 0 and tw % 2 == 0:
+                return x, (th // 2, tw // 2)
+            return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2)), (0, 0)
         return x, self.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ DeepFill v2): argument checks, the power iteration, autograd and dispatch.
 
 ``torch.nn.utils.parametrizations.spectral_norm`` divides the whole weight by sigma in every
 forward and differentiates through that division: in a profile of DeepFill v2's discriminator
-(CPU, 128x128 images) these weight-sized passes took about as long as the convolutions. Since the convolution is linear
-in its weight, ``conv(x, W / sigma) = conv(x, W) / sigma``, and the gradient needs no weight-sized
-pass but one rank-1 update:
+(CPU, 128x128 images) these weight-sized passes took about as long as the convolutions. Since
+the convolution is linear in its weight, ``conv(x, W / sigma) = conv(x, W) / sigma``, and the
+gradient needs no weight-sized pass but one rank-1 update:
 
     y      = conv(x, W) / sigma + b                    sigma = u . (W v), u and v constants
     gx     = conv_input_grad(gy / sigma, W)
@@ -17,15 +17,16 @@ pass but one rank-1 update:
 Paths per backend:
   reference  W / sigma, then conv2d (:func:`reference_conv2d`): what the parametrization computes
   cpu, cuda  the folded form above where the output is at most a quarter of the weight
-             (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's convolution and its
-             backward (oneDNN / cuDNN), no C++ kernel of its own; the reference elsewhere
+             (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's
+             convolution and its backward (oneDNN / cuDNN), no C++ kernel of its own; the
+             reference elsewhere
 
 The fold runs in float32 and float64; under autocast, or for float16 / bfloat16 tensors, the
 reference runs (1/sigma rounded to 16 bits would scale a whole layer by one rounding error, and
 the raw output, sigma times the normalised one, could overflow float16). The power iteration
 runs in the weight's dtype outside autocast (torch's runs its products in float16 under CUDA
-autocast). A double backward (``create_graph``,
-e.g. a gradient penalty) differentiates the reference formula, recomputed inside the backward.
+autocast). A double backward (``create_graph``, e.g. a gradient penalty) differentiates the
+reference formula, recomputed inside the backward.
 
 Not an op folder (``ops/<op>/``): it has no kernel of its own, Triton or C++, only two
 torch.library ops over torch's convolution (so that torch.compile calls them as they are, as
@@ -140,10 +141,15 @@ def _add_rank1(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Te
 # inductor would copy the input and the weight to channels-last for its own convolution and
 # turn the matrix-vector products and the rank-1 update into generated loops (2-3x slower here).
 
+def _output_shape(x, weight, stride, padding, dilation) -> tuple:
+    """The convolution's output shape (B, Cout, Ho, Wo)."""
+    return (x.shape[0], weight.shape[0], *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i],
+                                                            padding[i], dilation[i]) for i in range(2)))
+
+
 def _fold_fake(x, weight, bias, u, v, stride, padding, dilation, groups):
-    ho, wo = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-              for i in range(2))
-    y = x.new_empty((x.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=conv_output_format(x, weight))
+    y = x.new_empty(_output_shape(x, weight, stride, padding, dilation))
+    y = y.contiguous(memory_format=conv_output_format(x, weight))
     return y, u.new_empty(())
 
 
@@ -158,9 +164,8 @@ def folds(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> b
     gradient) and an opaque op; where the output is larger (SN-PatchGAN's first three layers at
     256x256: no gain measured in eager), the reference runs, which torch.compile also lays out and
     fuses as it would torch's (its channels-last convolution beat the opaque op there)."""
-    ho, wo = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-              for i in range(2))
-    return x.shape[0] * weight.shape[0] * ho * wo <= FOLD_MAX_OUTPUT_SHARE * weight.numel()
+    b, cout, ho, wo = _output_shape(x, weight, stride, padding, dilation)
+    return b * cout * ho * wo <= FOLD_MAX_OUTPUT_SHARE * weight.numel()
 
 
 @torch.library.custom_op("fastinpaint::spectral_norm_conv2d_folded", mutates_args=())
