@@ -306,6 +306,53 @@ def test_discriminator_backends_agree_and_deep_layers_fold():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cpu_backend_runs_both_networks_channels_last_inside(enabled):
+    """With fastinpaint's cpu backend, the generator and the discriminator run an NCHW CPU input
+    channels_last inside (their layers see channels_last maps) and return NCHW outputs; scores,
+    input gradients and weight gradients equal the reference backend's, which runs NCHW as
+    written. ``cpu_channels_last = False`` keeps NCHW; a channels_last input stays channels_last."""
+    from conftest import skip_unless_available
+    from fastinpaint import use_backend
+    from fastinpaint.ops._layout import is_channels_last
+
+    skip_unless_available("cpu", "cpu")
+    torch.manual_seed(0)
+    recipe = build_model("deepfill_v2", cnum=8, disc_cnum=4)
+    g, d = recipe.generator, recipe.discriminator.eval()   # eval: D's power iteration stays put
+    g.cpu_channels_last = d.cpu_channels_last = enabled
+    seen = []
+    for layer in (g.stage1.conv1, g.stage1.up_block2.conv1_upsample, g.stage2.contextual_attention,
+                  g.stage2.conv_to_rgb, d.conv1.conv_sn, d.conv6.conv_sn):
+        layer.register_forward_pre_hook(lambda module, args: seen.append(is_channels_last(args[0])))
+    image, mask = _batch(2, 64, 64)    # conv6 of D sees 2x2 maps (1x1 would fit both layouts)
+    params = list(g.parameters()) + list(d.parameters())
+
+    def run(backend, x):
+        seen.clear()
+        x = x.clone().requires_grad_()
+        with use_backend(backend):
+            coarse, refined = g(x)
+            scores = d(refined, mask)
+            (coarse.square().sum() + refined.square().sum() + scores.sum()).backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return list(seen), [coarse, refined, scores], x.grad, grads
+
+    x = recipe.prepare_input(image, mask)
+    layouts, outs, gx, grads = run("auto", x)
+    layouts_r, outs_r, gx_r, grads_r = run("reference", x)
+    assert layouts == [enabled] * 6 and layouts_r == [False] * 6
+    assert all(o.is_contiguous() for o in outs + [gx])
+    for a, b in zip(outs + [gx] + grads, outs_r + [gx_r] + grads_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    layouts, outs, _, _ = run("auto", x.contiguous(memory_format=torch.channels_last))
+    assert layouts[:4] == [True] * 4 and all(is_channels_last(o) for o in outs[:2])
+    assert layouts[4:] == [enabled] * 2        # D's input: a channels_last image and an NCHW mask
+
+
 def test_hinge_losses_and_recipe_losses():
     real, fake = torch.randn(4, 10), torch.randn(4, 10)
     d_real, d_fake = hinge_d_loss(real, fake)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..errors import InvalidInputError
+from ..ops._layout import is_channels_last
 
 
 def known_same_size(size, target) -> bool:
@@ -13,6 +15,16 @@ def known_same_size(size, target) -> bool:
     size, so a model takes its resampling branch (resampling to the same size is the identity)
     instead of pinning the traced size with a guard."""
     return len(size) == len(target) and all(statically_known_true(a == b) for a, b in zip(size, target))
+
+
+def cpu_channels_last(x: torch.Tensor, op) -> bool:
+    """Whether a model should run its layers channels_last on ``x``: a 4-D NCHW CPU tensor on
+    which ``op`` (the model's main fastinpaint op, a :class:`fastinpaint.ops._registry.Op`)
+    runs its ``cpu`` backend. oneDNN's convolutions and fastinpaint's CPU kernels are faster on
+    channels_last maps than on NCHW ones, and inductor lays the convolutions of a compiled
+    NCHW model out channels_last for the same reason; under the reference backend the model
+    runs as written (NCHW stays NCHW)."""
+    return x.device.type == "cpu" and x.dim() == 4 and not is_channels_last(x) and op.select(x) == "cpu"
 
 
 def merge_loss_weights(model_name: str, defaults: dict, overrides: dict | None) -> dict:

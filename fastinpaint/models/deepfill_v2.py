@@ -24,6 +24,12 @@ stride-2 stages, and the attention matches at half of that resolution. (512x680 
 mode (``return_coarse`` overrides): the trainer's validation and ``fastinpaint inpaint`` put
 the network in eval mode and get one (B, 3, H, W) tensor; the recipe's losses take the pair.
 
+Memory format: where fastinpaint's C++ CPU backend runs the gated layers (CPU tensors, the
+default backend), both networks run an NCHW input channels_last inside and return NCHW
+outputs (``cpu_channels_last = False`` turns that off); the weights keep their format, so
+state dicts and checkpoints are unchanged. A channels_last input stays channels_last, and the
+reference backend runs the networks as written.
+
 Weights of the common PyTorch port (module names ``stage1.conv1``, ``stage1.down_block1.
 conv1_downsample``, ``stage2.b2_conv_bn1``, ...; one ``nn.Conv2d`` of 2*Cout per gated layer
 under ``.conv``, the deconvs under ``.conv.conv``): the module names here are the same, so
@@ -57,7 +63,9 @@ from torch import nn
 
 from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ..nn.spectral_norm_conv import SpectralNormConv2d
-from ._common import merge_loss_weights, strip_wrapper_prefixes
+from ..ops._spectral_norm import OP as SPECTRAL_NORM_OP
+from ..ops.gated_conv.op import OP as GATED_CONV_OP
+from ._common import cpu_channels_last, merge_loss_weights, strip_wrapper_prefixes
 from .contextual_attention import ContextualAttention
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_checkpoint",
@@ -164,6 +172,8 @@ class DeepFillV2Generator(nn.Module):
     """
 
     size_multiple = 8
+    #: run NCHW CPU inputs channels_last inside where the cpu backend runs (see the module doc)
+    cpu_channels_last = True
 
     def __init__(self, cnum: int = 48, in_channels: int = 5, attention_masking: str = "official"):
         super().__init__()
@@ -184,12 +194,19 @@ class DeepFillV2Generator(nn.Module):
                              f"{self.size_multiple}, got {h}x{w} (pad the image, e.g. as fastinpaint inpaint does)")
         if return_coarse is None:
             return_coarse = self.training
+        channels_last = self.cpu_channels_last and cpu_channels_last(x, GATED_CONV_OP)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         mask = x[:, -1:]
         coarse = self.stage1(x)
         mixed = coarse * mask + x[:, :3] * (1 - mask)
         if not return_coarse:
             del coarse      # not held through the second stage (large images)
         refined = self.stage2(mixed, mask)
+        if channels_last:   # NCHW in, NCHW out
+            refined = refined.contiguous()
+            if return_coarse:
+                coarse = coarse.contiguous()
         return (coarse, refined) if return_coarse else refined
 
 
@@ -206,7 +223,10 @@ class _DConv(nn.Module):
 
 class SNPatchGANDiscriminator(nn.Module):
     """SN-PatchGAN: six spectral-normalised 5x5 stride-2 convolutions with LeakyReLU 0.2;
-    ``forward(image, mask[, sketch])`` -> (B, N) scores (the flattened 1/64-resolution map)."""
+    ``forward(image, mask[, sketch])`` -> (B, N) scores (the flattened 1/64-resolution map).
+    Runs channels_last inside on the CPU as the generator does (``cpu_channels_last``)."""
+
+    cpu_channels_last = True
 
     def __init__(self, cnum: int = 64, in_channels: int = 4):
         super().__init__()
@@ -222,9 +242,12 @@ class SNPatchGANDiscriminator(nn.Module):
         x = torch.cat(parts, dim=1)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"the discriminator takes {self.in_channels} channels, got {x.shape[1]}")
+        channels_last = self.cpu_channels_last and cpu_channels_last(x, SPECTRAL_NORM_OP)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for i in range(1, 7):
             x = getattr(self, f"conv{i}")(x)
-        return x.flatten(1)
+        return (x.contiguous() if channels_last else x).flatten(1)
 
 
 def hinge_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

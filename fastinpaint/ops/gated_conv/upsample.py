@@ -190,7 +190,13 @@ def phase_rows(out: torch.Tensor, s: int) -> torch.Tensor:
     for NCHW, (B*rows*cols*s*s, 2C, 1, 1) for channels_last."""
     B, K, rows, cols = out.shape
     if is_channels_last(out):
-        return out.permute(0, 2, 3, 1).reshape(B * rows * cols * s * s, K // (s * s), 1, 1)
+        rows_first = out.permute(0, 2, 3, 1)
+        if torch.compiler.is_compiling():
+            # a copy, not a view: torch's tracer and its CPU kernels can disagree on the layout
+            # of a map with one channel (both layouts fit it), and a traced view would then read
+            # the strides the kernel did not write
+            rows_first = rows_first.clone(memory_format=torch.contiguous_format)
+        return rows_first.reshape(B * rows * cols * s * s, K // (s * s), 1, 1)
     return out.reshape(B * s * s, K // (s * s), rows, cols)
 
 
