@@ -1,8 +1,10 @@
-"""Why the cpu backend leaves the gating to inductor under torch.compile (ops/gated_conv/op.py,
+"""Which gating the cpu backend runs under torch.compile (ops/gated_conv/op.py,
 COMPILED_GATING): DeepFill v2's generator on the CPU, timed in one process with interleaved
 calls, as eager layers, fastinpaint's layers, and torch.compile of each, the compiled
 fastinpaint model once with the fused gating kernel (an opaque call for inductor) and once
-with the gating as aten ops (inductor fuses them).
+with the gating as aten ops (inductor fuses them). Inputs are NCHW; fastinpaint's generator
+runs them channels_last inside (``DeepFillV2Generator.cpu_channels_last``), so its gated
+layers see channels_last maps.
 
     python benchmarks/deepfill_v2_compiled_gating.py --json out.json --markdown out.md --plot out.png
 """

@@ -516,13 +516,15 @@ def test_cpu_gating_split_across_threads_matches_reference(channels_last):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("scale_factor", [1, 2])
-@pytest.mark.parametrize("gating", ["aten", "kernel"])
-def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gating):
+@pytest.mark.parametrize("gating", ["aten", "kernel", "aten_nchw"])
+def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gating, channels_last):
     """Under torch.compile the cpu backend's gating of a plain convolution is aten ops
-    (COMPILED_GATING["cpu"] = "aten"), which inductor fuses with its neighbours, instead of the
-    opaque fused kernel; the deconv's phase convolution is visible, its gating and interleave
-    stay fastinpaint's ops; the result is the eager call's."""
+    (COMPILED_GATING["cpu"] = "aten"; "aten_nchw", the default: for NCHW maps), which inductor
+    fuses with its neighbours, instead of the opaque fused kernel; the deconv's phase
+    convolution is visible, its gating and interleave stay fastinpaint's ops; the result is the
+    eager call's."""
     from fastinpaint.ops.gated_conv import op as gop
 
     skip_unless_available("cpu", "cpu")
@@ -533,7 +535,10 @@ def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gati
         graphs.append(gm)
         return gm.forward
 
-    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    x = torch.randn(2, 3, 9, 10)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     w = torch.randn(8, 3, 3, 3, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
 
@@ -551,7 +556,7 @@ def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gati
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("conv" in t for t in targets), targets
     # the plain convolution's gating is aten ops under compile; the deconv's phases keep the kernel
-    kernel_expected = gating == "kernel" or scale_factor != 1
+    kernel_expected = gating == "kernel" or scale_factor != 1 or (gating == "aten_nchw" and channels_last)
     assert any("gated_conv_act_forward" in t for t in targets) == kernel_expected, targets
     assert any("interleave_phases" in t for t in targets) == (scale_factor != 1), targets
 

@@ -7,11 +7,18 @@ Cases:
   * ``G fwd+bwd``: the generator's forward and the backward of its L1 losses (both stages);
   * ``train step``: one discriminator step (G forward without grad, D on real and fake,
     hinge loss, backward) and one generator step (G forward, L1 + hinge losses through the
-    frozen D, backward), as ``fastinpaint train`` runs them; no optimiser update. D is never compiled; its spectral-normalised convolutions
-    (``SpectralNormConv2d``; its power iteration, the same ops as torch's for NCHW weights, in
-    every column) run torch's formula (W / sigma) in eager and compile(eager), and
-    fastinpaint's op (the output scaled by 1/sigma where the output is the smaller) in the other two;
+    frozen D, backward), as ``fastinpaint train`` runs them; no optimiser update. D is never
+    compiled; its spectral-normalised convolutions (``SpectralNormConv2d``; its power
+    iteration, the same ops as torch's for NCHW weights, in every column) run torch's formula
+    (W / sigma) in eager and compile(eager), and fastinpaint's op (the output scaled by
+    1/sigma where the output is the smaller) in the other two;
   * ``G inference``: eval mode, no grad, the refined output, at ``--infer-batch`` images (default 1).
+
+Memory format: ``--channels-last`` puts every implementation's model and inputs in
+channels_last. Without it they are NCHW, and on the CPU the two fastinpaint columns run them
+channels_last inside (the networks' ``cpu_channels_last``, on by default where the cpu
+backend runs), while eager and compile(eager) run NCHW as written (inductor picks its own
+convolution layout).
 
 Figures: median milliseconds, speed-up of fastinpaint over each baseline, and peak memory
 of one call above the memory held before it: ``torch.cuda.max_memory_allocated`` on GPU; on

@@ -15,10 +15,11 @@ The fused gating saves only the pre-activation for backward (plus the x and weig
 the convolution itself saves) and recomputes act and sigmoid from it; the eager
 formulation also keeps act(f) and sigmoid(g).
 
-Under ``torch.compile`` the cpu backend gives the gating to inductor as aten ops
-(:data:`COMPILED_GATING`): inductor fuses them into its own loops around the convolution,
-as it does for an eager model, so a compiled model on fastinpaint's layers is not slower
-than the same model on eager layers compiled. The gated deconv keeps its phase-decomposed
+Under ``torch.compile`` the cpu backend gives the gating of NCHW maps to inductor as aten
+ops (:data:`COMPILED_GATING`): inductor fuses them into its own loops around the
+convolution, as it does for an eager model, so a compiled model on fastinpaint's layers is
+not slower than the same model on eager layers compiled. On channels_last maps the fused
+kernel stays: there it was the faster of the two in the compiled model. The gated deconv keeps its phase-decomposed
 convolution (an aten convolution inductor sees), gated per phase by the fused kernel and
 interleaved by its own op (both opaque to inductor, which compiles either into slower
 loops). Eager calls use the fused kernel everywhere.
@@ -41,9 +42,12 @@ from . import reference, upsample
 
 # ----------------------------------------------------------------------------- kernels
 
-#: the backends whose gating is left to inductor (aten ops) while torch.compile traces: a
-#: fused kernel is an opaque call inductor cannot fuse with its neighbours
-COMPILED_GATING = {"cpu": "aten", "cuda": "kernel", "triton": "kernel"}
+#: the gating each backend runs while torch.compile traces: "aten" (ops inductor fuses with
+#: their neighbours; a fused kernel is an opaque call to it), "kernel" (the fused kernel), or
+#: "aten_nchw" (aten ops on NCHW pre-activations, the kernel on channels_last ones: on the CPU
+#: inductor's loops won in NCHW and the kernel in channels_last,
+#: benchmarks/deepfill_v2_compiled_gating.py)
+COMPILED_GATING = {"cpu": "aten_nchw", "cuda": "kernel", "triton": "kernel"}
 
 
 def _gate_out_like(pre: torch.Tensor, channels: int) -> torch.Tensor:
@@ -165,7 +169,8 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
     else:
         pre = F.conv2d(x, weight, bias, stride, padding, dilation)
-    if COMPILED_GATING.get(backend) == "aten" and torch.compiler.is_compiling():
+    gating = COMPILED_GATING.get(backend, "kernel")
+    if torch.compiler.is_compiling() and (gating == "aten" or (gating == "aten_nchw" and not is_channels_last(pre))):
         return reference.gate(pre, activation, negative_slope)
     return GATE_FORWARD(backend, pre, code, float(negative_slope))
 
