@@ -7,6 +7,7 @@ runs them channels_last inside (``DeepFillV2Generator.cpu_channels_last``), so i
 layers see channels_last maps.
 
     python benchmarks/deepfill_v2_compiled_gating.py --json out.json --markdown out.md --plot out.png
+    python benchmarks/deepfill_v2_compiled_gating.py --cases "train step:256" "G fwd+bwd:256" --rounds 10
 """
 
 import argparse
@@ -52,14 +53,29 @@ def run(cases, rounds: int) -> list[dict]:
     return rows
 
 
+CASES = ("G fwd+bwd", "G inference", "train step")
+
+
+def _case(p: argparse.ArgumentParser, text: str) -> tuple[str, int, int]:
+    name, _, size = text.rpartition(":")
+    if name not in CASES or not size.isdigit() or int(size) < 8 or int(size) % 8:
+        p.error(f"--cases takes CASE:SIZE with CASE one of {', '.join(CASES)} and SIZE a multiple of 8, "
+                f"got {text!r}")
+    return name, 1, int(size)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--cases", nargs="+", default=["G fwd+bwd:128", "G inference:256"], metavar="CASE:SIZE",
+                   help=f"cases of fastinpaint.models.deepfill_v2_bench ({', '.join(CASES)}) at a size, batch 1")
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot", help="a PNG bar chart of the speed-ups (needs matplotlib)")
     a = p.parse_args(argv)
-    rows = run([("G fwd+bwd", 1, 128), ("G inference", 1, 256)], a.rounds)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
+    rows = run([_case(p, c) for c in a.cases], a.rounds)
     env = B.environment("cpu")
     table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
                                                         "threads: torch's default."))

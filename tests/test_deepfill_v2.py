@@ -427,10 +427,15 @@ def test_config_file_and_short_demo_run_lowers_losses(tmp_path):
 
 # ----------------------------------------------------------------------------- torch.compile
 
-def test_generator_compiles_fullgraph():
+@pytest.mark.parametrize("channels_last_inside", [True, False])
+def test_generator_compiles_fullgraph(channels_last_inside):
+    """aot_eager, forward and backward, on the CPU's default backend: channels_last inside
+    (the fused gating under compile) or NCHW (the gating as aten ops); cnum 4 has a
+    one-channel layer, whose layout torch's tracer and its CPU kernels see differently."""
     torch.manual_seed(0)
     recipe = build_model("deepfill_v2", cnum=4)
     g = recipe.generator
+    g.cpu_channels_last = channels_last_inside
     image, mask = _batch(2, 32, 32)
     x = recipe.prepare_input(image, mask)
     compiled = torch.compile(g, fullgraph=True, backend="aot_eager")

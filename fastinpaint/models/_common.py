@@ -17,14 +17,16 @@ def known_same_size(size, target) -> bool:
     return len(size) == len(target) and all(statically_known_true(a == b) for a, b in zip(size, target))
 
 
-def cpu_channels_last(x: torch.Tensor, op) -> bool:
-    """Whether a model should run its layers channels_last on ``x``: a 4-D NCHW CPU tensor on
-    which ``op`` (the model's main fastinpaint op, a :class:`fastinpaint.ops._registry.Op`)
-    runs its ``cpu`` backend. oneDNN's convolutions and fastinpaint's CPU kernels are faster on
-    channels_last maps than on NCHW ones, and inductor lays the convolutions of a compiled
-    NCHW model out channels_last for the same reason; under the reference backend the model
-    runs as written (NCHW stays NCHW)."""
-    return x.device.type == "cpu" and x.dim() == 4 and not is_channels_last(x) and op.select(x) == "cpu"
+def channels_last_on_cpu(x: torch.Tensor, op, enabled: bool = True) -> tuple[torch.Tensor, bool]:
+    """``(x, converted)``: ``x`` in channels_last when ``enabled`` and ``x`` is a 4-D NCHW CPU
+    tensor on which ``op`` (the model's main fastinpaint op, a
+    :class:`fastinpaint.ops._registry.Op`) runs its ``cpu`` backend; else ``x`` as it is.
+    oneDNN's convolutions and fastinpaint's CPU kernels are faster on channels_last maps than
+    on NCHW ones, and inductor lays the convolutions of a compiled NCHW model out channels_last
+    for the same reason; under the reference backend a model runs as written."""
+    convert = enabled and x.device.type == "cpu" and x.dim() == 4 and not is_channels_last(x) \
+        and op.select(x) == "cpu"
+    return (x.contiguous(memory_format=torch.channels_last), True) if convert else (x, False)
 
 
 def merge_loss_weights(model_name: str, defaults: dict, overrides: dict | None) -> dict:

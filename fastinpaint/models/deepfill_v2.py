@@ -65,7 +65,7 @@ from ..nn.gated_conv import GatedConv2d, GatedDeconv2d
 from ..nn.spectral_norm_conv import SpectralNormConv2d
 from ..ops._spectral_norm import OP as SPECTRAL_NORM_OP
 from ..ops.gated_conv.op import OP as GATED_CONV_OP
-from ._common import cpu_channels_last, merge_loss_weights, strip_wrapper_prefixes
+from ._common import channels_last_on_cpu, merge_loss_weights, strip_wrapper_prefixes
 from .contextual_attention import ContextualAttention
 
 __all__ = ["DeepFillV2Generator", "DeepFillV2Recipe", "SNPatchGANDiscriminator", "convert_port_checkpoint",
@@ -194,9 +194,7 @@ class DeepFillV2Generator(nn.Module):
                              f"{self.size_multiple}, got {h}x{w} (pad the image, e.g. as fastinpaint inpaint does)")
         if return_coarse is None:
             return_coarse = self.training
-        channels_last = self.cpu_channels_last and cpu_channels_last(x, GATED_CONV_OP)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, channels_last = channels_last_on_cpu(x, GATED_CONV_OP, self.cpu_channels_last)
         mask = x[:, -1:]
         coarse = self.stage1(x)
         mixed = coarse * mask + x[:, :3] * (1 - mask)
@@ -242,12 +240,10 @@ class SNPatchGANDiscriminator(nn.Module):
         x = torch.cat(parts, dim=1)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"the discriminator takes {self.in_channels} channels, got {x.shape[1]}")
-        channels_last = self.cpu_channels_last and cpu_channels_last(x, SPECTRAL_NORM_OP)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, _ = channels_last_on_cpu(x, SPECTRAL_NORM_OP, self.cpu_channels_last)
         for i in range(1, 7):
             x = getattr(self, f"conv{i}")(x)
-        return (x.contiguous() if channels_last else x).flatten(1)
+        return x.flatten(1)     # in NCHW order whatever the layout
 
 
 def hinge_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,8 +415,10 @@ class DeepFillV2Recipe:
         the reference's (L x L) maps where that runs) with the maps held beside it. Fitted to
         the first call's growth in fresh processes (cnum 48, CPU, the C++ fused scores), which
         it exceeds by 34% at 512, 18% at 1024 and 20% at 2048 pixels square
-        (``benchmarks/results/cpu_deepfill_v2_large_images_fused_fp32_20261206.md``); at 4096
-        it gives 11.8 GB against 10.3 GB measured before the fused scores (which need less).
+        (``benchmarks/results/cpu_deepfill_v2_large_images_fused_fp32_20261206.md``), and with
+        the networks channels_last inside by 15% at 512 and 22% at 1024 (``..._large_images_
+        channels_last_inside_fp32_20261206.md``; larger sizes not re-measured); at 4096 it gives
+        11.8 GB against 10.3 GB measured before the fused scores (which need less).
         ``fastinpaint inpaint`` refuses an image this exceeds the memory for."""
         g = self.generator
         pixels = height * width

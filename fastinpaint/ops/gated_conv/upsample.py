@@ -186,15 +186,17 @@ def interleave(out: torch.Tensor, plan) -> torch.Tensor:
 
 def phase_rows(out: torch.Tensor, s: int) -> torch.Tensor:
     """Phase-stacked (B, s*s*2C, rows, cols) as a 4-D gating operand whose channel dimension
-    holds one phase's 2C channels (features, then gates), a view: (B*s*s, 2C, rows, cols)
-    for NCHW, (B*rows*cols*s*s, 2C, 1, 1) for channels_last."""
+    holds one phase's 2C channels (features, then gates): (B*s*s, 2C, rows, cols) for NCHW,
+    (B*rows*cols*s*s, 2C, 1, 1) for channels_last; a view, except for channels_last under
+    torch.compile (a copy)."""
     B, K, rows, cols = out.shape
     if is_channels_last(out):
         rows_first = out.permute(0, 2, 3, 1)
         if torch.compiler.is_compiling():
             # a copy, not a view: torch's tracer and its CPU kernels can disagree on the layout
-            # of a map with one channel (both layouts fit it), and a traced view would then read
-            # the strides the kernel did not write
+            # of a map with one channel, which fits both (DeepFill v2 at cnum 4 has one: its
+            # cnum // 4 layer), and of every map computed from it; a traced view would then read
+            # strides the kernels did not write (tests/test_deepfill_v2.py, aot_eager)
             rows_first = rows_first.clone(memory_format=torch.contiguous_format)
         return rows_first.reshape(B * rows * cols * s * s, K // (s * s), 1, 1)
     return out.reshape(B * s * s, K // (s * s), rows, cols)
