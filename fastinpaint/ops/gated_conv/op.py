@@ -19,10 +19,10 @@ Under ``torch.compile`` the cpu backend gives the gating of NCHW maps to inducto
 ops (:data:`COMPILED_GATING`): inductor fuses them into its own loops around the
 convolution, as it does for an eager model, so a compiled model on fastinpaint's layers is
 not slower than the same model on eager layers compiled. On channels_last maps the fused
-kernel stays: there it was the faster of the two in the compiled model. The gated deconv keeps its phase-decomposed
-convolution (an aten convolution inductor sees), gated per phase by the fused kernel and
-interleaved by its own op (both opaque to inductor, which compiles either into slower
-loops). Eager calls use the fused kernel everywhere.
+kernel stays: there it was as fast as inductor's loops or faster in the compiled model. The
+gated deconv keeps its phase-decomposed convolution (an aten convolution inductor sees),
+gated per phase by the fused kernel and interleaved by its own op (both opaque to inductor,
+which compiles either into slower loops). Eager calls use the fused kernel everywhere.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from . import reference, upsample
 #: the gating each backend runs while torch.compile traces: "aten" (ops inductor fuses with
 #: their neighbours; a fused kernel is an opaque call to it), "kernel" (the fused kernel), or
 #: "aten_nchw" (aten ops on NCHW pre-activations, the kernel on channels_last ones: on the CPU
-#: inductor's loops won in NCHW and the kernel in channels_last,
+#: inductor's loops won in NCHW, the kernel tied or won in channels_last;
 #: benchmarks/deepfill_v2_compiled_gating.py)
 COMPILED_GATING = {"cpu": "aten_nchw", "cuda": "kernel", "triton": "kernel"}
 
