@@ -53,13 +53,10 @@ def run(cases, rounds: int) -> list[dict]:
     return rows
 
 
-CASES = ("G fwd+bwd", "G inference", "train step")
-
-
 def _case(p: argparse.ArgumentParser, text: str) -> tuple[str, int, int]:
     name, _, size = text.rpartition(":")
-    if name not in CASES or not size.isdigit() or int(size) < 8 or int(size) % 8:
-        p.error(f"--cases takes CASE:SIZE with CASE one of {', '.join(CASES)} and SIZE a multiple of 8, "
+    if name not in DB.CASES or not size.isdigit() or int(size) < 8 or int(size) % 8:
+        p.error(f"--cases takes CASE:SIZE with CASE one of {', '.join(DB.CASES)} and SIZE a multiple of 8, "
                 f"got {text!r}")
     return name, 1, int(size)
 
@@ -68,7 +65,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--cases", nargs="+", default=["G fwd+bwd:128", "G inference:256"], metavar="CASE:SIZE",
-                   help=f"cases of fastinpaint.models.deepfill_v2_bench ({', '.join(CASES)}) at a size, batch 1")
+                   help=f"cases of fastinpaint.models.deepfill_v2_bench ({', '.join(DB.CASES)}) at a size, batch 1")
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot", help="a PNG bar chart of the speed-ups (needs matplotlib)")

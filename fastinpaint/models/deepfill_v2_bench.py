@@ -51,6 +51,7 @@ from .deepfill_v2 import DeepFillV2Recipe
 
 # the compiled ones last: a time limit cuts them first
 IMPLS = ("eager", "fastinpaint", "compile(eager)", "compile(fastinpaint)")
+CASES = ("G fwd+bwd", "train step", "G inference")
 
 
 # ----------------------------------------------------------------------------- CPU peak memory
@@ -272,7 +273,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--infer-batch", type=int, default=1, help="batch of the inference case (default 1: one image)")
     p.add_argument("--cnum", type=int, default=48)
     p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"],
-                   choices=["G fwd+bwd", "train step", "G inference"])
+                   choices=list(CASES))
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
     return p
