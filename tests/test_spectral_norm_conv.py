@@ -61,16 +61,21 @@ def _steps(module, xs, gys):
     return outs, gxs, w.grad, None if module.bias is None else module.bias.grad
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_input"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("index", range(len(GEOMETRIES)))
-def test_module_matches_torch_spectral_norm(index, dtype, channels_last):
+def test_module_matches_torch_spectral_norm(index, dtype, layout):
+    """Outputs, gradients and the power iteration against torch's parametrization; the layouts
+    (channels_last_input: NCHW weights, channels_last inputs, as in a discriminator that runs
+    channels_last inside, where a folded layer runs NCHW) as torch's convolution gives them, and
+    the weight's gradient in the weight's layout."""
     geometry = GEOMETRIES[index]
     torch.manual_seed(index)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x_fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
     ours, theirs = _pair(_kwargs(geometry, bias=index != 2), dtype, fmt)
     cin, h, w = geometry[0], *geometry[7]
-    xs = [torch.randn(3, cin, h, w, dtype=dtype).contiguous(memory_format=fmt) for _ in range(2)]
+    xs = [torch.randn(3, cin, h, w, dtype=dtype).contiguous(memory_format=x_fmt) for _ in range(2)]
     y0 = ours(xs[0])
     assert folds(xs[0], ours.parametrizations.weight.original, ours.stride, ours.padding, ours.dilation) \
         == FOLDS[index]
@@ -81,6 +86,9 @@ def test_module_matches_torch_spectral_norm(index, dtype, channels_last):
     ran = {e.name for e in prof.function_events}
     assert ("fastinpaint::spectral_norm_conv2d_folded_backward" in ran) == FOLDS[index]
     want = _steps(theirs, xs, gys)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert a.stride() == b.stride(), (a.stride(), b.stride())
+    assert got[2].is_contiguous(memory_format=fmt)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for a, b in zip(got[0] + got[1] + [got[2], got[3]], want[0] + want[1] + [want[2], want[3]]):
         if b is None:
@@ -294,17 +302,21 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(m.parametrizations.weight[0]._u, m2.parametrizations.weight[0]._u)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_opcheck(channels_last):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_input"])
+def test_opcheck(layout):
     x, w, b, u, v = _fold_inputs(dtype=torch.float32)
-    if channels_last:
-        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    if layout != "nchw":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
     geometry = ([2, 2], [1, 1], [1, 1], 2)
     torch.library.opcheck(sn_op._fold, (x, w, b, u, v, *geometry))
     y, inv = sn_op._fold(x, w, b, u, v, *geometry)
     gy = torch.randn_like(y)
     for need_x, need_w in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(sn_op._fold_backward, (gy, x, w, u, v, inv, *geometry, need_x, need_w))
+    gx, gw = sn_op._fold_backward(gy, x, w, u, v, inv, *geometry, True, True)
+    assert gx.stride() == x.stride() and gw.stride() == w.stride()   # x's layout; the weight's (no copy to accumulate)
 
 
 def test_torch_only_backends_need_no_extension():
