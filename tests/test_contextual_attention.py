@@ -79,10 +79,15 @@ def test_blocked_matches_reference_forward_and_gradients(case, masking):
         assert torch.all(out[3] == 0)     # no valid key: zeros, as the reference
 
 
-def _ran_fused_scores(fn) -> bool:
+def _ran(fn, name) -> bool:
+    """Whether calling ``fn`` ran an op whose name contains ``name``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return any("contextual_fuse_scores" in e.key for e in prof.key_averages())
+    return any(name in e.key for e in prof.key_averages())
+
+
+def _ran_fused_scores(fn) -> bool:
+    return _ran(fn, "contextual_fuse_scores")
 
 
 def test_fused_scores_kernel_runs_where_it_applies():
@@ -103,21 +108,28 @@ def test_fused_scores_kernel_runs_where_it_applies():
     assert not _ran_fused_scores(lambda: contextual_attention_blocked(xg, mask, block_bytes=1))
 
 
-def test_compiled_module_traces_the_fused_scores_without_gradients():
-    """Under torch.compile (fullgraph) the module without gradients on the CPU traces the
-    one-tile computation with the C++ fused scores (what it runs uncompiled), equal to the
-    reference; with gradients it traces the reference."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_compiled_module_runs_the_blocked_op_without_gradients(channels_last):
+    """Under torch.compile (fullgraph) the module without gradients on the CPU calls the blocked
+    form as one op (its C++ fused scores, the used keys: what it runs uncompiled), for a map of
+    one tile and of several, equal to the reference, the output in x's layout; with gradients
+    it traces the reference."""
     if unavailable_reason("cpu", "cpu") is not None:
         pytest.skip("no C++ extension")
     torch._dynamo.reset()
     x, mask = _inputs(2, 3, 7, 9, 2)                       # float64, per-sample masks
-    for masking in ("official", "exclude"):
-        ca = ContextualAttention(masking=masking)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for masking, block_bytes in (("official", None), ("exclude", None), ("official", 1)):
+        ca = ContextualAttention(masking=masking, block_bytes=block_bytes)
         ref = contextual_attention(x, mask, masking=masking)
         compiled = torch.compile(ca, fullgraph=True, dynamic=False)
         with torch.no_grad():
+            assert _ran(lambda: compiled(x, mask), "contextual_attention_inference")
             assert _ran_fused_scores(lambda: compiled(x, mask))
-            torch.testing.assert_close(compiled(x, mask), ref, rtol=1e-10, atol=1e-12)
+            out = compiled(x, mask)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+            assert out.stride() == ca(x, mask).stride()
         xg = x.clone().requires_grad_()
         assert not _ran_fused_scores(lambda: compiled(xg, mask))
         torch.testing.assert_close(compiled(xg, mask), ref, rtol=1e-10, atol=1e-12)

@@ -64,7 +64,8 @@ def cpp_applies(x: torch.Tensor, grad: bool, traced: bool = False) -> bool:
     gradient (``grad``), and the backend rules (``use_backend``, FASTINPAINT_BACKEND) select
     ``cpu``. A model run with another backend forced (``triton`` for its other layers, say)
     keeps the module's loop here: this step has no other backend. ``traced``: asked while
-    torch.compile traces (the module's one-tile path; otherwise a traced call says no)."""
+    torch.compile traces (the module's choice of its opaque blocked op; otherwise a traced call
+    says no)."""
     if grad or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     if (torch.compiler.is_compiling() and not traced) or _backend.requested() not in ("auto", "cpu"):
