@@ -5,7 +5,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -319,29 +318,3 @@ def test_cpu_kernels_parallel_loop_runs_on_torchs_threads():
     finally:
         torch.set_num_threads(saved)
 
-
-def test_cpu_parallel_loop_first_called_in_inference_mode():
-    """The loop's chunk numbers are made once, at its first call: made inside
-    torch.inference_mode() they must still serve calls outside it, with autograd on (a fresh
-    process, so that the first call is the one in inference mode)."""
-    skip_unless_available("cpu", "cpu")
-    code = textwrap.dedent("""
-        import torch, fastinpaint
-        from fastinpaint.functional import gated_conv2d
-        torch.set_num_threads(2)
-        probe = torch.ops.fastinpaint._parallel_threads
-        with torch.inference_mode():
-            assert probe(1000, 1) == 2
-        assert probe(1000, 1) == 2
-        x = torch.randn(2, 8, 33, 35, requires_grad=True)
-        w = torch.randn(16, 8, 3, 3, requires_grad=True)
-        with fastinpaint.use_backend("cpu"):
-            y = gated_conv2d(x, w, None, padding=1)
-        y.sum().backward()
-        with fastinpaint.use_backend("reference"):
-            ref = gated_conv2d(x.detach(), w.detach(), None, padding=1)
-        assert torch.allclose(y.detach(), ref, atol=1e-5), (y.detach() - ref).abs().max()
-        print("ok")
-    """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -13,8 +13,8 @@ from conftest import assert_close_to_reference, devices
 from fastinpaint import use_backend
 from fastinpaint._backend import unavailable_reason
 from fastinpaint.models import DeepFillV2Generator, contextual_attention
-from fastinpaint.models.contextual_attention import (ContextualAttention, _tile_cost, _tile_shape,
-                                                     blocked_memory, contextual_attention_blocked,
+from fastinpaint.models.contextual_attention import (ContextualAttention, _blocked_inference, _tile_cost,
+                                                     _tile_shape, blocked_memory, contextual_attention_blocked,
                                                      reference_memory)
 
 
@@ -133,6 +133,41 @@ def test_compiled_module_runs_the_blocked_op_without_gradients(channels_last):
         xg = x.clone().requires_grad_()
         assert not _ran_fused_scores(lambda: compiled(xg, mask))
         torch.testing.assert_close(compiled(xg, mask), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_module_runs_the_blocked_op_with_dynamic_sizes():
+    """With dynamic sizes (a compiled model seeing its second image size) the module still calls
+    the blocked op without gradients, not the reference's (L x L) maps."""
+    if unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    torch._dynamo.reset()
+    ca = ContextualAttention()
+    compiled = torch.compile(ca, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for hs, ws in ((3, 5), (4, 7)):
+            x, mask = _inputs(2, 3, hs, ws, 2)
+            assert _ran(lambda: compiled(x, mask), "contextual_attention_inference")
+            torch.testing.assert_close(compiled(x, mask), contextual_attention(x, mask), rtol=1e-10, atol=1e-12)
+
+
+def test_blocked_inference_op_opcheck():
+    """The opaque op's fake kernel against the real one (strides included): with and without a
+    mask, one tile and several, one channel in channels_last strides (also NCHW-contiguous),
+    batch 1, channels_last and a non-dense view."""
+    if unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("no C++ extension")
+    x, mask = _inputs(2, 4, 3, 5, 2)
+    one = torch.randn(1, 1, 6, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wide = torch.randn(2, 8, 6, 12, dtype=torch.float64)[:, ::2, :, ::2]      # not dense
+    cases = [(x, mask, None), (x, None, None), (x, mask, 1), (x[:1], mask[:1], None), (one, None, 1),
+             (x.contiguous(memory_format=torch.channels_last), mask, 1), (wide, None, None)]
+    for features, m, block_bytes in cases:
+        args = (features, m, 3, 2, 3, 10.0, True, "official", block_bytes)
+        torch.library.opcheck(_blocked_inference, args)
+        with torch.no_grad():
+            want = contextual_attention_blocked(features, m, block_bytes=block_bytes)
+        got = _blocked_inference(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_fused_scores_kernel_refuses_a_plan_outside_the_map():

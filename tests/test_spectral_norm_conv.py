@@ -46,25 +46,27 @@ def _kwargs(geometry, bias=True):
 
 
 def _steps(module, xs, gys):
-    """Forward and backward on each input in turn (training: a power-iteration step each);
-    (outputs, input grads, weight grad, bias grad) of the last."""
-    for p in module.parameters():
-        p.grad = None
-    outs, gxs = [], []
+    """Forward and backward on each input in turn (training: a power-iteration step each):
+    (outputs, input grads, summed weight grad, summed bias grad), the gradients as autograd
+    computes them (torch.autograd.grad: not copied into the leaf's layout as ``.grad`` is)."""
+    w = module.parametrizations.weight.original
+    params = [w] if module.bias is None else [w, module.bias]
+    outs, gxs, gps = [], [], [None] * len(params)
     for x, gy in zip(xs, gys):
         x = x.detach().requires_grad_()
         y = module(x)
-        y.backward(gy)
+        gx, *gp = torch.autograd.grad(y, [x, *params], gy)
         outs.append(y.detach())
-        gxs.append(x.grad)
-    w = module.parametrizations.weight.original
-    return outs, gxs, w.grad, None if module.bias is None else module.bias.grad
+        gxs.append(gx)
+        gps = [g if acc is None else acc + g for acc, g in zip(gps, gp)]
+    return outs, gxs, gps[0], None if module.bias is None else gps[1]
+
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_input"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("index", range(len(GEOMETRIES)))
-def test_module_matches_torch_spectral_norm(index, dtype, layout):
+def test_module_matches_torch_spectral_norm(index, dtype, layout, monkeypatch):
     """Outputs, gradients and the power iteration against torch's parametrization; the layouts
     (channels_last_input: NCHW weights, channels_last inputs, as in a discriminator that runs
     channels_last inside, where a folded layer runs NCHW) as torch's convolution gives them, and
@@ -81,14 +83,22 @@ def test_module_matches_torch_spectral_norm(index, dtype, layout):
         == FOLDS[index]
     gys = [torch.randn_like(y0) for _ in xs]
     ours.load_state_dict(theirs.state_dict())   # undo the power-iteration step of y0
+    run_nchw = []   # per folded convolution (forward, backward): whether it ran on an NCHW input
+    run_input = sn_op._run_input
+    monkeypatch.setattr(sn_op, "_run_input", lambda x, w: run_nchw.append(run_input(x, w).is_contiguous())
+                        or run_input(x, w))
     with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         got = _steps(ours, xs, gys)
+    assert len(run_nchw) == (4 if FOLDS[index] else 0)   # two steps, a forward and a backward each
+    if FOLDS[index]:   # NCHW, also on a channels_last input with an NCHW weight (no copy of the weight)
+        assert all(run_nchw) == (layout != "channels_last"), run_nchw
     ran = {e.name for e in prof.function_events}
     assert ("fastinpaint::spectral_norm_conv2d_folded_backward" in ran) == FOLDS[index]
     want = _steps(theirs, xs, gys)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert a.stride() == b.stride(), (a.stride(), b.stride())
-    assert got[2].is_contiguous(memory_format=fmt)
+    if FOLDS[index]:   # the weight's gradient in the weight's layout (torch's follows the input's)
+        assert got[2].stride() == ours.parametrizations.weight.original.stride()
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for a, b in zip(got[0] + got[1] + [got[2], got[3]], want[0] + want[1] + [want[2], want[3]]):
         if b is None:

@@ -37,6 +37,34 @@
 
 namespace fastinpaint {
 
+// The chunk numbers 0, 1, ... that parallel_for (below) iterates over, and the byte tensor it
+// names as the iterator's output (never written), made once for every chunk count up to
+// kMaxChunks. Made per call (an arange and an empty tensor), they cost a few microseconds each
+// time: in a profile of DeepFill v2's training step at 128x128, 674 calls and several
+// milliseconds. Read-only after construction, so shared by every thread; never freed (a static
+// tensor's destructor could run after libtorch's own teardown).
+struct ChunkIds {
+  static constexpr int64_t kMaxChunks = 256;  // more threads than this: a fresh arange per call
+  std::vector<at::Tensor> ids;                 // ids[n]: int64 [0, n)
+  std::vector<at::Tensor> sink;                // sink[n]: n bytes
+};
+inline const ChunkIds& chunk_ids() {
+  static const ChunkIds* cached = [] {
+    // ordinary tensors whatever mode the first call ran in (they never reach the dispatcher
+    // again: TensorIterator reads them directly)
+    const c10::InferenceMode normal_tensors(/*enabled=*/false);
+    auto* c = new ChunkIds;
+    const at::Tensor ids = at::arange(ChunkIds::kMaxChunks, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor sink = at::empty({ChunkIds::kMaxChunks}, at::TensorOptions().dtype(at::kByte));
+    for (int64_t n = 0; n <= ChunkIds::kMaxChunks; ++n) {
+      c->ids.push_back(ids.narrow(0, 0, n));
+      c->sink.push_back(sink.narrow(0, 0, n));
+    }
+    return c;
+  }();
+  return *cached;
+}
+
 // fastinpaint's one parallel loop: at::parallel_for's contract (fn(b, e) over disjoint
 // [b, e) covering [begin, end), chunks of at least `grain` elements, serial when the range
 // is small, torch runs one thread, or the caller is already inside a parallel region), run
@@ -54,32 +82,6 @@ namespace fastinpaint {
 // thread-local state (dispatch keys, grad mode, ...): an ATen op inside a task (the
 // pixel-attention block products) dispatches as it would on the calling thread, below
 // autograd, instead of recording a graph on a pool thread.
-// The chunk numbers 0, 1, ... the loop below iterates over (and the byte tensor it names as
-// the iterator's output, never written), made once for every chunk count up to kMaxChunks:
-// an arange and an empty tensor per call cost about as much as a small kernel's work (tens of
-// microseconds a training step of DeepFill v2 at 128x128, over hundreds of calls).
-// Read-only after construction, so shared by every thread; never freed (a static tensor's
-// destructor could run after libtorch's own teardown).
-struct ChunkIds {
-  static constexpr int64_t kMaxChunks = 256;  // more threads than this: a fresh arange per call
-  std::vector<at::Tensor> ids;                 // ids[n]: int64 [0, n)
-  std::vector<at::Tensor> sink;                // sink[n]: n bytes
-};
-inline const ChunkIds& chunk_ids() {
-  static const ChunkIds* cached = [] {
-    const c10::InferenceMode normal_tensors(/*enabled=*/false);  // whatever mode the first call ran in
-    auto* c = new ChunkIds;
-    const at::Tensor ids = at::arange(ChunkIds::kMaxChunks, at::TensorOptions().dtype(at::kLong));
-    const at::Tensor sink = at::empty({ChunkIds::kMaxChunks}, at::TensorOptions().dtype(at::kByte));
-    for (int64_t n = 0; n <= ChunkIds::kMaxChunks; ++n) {
-      c->ids.push_back(ids.narrow(0, 0, n));
-      c->sink.push_back(sink.narrow(0, 0, n));
-    }
-    return c;
-  }();
-  return *cached;
-}
-
 template <typename Fn>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
   const int64_t n = end - begin;

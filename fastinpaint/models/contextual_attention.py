@@ -110,7 +110,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import _contextual_scores as _scores_op
-from ..ops._layout import suggest_memory_format
+from ..ops._layout import is_channels_last
 
 __all__ = ["ContextualAttention", "DEFAULT_BLOCK_BYTES", "blocked_memory", "contextual_attention",
            "contextual_attention_blocked", "key_validity", "reference_memory"]
@@ -469,20 +469,26 @@ def _blocked_inference(x: torch.Tensor, mask: Optional[torch.Tensor], ksize: int
     calls for :class:`ContextualAttention` without gradients on the CPU, where the blocked form
     (its tile plan and its choice of keys depend on the mask) cannot be traced, so that the
     compiled module runs what the module runs uncompiled (the C++ fused scores, the used keys
-    only). The result in x's memory format (the strides the fake kernel gives)."""
+    only). The result in the layout the blocked form gives (:func:`_output_like`)."""
     with torch.no_grad():
         y = contextual_attention_blocked(x, mask, ksize=ksize, rate=rate, fuse_k=fuse_k,
                                          softmax_scale=softmax_scale, fuse=fuse, masking=masking,
                                          block_bytes=block_bytes)
-    out = torch.empty_like(x, memory_format=suggest_memory_format(x))
+    out = _output_like(x)   # exactly the fake's strides (size-1 dimensions included)
     if y.stride() == out.stride():
         return y
     return out.copy_(y)
 
 
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty output for features ``x``: channels_last for (dense, not also NCHW) channels_last
+    features, NCHW otherwise, the rule of the blocked form and the reference."""
+    return torch.empty_like(x, memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+
+
 @_blocked_inference.register_fake
 def _blocked_inference_fake(x, mask, ksize, rate, fuse_k, softmax_scale, fuse, masking, block_bytes):
-    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+    return _output_like(x)
 
 
 def contextual_attention_blocked(x: torch.Tensor, mask: torch.Tensor | None = None, *, ksize: int = 3,
@@ -596,11 +602,10 @@ class ContextualAttention(nn.Module):
     def _calls_blocked_op(self, x: torch.Tensor, grad: bool) -> bool:
         """Under torch.compile (not torch.export, whose graph must be standard ops): the blocked
         form as one opaque op (:func:`_blocked_inference`) where its C++ fused scores apply (no
-        gradients, CPU, float32 or float64, static sizes), as the module runs uncompiled.
+        gradients, CPU, float32 or float64; static or dynamic sizes), as the module runs uncompiled.
         (It traced a one-tile form over every key before: inference at 512x512 compiled was
         slower than uncompiled, 1.38x against 1.46x compile(eager) at batch 1.)"""
-        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
-        if exporting or not all(isinstance(n, int) for n in x.shape):
+        if getattr(torch.compiler, "is_exporting", lambda: False)():
             return False
         return _scores_op.cpp_applies(x, grad, traced=True)
 

@@ -182,7 +182,8 @@ def _run_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     each time, where this copies the input (and the output and its gradient back and forth,
     each a quarter of it). In DeepFill v2's training step at 128x128 the weight copies of the
     discriminator's 256-channel layers took about 7% of the step."""
-    if x.device.type == "cpu" and weight.is_contiguous() and x.numel() <= weight.numel() \
+    nchw_weight = weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu" and nchw_weight and x.numel() <= weight.numel() \
             and conv_output_format(x, weight) == torch.channels_last:
         return x.contiguous()
     return x
