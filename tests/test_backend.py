@@ -318,3 +318,31 @@ def test_cpu_kernels_parallel_loop_runs_on_torchs_threads():
     finally:
         torch.set_num_threads(saved)
 
+
+
+def test_compiled_op_does_not_recompile_after_an_eager_call():
+    """An op compiled before its first eager call keeps its compiled code afterwards: the one-time
+    check for a stale extension (``Op._complete``, filled by the first eager call) is skipped while
+    tracing, so no guard depends on it."""
+    skip_unless_available("cpu", "cpu")
+    import torch._dynamo
+    from fastinpaint.functional import channel_fc
+    from fastinpaint.ops.channel_fc.op import OP
+
+    x, w = torch.randn(2, 3, 2, 2), torch.randn(3, 4, 4)
+    torch._dynamo.reset()
+    saved = set(OP._complete)
+    OP._complete.clear()
+    try:
+        with fastinpaint.use_backend("cpu"):
+            compiled = torch.compile(lambda x, w: channel_fc(x, w), backend="eager", dynamic=False)
+            first = compiled(x, w)
+            eager = channel_fc(x, w)                 # fills OP._complete
+            assert OP._complete
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                again = compiled(x, w)
+        torch.testing.assert_close(first, eager)
+        torch.testing.assert_close(again, eager)
+    finally:
+        OP._complete.update(saved)
+        torch._dynamo.reset()

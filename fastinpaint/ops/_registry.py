@@ -142,7 +142,9 @@ class Op:
             raise TypeError(f"{arg} is float64, which the triton backend does not take (float16, bfloat16, "
                             "float32); use the reference or cpu backend for float64")
         device = x.device.type
-        if backend in self.cpp_backends and device not in self._complete and not torch.compiler.is_compiling():
+        # (is_compiling first: while tracing, dynamo would otherwise guard on _complete, and the
+        # first eager call, which fills it, would make every compiled caller recompile)
+        if not torch.compiler.is_compiling() and backend in self.cpp_backends and device not in self._complete:
             missing = self.missing_kernels(device)
             if not missing:
                 self._complete.add(device)
