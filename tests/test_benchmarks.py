@@ -133,3 +133,27 @@ def test_large_image_bench_writes_its_files(tmp_path):
     assert "| 64x64 |" in out_md.read_text()
     with pytest.raises(SystemExit):
         mod.main(["--sizes", "60"])
+
+
+def test_conv_layouts_bench_writes_its_files(tmp_path):
+    """benchmarks/conv_layouts.py on a tiny layer: three layouts per mode, each with its time and
+    its ratio to NCHW (1 for NCHW itself), the JSON and markdown files; a bad case is refused."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "conv_layouts.py")
+    spec = importlib.util.spec_from_file_location("conv_layouts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_json, out_md = tmp_path / "layouts.json", tmp_path / "layouts.md"
+    assert mod.main(["--cases", "3:8:3:2:12:2", "--rounds", "1", "--json", str(out_json),
+                     "--markdown", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("fwd+bwd", "fwd") for lay in mod.LAYOUTS]
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["x_vs_NCHW"] == 1 for r in rows if r["layout"] == "NCHW")
+    assert "channels_last, back" in out_md.read_text()
+    for bad in ("3:8:3:2:12", "3:8:0:2:12:2", "a:8:3:2:12:2"):
+        with pytest.raises(SystemExit):
+            mod.main(["--cases", bad])

@@ -1,0 +1,102 @@
+"""What a convolution's layout costs on the CPU: torch's convolution (oneDNN), forward and
+backward, on an NCHW input in three ways, timed in one process with interleaved calls:
+
+  NCHW                  as given;
+  channels_last, back   input and weight turned channels_last, the output turned back to NCHW
+                        (what a layer that takes and returns NCHW can do inside);
+  channels_last         input, weight, output and its gradient channels_last throughout (what a
+                        network that runs channels_last inside gets).
+
+The default layers are the ones of the README's per-layer misses: SN-PatchGAN's first layer
+(4->64, 5x5, stride 2, batch 2 for real and fake) and DeepFill v2's gated input layer (5->48,
+5x5) and first stride-2 layer (24->96, 3x3), the gated ones with 2*Cout filters.
+
+    python benchmarks/conv_layouts.py --json out.json --markdown out.md
+    python benchmarks/conv_layouts.py --cases 4:64:5:2:256:2 --rounds 20
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from fastinpaint import benchmark as B
+
+#: CIN:COUT:KERNEL:STRIDE:SIZE:BATCH
+CASES = {"SN-PatchGAN conv1": "4:64:5:2:256:2", "gated conv1 (2x48 filters)": "5:48:5:1:256:1",
+         "gated down (2x96 filters)": "24:96:3:2:256:1"}
+LAYOUTS = ("NCHW", "channels_last, back", "channels_last")
+COLUMNS = [("case", "case", None), ("mode", "mode", None), ("layout", "layout", None), ("ms", "ms", ".2f"),
+           ("x vs NCHW", "x_vs_NCHW", ".2f")]
+CL = torch.channels_last
+
+
+def _step(layout: str, x, w, b, stride: int, gy, grad: bool):
+    """One forward (and backward where ``grad``) of ``conv2d(x, w, b)`` in ``layout``."""
+    pad = w.shape[-1] // 2
+
+    def call():
+        if layout == "NCHW":
+            xi, wi = x, w
+        else:
+            xi, wi = x.contiguous(memory_format=CL), w.contiguous(memory_format=CL)
+        with torch.set_grad_enabled(grad):
+            y = F.conv2d(xi, wi, b, stride, pad)
+            if layout == "channels_last, back":
+                y = y.contiguous()
+            if grad:
+                y.backward(gy if layout != "channels_last" else gy.contiguous(memory_format=CL))
+    return call
+
+
+def run(cases: dict, rounds: int) -> list[dict]:
+    rows = []
+    for name, spec in cases.items():
+        cin, cout, k, stride, size, batch = (int(v) for v in spec.split(":"))
+        x = torch.randn(batch, cin, size, size).requires_grad_()
+        w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).requires_grad_()
+        b = torch.zeros(cout, requires_grad=True)
+        ho = (size + 2 * (k // 2) - k) // stride + 1
+        gy = torch.randn(batch, cout, ho, ho)
+        for mode, grad in (("fwd+bwd", True), ("fwd", False)):
+            runs = {layout: _step(layout, x, w, b, stride, gy, grad) for layout in LAYOUTS}
+            timed = B.time_interleaved(runs, "cpu", min_time_s=float("inf"), max_rounds=rounds, warmup=3)
+            base = timed["NCHW"].get("ms")
+            for layout in LAYOUTS:
+                row = {"case": f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", "mode": mode,
+                       "layout": layout, **timed[layout]}
+                if base and "ms" in row:   # a layout that failed is reported with its error, no ratio
+                    row["x_vs_NCHW"] = base / row["ms"]
+                rows.append(row)
+    return rows
+
+
+def _case(p: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(v.isdigit() and int(v) > 0 for v in parts):
+        p.error(f"--cases takes CIN:COUT:KERNEL:STRIDE:SIZE:BATCH (positive integers), got {text!r}")
+    return text, text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--cases", nargs="+", metavar="CIN:COUT:KERNEL:STRIDE:SIZE:BATCH",
+                   help="layers to time instead of the default ones: " + ", ".join(f"{k} {v}" for k, v in CASES.items()))
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
+    cases = dict(_case(p, c) for c in a.cases) if a.cases else CASES
+    rows = run(cases, a.rounds)
+    env = B.environment("cpu")
+    table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
+                                                        "threads: torch's default."))
+    print(table)
+    B.write_results(a.json, a.markdown, rows, env, {}, lambda *_: table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
