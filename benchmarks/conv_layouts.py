@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from fastinpaint import benchmark as B
 
 #: CIN:COUT:KERNEL:STRIDE:SIZE:BATCH
-CASES = {"SN-PatchGAN conv1": "4:64:5:2:256:2", "gated conv1 (2x48 filters)": "5:48:5:1:256:1",
-         "gated down (2x96 filters)": "24:96:3:2:256:1"}
+CASES = {"SN-PatchGAN conv1": "4:64:5:2:256:2", "gated conv1 (2x24 filters)": "5:48:5:1:256:1",
+         "gated down (2x48 filters)": "24:96:3:2:256:1"}
 LAYOUTS = ("NCHW", "channels_last, back", "channels_last")
 COLUMNS = [("case", "case", None), ("mode", "mode", None), ("layout", "layout", None), ("ms", "ms", ".2f"),
            ("x vs NCHW", "x_vs_NCHW", ".2f")]
@@ -32,20 +32,24 @@ CL = torch.channels_last
 
 
 def _step(layout: str, x, w, b, stride: int, gy, grad: bool):
-    """One forward (and backward where ``grad``) of ``conv2d(x, w, b)`` in ``layout``."""
+    """One forward (and backward where ``grad``) of ``conv2d(x, w, b)`` in ``layout``: the
+    gradients returned, not accumulated (no ``.grad`` pass shared between layouts), the output's
+    gradient made in the layout's own format beforehand (a network running channels_last hands
+    it so)."""
     pad = w.shape[-1] // 2
+    gy = gy.contiguous(memory_format=CL) if layout == "channels_last" else gy
 
     def call():
-        if layout == "NCHW":
-            xi, wi = x, w
-        else:
-            xi, wi = x.contiguous(memory_format=CL), w.contiguous(memory_format=CL)
         with torch.set_grad_enabled(grad):
+            if layout == "NCHW":
+                xi, wi = x, w
+            else:
+                xi, wi = x.contiguous(memory_format=CL), w.contiguous(memory_format=CL)
             y = F.conv2d(xi, wi, b, stride, pad)
             if layout == "channels_last, back":
                 y = y.contiguous()
             if grad:
-                y.backward(gy if layout != "channels_last" else gy.contiguous(memory_format=CL))
+                torch.autograd.grad(y, (x, w, b), gy)
     return call
 
 
