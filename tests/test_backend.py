@@ -319,7 +319,6 @@ def test_cpu_kernels_parallel_loop_runs_on_torchs_threads():
         torch.set_num_threads(saved)
 
 
-
 def test_compiled_op_does_not_recompile_after_an_eager_call():
     """An op compiled before its first eager call keeps its compiled code afterwards: the one-time
     check for a stale extension (``Op._complete``, filled by the first eager call) is skipped while

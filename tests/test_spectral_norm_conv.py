@@ -85,8 +85,13 @@ def test_module_matches_torch_spectral_norm(index, dtype, layout, monkeypatch):
     ours.load_state_dict(theirs.state_dict())   # undo the power-iteration step of y0
     run_nchw = []   # per folded convolution (forward, backward): whether it ran on an NCHW input
     run_input = sn_op._run_input
-    monkeypatch.setattr(sn_op, "_run_input", lambda x, w: run_nchw.append(run_input(x, w).is_contiguous())
-                        or run_input(x, w))
+
+    def recording(x, w):
+        xr = run_input(x, w)
+        run_nchw.append(xr.is_contiguous())
+        return xr
+
+    monkeypatch.setattr(sn_op, "_run_input", recording)
     with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         got = _steps(ours, xs, gys)
     assert len(run_nchw) == (4 if FOLDS[index] else 0)   # two steps, a forward and a backward each

@@ -272,8 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--infer-size", type=int, default=512)
     p.add_argument("--infer-batch", type=int, default=1, help="batch of the inference case (default 1: one image)")
     p.add_argument("--cnum", type=int, default=48)
-    p.add_argument("--cases", nargs="*", default=["G fwd+bwd", "train step", "G inference"],
-                   choices=list(CASES))
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     p.add_argument("--impls", nargs="*", default=list(IMPLS))
     p.add_argument("--train-size", type=int, default=None, help="size of the train-step case (default --size)")
     return p
