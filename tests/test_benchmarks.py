@@ -135,6 +135,32 @@ def test_large_image_bench_writes_its_files(tmp_path):
         mod.main(["--sizes", "60"])
 
 
+def test_conv_input_grad_bench_writes_its_files(tmp_path):
+    """benchmarks/conv_input_grad.py on a tiny layer: torch's and fastinpaint's input gradient, each
+    with its time and its ratio to torch's (1 for torch's itself), the files; a bad case is refused."""
+    import importlib.util
+    import json
+    import os
+
+    from conftest import skip_unless_available
+    skip_unless_available("cpu", "cpu")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "conv_input_grad.py")
+    spec = importlib.util.spec_from_file_location("conv_input_grad_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out_json, out_md = tmp_path / "grad.json", tmp_path / "grad.md"
+    assert mod.main(["--cases", "3:8:3:2:12:2", "--rounds", "1", "--json", str(out_json),
+                     "--markdown", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [r["impl"] for r in rows] == list(mod.IMPLS)
+    assert all(r["ms"] > 0 for r in rows)
+    assert rows[0]["x_vs_torch"] == 1 and rows[1]["x_vs_torch"] > 0
+    assert "fastinpaint" in out_md.read_text()
+    for bad in ("3:8:3:2:12", "3:8:0:2:12:2"):
+        with pytest.raises(SystemExit):
+            mod.main(["--cases", bad])
+
+
 def test_conv_layouts_bench_writes_its_files(tmp_path):
     """benchmarks/conv_layouts.py on a tiny layer: three layouts per mode, each with its time and
     its ratio to NCHW (1 for NCHW itself), the JSON and markdown files; a bad case is refused."""

@@ -19,7 +19,8 @@ Paths per backend:
   cpu, cuda  the folded form above where the output is at most a quarter of the weight
              (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's
              convolution and its backward (oneDNN / cuDNN), no C++ kernel of its own; the
-             reference elsewhere
+             reference elsewhere (on the cpu, where the input has few channels, with the input
+             gradient of ops/_conv_input_grad.py: SN-PatchGAN's first layer)
 
 The fold runs in float32 and float64; under autocast, or for float16 / bfloat16 tensors, the
 reference runs (1/sigma rounded to 16 bits would scale a whole layer by one rounding error, and
@@ -39,6 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _conv_input_grad
 from ._common import check_float_tensor, check_same_device, conv_output_size, pair
 from ._layout import conv_output_format, is_channels_last
 from ._registry import Op
@@ -48,7 +50,8 @@ OP = Op("spectral_norm_conv2d", {
                  "(ops/_spectral_norm.py)",
     "cpu": "where the output is at most a quarter of the weight, conv2d on the raw weight, its output scaled by "
            "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
-           "(oneDNN convolutions); the reference elsewhere",
+           "(oneDNN convolutions); the reference elsewhere (an input of few channels: with fastinpaint's "
+           "input gradient, ops/_conv_input_grad.py)",
     "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
 }, cpp_backends=())
 
@@ -60,9 +63,10 @@ def _reference_sigma(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> 
     return torch.vdot(u, torch.mv(weight.flatten(1), v))
 
 
-def reference_conv2d(x, weight, bias, u, v, stride=1, padding=0, dilation=1, groups=1):
-    """What the parametrization computes: ``conv2d(x, W / sigma, b)`` (the reference backend)."""
-    return F.conv2d(x, weight / _reference_sigma(weight, u, v), bias, stride, padding, dilation, groups)
+def reference_conv2d(x, weight, bias, u, v, stride=1, padding=0, dilation=1, groups=1, conv=F.conv2d):
+    """What the parametrization computes: ``conv2d(x, W / sigma, b)`` (the reference backend; the
+    ``cpu`` backend's where it does not fold, with ``conv`` its convolution)."""
+    return conv(x, weight / _reference_sigma(weight, u, v), bias, stride, padding, dilation, groups)
 
 
 # ----------------------------------------------------------------------------- weight as a matrix
@@ -302,5 +306,7 @@ def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     # by one rounding error, and a raw float16 output can overflow where the normalised one does not
     if (backend == "reference" or autocast or x.dtype not in (torch.float32, torch.float64)
             or not folds(x, weight, stride, padding, dilation)):
-        return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups)
+        # on the cpu backend, an input of few channels (the first layer) gets fastinpaint's gradient
+        conv = _conv_input_grad.conv2d if backend == "cpu" else F.conv2d
+        return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups, conv)
     return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]

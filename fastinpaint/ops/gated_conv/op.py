@@ -88,8 +88,8 @@ OP = Op("gated_conv2d", {
     "triton": "with autograd: torch's conv2d, then the fused Triton gating kernel; inference: one "
               "implicit-GEMM Triton convolution with the gating in its epilogue",
     "cuda": "torch's conv2d (cuDNN), then fastinpaint's fused CUDA gating kernel (csrc/cuda/gated_conv.cu)",
-    "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp), "
-           "then fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); under "
+    "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp; "
+           "fastinpaint's input gradient for inputs of few channels, csrc/cpu/conv_input_grad.cpp), then fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); under "
            "torch.compile the gating is aten ops inductor fuses",
 }, kernels=(GATE_FORWARD, GATE_BACKWARD))
 
@@ -165,7 +165,7 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         return upsample.interleave(upsample.from_phase_rows(gated, scale_factor, phases.shape, plan[-1]), plan)
     if scale_factor != 1:
         x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
-    if backend == "cpu":  # Winograd F(4x4, 3x3) for 3x3 stride-1 layers (ops/_winograd.py)
+    if backend == "cpu":  # Winograd for 3x3 stride-1 layers, the few-channel input gradient (ops/_winograd.py)
         pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
     else:
         pre = F.conv2d(x, weight, bias, stride, padding, dilation)

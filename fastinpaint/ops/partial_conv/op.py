@@ -57,7 +57,8 @@ OP = Op("partial_conv2d", {
     "cuda": "torch's conv2d of x * M (cuDNN), then the same fused renormalisation as a CUDA kernel "
             "(csrc/cuda/partial_conv.cu)",
     "cpu": "torch's conv2d of x * M (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, "
-           "csrc/cpu/winograd.cpp), then the same fused renormalisation in C++ (csrc/cpu/partial_conv.cpp)",
+           "csrc/cpu/winograd.cpp; fastinpaint's input gradient for inputs of few channels, "
+           "csrc/cpu/conv_input_grad.cpp), then the same fused renormalisation in C++ (csrc/cpu/partial_conv.cpp)",
 }, kernels=(RENORM,))
 
 

@@ -1,0 +1,97 @@
+"""The gradient of a convolution's input on the CPU, where the input has few channels: torch's
+(oneDNN's ``convolution_backward``, the input's gradient alone) against fastinpaint's kernel
+(``fastinpaint::conv2d_input_grad``, csrc/cpu/conv_input_grad.cpp), timed in one process with
+interleaved calls, both on a channels-last output gradient (the layout the layers hand them).
+
+The default layers are the first ones of the networks that use it: DeepFill v2's gated input
+layer (5->48 filters, 5x5), SN-PatchGAN's (4->64, 5x5, stride 2, batch 2 for real and fake) and
+the PConv U-Net's (3->64, 7x7, stride 2); then 8 and 16 input channels, on either side of the
+limit the layers use the kernel below (``fastinpaint.ops._conv_input_grad.MAX_CHANNELS``).
+
+    python benchmarks/conv_input_grad.py --json out.json --markdown out.md
+    python benchmarks/conv_input_grad.py --cases 4:64:5:2:256:2 --rounds 20
+"""
+
+import argparse
+
+import torch
+
+import fastinpaint  # noqa: F401  (defines the op and loads the extension)
+from fastinpaint import _extension
+from fastinpaint import benchmark as B
+from fastinpaint.ops import _conv_input_grad
+
+#: CIN:COUT:KERNEL:STRIDE:SIZE:BATCH
+CASES = {"DeepFill v2 gated conv1": "5:48:5:1:256:1", "SN-PatchGAN conv1": "4:64:5:2:256:2",
+         "PConv U-Net conv1": "3:64:7:2:256:1", "8 channels": "8:64:3:1:128:1", "16 channels": "16:48:5:1:128:1"}
+IMPLS = ("torch (oneDNN)", "fastinpaint")
+COLUMNS = [("case", "case", None), ("impl", "impl", None), ("ms", "ms", ".2f"),
+           ("x vs torch", "x_vs_torch", ".2f")]
+CL = torch.channels_last
+
+
+def _calls(cin, cout, k, stride, size, batch):
+    x = torch.randn(batch, cin, size, size).contiguous(memory_format=CL)
+    w = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).contiguous(memory_format=CL)
+    pad = k // 2
+    ho = (size + 2 * pad - k) // stride + 1
+    gy = torch.randn(batch, cout, ho, ho).contiguous(memory_format=CL)
+    geometry = ([stride, stride], [pad, pad], [1, 1])
+
+    def torch_grad():
+        torch.ops.aten.convolution_backward(gy, x, w, None, *geometry, False, [0, 0], 1, [True, False, False])
+
+    def kernel_grad():
+        _conv_input_grad.INPUT_GRAD("cpu", gy, w, list(x.shape), *geometry, True)
+    return dict(zip(IMPLS, (torch_grad, kernel_grad)))
+
+
+def run(cases: dict, rounds: int) -> list[dict]:
+    rows = []
+    for name, spec in cases.items():
+        cin, cout, k, stride, size, batch = (int(v) for v in spec.split(":"))
+        with torch.no_grad():
+            timed = B.time_interleaved(_calls(cin, cout, k, stride, size, batch), "cpu", min_time_s=float("inf"),
+                                       max_rounds=rounds, warmup=3)
+        base = timed[IMPLS[0]].get("ms")
+        for impl in IMPLS:
+            row = {"case": f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", "impl": impl,
+                   **timed[impl]}
+            if base and "ms" in row:   # an implementation that failed is reported with its error, no ratio
+                row["x_vs_torch"] = base / row["ms"]
+            rows.append(row)
+    return rows
+
+
+def _case(p: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(v.isdigit() and int(v) > 0 for v in parts):
+        p.error(f"--cases takes CIN:COUT:KERNEL:STRIDE:SIZE:BATCH (positive integers), got {text!r}")
+    return text, text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--cases", nargs="+", metavar="CIN:COUT:KERNEL:STRIDE:SIZE:BATCH",
+                   help="layers to time instead of the default ones: " + ", ".join(f"{k} {v}" for k, v in CASES.items()))
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
+    cases = dict(_case(p, c) for c in a.cases) if a.cases else CASES
+    _extension.library()   # build it now if needed (not inside the timing)
+    if not _conv_input_grad.INPUT_GRAD.built_for("cpu"):
+        p.error("the loaded fastinpaint extension has no conv2d_input_grad kernel (rebuild it)")
+    rows = run(cases, a.rounds)
+    env = B.environment("cpu")
+    table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
+                                                        "threads: torch's default."))
+    print(table)
+    B.write_results(a.json, a.markdown, rows, env, {}, lambda *_: table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""The input gradient of the cpu backend's convolutions of few input channels
+(fastinpaint/ops/_conv_input_grad.py, csrc/cpu/conv_input_grad.cpp): the kernel against torch's
+convolution backward in float64 on random inputs (odd sizes, strides, paddings, dilations and
+rectangular kernels, NCHW and channels-last, float32 and float64), thread counts, bad
+arguments, the autograd op (gradients, layouts, double backward, opcheck, torch.compile), where
+it applies, and the layers that run it (gated, partial and spectral-normalised convolutions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastinpaint.functional as FI
+from fastinpaint import use_backend
+from fastinpaint.nn import SpectralNormConv2d
+from fastinpaint.ops import _conv_input_grad as CIG
+
+from conftest import skip_unless_available
+
+pytestmark = pytest.mark.usefixtures("_cpu_kernels")
+
+CL = torch.channels_last
+
+# (B, C, O, H, W, kernel, stride, padding, dilation)
+CASES = [
+    (1, 5, 48, 37, 29, (5, 5), (1, 1), (2, 2), (1, 1)),    # DeepFill v2's input layer, odd map
+    (2, 4, 64, 33, 40, (5, 5), (2, 2), (2, 2), (1, 1)),    # SN-PatchGAN's first layer
+    (1, 3, 20, 23, 31, (7, 7), (2, 2), (3, 3), (1, 1)),    # PConv's first layer
+    (3, 3, 7, 17, 9, (3, 3), (2, 2), (0, 0), (2, 2)),      # no padding, dilated, rows left over
+    (1, 1, 3, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1)),       # one channel
+    (2, 8, 16, 20, 21, (3, 5), (2, 1), (1, 2), (1, 2)),    # rectangular, mixed stride and dilation
+    (1, 6, 9, 5, 40, (5, 3), (1, 3), (4, 0), (1, 1)),      # padding beyond the kernel's reach
+    (2, 2, 5, 30, 6, (2, 2), (3, 3), (0, 1), (4, 1)),      # stride above the kernel: rows no one reaches
+]
+IDS = [f"B{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5][0]}{c[5][1]}-s{c[6][0]}{c[6][1]}-p{c[7][0]}{c[7][1]}"
+       f"-d{c[8][0]}{c[8][1]}" for c in CASES]
+
+
+@pytest.fixture
+def _cpu_kernels():
+    skip_unless_available("cpu", "cpu")
+
+
+def _problem(case, dtype=torch.float32, fmt=torch.contiguous_format):
+    B, C, O, H, W, k, stride, padding, dilation = case
+    x = torch.randn(B, C, H, W, dtype=dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(O, C, *k, dtype=dtype) / (C * k[0] * k[1]) ** 0.5).contiguous(memory_format=fmt)
+    y = F.conv2d(x, w, None, stride, padding, dilation)
+    gy = torch.randn_like(y)
+    return x, w, gy, list(stride), list(padding), list(dilation)
+
+
+def _torch_input_grad(x, w, gy, stride, padding, dilation):
+    """torch's input gradient in float64."""
+    return torch.ops.aten.convolution_backward(gy.double(), x.double(), w.double(), None, stride, padding, dilation,
+                                               False, [0, 0], 1, [True, False, False])[0]
+
+
+def assert_close_scaled(got, want, rel, name):
+    """The error against float64 is at most ``rel`` of the reference's largest magnitude."""
+    assert got.shape == want.shape, name
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rel * scale + 1e-12, f"{name}: max error {err:.3g} against a scale of {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernel_matches_torch(case, fmt, dtype):
+    x, w, gy, stride, padding, dilation = _problem(case, dtype, fmt)
+    want = _torch_input_grad(x, w, gy, stride, padding, dilation)
+    for channels_last in (False, True):
+        got = CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), stride, padding, dilation, channels_last)
+        assert got.dtype == dtype
+        assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+        assert_close_scaled(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "grad x")
+
+
+def test_kernel_on_strided_views():
+    """A gradient and a weight that are views (every other column, a transposed weight) read as any tensor."""
+    x = torch.randn(2, 4, 19, 23)
+    w = torch.randn(4, 30, 5, 5).transpose(0, 1)                 # (30, 4, 5, 5), not contiguous
+    gy = torch.randn(2, 30, 10, 24)[:, :, :, ::2]                # (2, 30, 10, 12), not contiguous
+    got = CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), [2, 2], [2, 2], [1, 1], False)
+    assert_close_scaled(got, _torch_input_grad(x, w, gy, [2, 2], [2, 2], [1, 1]), 1e-5, "grad x")
+
+
+@pytest.mark.parametrize("case", [(2, 5, 24, 67, 45, (5, 5), (1, 1), (2, 2), (1, 1)),
+                                  (3, 4, 32, 70, 33, (5, 5), (2, 2), (2, 2), (1, 1)),
+                                  (1, 3, 8, 50, 20, (3, 3), (1, 1), (4, 4), (4, 4))],
+                         ids=["s1-bands", "s2-bands", "dilated-bands"])
+def test_threads(threads, case):
+    """Many bands per image at every thread count: torch's result, and the same bits whatever the
+    count (the bands do not depend on it)."""
+    torch.manual_seed(1)
+    x, w, gy, stride, padding, dilation = _problem(case)
+    got = CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), stride, padding, dilation, True)
+    assert_close_scaled(got, _torch_input_grad(x, w, gy, stride, padding, dilation), 1e-5, "grad x")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), stride, padding, dilation, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, serial)
+
+
+def test_empty_inputs():
+    w = torch.randn(8, 3, 3, 3)
+    got = CIG.INPUT_GRAD("cpu", torch.randn(0, 8, 4, 4), w, [0, 3, 6, 6], [1, 1], [0, 0], [1, 1], True)
+    assert got.shape == (0, 3, 6, 6)
+    got = CIG.INPUT_GRAD("cpu", torch.randn(1, 0, 4, 4), torch.randn(0, 3, 3, 3), [1, 3, 6, 6], [1, 1], [0, 0],
+                         [1, 1], False)
+    assert got.shape == (1, 3, 6, 6) and not got.any()
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 7, 6]), "not the convolution's output"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 2, 3, 3), [1, 3, 6, 6]), "do not match"),
+    ((torch.randn(2, 8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 6, 6]), "do not match"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3).double(), [1, 3, 6, 6]), "float32 or both float64"),
+    ((torch.randn(1, 8, 4, 4).half(), torch.randn(8, 3, 3, 3).half(), [1, 3, 6, 6]), "float32 or both float64"),
+    ((torch.randn(8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 6, 6]), r"\(B, O, Ho, Wo\)"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [3, 6, 6]), "input_size is"),
+], ids=["size", "channels", "batch", "dtypes", "half", "dims", "input-size"])
+def test_kernel_refuses_bad_arguments(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        CIG.INPUT_GRAD("cpu", *args, [1, 1], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="stride and dilation"):
+        CIG.INPUT_GRAD("cpu", torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 6, 6], [0, 1], [0, 0],
+                       [1, 1], False)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_conv2d_gradients_and_layouts(fmt, bias):
+    """The op's forward is torch's; its gradients equal torch's (float64), the input's in the
+    input's layout and the weight's in the weight's."""
+    x = torch.randn(2, 5, 21, 19).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(12, 5, 5, 5) / 11).requires_grad_()   # NCHW weight for either input layout
+    b = torch.randn(12, requires_grad=True) if bias else None
+    y = CIG.conv2d(x, w, b, (2, 2), (2, 2), (1, 1))
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 2, 2)
+    assert_close_scaled(y, ref, 1e-5, "output")
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(y)
+    inputs = [t for t in (x, w, b) if t is not None]
+    with torch.autograd.profiler.profile() as prof:
+        got = torch.autograd.grad(y, inputs, g)
+    assert any("conv2d_input_grad" in e.name for e in prof.function_events)
+    want = torch.autograd.grad(ref, inputs, g.double())
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e, 2e-5, name)
+    assert got[0].is_contiguous(memory_format=fmt)
+    assert got[1].is_contiguous()
+
+
+def test_conv2d_weight_only_and_input_only():
+    x = torch.randn(1, 4, 12, 13)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    # no input gradient wanted: torch's convolution itself
+    assert CIG.conv2d(x, w, None, (1, 1), (1, 1), (1, 1)).grad_fn.name() == "ConvolutionBackward0"
+    xg = x.clone().requires_grad_()
+    wd = w.detach()
+    y = CIG.conv2d(xg, wd, None, (1, 1), (1, 1), (1, 1))
+    (gx,) = torch.autograd.grad(y.sum(), xg)
+    (want,) = torch.autograd.grad(F.conv2d(xg, wd, None, 1, 1).sum(), xg)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+    y = CIG.conv2d(xg, w, None, (1, 1), (1, 1), (1, 1))
+    (gw,) = torch.autograd.grad(y.sum(), w)
+    (want,) = torch.autograd.grad(F.conv2d(xg, w, None, 1, 1).sum(), w)
+    torch.testing.assert_close(gw, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_and_double_backward():
+    x = torch.randn(1, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        return CIG.conv2d(x, w, b, (2, 1), (1, 1), (1, 2))
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_opcheck():
+    for fmt in (torch.contiguous_format, CL):
+        x = torch.randn(2, 4, 11, 9).contiguous(memory_format=fmt).requires_grad_()
+        w, b = torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(6, requires_grad=True)
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_few_channels.default, (x, w, b, [2, 1], [1, 1], [1, 2]))
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_few_channels.default, (x, w, None, [1, 1], [0, 0], [1, 1]))
+        gy = torch.randn(2, 6, 6, 7).contiguous(memory_format=fmt)   # the output of stride (2, 1), dilation (1, 2)
+        for channels_last in (False, True):
+            torch.library.opcheck(torch.ops.fastinpaint.conv2d_input_grad.default,
+                                  (gy, w.detach(), [2, 4, 11, 9], [2, 1], [1, 1], [1, 2], channels_last))
+
+
+def test_applies(monkeypatch):
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3)
+    assert CIG.applies(x, w)
+    assert not CIG.applies(torch.randn(1, 9, 5, 5), torch.randn(4, 9, 3, 3))
+    assert not CIG.applies(x, w, groups=2)
+    assert not CIG.applies(x.half(), w.half())
+    assert not CIG.applies(x, w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not CIG.applies(x, w)
+    monkeypatch.setenv("FASTINPAINT_CONV_INPUT_GRAD", "0")
+    assert not CIG.applies(x, w)
+
+
+def _ran_kernel(fn) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return any("conv2d_input_grad" in e.name for e in prof.function_events)
+
+
+def test_gated_conv_runs_it_where_it_applies():
+    """The gated input layer (5 channels) on the cpu backend gets the kernel's input gradient and
+    the reference's results; 16 channels, no input gradient, or the reference backend: not."""
+    x = torch.randn(1, 5, 30, 27).contiguous(memory_format=CL).requires_grad_()
+    w = (torch.randn(16, 5, 5, 5) / 11).requires_grad_()
+    b = torch.randn(16).requires_grad_()
+
+    def step(x, w, b):
+        y = FI.gated_conv2d(x, w, b, padding=2)
+        return y, torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad], torch.ones_like(y))
+
+    with use_backend("cpu"):
+        assert _ran_kernel(lambda: step(x, w, b))
+        y, got = step(x, w, b)
+        assert not _ran_kernel(lambda: step(x.detach(), w, b))
+        x16 = torch.randn(1, 16, 30, 27).requires_grad_()
+        assert not _ran_kernel(lambda: step(x16, torch.randn(16, 16, 5, 5), b))
+    with use_backend("reference"):
+        assert not _ran_kernel(lambda: step(x, w, b))
+        ref, want = step(x, w, b)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+    assert got[0].is_contiguous(memory_format=CL)
+
+
+def test_partial_conv_runs_it():
+    x = torch.randn(1, 3, 33, 31).requires_grad_()
+    mask = (torch.rand(1, 1, 33, 31) > 0.3).float()
+    w = (torch.randn(8, 3, 7, 7) / 11).requires_grad_()
+    with use_backend("cpu"):
+        assert _ran_kernel(lambda: FI.partial_conv2d(x, mask, w, None, stride=2, padding=3)[0].sum().backward())
+        y, _ = FI.partial_conv2d(x, mask, w, None, stride=2, padding=3)
+    with use_backend("reference"):
+        ref, _ = FI.partial_conv2d(x, mask, w, None, stride=2, padding=3)
+    g = torch.randn_like(y)
+    for name, a, e in zip(("grad x", "grad weight"), torch.autograd.grad(y, (x, w), g),
+                          torch.autograd.grad(ref, (x, w), g)):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+
+
+def test_spectral_norm_first_layer_runs_it():
+    """SN-PatchGAN's first layer (4 channels, not folded) on the cpu backend: the kernel's input
+    gradient, and the gradients of torch's parametrization."""
+    torch.manual_seed(2)
+    ours = SpectralNormConv2d(4, 16, 5, 2, 2)
+    theirs = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(4, 16, 5, 2, 2))
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()   # no power-iteration step: both use the stored vectors
+    x = torch.randn(2, 4, 29, 26, requires_grad=True)
+    with use_backend("cpu"):
+        assert _ran_kernel(lambda: ours(x).sum().backward())
+        y = ours(x)
+    ref = theirs(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    params = (ours.parametrizations.weight.original, ours.bias)
+    ref_params = (theirs.parametrizations.weight.original, theirs.bias)
+    got = torch.autograd.grad(y, (x, *params), g)
+    want = torch.autograd.grad(ref, (x, *ref_params), g)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+
+
+def test_compiled_layer_runs_it_and_matches_eager():
+    torch._dynamo.reset()
+    x = torch.randn(1, 5, 26, 30).contiguous(memory_format=CL).requires_grad_()
+    w = (torch.randn(16, 5, 5, 5) / 11).requires_grad_()
+    b = torch.randn(16).requires_grad_()
+
+    def layer(x, w, b):
+        return FI.gated_conv2d(x, w, b, padding=2)
+
+    with use_backend("cpu"):
+        compiled = torch.compile(layer, fullgraph=True)
+        y = compiled(x, w, b)
+        assert _ran_kernel(lambda: compiled(x, w, b).sum().backward())
+        eager = layer(x, w, b)
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(eager, (x, w, b), g)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
