@@ -6,7 +6,7 @@ interleaved calls, both on a channels-last output gradient (the layout the layer
 The default layers are the first ones of the networks that use it: DeepFill v2's gated input
 layer (5->48 filters, 5x5), SN-PatchGAN's (4->64, 5x5, stride 2, batch 2 for real and fake) and
 the PConv U-Net's (3->64, 7x7, stride 2); then 8 and 16 input channels, on either side of the
-limit the layers use the kernel below (``fastinpaint.ops._conv_input_grad.MAX_CHANNELS``).
+limit the layers use the kernel below (``fastinpaint.ops._cpu_conv.MAX_CHANNELS``).
 
     python benchmarks/conv_input_grad.py --json out.json --markdown out.md
     python benchmarks/conv_input_grad.py --cases 4:64:5:2:256:2 --rounds 20
@@ -19,7 +19,7 @@ import torch
 import fastinpaint  # noqa: F401  (defines the op and loads the extension)
 from fastinpaint import _extension
 from fastinpaint import benchmark as B
-from fastinpaint.ops import _conv_input_grad
+from fastinpaint.ops import _cpu_conv
 
 #: CIN:COUT:KERNEL:STRIDE:SIZE:BATCH
 CASES = {"DeepFill v2 gated conv1": "5:48:5:1:256:1", "SN-PatchGAN conv1": "4:64:5:2:256:2",
@@ -42,7 +42,7 @@ def _calls(cin, cout, k, stride, size, batch):
         torch.ops.aten.convolution_backward(gy, x, w, None, *geometry, False, [0, 0], 1, [True, False, False])
 
     def kernel_grad():
-        _conv_input_grad.INPUT_GRAD("cpu", gy, w, list(x.shape), *geometry, True)
+        _cpu_conv.INPUT_GRAD("cpu", gy, w, list(x.shape), *geometry, True)
     return dict(zip(IMPLS, (torch_grad, kernel_grad)))
 
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         p.error(f"--rounds must be >= 1, got {a.rounds}")
     cases = dict(_case(p, c) for c in a.cases) if a.cases else CASES
     _extension.library()   # build it now if needed (not inside the timing)
-    if not _conv_input_grad.INPUT_GRAD.built_for("cpu"):
+    if not _cpu_conv.INPUT_GRAD.built_for("cpu"):
         p.error("the loaded fastinpaint extension has no conv2d_input_grad kernel (rebuild it)")
     rows = run(cases, a.rounds)
     env = B.environment("cpu")

@@ -1,6 +1,6 @@
 // The gradient of a convolution's input where the input has few channels (an image and its
 // mask: the first layer of a generator or discriminator), on the CPU. A helper kernel of the
-// convolutions of fastinpaint's layers (fastinpaint/ops/_conv_input_grad.py), not a public op.
+// convolutions of fastinpaint's layers (fastinpaint/ops/_cpu_conv.py), not a public op.
 //
 // Why: oneDNN computes this gradient as a convolution whose output channels are the input's
 // (4 or 5 here), vectorised over them in blocks of 16 lanes, so most of its work is padding:

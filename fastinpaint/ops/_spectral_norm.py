@@ -19,8 +19,8 @@ Paths per backend:
   cpu, cuda  the folded form above where the output is at most a quarter of the weight
              (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's
              convolution and its backward (oneDNN / cuDNN), no C++ kernel of its own; the
-             reference elsewhere (on the cpu, where the input has few channels, with the input
-             gradient of ops/_conv_input_grad.py: SN-PatchGAN's first layer)
+             reference elsewhere (on the cpu with ops/_cpu_conv.py's convolution: channels-last
+             inside an NCHW layer, fastinpaint's input gradient for an input of few channels)
 
 The fold runs in float32 and float64; under autocast, or for float16 / bfloat16 tensors, the
 reference runs (1/sigma rounded to 16 bits would scale a whole layer by one rounding error, and
@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _conv_input_grad
+from . import _cpu_conv
 from ._common import check_float_tensor, check_same_device, conv_output_size, pair
 from ._layout import conv_output_format, is_channels_last
 from ._registry import Op
@@ -50,8 +50,8 @@ OP = Op("spectral_norm_conv2d", {
                  "(ops/_spectral_norm.py)",
     "cpu": "where the output is at most a quarter of the weight, conv2d on the raw weight, its output scaled by "
            "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
-           "(oneDNN convolutions); the reference elsewhere (an input of few channels: with fastinpaint's "
-           "input gradient, ops/_conv_input_grad.py)",
+           "(oneDNN convolutions); the reference elsewhere, its convolution channels-last inside on NCHW maps "
+           "and with fastinpaint's input gradient for inputs of few channels (ops/_cpu_conv.py)",
     "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
 }, cpp_backends=())
 
@@ -285,6 +285,13 @@ def _check(x, weight, bias, u, v):
             raise TypeError(f"{name} has dtype {t.dtype} but weight has {weight.dtype}")
 
 
+def _cpu_conv_channels_last_inside(x, weight, bias, stride, padding, dilation, groups):
+    """The cpu backend's convolution where the layer does not fold (ops/_cpu_conv.py): channels-last
+    inside on an NCHW input (SN-PatchGAN's first layers, run alone), fastinpaint's input gradient
+    on an input of few channels (its first layer)."""
+    return _cpu_conv.conv2d(x, weight, bias, stride, padding, dilation, groups, channels_last_inside=True)
+
+
 def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor,
                          v: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
     """``conv2d(x, weight / sigma, bias, ...)`` with ``sigma = u . (W v)`` (W flattened to
@@ -306,7 +313,6 @@ def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     # by one rounding error, and a raw float16 output can overflow where the normalised one does not
     if (backend == "reference" or autocast or x.dtype not in (torch.float32, torch.float64)
             or not folds(x, weight, stride, padding, dilation)):
-        # on the cpu backend, an input of few channels (the first layer) gets fastinpaint's gradient
-        conv = _conv_input_grad.conv2d if backend == "cpu" else F.conv2d
+        conv = _cpu_conv_channels_last_inside if backend == "cpu" else F.conv2d
         return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups, conv)
     return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]

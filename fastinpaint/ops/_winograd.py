@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _conv_input_grad
+from . import _cpu_conv
 from ._layout import conv_output_format
 from ._registry import differentiable, kernel
 
@@ -164,10 +164,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], paddin
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
            dilation) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` (groups 1) for the ``cpu`` backend: by Winograd's F(4x4, 3x3)
-    where :func:`applies`, otherwise torch's convolution (with fastinpaint's input gradient for
-    inputs of few channels, ops/_conv_input_grad.py); the output in conv2d's memory format."""
+    where :func:`applies`, otherwise the direct one (ops/_cpu_conv.py: fastinpaint's input
+    gradient for inputs of few channels); the output in conv2d's memory format."""
     if not applies(x, weight, stride, padding, dilation):
-        return _conv_input_grad.conv2d(x, weight, bias, stride, padding, dilation)
+        return _cpu_conv.conv2d(x, weight, bias, stride, padding, dilation)
     return winograd_conv2d(x, weight, bias, padding, dilation)
 
 

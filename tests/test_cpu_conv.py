@@ -1,9 +1,10 @@
-"""The input gradient of the cpu backend's convolutions of few input channels
-(fastinpaint/ops/_conv_input_grad.py, csrc/cpu/conv_input_grad.cpp): the kernel against torch's
-convolution backward in float64 on random inputs (odd sizes, strides, paddings, dilations and
-rectangular kernels, NCHW and channels-last, float32 and float64), thread counts, bad
-arguments, the autograd op (gradients, layouts, double backward, opcheck, torch.compile), where
-it applies, and the layers that run it (gated, partial and spectral-normalised convolutions)."""
+"""The cpu backend's direct convolution (fastinpaint/ops/_cpu_conv.py): the input gradient of
+few input channels (csrc/cpu/conv_input_grad.cpp) against torch's convolution backward in
+float64 on random inputs (odd sizes, strides, paddings, dilations and rectangular kernels, NCHW
+and channels-last, float32 and float64), thread counts, bad arguments; the layout copy
+(csrc/cpu/layout_copy.cpp) against torch's; the autograd op with and without channels-last
+inside (gradients, layouts, double backward, opcheck, torch.compile), where each part applies,
+and the layers that run it (gated, partial and spectral-normalised convolutions)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 import fastinpaint.functional as FI
 from fastinpaint import use_backend
 from fastinpaint.nn import SpectralNormConv2d
-from fastinpaint.ops import _conv_input_grad as CIG
+from fastinpaint.ops import _cpu_conv as CIG
 
-from conftest import skip_unless_available
+from conftest import assert_runs_at_lower_cpu_capabilities, skip_unless_available
 
 pytestmark = pytest.mark.usefixtures("_cpu_kernels")
 
@@ -186,12 +187,15 @@ def test_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
-def test_opcheck():
-    for fmt in (torch.contiguous_format, CL):
+@pytest.mark.parametrize("inside", [False, True], ids=["as-given", "cl-inside"])
+def test_opcheck(inside):
+    for fmt in ((torch.contiguous_format,) if inside else (torch.contiguous_format, CL)):
         x = torch.randn(2, 4, 11, 9).contiguous(memory_format=fmt).requires_grad_()
         w, b = torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(6, requires_grad=True)
-        torch.library.opcheck(torch.ops.fastinpaint.conv2d_few_channels.default, (x, w, b, [2, 1], [1, 1], [1, 2]))
-        torch.library.opcheck(torch.ops.fastinpaint.conv2d_few_channels.default, (x, w, None, [1, 1], [0, 0], [1, 1]))
+        for channels_last in (False, True):
+            torch.library.opcheck(torch.ops.fastinpaint.layout_copy.default, (x.detach(), channels_last))
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default, (x, w, b, [2, 1], [1, 1], [1, 2], inside))
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default, (x, w, None, [1, 1], [0, 0], [1, 1], inside))
         gy = torch.randn(2, 6, 6, 7).contiguous(memory_format=fmt)   # the output of stride (2, 1), dilation (1, 2)
         for channels_last in (False, True):
             torch.library.opcheck(torch.ops.fastinpaint.conv2d_input_grad.default,
@@ -207,8 +211,21 @@ def test_applies(monkeypatch):
     assert not CIG.applies(x, w.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not CIG.applies(x, w)
+    assert not CIG.runs_channels_last_inside(x, w)   # few channels: NCHW as given
     monkeypatch.setenv("FASTINPAINT_CONV_INPUT_GRAD", "0")
     assert not CIG.applies(x, w)
+
+
+def test_runs_channels_last_inside(monkeypatch):
+    x, w = torch.randn(2, 16, 6, 5), torch.randn(4, 16, 3, 3)
+    assert CIG.runs_channels_last_inside(x, w)
+    assert not CIG.runs_channels_last_inside(x.contiguous(memory_format=CL), w)   # channels-last already
+    assert not CIG.runs_channels_last_inside(torch.randn(2, 16, 1, 1), w)          # both layouts at once
+    assert not CIG.runs_channels_last_inside(x[:, :, :, ::2], w)                   # a strided view
+    assert not CIG.runs_channels_last_inside(x, w, groups=2)
+    assert not CIG.runs_channels_last_inside(x.half(), w.half())
+    monkeypatch.setenv("FASTINPAINT_CONV_CHANNELS_LAST", "0")
+    assert not CIG.runs_channels_last_inside(x, w)
 
 
 def _ran_kernel(fn) -> bool:
@@ -299,3 +316,120 @@ def test_compiled_layer_runs_it_and_matches_eager():
     g = torch.randn_like(y)
     for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(eager, (x, w, b), g)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int16],
+                         ids=["f32", "f64", "bf16", "i16"])
+@pytest.mark.parametrize("shape", [(2, 64, 33, 17), (1, 4, 70, 3), (3, 37, 1, 40), (1, 2, 5, 5), (2, 300, 3, 2)],
+                         ids=["64ch", "4ch", "one-row", "tiny", "300ch"])
+def test_layout_copy_matches_torch(shape, dtype):
+    """Both directions, bit for bit, in the asked layout; never the input itself."""
+    x = (torch.randn(*shape) * 100).to(dtype)
+    for src, channels_last in ((x, True), (x.contiguous(memory_format=CL), False)):
+        got = CIG.LAYOUT_COPY("cpu", src, channels_last)
+        fmt = CL if channels_last else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt) and got.dtype == dtype
+        assert torch.equal(got, src) and got.data_ptr() != src.data_ptr()
+        again = CIG.LAYOUT_COPY("cpu", got, channels_last)   # already in the layout: a copy
+        assert torch.equal(again, src) and again.data_ptr() != got.data_ptr()
+
+
+def test_layout_copy_threads(threads):
+    x = torch.randn(3, 48, 67, 45)
+    got = CIG.LAYOUT_COPY("cpu", x, True)
+    assert torch.equal(got, x) and got.is_contiguous(memory_format=CL)
+    back = CIG.LAYOUT_COPY("cpu", got, False)
+    assert torch.equal(back, x) and back.is_contiguous()
+
+
+def test_layout_copy_of_views_and_bad_input():
+    x = torch.randn(2, 8, 9, 14)[:, :, :, ::2]   # neither layout: torch's copy
+    for channels_last in (False, True):
+        got = CIG.LAYOUT_COPY("cpu", x, channels_last)
+        assert torch.equal(got, x)
+        assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, C, H, W\)"):
+        CIG.LAYOUT_COPY("cpu", torch.randn(3, 4, 5), True)
+
+
+def _ran(fn, name) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return any(name in e.name for e in prof.function_events)
+
+
+@pytest.mark.parametrize("channels", [4, 16], ids=["few", "many"])
+def test_conv2d_channels_last_inside(channels):
+    """An NCHW layer that asks for channels-last inside: torch's results (float64), an NCHW output
+    and input gradient, the weight's gradient in the weight's layout; with many channels the
+    layout copies ran, with few the input gradient kernel (and the forward stays NCHW)."""
+    x = torch.randn(2, channels, 23, 20, requires_grad=True)
+    w = (torch.randn(12, channels, 5, 5) / (5 * channels ** 0.5)).requires_grad_()
+    b = torch.randn(12, requires_grad=True)
+
+    def call():
+        return CIG.conv2d(x, w, b, (2, 2), (2, 2), (1, 1), channels_last_inside=True)
+
+    y = call()
+    assert y.is_contiguous()
+    ref = F.conv2d(x.double(), w.double(), b.double(), 2, 2)
+    assert_close_scaled(y, ref, 1e-5, "output")
+    g = torch.randn_like(y)
+    assert _ran(lambda: torch.autograd.grad(call(), (x, w, b), g), "conv2d_input_grad") == (channels <= 8)
+    with torch.no_grad():
+        assert _ran(call, "layout_copy") == (channels > 8)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g.double())
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e, 2e-5, name)
+    assert got[0].is_contiguous() and got[1].is_contiguous()
+    with torch.no_grad():   # no gradient: the same output
+        torch.testing.assert_close(call(), y.detach(), rtol=0, atol=0)
+
+
+def test_spectral_norm_layer_runs_channels_last_inside():
+    """An unfolded SpectralNormConv2d on an NCHW input on the cpu backend runs channels-last inside,
+    with torch's parametrization's results; a channels-last input and torch.compile do not."""
+    torch.manual_seed(3)
+    ours = SpectralNormConv2d(16, 24, 5, 2, 2).eval()
+    theirs = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(16, 24, 5, 2, 2)).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 27, 30, requires_grad=True)
+    with use_backend("cpu"):
+        assert _ran(lambda: ours(x).sum().backward(), "layout_copy")
+        assert not _ran(lambda: ours(x.contiguous(memory_format=CL)), "layout_copy")
+        y = ours(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(ours)
+        assert not _ran(lambda: compiled(x), "layout_copy")
+        torch.testing.assert_close(compiled(x), y, rtol=1e-4, atol=1e-4)
+    ref = theirs(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, ours.parametrizations.weight.original, ours.bias), g)
+    want = torch.autograd.grad(ref, (x, theirs.parametrizations.weight.original, theirs.bias), g)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+
+
+def test_runs_at_lower_cpu_capabilities():
+    """The layout copy's float32 blocks (built per ISA level) and the input gradient at the
+    baseline and AVX2 builds."""
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "import fastinpaint._extension as E\n"
+        "from fastinpaint.ops import _cpu_conv as C\n"
+        "E.library()\n"
+        "x = torch.randn(2, 37, 19, 21)\n"
+        "cl = C.LAYOUT_COPY('cpu', x, True)\n"
+        "assert torch.equal(cl, x) and cl.is_contiguous(memory_format=torch.channels_last)\n"
+        "back = C.LAYOUT_COPY('cpu', cl, False)\n"
+        "assert torch.equal(back, x) and back.is_contiguous()\n"
+        "x, w = torch.randn(1, 5, 23, 17), torch.randn(9, 5, 5, 5)\n"
+        "gy = torch.randn(1, 9, 23, 17)\n"
+        "got = C.INPUT_GRAD('cpu', gy, w, [1, 5, 23, 17], [1, 1], [2, 2], [1, 1], True)\n"
+        "want = torch.ops.aten.convolution_backward(gy.double(), x.double(), w.double(), None, [1, 1], [2, 2],\n"
+        "                                          [1, 1], False, [0, 0], 1, [True, False, False])[0]\n"
+        "assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()\n"
+        "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    assert_runs_at_lower_cpu_capabilities(code)

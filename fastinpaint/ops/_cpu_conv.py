@@ -1,0 +1,171 @@
+"""The direct convolution of the ``cpu`` backend's layers (where Winograd's does not apply,
+ops/_winograd.py): torch's (oneDNN's) convolution, with two changes where they pay off, in one
+op with its own gradient. A helper of the layers, not a public op.
+
+* **Inputs of few channels** (an image and its mask: DeepFill v2's, SN-PatchGAN's and the PConv
+  U-Net's first layers), when the input needs a gradient. oneDNN computes the input's gradient
+  as a convolution whose outputs are the input's channels, vectorised over them 16 at a time:
+  with 3 to 5 channels most lanes are padding, and at DeepFill v2's first layer (5 -> 48
+  filters, 5x5, 256x256) the gradient took about four times the forward's time. fastinpaint's
+  kernel (csrc/cpu/conv_input_grad.cpp) multiplies each band of the output gradient by the
+  weight in one matrix product (vectorised over the output channels) and adds each product onto
+  the input position it belongs to: 2.1-2.9x oneDNN's time at these layers
+  (benchmarks/conv_input_grad.py). The weight's and the bias's gradients stay oneDNN's, on
+  channels-last copies (its weight gradient with 4 input channels took twice as long in NCHW).
+* **Channels-last inside an NCHW layer** (``channels_last_inside``: the spectral-normalised
+  convolution's unfolded layers). oneDNN's channels-last convolution beat its NCHW one by up to
+  1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
+  eager model's convolutions so, converting in its fused loops. Here the input is copied to
+  channels-last and the output back by fastinpaint's transposing copy
+  (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took up to 15x a plain copy); in the
+  backward the output's gradient goes to channels-last, the input's copy is made again (not
+  saved) and the input's gradient comes back NCHW. Not under torch.compile, where inductor lays
+  out the traced convolution itself.
+
+Every output and gradient keeps its tensor's layout: the output is in torch's convolution's
+format for the input (NCHW for an NCHW one), the input's gradient in the input's, the weight's
+in the weight's. A double backward (``create_graph=True``) differentiates torch's convolution
+backward. ``FASTINPAINT_CONV_INPUT_GRAD=0`` and ``FASTINPAINT_CONV_CHANNELS_LAST=0`` in the
+environment (read at each call) turn either change off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import conv_output_size
+from ._layout import conv_output_format, is_channels_last, suggest_memory_format
+from ._registry import kernel
+
+CL = torch.channels_last
+
+#: at most this many input channels: fastinpaint's input gradient (oneDNN pads the channels to
+#: 16 lanes; at 16 its own gradient was the faster, measured with benchmarks/conv_input_grad.py)
+MAX_CHANNELS = 8
+
+
+def _input_grad_fake(grad, weight, input_size, stride, padding, dilation, channels_last):
+    return grad.new_empty(input_size).contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+
+
+INPUT_GRAD = kernel("conv2d_input_grad",
+                    "(Tensor grad, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
+                    "bool channels_last) -> Tensor", _input_grad_fake)
+
+
+def _layout_copy_fake(x, channels_last):
+    return x.new_empty(x.shape).contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+
+
+LAYOUT_COPY = kernel("layout_copy", "(Tensor x, bool channels_last) -> Tensor", _layout_copy_fake)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Whether the loaded fastinpaint._C has both kernels for CPU tensors (a constant for torch.compile)."""
+    return INPUT_GRAD.built_for("cpu") and LAYOUT_COPY.built_for("cpu")
+
+
+def _dense_float(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and groups == 1 and not torch.is_autocast_enabled("cpu") and _kernels_built())
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
+    """Whether fastinpaint's input gradient can run for this convolution: CPU, float32 or float64
+    (one dtype), no groups, at most :data:`MAX_CHANNELS` input channels, outside CPU autocast,
+    enabled (``FASTINPAINT_CONV_INPUT_GRAD``), built."""
+    return (_dense_float(x, weight, groups) and x.shape[1] <= MAX_CHANNELS
+            and os.environ.get("FASTINPAINT_CONV_INPUT_GRAD", "1") != "0")
+
+
+def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
+    """Whether a layer that asks for it runs channels-last inside: as :func:`applies` but more
+    than :data:`MAX_CHANNELS` input channels (with fewer, oneDNN's NCHW forward was as fast as
+    compile(eager)'s and the copy of the output back to NCHW made it 0.83x), an NCHW input (not
+    also channels-last: more than one position), not under torch.compile, enabled
+    (``FASTINPAINT_CONV_CHANNELS_LAST``)."""
+    return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS and not torch.compiler.is_compiling()
+            and x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+            and os.environ.get("FASTINPAINT_CONV_CHANNELS_LAST", "1") != "0")
+
+
+def _to(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` in the layout asked (fastinpaint's copy where it has to move; ``t`` itself where it is in it)."""
+    fmt = CL if channels_last else torch.contiguous_format
+    return t if t.is_contiguous(memory_format=fmt) else LAYOUT_COPY("cpu", t, channels_last)
+
+
+def _conv_fake(x, weight, bias, stride, padding, dilation, inside):
+    ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    fmt = torch.contiguous_format if inside else conv_output_format(x, weight)
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo)).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("fastinpaint::conv2d_cpu", mutates_args=())
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+          padding: List[int], dilation: List[int], inside: bool) -> torch.Tensor:
+    """torch's convolution; ``inside``: on a channels-last copy of the (NCHW) input, the output copied back."""
+    if not inside:
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], 1)
+    y = torch.ops.aten.convolution(_to(x, True), weight, bias, stride, padding, dilation, False, [0, 0], 1)
+    return _to(y, False)
+
+
+_conv.register_fake(_conv_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, inside = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.geometry = (list(stride), list(padding), list(dilation))
+    ctx.inside = inside
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.geometry
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+    if torch.is_grad_enabled():  # create_graph=True: torch's differentiable convolution backward
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
+                                                         False, [0, 0], 1, [need_x, need_w, need_b])
+        return gx, gw, gb, None, None, None, None
+    grad = _to(grad, True)   # both the kernels and oneDNN read it channels-last
+    x_cl = _to(x, True) if (need_w or need_b or (need_x and not applies(x, weight))) else x
+    x_is_cl = suggest_memory_format(x) == CL
+    gx = gw = gb = None
+    if need_x and applies(x, weight):
+        gx = INPUT_GRAD("cpu", grad, weight, list(x.shape), stride, padding, dilation, x_is_cl)
+        need_x = False
+    if need_x or need_w or need_b:
+        gx_torch, gw, gb = torch.ops.aten.convolution_backward(grad, x_cl, weight, bias_sizes, stride, padding,
+                                                               dilation, False, [0, 0], 1, [need_x, need_w, need_b])
+        if need_x:
+            gx = _to(gx_torch, x_is_cl)
+        if gw is not None:
+            gw = gw.contiguous(memory_format=CL if is_channels_last(weight) else torch.contiguous_format)
+    return gx, gw, gb, None, None, None, None
+
+
+_conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+           dilation, groups: int = 1, channels_last_inside: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.conv2d`` (``stride``, ``padding`` and ``dilation`` pairs) for the
+    ``cpu`` backend's layers: fastinpaint's input gradient where :func:`applies` and the input
+    needs a gradient; channels-last inside where ``channels_last_inside`` and
+    :func:`runs_channels_last_inside`; torch's convolution otherwise."""
+    few = x.requires_grad and torch.is_grad_enabled() and applies(x, weight, groups)
+    inside = channels_last_inside and runs_channels_last_inside(x, weight, groups)
+    if not (few or inside):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return _conv(x, weight, bias, list(stride), list(padding), list(dilation), inside)
