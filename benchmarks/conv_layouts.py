@@ -15,7 +15,6 @@ The default layers are the ones of the README's per-layer misses: SN-PatchGAN's 
     python benchmarks/conv_layouts.py --cases 4:64:5:2:256:2 --rounds 20
 """
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -75,31 +74,8 @@ def run(cases: dict, rounds: int) -> list[dict]:
     return rows
 
 
-def _case(p: argparse.ArgumentParser, text: str) -> tuple[str, str]:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(v.isdigit() and int(v) > 0 for v in parts):
-        p.error(f"--cases takes CIN:COUT:KERNEL:STRIDE:SIZE:BATCH (positive integers), got {text!r}")
-    return text, text
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--cases", nargs="+", metavar="CIN:COUT:KERNEL:STRIDE:SIZE:BATCH",
-                   help="layers to time instead of the default ones: " + ", ".join(f"{k} {v}" for k, v in CASES.items()))
-    p.add_argument("--json")
-    p.add_argument("--markdown")
-    a = p.parse_args(argv)
-    if a.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {a.rounds}")
-    cases = dict(_case(p, c) for c in a.cases) if a.cases else CASES
-    rows = run(cases, a.rounds)
-    env = B.environment("cpu")
-    table = B.markdown_table(rows, COLUMNS, env, notes=("", "Interleaved calls, median of the rounds; "
-                                                        "threads: torch's default."))
-    print(table)
-    B.write_results(a.json, a.markdown, rows, env, {}, lambda *_: table)
-    return 0
+    return B.layer_script_main(__doc__.split("\n")[0], CASES, run, COLUMNS, argv)
 
 
 if __name__ == "__main__":

@@ -646,3 +646,40 @@ def write_results(path_json: str | None, path_md: str | None, rows, env, ceiling
     if path_md:
         with open(path_md, "w") as fh:
             fh.write(markdown(rows, env, ceilings))
+
+
+#: the layer specs of the stand-alone convolution scripts (benchmarks/conv_*.py)
+LAYER_SPEC = "CIN:COUT:KERNEL:STRIDE:SIZE:BATCH"
+
+
+def layer_script_main(description: str, cases: dict, run: Callable[[dict, int], list],
+                      columns: list[tuple[str, str, str | None]], argv=None,
+                      before_run: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The command line of a stand-alone convolution script: ``--cases`` (``{label: spec}``
+    replaced by the given :data:`LAYER_SPEC` strings, each its own label), ``--rounds``,
+    ``--json`` and ``--markdown``; ``run(cases, rounds)`` gives the rows, printed and written
+    with the environment. ``before_run(parser)`` may refuse to run (``parser.error``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--cases", nargs="+", metavar=LAYER_SPEC,
+                   help="layers to time instead of the default ones: " + ", ".join(f"{k} {v}" for k, v in cases.items()))
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
+    for text in a.cases or ():
+        parts = text.split(":")
+        if len(parts) != 6 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            p.error(f"--cases takes {LAYER_SPEC} (positive integers), got {text!r}")
+    if a.cases:
+        cases = {text: text for text in a.cases}
+    if before_run is not None:
+        before_run(p)
+    rows = run(cases, a.rounds)
+    env = environment("cpu")
+    table = markdown_table(rows, columns, env, notes=("", "Interleaved calls, median of the rounds; "
+                                                      "threads: torch's default."))
+    print(table)
+    write_results(a.json, a.markdown, rows, env, {}, lambda *_: table)
+    return 0

@@ -28,7 +28,7 @@
 namespace fastinpaint {
 namespace {
 
-struct Geometry {
+struct Geometry {  // input (B, C, H, W), O filters of kh x kw, output Ho x Wo; stride, padding, dilation
   int64_t B, C, H, W, O, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
@@ -118,22 +118,9 @@ at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad, const at::Tensor& weigh
                   (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble),
               "conv2d_input_grad: grad and weight must both be float32 or both float64");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  Geometry g;
-  g.B = input_size[0];
-  g.C = input_size[1];
-  g.H = input_size[2];
-  g.W = input_size[3];
-  g.O = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
-  g.Ho = grad.size(2);
-  g.Wo = grad.size(3);
+  const Geometry g{input_size[0], input_size[1], input_size[2], input_size[3], weight.size(0), grad.size(2),
+                   grad.size(3), weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1],
+                   dilation[0], dilation[1]};
   TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0,
               "conv2d_input_grad: stride and dilation must be >= 1, padding >= 0");
   TORCH_CHECK(weight.size(1) == g.C && grad.size(0) == g.B && grad.size(1) == g.O,
