@@ -33,6 +33,8 @@ CASES = [
     (2, 8, 16, 20, 21, (3, 5), (2, 1), (1, 2), (1, 2)),    # rectangular, mixed stride and dilation
     (1, 6, 9, 5, 40, (5, 3), (1, 3), (4, 0), (1, 1)),      # padding beyond the kernel's reach
     (2, 2, 5, 30, 6, (2, 2), (3, 3), (0, 1), (4, 1)),      # stride above the kernel: rows no one reaches
+    (1, 8, 6, 12, 120, (5, 5), (1, 1), (2, 2), (1, 1)),    # wide rows: float64 bands in several products
+    (1, 2, 4, 45, 20, (7, 7), (1, 1), (9, 9), (3, 3)),     # a reach of 18 rows: bands longer than 8
 ]
 IDS = [f"B{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5][0]}{c[5][1]}-s{c[6][0]}{c[6][1]}-p{c[7][0]}{c[7][1]}"
        f"-d{c[8][0]}{c[8][1]}" for c in CASES]
@@ -90,8 +92,9 @@ def test_kernel_on_strided_views():
 
 @pytest.mark.parametrize("case", [(2, 5, 24, 67, 45, (5, 5), (1, 1), (2, 2), (1, 1)),
                                   (3, 4, 32, 70, 33, (5, 5), (2, 2), (2, 2), (1, 1)),
-                                  (1, 3, 8, 50, 20, (3, 3), (1, 1), (4, 4), (4, 4))],
-                         ids=["s1-bands", "s2-bands", "dilated-bands"])
+                                  (1, 3, 8, 50, 20, (3, 3), (1, 1), (4, 4), (4, 4)),
+                                  (2, 2, 4, 80, 20, (7, 7), (1, 1), (9, 9), (3, 3))],
+                         ids=["s1-bands", "s2-bands", "dilated-bands", "long-bands"])
 def test_threads(threads, case):
     """Many bands per image at every thread count: torch's result, and the same bits whatever the
     count (the bands do not depend on it)."""
@@ -433,3 +436,44 @@ def test_runs_at_lower_cpu_capabilities():
         "assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()\n"
         "print('ok', torch.backends.cpu.get_cpu_capability())\n")
     assert_runs_at_lower_cpu_capabilities(code)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["as-given", "cl-inside"])
+def test_conv2d_without_the_input_gradient(inside):
+    """The op's backward when the input needs no gradient: the weight's and the bias's, or the
+    bias's alone, equal torch's; a channels-last weight gets a channels-last gradient."""
+    channels = 16 if inside else 4
+    x = torch.randn(2, channels, 17, 19, requires_grad=not inside)   # inside: the op runs without it
+    w = torch.randn(6, channels, 3, 3).contiguous(memory_format=CL).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    y = CIG.conv2d(x, w, b, (1, 2), (1, 1), (1, 1), channels_last_inside=inside)
+    assert y.grad_fn.name() != "ConvolutionBackward0"   # the op itself
+    ref = F.conv2d(x.detach().double(), w.double(), b.double(), (1, 2), 1)
+    g = torch.randn_like(y)
+    gw, gb = torch.autograd.grad(y, (w, b), g, retain_graph=True)
+    ww, wb = torch.autograd.grad(ref, (w, b), g.double())
+    assert_close_scaled(gw, ww, 2e-5, "grad weight")
+    assert_close_scaled(gb, wb, 2e-5, "grad bias")
+    assert gw.is_contiguous(memory_format=CL)
+    (gb_alone,) = torch.autograd.grad(y, b, g)
+    assert_close_scaled(gb_alone, wb, 2e-5, "grad bias alone")
+
+
+def test_switches_turn_the_layers_back_to_torch(monkeypatch):
+    """FASTINPAINT_CONV_INPUT_GRAD=0 and FASTINPAINT_CONV_CHANNELS_LAST=0: the layers run torch's
+    convolution, with the same results."""
+    x = torch.randn(1, 5, 20, 18).contiguous(memory_format=CL).requires_grad_()
+    w = (torch.randn(16, 5, 5, 5) / 11).requires_grad_()
+    sn = SpectralNormConv2d(16, 8, 5, 2, 2).eval()
+    x16 = torch.randn(2, 16, 21, 19)
+    with use_backend("cpu"):
+        y = FI.gated_conv2d(x, w, None, padding=2)
+        g = torch.autograd.grad(y.sum(), x)[0]
+        ysn = sn(x16)
+        monkeypatch.setenv("FASTINPAINT_CONV_INPUT_GRAD", "0")
+        assert not _ran_kernel(lambda: FI.gated_conv2d(x, w, None, padding=2).sum().backward())
+        y0 = FI.gated_conv2d(x, w, None, padding=2)
+        torch.testing.assert_close(torch.autograd.grad(y0.sum(), x)[0], g, rtol=1e-4, atol=1e-4)
+        monkeypatch.setenv("FASTINPAINT_CONV_CHANNELS_LAST", "0")
+        assert not _ran(lambda: sn(x16), "layout_copy")
+        torch.testing.assert_close(sn(x16), ysn, rtol=1e-5, atol=1e-5)

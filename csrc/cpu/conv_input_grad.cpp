@@ -15,8 +15,9 @@
 //
 // Threads: bands of L output rows; band r adds onto input rows that band r + 2 does not reach
 // (L is chosen so), so the even bands of every image run in parallel, then the odd ones. L does
-// not depend on the thread count, and each element's additions come in the same order whatever
-// the threads: the result is the same with any number of threads.
+// not depend on the thread count, so each element's additions come in the same order whatever
+// the threads (the products are torch's GEMM: single-threaded inside a parallel pass, its own
+// threading where a pass has a single band).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -70,7 +71,7 @@ int64_t band_rows(const Geometry& g) {
   return std::max<int64_t>(needed, 8);
 }
 
-// Output rows per matrix product: its columns within about 256 KB (they are read back at once).
+// Output rows per matrix product: its columns within about 1 MB (they are read back at once).
 int64_t product_rows(const Geometry& g, int64_t esize) {
   const int64_t row_bytes = g.Wo * g.kh * g.kw * g.C * esize;
   return std::max<int64_t>(1, (int64_t{1024} << 10) / std::max<int64_t>(row_bytes, 1));

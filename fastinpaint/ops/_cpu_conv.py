@@ -9,7 +9,7 @@ op with its own gradient. A helper of the layers, not a public op.
   filters, 5x5, 256x256) the gradient took about four times the forward's time. fastinpaint's
   kernel (csrc/cpu/conv_input_grad.cpp) multiplies each band of the output gradient by the
   weight in one matrix product (vectorised over the output channels) and adds each product onto
-  the input position it belongs to: 2.1-2.9x oneDNN's time at these layers
+  the input position it belongs to: 2.1-4.0x oneDNN's speed at these layers
   (benchmarks/conv_input_grad.py). The weight's and the bias's gradients stay oneDNN's, on
   channels-last copies (its weight gradient with 4 input channels took twice as long in NCHW).
 * **Channels-last inside an NCHW layer** (``channels_last_inside``: the spectral-normalised
@@ -17,7 +17,7 @@ op with its own gradient. A helper of the layers, not a public op.
   1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
   eager model's convolutions so, converting in its fused loops. Here the input is copied to
   channels-last and the output back by fastinpaint's transposing copy
-  (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took up to 15x a plain copy); in the
+  (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took about 6x a plain copy); in the
   backward the output's gradient goes to channels-last, the input's copy is made again (not
   saved) and the input's gradient comes back NCHW. Not under torch.compile, where inductor lays
   out the traced convolution itself.
@@ -26,7 +26,8 @@ Every output and gradient keeps its tensor's layout: the output is in torch's co
 format for the input (NCHW for an NCHW one), the input's gradient in the input's, the weight's
 in the weight's. A double backward (``create_graph=True``) differentiates torch's convolution
 backward. ``FASTINPAINT_CONV_INPUT_GRAD=0`` and ``FASTINPAINT_CONV_CHANNELS_LAST=0`` in the
-environment (read at each call) turn either change off.
+environment turn either change off (read at each eager call; a torch.compile'd graph keeps
+what it saw when traced).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
 def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
     """Whether a layer that asks for it runs channels-last inside: as :func:`applies` but more
     than :data:`MAX_CHANNELS` input channels (with fewer, oneDNN's NCHW forward was as fast as
-    compile(eager)'s and the copy of the output back to NCHW made it 0.83x), an NCHW input (not
+    compile(eager)'s, and channels-last inside measured 0.83x of it at SN-PatchGAN's first layer
+    in an ad-hoc run: the copy of its large output back to NCHW), an NCHW input (not
     also channels-last: more than one position), not under torch.compile, enabled
     (``FASTINPAINT_CONV_CHANNELS_LAST``)."""
     return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS and not torch.compiler.is_compiling()
@@ -139,19 +141,22 @@ def _backward(ctx, grad):
                                                          False, [0, 0], 1, [need_x, need_w, need_b])
         return gx, gw, gb, None, None, None, None
     grad = _to(grad, True)   # both the kernels and oneDNN read it channels-last
-    x_cl = _to(x, True) if (need_w or need_b or (need_x and not applies(x, weight))) else x
     x_is_cl = suggest_memory_format(x) == CL
+    kernel_x = need_x and applies(x, weight)
+    torch_x = need_x and not kernel_x
     gx = gw = gb = None
-    if need_x and applies(x, weight):
+    if kernel_x:
         gx = INPUT_GRAD("cpu", grad, weight, list(x.shape), stride, padding, dilation, x_is_cl)
-        need_x = False
-    if need_x or need_w or need_b:
-        gx_torch, gw, gb = torch.ops.aten.convolution_backward(grad, x_cl, weight, bias_sizes, stride, padding,
-                                                               dilation, False, [0, 0], 1, [need_x, need_w, need_b])
-        if need_x:
+    if torch_x or need_w:
+        gx_torch, gw, gb = torch.ops.aten.convolution_backward(grad, _to(x, True), weight, bias_sizes, stride,
+                                                               padding, dilation, False, [0, 0], 1,
+                                                               [torch_x, need_w, need_b])
+        if torch_x:
             gx = _to(gx_torch, x_is_cl)
-        if gw is not None:
+        if need_w:
             gw = gw.contiguous(memory_format=CL if is_channels_last(weight) else torch.contiguous_format)
+    elif need_b:   # the bias's alone: no copy of the input
+        gb = grad.sum((0, 2, 3))
     return gx, gw, gb, None, None, None, None
 
 
