@@ -123,11 +123,10 @@ _conv.register_fake(_conv_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, inside = inputs
+    x, weight, bias, stride, padding, dilation, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
     ctx.geometry = (list(stride), list(padding), list(dilation))
-    ctx.inside = inside
 
 
 def _backward(ctx, grad):
