@@ -662,7 +662,8 @@ def layer_script_main(description: str, cases: dict, run: Callable[[dict, int], 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--cases", nargs="+", metavar=LAYER_SPEC,
-                   help="layers to time instead of the default ones: " + ", ".join(f"{k} {v}" for k, v in cases.items()))
+                   help="layers to time instead of the default ones: "
+                   + ", ".join(f"{k} {v}" for k, v in cases.items()))
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args(argv)
