@@ -278,11 +278,18 @@ def fresh_compile():
     """Around one benchmark case: dynamo's caches are reset first, so the case compiles afresh
     (a run of many shapes never reaches the recompile limit), and a compile that would hit the
     limit anyway raises instead of running the frame eagerly, so a baseline never turns into
-    eager without the table saying so (the row reports the error)."""
+    eager without the table saying so (the row reports the error). The on-disk compile caches
+    are not read either: a compiled graph cached before a change of fastinpaint's Python
+    gradient formulas was reused after it (torch 2.14), timing the old code."""
+    import warnings
+
     import torch._dynamo
+    import torch._inductor.config
 
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
+            torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*force_disable_caches")   # torch's note that it is set
         yield
 
 

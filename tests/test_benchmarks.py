@@ -3,12 +3,25 @@ in the same run (eager, compile(eager), each fastinpaint backend and torch.compi
 every row has its ratios against both baselines, and nothing fails. The figures of such tiny
 runs mean nothing; the structure does."""
 
+import importlib.util
+import json
+import os
 import sys
+
 import pytest
 import torch
 
 from fastinpaint import benchmark as B
 from conftest import skip_unless_available
+
+
+def _script(name: str):
+    """benchmarks/<name>.py loaded as a module (the scripts are not a package)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _check(rows, expected_impls, baselines=B.BASELINES):
@@ -117,14 +130,7 @@ def test_deepfill_v2_train_step_freezes_d_for_the_generator_step():
 def test_large_image_bench_writes_its_files(tmp_path):
     """benchmarks/deepfill_v2_large_images.py on a tiny image: a fresh process per size, the
     row's figures (time, peak, estimate), the JSON and markdown files; a bad size is refused."""
-    import importlib.util
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "deepfill_v2_large_images.py")
-    spec = importlib.util.spec_from_file_location("deepfill_v2_large_images", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("deepfill_v2_large_images")
     out_json, out_md = tmp_path / "large.json", tmp_path / "large.md"
     assert mod.main(["--sizes", "64", "--json", str(out_json), "--markdown", str(out_md)]) == 0
     (row,) = json.loads(out_json.read_text())["results"]
@@ -135,27 +141,20 @@ def test_large_image_bench_writes_its_files(tmp_path):
         mod.main(["--sizes", "60"])
 
 
-def test_conv_input_grad_bench_writes_its_files(tmp_path):
-    """benchmarks/conv_input_grad.py on a tiny layer: torch's and fastinpaint's input gradient, each
-    with its time and its ratio to torch's (1 for torch's itself), the files; a bad case is refused."""
-    import importlib.util
-    import json
-    import os
-
-    from conftest import skip_unless_available
+def test_conv_grads_bench_writes_its_files(tmp_path):
+    """benchmarks/conv_grads.py on a tiny layer: torch's and fastinpaint's input and weight
+    gradients, each with its time and its ratio to torch's (1 for torch's itself), the files; a bad
+    case is refused."""
     skip_unless_available("cpu", "cpu")
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "conv_input_grad.py")
-    spec = importlib.util.spec_from_file_location("conv_input_grad_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("conv_grads")
     out_json, out_md = tmp_path / "grad.json", tmp_path / "grad.md"
     assert mod.main(["--cases", "3:8:3:2:12:2", "--rounds", "1", "--json", str(out_json),
                      "--markdown", str(out_md)]) == 0
     rows = json.loads(out_json.read_text())["results"]
-    assert [r["impl"] for r in rows] == list(mod.IMPLS)
+    assert [(r["grad"], r["impl"]) for r in rows] == [(g, i) for g in mod.GRADS for i in mod.IMPLS]
     assert all(r["ms"] > 0 for r in rows)
-    assert rows[0]["x_vs_torch"] == 1 and rows[1]["x_vs_torch"] > 0
-    assert "fastinpaint" in out_md.read_text()
+    assert all((r["x_vs_torch"] == 1) == (r["impl"] == mod.IMPLS[0]) for r in rows)
+    assert "| weight | fastinpaint |" in out_md.read_text()
     for bad in ("3:8:3:2:12", "3:8:0:2:12:2"):
         with pytest.raises(SystemExit):
             mod.main(["--cases", bad])
@@ -164,14 +163,7 @@ def test_conv_input_grad_bench_writes_its_files(tmp_path):
 def test_conv_layouts_bench_writes_its_files(tmp_path):
     """benchmarks/conv_layouts.py on a tiny layer: three layouts per mode, each with its time and
     its ratio to NCHW (1 for NCHW itself), the JSON and markdown files; a bad case is refused."""
-    import importlib.util
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "conv_layouts.py")
-    spec = importlib.util.spec_from_file_location("conv_layouts", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("conv_layouts")
     out_json, out_md = tmp_path / "layouts.json", tmp_path / "layouts.md"
     assert mod.main(["--cases", "3:8:3:2:12:2", "--rounds", "1", "--json", str(out_json),
                      "--markdown", str(out_md)]) == 0

@@ -397,10 +397,12 @@ def test_bench_times_compile_of_each_implementation_and_plots(tmp_path, capsys):
 def test_a_compiled_baseline_past_the_recompile_limit_fails_instead_of_running_eagerly():
     import torch
     import torch._dynamo
+    import torch._inductor.config
     from fastinpaint import benchmark as B
 
     fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
     with B.fresh_compile(), torch._dynamo.config.patch(recompile_limit=1):
+        assert torch._inductor.config.force_disable_caches   # no graph compiled before a change of the code
         fn(torch.ones(2))
         with pytest.raises(Exception, match="(?i)recompil|limit"):
             fn(torch.ones(3))   # a second shape: a recompile past the limit

@@ -1,7 +1,8 @@
 """The cpu backend's direct convolution (fastinpaint/ops/_cpu_conv.py): the input gradient of
-few input channels (csrc/cpu/conv_input_grad.cpp) against torch's convolution backward in
-float64 on random inputs (odd sizes, strides, paddings, dilations and rectangular kernels, NCHW
-and channels-last, float32 and float64), thread counts, bad arguments; the layout copy
+few input channels (csrc/cpu/conv_input_grad.cpp) and the weight gradient of strided layers
+(csrc/cpu/conv_weight_grad.cpp) against torch's convolution backward in float64 on random
+inputs (odd sizes, strides, paddings, dilations and rectangular kernels, NCHW and channels-last,
+float32 and float64), thread counts, bad arguments; the layout copy
 (csrc/cpu/layout_copy.cpp) against torch's; the autograd op with and without channels-last
 inside (gradients, layouts, double backward, opcheck, torch.compile), where each part applies,
 and the layers that run it (gated, partial and spectral-normalised convolutions)."""
@@ -127,7 +128,7 @@ def test_empty_inputs():
     ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3).double(), [1, 3, 6, 6]), "float32 or both float64"),
     ((torch.randn(1, 8, 4, 4).half(), torch.randn(8, 3, 3, 3).half(), [1, 3, 6, 6]), "float32 or both float64"),
     ((torch.randn(8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 6, 6]), r"\(B, O, Ho, Wo\)"),
-    ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [3, 6, 6]), "input_size is"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [3, 6, 6]), r"the input \(B, C, H, W\)"),
 ], ids=["size", "channels", "batch", "dtypes", "half", "dims", "input-size"])
 def test_kernel_refuses_bad_arguments(args, match):
     with pytest.raises(RuntimeError, match=match):
@@ -135,6 +136,83 @@ def test_kernel_refuses_bad_arguments(args, match):
     with pytest.raises(RuntimeError, match="stride and dilation"):
         CIG.INPUT_GRAD("cpu", torch.randn(1, 8, 4, 4), torch.randn(8, 3, 3, 3), [1, 3, 6, 6], [0, 1], [0, 0],
                        [1, 1], False)
+
+
+# strided layers of many channels, where the layers use the weight gradient kernel
+# (B, C, O, H, W, kernel, stride, padding, dilation), as CASES
+STRIDED_CASES = [
+    (1, 24, 16, 35, 33, (3, 3), (2, 2), (1, 1), (1, 1)),   # DeepFill v2's downsampling layer, odd map
+    (2, 17, 9, 26, 19, (5, 5), (2, 2), (2, 2), (1, 1)),    # SN-PatchGAN's, odd channels, batch of two
+    (1, 12, 7, 21, 30, (4, 3), (3, 2), (0, 2), (2, 1)),    # rectangular, no padding in y, dilated in y
+    (3, 10, 5, 9, 8, (3, 3), (2, 2), (5, 5), (1, 1)),      # padding beyond the kernel's reach
+]
+STRIDED_IDS = [f"B{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5][0]}{c[5][1]}-s{c[6][0]}{c[6][1]}-p{c[7][0]}{c[7][1]}"
+               f"-d{c[8][0]}{c[8][1]}" for c in STRIDED_CASES]
+
+
+def _torch_weight_grad(x, w, gy, stride, padding, dilation):
+    """torch's weight gradient in float64."""
+    return torch.ops.aten.convolution_backward(gy.double(), x.double(), w.double(), None, stride, padding, dilation,
+                                               False, [0, 0], 1, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", CASES + STRIDED_CASES, ids=IDS + STRIDED_IDS)
+def test_weight_grad_kernel_matches_torch(case, fmt, dtype):
+    """Every geometry (the kernel takes any; the layers use it for strided ones of many channels)."""
+    x, w, gy, stride, padding, dilation = _problem(case, dtype, fmt)
+    want = _torch_weight_grad(x, w, gy, stride, padding, dilation)
+    for channels_last in (False, True):
+        got = CIG.WEIGHT_GRAD("cpu", gy, x, list(w.shape), stride, padding, dilation, channels_last)
+        assert got.dtype == dtype
+        assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+        assert_close_scaled(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "grad weight")
+
+
+def test_weight_grad_kernel_on_strided_views():
+    x = torch.randn(2, 30, 19, 46)[:, :, :, ::2]                 # (2, 30, 19, 23), not contiguous
+    gy = torch.randn(2, 24, 10, 12).transpose(2, 3)[:, :, :, :10].transpose(2, 3)   # (2, 24, 10, 12), a view
+    w = torch.empty(24, 30, 3, 3)
+    got = CIG.WEIGHT_GRAD("cpu", gy, x, list(w.shape), [2, 2], [1, 1], [1, 1], False)
+    assert_close_scaled(got, _torch_weight_grad(x, w, gy, [2, 2], [1, 1], [1, 1]), 1e-5, "grad weight")
+
+
+@pytest.mark.parametrize("case", [(3, 64, 8, 128, 126, (5, 5), (2, 2), (2, 2), (1, 1)),
+                                  (2, 16, 6, 200, 201, (3, 3), (2, 2), (1, 1), (1, 1))],
+                         ids=["groups-across-images", "bands-within-images"])
+def test_weight_grad_threads(threads, case):
+    """Many bands (more than the 8 accumulators) at every thread count: torch's result. (Not the
+    same bits at every count: torch's GEMM splits its products by the thread count.)"""
+    torch.manual_seed(1)
+    x, w, gy, stride, padding, dilation = _problem(case)
+    got = CIG.WEIGHT_GRAD("cpu", gy, x, list(w.shape), stride, padding, dilation, True)
+    assert_close_scaled(got, _torch_weight_grad(x, w, gy, stride, padding, dilation), 1e-5, "grad weight")
+
+
+def test_weight_grad_empty_inputs():
+    got = CIG.WEIGHT_GRAD("cpu", torch.randn(0, 8, 4, 4), torch.randn(0, 3, 8, 8), [8, 3, 3, 3], [2, 2], [1, 1],
+                          [1, 1], True)
+    assert got.shape == (8, 3, 3, 3) and not got.any()
+    got = CIG.WEIGHT_GRAD("cpu", torch.randn(1, 0, 4, 4), torch.randn(1, 3, 8, 8), [0, 3, 3, 3], [2, 2], [1, 1],
+                          [1, 1], False)
+    assert got.shape == (0, 3, 3, 3)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(1, 8, 4, 4), torch.randn(1, 3, 7, 6), [8, 3, 3, 3]), "not the convolution's output"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6, 6), [8, 2, 3, 3]), "do not match"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6, 6), [7, 3, 3, 3]), "do not match"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6, 6).double(), [8, 3, 3, 3]), "float32 or both float64"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(3, 6, 6), [8, 3, 3, 3]), r"input must be \(B, C, H, W\)"),
+    ((torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6, 6), [8, 3, 3]), r"the weight \(O, C, kh, kw\)"),
+], ids=["size", "channels", "filters", "dtypes", "dims", "weight-size"])
+def test_weight_grad_kernel_refuses_bad_arguments(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        CIG.WEIGHT_GRAD("cpu", *args, [1, 1], [0, 0], [1, 1], False)
+    with pytest.raises(RuntimeError, match="stride and dilation"):
+        CIG.WEIGHT_GRAD("cpu", torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6, 6), [8, 3, 3, 3], [1, 1], [0, 0],
+                        [0, 1], False)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
@@ -203,6 +281,8 @@ def test_opcheck(inside):
         for channels_last in (False, True):
             torch.library.opcheck(torch.ops.fastinpaint.conv2d_input_grad.default,
                                   (gy, w.detach(), [2, 4, 11, 9], [2, 1], [1, 1], [1, 2], channels_last))
+            torch.library.opcheck(torch.ops.fastinpaint.conv2d_weight_grad.default,
+                                  (gy, x.detach(), [6, 4, 3, 3], [2, 1], [1, 1], [1, 2], channels_last))
 
 
 def test_applies(monkeypatch):
@@ -217,6 +297,21 @@ def test_applies(monkeypatch):
     assert not CIG.runs_channels_last_inside(x, w)   # few channels: NCHW as given
     monkeypatch.setenv("FASTINPAINT_CONV_INPUT_GRAD", "0")
     assert not CIG.applies(x, w)
+
+
+def test_weight_grad_applies(monkeypatch):
+    x, w = torch.randn(1, 9, 8, 8), torch.randn(4, 9, 3, 3)
+    assert CIG.weight_grad_applies(x, w, (2, 2))
+    assert CIG.weight_grad_applies(x, w, [3, 2])
+    assert not CIG.weight_grad_applies(x, w, (1, 1))                            # stride 1: a tie, oneDNN's
+    assert not CIG.weight_grad_applies(x, w, (2, 1))
+    assert not CIG.weight_grad_applies(torch.randn(1, 8, 8, 8), torch.randn(4, 8, 3, 3), (2, 2))   # few channels
+    assert not CIG.weight_grad_applies(x, w, (2, 2), groups=3)
+    assert not CIG.weight_grad_applies(x.half(), w.half(), (2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not CIG.weight_grad_applies(x, w, (2, 2))
+    monkeypatch.setenv("FASTINPAINT_CONV_WEIGHT_GRAD", "0")
+    assert not CIG.weight_grad_applies(x, w, (2, 2))
 
 
 def test_runs_channels_last_inside(monkeypatch):
@@ -261,6 +356,32 @@ def test_gated_conv_runs_it_where_it_applies():
     for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
         assert_close_scaled(a, e.double(), 2e-5, name)
     assert got[0].is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+def test_gated_downsampling_layer_runs_the_weight_gradient(fmt):
+    """A gated stride-2 layer of 24 channels on the cpu backend gets the weight gradient kernel
+    and the reference's results (its gradients in its tensors' layouts); without a weight gradient,
+    or at stride 1: not."""
+    x = torch.randn(1, 24, 31, 28).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(32, 24, 3, 3) / 15).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.randn(32).requires_grad_()
+
+    def step(x, w, b, stride=2):
+        y = FI.gated_conv2d(x, w, b, stride=stride, padding=1)
+        return y, torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad], torch.ones_like(y))
+
+    with use_backend("cpu"):
+        assert _ran(lambda: step(x, w, b), "conv2d_weight_grad")
+        y, got = step(x, w, b)
+        assert not _ran(lambda: step(x, w.detach(), b), "conv2d_weight_grad")
+        assert not _ran(lambda: step(x, w, b, stride=1), "conv2d_weight_grad")
+    with use_backend("reference"):
+        ref, want = step(x, w, b)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+    assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
 
 
 def test_partial_conv_runs_it():
@@ -400,12 +521,39 @@ def test_spectral_norm_layer_runs_channels_last_inside():
     x = torch.randn(2, 16, 27, 30, requires_grad=True)
     with use_backend("cpu"):
         assert _ran(lambda: ours(x).sum().backward(), "layout_copy")
+        assert _ran(lambda: ours(x).sum().backward(), "conv2d_weight_grad")   # stride 2, 16 channels
         assert not _ran(lambda: ours(x.contiguous(memory_format=CL)), "layout_copy")
         y = ours(x)
         torch._dynamo.reset()
         compiled = torch.compile(ours)
-        assert not _ran(lambda: compiled(x), "layout_copy")
+        with torch.no_grad():   # the forward alone (with gradients, the backward's copy of x may join it)
+            compiled(x)         # traced before the profile
+            assert not _ran(lambda: compiled(x), "layout_copy")
         torch.testing.assert_close(compiled(x), y, rtol=1e-4, atol=1e-4)
+    ref = theirs(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, ours.parametrizations.weight.original, ours.bias), g)
+    want = torch.autograd.grad(ref, (x, theirs.parametrizations.weight.original, theirs.bias), g)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+def test_folded_spectral_norm_layer_runs_the_weight_gradient(fmt):
+    """A folded SpectralNormConv2d (a deep stride-2 layer: a small output) on the cpu backend gets
+    the weight gradient kernel inside its backward, with torch's parametrization's gradients."""
+    from fastinpaint.ops import _spectral_norm
+
+    torch.manual_seed(4)
+    ours = SpectralNormConv2d(16, 32, 5, 2, 2).eval()
+    theirs = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(16, 32, 5, 2, 2)).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 7, 6).contiguous(memory_format=fmt).requires_grad_()
+    assert _spectral_norm.folds(x, ours.parametrizations.weight.original, (2, 2), (2, 2), (1, 1))
+    with use_backend("cpu"):
+        assert _ran(lambda: ours(x).sum().backward(), "conv2d_weight_grad")
+        y = ours(x)
     ref = theirs(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
@@ -460,8 +608,8 @@ def test_conv2d_without_the_input_gradient(inside):
 
 
 def test_switches_turn_the_layers_back_to_torch(monkeypatch):
-    """FASTINPAINT_CONV_INPUT_GRAD=0 and FASTINPAINT_CONV_CHANNELS_LAST=0: the layers run torch's
-    convolution, with the same results."""
+    """FASTINPAINT_CONV_INPUT_GRAD=0, FASTINPAINT_CONV_CHANNELS_LAST=0 and
+    FASTINPAINT_CONV_WEIGHT_GRAD=0: the layers run torch's convolution, with the same results."""
     x = torch.randn(1, 5, 20, 18).contiguous(memory_format=CL).requires_grad_()
     w = (torch.randn(16, 5, 5, 5) / 11).requires_grad_()
     sn = SpectralNormConv2d(16, 8, 5, 2, 2).eval()
@@ -477,3 +625,9 @@ def test_switches_turn_the_layers_back_to_torch(monkeypatch):
         monkeypatch.setenv("FASTINPAINT_CONV_CHANNELS_LAST", "0")
         assert not _ran(lambda: sn(x16), "layout_copy")
         torch.testing.assert_close(sn(x16), ysn, rtol=1e-5, atol=1e-5)
+        x16.requires_grad_()
+        gw = torch.autograd.grad(sn(x16).sum(), sn.parametrizations.weight.original)[0]
+        monkeypatch.setenv("FASTINPAINT_CONV_WEIGHT_GRAD", "0")
+        assert not _ran(lambda: sn(x16).sum().backward(), "conv2d_weight_grad")
+        gw0 = torch.autograd.grad(sn(x16).sum(), sn.parametrizations.weight.original)[0]
+        torch.testing.assert_close(gw0, gw, rtol=1e-4, atol=1e-4)

@@ -24,14 +24,13 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "conv_geometry.h"
 #include "cpu_common.h"
 
 namespace fastinpaint {
 namespace {
 
-struct Geometry {  // input (B, C, H, W), O filters of kh x kw, output Ho x Wo; stride, padding, dilation
-  int64_t B, C, H, W, O, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
-};
+using Geometry = ConvGeometry;
 
 // Adds the columns of output rows [i0, i1) of image b (cols: ((i - i0) * Wo + j, ky, kx, c))
 // onto gx (channels-last, (B, H, W, C)). NC: the channel count as a constant (0: g.C).
@@ -111,25 +110,10 @@ void input_grad(const Geometry& g, const at::Tensor& gin, const at::Tensor& wm, 
 at::Tensor conv2d_input_grad_cpu(const at::Tensor& grad, const at::Tensor& weight, at::IntArrayRef input_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  bool channels_last) {
-  TORCH_CHECK(grad.dim() == 4 && weight.dim() == 4, "conv2d_input_grad: grad must be (B, O, Ho, Wo) and weight "
-              "(O, C, kh, kw)");
-  TORCH_CHECK(input_size.size() == 4 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "conv2d_input_grad: input_size is (B, C, H, W); stride, padding and dilation are (h, w) pairs");
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type() &&
-                  (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble),
-              "conv2d_input_grad: grad and weight must both be float32 or both float64");
+  TORCH_CHECK(weight.dim() == 4, "conv2d_input_grad: weight must be (O, C, kh, kw)");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Geometry g{input_size[0], input_size[1], input_size[2], input_size[3], weight.size(0), grad.size(2),
-                   grad.size(3), weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1],
-                   dilation[0], dilation[1]};
-  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0,
-              "conv2d_input_grad: stride and dilation must be >= 1, padding >= 0");
-  TORCH_CHECK(weight.size(1) == g.C && grad.size(0) == g.B && grad.size(1) == g.O,
-              "conv2d_input_grad: grad ", grad.sizes(), ", weight ", weight.sizes(), " and input_size ", input_size,
-              " do not match");
-  TORCH_CHECK(g.Ho == (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1 &&
-                  g.Wo == (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1,
-              "conv2d_input_grad: grad's map ", g.Ho, "x", g.Wo, " is not the convolution's output of input_size");
+  const Geometry g = conv_geometry("conv2d_input_grad", grad, weight, "weight", input_size, weight.sizes(), stride,
+                                   padding, dilation);
   // (B, H, W, C) in memory: the channels-last layout of (B, C, H, W)
   at::Tensor gx = at::zeros({g.B, g.H, g.W, g.C}, grad.options());
   if (g.B > 0 && g.C > 0 && g.O > 0 && g.Ho > 0 && g.Wo > 0 && g.H > 0 && g.W > 0) {

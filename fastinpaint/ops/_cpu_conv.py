@@ -1,5 +1,5 @@
 """The direct convolution of the ``cpu`` backend's layers (where Winograd's does not apply,
-ops/_winograd.py): torch's (oneDNN's) convolution, with two changes where they pay off, in one
+ops/_winograd.py): torch's (oneDNN's) convolution, with three changes where they pay off, in one
 op with its own gradient. A helper of the layers, not a public op.
 
 * **Inputs of few channels** (an image and its mask: DeepFill v2's, SN-PatchGAN's and the PConv
@@ -12,6 +12,12 @@ op with its own gradient. A helper of the layers, not a public op.
   the input position it belongs to: 2.1-4.0x oneDNN's speed at these layers
   (benchmarks/conv_input_grad.py). The weight's and the bias's gradients stay oneDNN's, on
   channels-last copies (its weight gradient with 4 input channels took twice as long in NCHW).
+* **Strided layers' weight gradient** (stride 2 or more in both directions, more than
+  :data:`MAX_CHANNELS` input channels: the downsampling layers of DeepFill v2 and SN-PatchGAN),
+  when the weight needs a gradient. oneDNN's took about twice the time of the same matrix product
+  in torch's GEMM there; fastinpaint's kernel (csrc/cpu/conv_weight_grad.cpp) gathers each band's
+  patches into a buffer in cache and accumulates the band's product: 1.3-1.6x oneDNN's speed at
+  these layers, a tie at stride 1, slower at few channels (benchmarks/conv_weight_grad.py).
 * **Channels-last inside an NCHW layer** (``channels_last_inside``: the spectral-normalised
   convolution's unfolded layers). oneDNN's channels-last convolution beat its NCHW one by up to
   1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
@@ -25,9 +31,9 @@ op with its own gradient. A helper of the layers, not a public op.
 Every output and gradient keeps its tensor's layout: the output is in torch's convolution's
 format for the input (NCHW for an NCHW one), the input's gradient in the input's, the weight's
 in the weight's. A double backward (``create_graph=True``) differentiates torch's convolution
-backward. ``FASTINPAINT_CONV_INPUT_GRAD=0`` and ``FASTINPAINT_CONV_CHANNELS_LAST=0`` in the
-environment turn either change off (read at each eager call; a torch.compile'd graph keeps
-what it saw when traced).
+backward. ``FASTINPAINT_CONV_INPUT_GRAD=0``, ``FASTINPAINT_CONV_WEIGHT_GRAD=0`` and
+``FASTINPAINT_CONV_CHANNELS_LAST=0`` in the environment turn each change off (read at each eager
+call; a torch.compile'd graph keeps what it saw when traced).
 """
 
 from __future__ import annotations
@@ -58,6 +64,15 @@ INPUT_GRAD = kernel("conv2d_input_grad",
                     "bool channels_last) -> Tensor", _input_grad_fake)
 
 
+def _weight_grad_fake(grad, x, weight_size, stride, padding, dilation, channels_last):
+    return grad.new_empty(weight_size).contiguous(memory_format=CL if channels_last else torch.contiguous_format)
+
+
+WEIGHT_GRAD = kernel("conv2d_weight_grad",
+                     "(Tensor grad, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation, "
+                     "bool channels_last) -> Tensor", _weight_grad_fake)
+
+
 def _layout_copy_fake(x, channels_last):
     return x.new_empty(x.shape).contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
@@ -67,8 +82,8 @@ LAYOUT_COPY = kernel("layout_copy", "(Tensor x, bool channels_last) -> Tensor", 
 
 @torch.compiler.assume_constant_result
 def _kernels_built() -> bool:
-    """Whether the loaded fastinpaint._C has both kernels for CPU tensors (a constant for torch.compile)."""
-    return INPUT_GRAD.built_for("cpu") and LAYOUT_COPY.built_for("cpu")
+    """Whether the loaded fastinpaint._C has the three kernels for CPU tensors (a constant for torch.compile)."""
+    return INPUT_GRAD.built_for("cpu") and WEIGHT_GRAD.built_for("cpu") and LAYOUT_COPY.built_for("cpu")
 
 
 def _dense_float(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -82,6 +97,15 @@ def applies(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
     enabled (``FASTINPAINT_CONV_INPUT_GRAD``), built."""
     return (_dense_float(x, weight, groups) and x.shape[1] <= MAX_CHANNELS
             and os.environ.get("FASTINPAINT_CONV_INPUT_GRAD", "1") != "0")
+
+
+def weight_grad_applies(x: torch.Tensor, weight: torch.Tensor, stride, groups: int = 1) -> bool:
+    """Whether fastinpaint's weight gradient runs for this convolution: as :func:`applies`, but
+    more than :data:`MAX_CHANNELS` input channels and a stride of at least 2 in both directions
+    (at stride 1 it tied with oneDNN's, with few channels it lost), enabled
+    (``FASTINPAINT_CONV_WEIGHT_GRAD``)."""
+    return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS and min(stride) >= 2
+            and os.environ.get("FASTINPAINT_CONV_WEIGHT_GRAD", "1") != "0")
 
 
 def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
@@ -100,6 +124,12 @@ def _to(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` in the layout asked (fastinpaint's copy where it has to move; ``t`` itself where it is in it)."""
     fmt = CL if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else LAYOUT_COPY("cpu", t, channels_last)
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A CPU map in channels-last (the layout the gradient kernels read without a copy of their
+    own), by fastinpaint's transposing copy where it has to move."""
+    return _to(t, True)
 
 
 def _conv_fake(x, weight, bias, stride, padding, dilation, inside):
@@ -142,19 +172,25 @@ def _backward(ctx, grad):
     grad = _to(grad, True)   # both the kernels and oneDNN read it channels-last
     x_is_cl = suggest_memory_format(x) == CL
     kernel_x = need_x and applies(x, weight)
-    torch_x = need_x and not kernel_x
+    kernel_w = need_w and weight_grad_applies(x, weight, stride)
+    torch_x, torch_w = need_x and not kernel_x, need_w and not kernel_w
     gx = gw = gb = None
+    x_cl = _to(x, True) if torch_x or need_w else None
     if kernel_x:
         gx = INPUT_GRAD("cpu", grad, weight, list(x.shape), stride, padding, dilation, x_is_cl)
-    if torch_x or need_w:
-        gx_torch, gw, gb = torch.ops.aten.convolution_backward(grad, _to(x, True), weight, bias_sizes, stride,
-                                                               padding, dilation, False, [0, 0], 1,
-                                                               [torch_x, need_w, need_b])
+    if kernel_w:
+        gw = WEIGHT_GRAD("cpu", grad, x_cl, list(weight.shape), stride, padding, dilation, is_channels_last(weight))
+    if torch_x or torch_w:
+        # the bias's gradient from oneDNN only beside the weight's: asked without it, oneDNN
+        # computed the weight's gradient anyway (an input gradient and a bias's took as long as all three)
+        gx_torch, gw_torch, gb = torch.ops.aten.convolution_backward(grad, x_cl, weight, bias_sizes, stride,
+                                                                     padding, dilation, False, [0, 0], 1,
+                                                                     [torch_x, torch_w, need_b and torch_w])
         if torch_x:
             gx = _to(gx_torch, x_is_cl)
-        if need_w:
-            gw = gw.contiguous(memory_format=CL if is_channels_last(weight) else torch.contiguous_format)
-    elif need_b:   # the bias's alone: no copy of the input
+        if torch_w:
+            gw = gw_torch.contiguous(memory_format=CL if is_channels_last(weight) else torch.contiguous_format)
+    if need_b and gb is None:   # the bias's alone: a sum, no call of torch's backward
         gb = grad.sum((0, 2, 3))
     return gx, gw, gb, None, None, None, None
 
@@ -166,10 +202,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
            dilation, groups: int = 1, channels_last_inside: bool = False) -> torch.Tensor:
     """``torch.nn.functional.conv2d`` (``stride``, ``padding`` and ``dilation`` pairs) for the
     ``cpu`` backend's layers: fastinpaint's input gradient where :func:`applies` and the input
-    needs a gradient; channels-last inside where ``channels_last_inside`` and
-    :func:`runs_channels_last_inside`; torch's convolution otherwise."""
-    few = x.requires_grad and torch.is_grad_enabled() and applies(x, weight, groups)
+    needs a gradient, its weight gradient where :func:`weight_grad_applies` and the weight needs
+    one; channels-last inside where ``channels_last_inside`` and :func:`runs_channels_last_inside`;
+    torch's convolution otherwise."""
+    grad = torch.is_grad_enabled()
+    few = grad and x.requires_grad and applies(x, weight, groups)
+    strided = grad and weight.requires_grad and weight_grad_applies(x, weight, stride, groups)
     inside = channels_last_inside and runs_channels_last_inside(x, weight, groups)
-    if not (few or inside):
+    if not (few or strided or inside):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return _conv(x, weight, bias, list(stride), list(padding), list(dilation), inside)

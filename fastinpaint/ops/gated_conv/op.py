@@ -89,7 +89,8 @@ OP = Op("gated_conv2d", {
               "implicit-GEMM Triton convolution with the gating in its epilogue",
     "cuda": "torch's conv2d (cuDNN), then fastinpaint's fused CUDA gating kernel (csrc/cuda/gated_conv.cu)",
     "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp; "
-           "fastinpaint's input gradient for inputs of few channels, csrc/cpu/conv_input_grad.cpp), then "
+           "fastinpaint's input gradient for inputs of few channels, csrc/cpu/conv_input_grad.cpp, and "
+           "weight gradient for strided layers, csrc/cpu/conv_weight_grad.cpp), then "
            "fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); under "
            "torch.compile the gating is aten ops inductor fuses",
 }, kernels=(GATE_FORWARD, GATE_BACKWARD))

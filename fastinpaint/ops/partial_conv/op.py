@@ -58,7 +58,8 @@ OP = Op("partial_conv2d", {
             "(csrc/cuda/partial_conv.cu)",
     "cpu": "torch's conv2d of x * M (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, "
            "csrc/cpu/winograd.cpp; fastinpaint's input gradient for inputs of few channels, "
-           "csrc/cpu/conv_input_grad.cpp), then the same fused renormalisation in C++ (csrc/cpu/partial_conv.cpp)",
+           "csrc/cpu/conv_input_grad.cpp, and weight gradient for strided layers, csrc/cpu/conv_weight_grad.cpp), "
+           "then the same fused renormalisation in C++ (csrc/cpu/partial_conv.cpp)",
 }, kernels=(RENORM,))
 
 
