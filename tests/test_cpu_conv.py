@@ -384,6 +384,45 @@ def test_gated_downsampling_layer_runs_the_weight_gradient(fmt):
     assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
 
 
+def test_compiled_strided_layer_runs_channels_last_inside():
+    """Under torch.compile a strided NCHW layer whose weight gradient is fastinpaint's runs the op,
+    channels-last inside (inductor cannot lay out a convolution inside the op), with the eager
+    layer's results; without a weight gradient inductor gets torch's convolution."""
+    torch._dynamo.reset()
+    x = torch.randn(1, 16, 23, 26).requires_grad_()
+    w = (torch.randn(12, 16, 3, 3) / 12).requires_grad_()
+    b = torch.randn(12).requires_grad_()
+
+    def layer(x, w, b):
+        return CIG.conv2d(x, w, b, (2, 2), (1, 1), (1, 1))
+
+    graphs = []
+
+    def recording(gm, example_inputs):   # dynamo's graph, run as traced
+        graphs.append(gm)
+        return gm.forward
+
+    traced = torch.compile(layer, fullgraph=True, backend=recording)
+    traced(x, w, b)
+    (call,) = [n for g in graphs for n in g.graph.nodes if "conv2d_cpu" in str(n.target)]
+    assert call.args[-1] is True   # inside
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x, w, b)
+    assert _ran(lambda: compiled(x, w, b).sum().backward(), "conv2d_weight_grad")
+    assert y.is_contiguous()
+    ref = F.conv2d(x.double(), w.double(), b.double(), 2, 1)
+    assert_close_scaled(y, ref, 1e-5, "output")
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g.double())
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e, 2e-5, name)
+    torch._dynamo.reset()
+    frozen = torch.compile(layer, fullgraph=True)
+    frozen(x, w.detach(), b.detach())
+    assert not _ran(lambda: frozen(x, w.detach(), b.detach()), "conv2d_cpu")
+
+
 def test_partial_conv_runs_it():
     x = torch.randn(1, 3, 33, 31).requires_grad_()
     mask = (torch.rand(1, 1, 33, 31) > 0.3).float()
@@ -540,9 +579,10 @@ def test_spectral_norm_layer_runs_channels_last_inside():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
-def test_folded_spectral_norm_layer_runs_the_weight_gradient(fmt):
-    """A folded SpectralNormConv2d (a deep stride-2 layer: a small output) on the cpu backend gets
-    the weight gradient kernel inside its backward, with torch's parametrization's gradients."""
+def test_folded_spectral_norm_layer_keeps_torchs_weight_gradient(fmt):
+    """A folded SpectralNormConv2d (a deep stride-2 layer: a small output) on the cpu backend keeps
+    torch's backward (the weight gradient kernel measured slower there), with torch's
+    parametrization's gradients; an unfolded strided layer of the same channels runs the kernel."""
     from fastinpaint.ops import _spectral_norm
 
     torch.manual_seed(4)
@@ -551,8 +591,11 @@ def test_folded_spectral_norm_layer_runs_the_weight_gradient(fmt):
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 16, 7, 6).contiguous(memory_format=fmt).requires_grad_()
     assert _spectral_norm.folds(x, ours.parametrizations.weight.original, (2, 2), (2, 2), (1, 1))
+    big = torch.randn(2, 16, 40, 40).contiguous(memory_format=fmt)
+    assert not _spectral_norm.folds(big, ours.parametrizations.weight.original, (2, 2), (2, 2), (1, 1))
     with use_backend("cpu"):
-        assert _ran(lambda: ours(x).sum().backward(), "conv2d_weight_grad")
+        assert not _ran(lambda: ours(x).sum().backward(), "conv2d_weight_grad")
+        assert _ran(lambda: ours(big).sum().backward(), "conv2d_weight_grad")
         y = ours(x)
     ref = theirs(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -89,15 +89,21 @@ void weight_grad(const Geometry& g, const at::Tensor& gin, const at::Tensor& x, 
   parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
     at::Tensor buf = at::empty({R * g.Wo, K}, gin.options());
     for (int64_t q = q0; q < q1; ++q) {
-      // bands [q * bands / groups, (q + 1) * bands / groups): consecutive, every group non-empty
-      at::Tensor a = q == 0 ? gw : at::zeros_like(gw);
-      for (int64_t t = q * bands / groups; t < (q + 1) * bands / groups; ++t) {
+      // bands [q * bands / groups, (q + 1) * bands / groups): consecutive, every group non-empty;
+      // the group's first product is written (no zeroed accumulator), the others added
+      at::Tensor a = q == 0 ? gw : at::empty_like(gw);
+      const int64_t first = q * bands / groups;
+      for (int64_t t = first; t < (q + 1) * bands / groups; ++t) {
         const int64_t b = t / per_image, i0 = (t % per_image) * R, i1 = std::min(g.Ho, i0 + R);
         at::Tensor cols = buf.narrow(0, 0, (i1 - i0) * g.Wo);
         gather_rows(g, xp, b, i0, i1, cols.data_ptr<T>());
         // rows [i0, i1) of image b, channels-last: a (positions, O) matrix
         const at::Tensor grad_rows = gin[b].narrow(0, i0, i1 - i0).reshape({(i1 - i0) * g.Wo, g.O});
-        a.addmm_(grad_rows.t(), cols);
+        if (t == first) {
+          at::mm_out(a, grad_rows.t(), cols);
+        } else {
+          a.addmm_(grad_rows.t(), cols);
+        }
       }
       acc[q] = a;
     }
@@ -117,8 +123,9 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& inpu
   TORCH_CHECK(g.O >= 0 && g.kh >= 1 && g.kw >= 1, "conv2d_weight_grad: weight_size must be (O, C, kh, kw) with "
               "O >= 0 and a kernel of at least 1x1, got ", weight_size);
   // (O, kh, kw, C) in memory: the channels-last layout of (O, C, kh, kw)
-  at::Tensor gw = at::zeros({g.O, g.kh * g.kw * g.C}, grad.options());
+  at::Tensor gw;
   if (g.B > 0 && g.C > 0 && g.O > 0 && g.Ho > 0 && g.Wo > 0 && g.H > 0 && g.W > 0) {
+    gw = at::empty({g.O, g.kh * g.kw * g.C}, grad.options());   // written by the first product
     const at::Tensor gin = grad.permute({0, 2, 3, 1}).contiguous();   // (B, Ho, Wo, O)
     const at::Tensor xin = input.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, C)
     if (grad.scalar_type() == at::kFloat) {
@@ -126,6 +133,8 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad, const at::Tensor& inpu
     } else {
       weight_grad<double>(g, gin, xin, gw);
     }
+  } else {  // no position: a zero gradient
+    gw = at::zeros({g.O, g.kh * g.kw * g.C}, grad.options());
   }
   at::Tensor out = gw.view({g.O, g.kh, g.kw, g.C}).permute({0, 3, 1, 2});   // (O, C, kh, kw), channels-last
   return channels_last ? out : out.contiguous();

@@ -9,15 +9,16 @@ op with its own gradient. A helper of the layers, not a public op.
   filters, 5x5, 256x256) the gradient took about four times the forward's time. fastinpaint's
   kernel (csrc/cpu/conv_input_grad.cpp) multiplies each band of the output gradient by the
   weight in one matrix product (vectorised over the output channels) and adds each product onto
-  the input position it belongs to: 2.1-4.0x oneDNN's speed at these layers
-  (benchmarks/conv_input_grad.py). The weight's and the bias's gradients stay oneDNN's, on
+  the input position it belongs to: 2.1-2.7x oneDNN's speed at these layers
+  (benchmarks/conv_grads.py; up to 4.0x in earlier runs). The weight's and the bias's gradients stay oneDNN's, on
   channels-last copies (its weight gradient with 4 input channels took twice as long in NCHW).
 * **Strided layers' weight gradient** (stride 2 or more in both directions, more than
   :data:`MAX_CHANNELS` input channels: the downsampling layers of DeepFill v2 and SN-PatchGAN),
-  when the weight needs a gradient. oneDNN's took about twice the time of the same matrix product
+  when the weight needs a gradient (not in the spectral-normalised convolution's folded form, on
+  small maps, where oneDNN's one call for both gradients was the faster). oneDNN's took about twice the time of the same matrix product
   in torch's GEMM there; fastinpaint's kernel (csrc/cpu/conv_weight_grad.cpp) gathers each band's
-  patches into a buffer in cache and accumulates the band's product: 1.3-1.6x oneDNN's speed at
-  these layers, a tie at stride 1, slower at few channels (benchmarks/conv_weight_grad.py).
+  patches into a buffer in cache and accumulates the band's product: 1.3-1.8x oneDNN's speed at
+  these layers, slower at stride 1 and at few channels (benchmarks/conv_grads.py).
 * **Channels-last inside an NCHW layer** (``channels_last_inside``: the spectral-normalised
   convolution's unfolded layers). oneDNN's channels-last convolution beat its NCHW one by up to
   1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
@@ -26,7 +27,8 @@ op with its own gradient. A helper of the layers, not a public op.
   (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took about 6x a plain copy); in the
   backward the output's gradient goes to channels-last, the input's copy is made again (not
   saved) and the input's gradient comes back NCHW. Not under torch.compile, where inductor lays
-  out the traced convolution itself.
+  out the traced convolution itself, except where the op runs for the strided weight gradient
+  (the convolution is then inside the op, out of inductor's sight).
 
 Every output and gradient keeps its tensor's layout: the output is in torch's convolution's
 format for the input (NCHW for an NCHW one), the input's gradient in the input's, the weight's
@@ -51,7 +53,7 @@ from ._registry import kernel
 CL = torch.channels_last
 
 #: at most this many input channels: fastinpaint's input gradient (oneDNN pads the channels to
-#: 16 lanes; at 16 its own gradient was the faster, measured with benchmarks/conv_input_grad.py)
+#: 16 lanes; at 16 its own gradient was the faster, measured with benchmarks/conv_grads.py)
 MAX_CHANNELS = 8
 
 
@@ -102,34 +104,35 @@ def applies(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
 def weight_grad_applies(x: torch.Tensor, weight: torch.Tensor, stride, groups: int = 1) -> bool:
     """Whether fastinpaint's weight gradient runs for this convolution: as :func:`applies`, but
     more than :data:`MAX_CHANNELS` input channels and a stride of at least 2 in both directions
-    (at stride 1 it tied with oneDNN's, with few channels it lost), enabled
+    (at stride 1 and with few channels it was the slower), enabled
     (``FASTINPAINT_CONV_WEIGHT_GRAD``)."""
     return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS and min(stride) >= 2
             and os.environ.get("FASTINPAINT_CONV_WEIGHT_GRAD", "1") != "0")
 
 
-def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
-    """Whether a layer that asks for it runs channels-last inside: as :func:`applies` but more
-    than :data:`MAX_CHANNELS` input channels (with fewer, oneDNN's NCHW forward was as fast as
-    compile(eager)'s, and channels-last inside measured 0.83x of it at SN-PatchGAN's first layer
-    in an ad-hoc run: the copy of its large output back to NCHW), an NCHW input (not
-    also channels-last: more than one position), not under torch.compile, enabled
+def _can_run_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """As :func:`applies` but more than :data:`MAX_CHANNELS` input channels (with fewer, oneDNN's
+    NCHW forward was as fast as compile(eager)'s, and channels-last inside measured 0.83x of it
+    at SN-PatchGAN's first layer in an ad-hoc run: the copy of its large output back to NCHW), an
+    NCHW input (not also channels-last: more than one position), enabled
     (``FASTINPAINT_CONV_CHANNELS_LAST``)."""
-    return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS and not torch.compiler.is_compiling()
+    return (_dense_float(x, weight, groups) and x.shape[1] > MAX_CHANNELS
             and x.is_contiguous() and not x.is_contiguous(memory_format=CL)
             and os.environ.get("FASTINPAINT_CONV_CHANNELS_LAST", "1") != "0")
+
+
+def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
+    """Whether a layer that asks for it runs channels-last inside: where it can
+    (:func:`_can_run_channels_last_inside`) and not under torch.compile, where inductor lays out the
+    convolution it traces (:func:`conv2d` runs channels-last inside under torch.compile where the
+    op hides the convolution from inductor)."""
+    return _can_run_channels_last_inside(x, weight, groups) and not torch.compiler.is_compiling()
 
 
 def _to(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` in the layout asked (fastinpaint's copy where it has to move; ``t`` itself where it is in it)."""
     fmt = CL if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else LAYOUT_COPY("cpu", t, channels_last)
-
-
-def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """A CPU map in channels-last (the layout the gradient kernels read without a copy of their
-    own), by fastinpaint's transposing copy where it has to move."""
-    return _to(t, True)
 
 
 def _conv_fake(x, weight, bias, stride, padding, dilation, inside):
@@ -203,12 +206,18 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     """``torch.nn.functional.conv2d`` (``stride``, ``padding`` and ``dilation`` pairs) for the
     ``cpu`` backend's layers: fastinpaint's input gradient where :func:`applies` and the input
     needs a gradient, its weight gradient where :func:`weight_grad_applies` and the weight needs
-    one; channels-last inside where ``channels_last_inside`` and :func:`runs_channels_last_inside`;
-    torch's convolution otherwise."""
+    one; channels-last inside where ``channels_last_inside`` and :func:`runs_channels_last_inside`,
+    and under torch.compile where the weight's gradient is fastinpaint's on an NCHW map of more than
+    :data:`MAX_CHANNELS` channels; torch's convolution otherwise."""
     grad = torch.is_grad_enabled()
     few = grad and x.requires_grad and applies(x, weight, groups)
     strided = grad and weight.requires_grad and weight_grad_applies(x, weight, stride, groups)
-    inside = channels_last_inside and runs_channels_last_inside(x, weight, groups)
+    if torch.compiler.is_compiling():
+        # the op is opaque to inductor, which would otherwise run the traced convolution of an
+        # NCHW map channels-last: the op does so itself
+        inside = strided and _can_run_channels_last_inside(x, weight, groups)
+    else:
+        inside = channels_last_inside and runs_channels_last_inside(x, weight, groups)
     if not (few or strided or inside):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return _conv(x, weight, bias, list(stride), list(padding), list(dilation), inside)

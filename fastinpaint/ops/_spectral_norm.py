@@ -18,8 +18,7 @@ Paths per backend:
   reference  W / sigma, then conv2d (:func:`reference_conv2d`): what the parametrization computes
   cpu, cuda  the folded form above where the output is at most a quarter of the weight
              (:func:`folds`; a discriminator's deeper layers), one autograd node over torch's
-             convolution and its backward (oneDNN / cuDNN; on the cpu a strided layer's weight
-             gradient is fastinpaint's, ops/_cpu_conv.py), no C++ kernel of its own; the
+             convolution and its backward (oneDNN / cuDNN), no C++ kernel of its own; the
              reference elsewhere (on the cpu with ops/_cpu_conv.py's convolution: channels-last
              inside an NCHW layer, fastinpaint's input gradient for an input of few channels)
 
@@ -51,7 +50,7 @@ OP = Op("spectral_norm_conv2d", {
                  "(ops/_spectral_norm.py)",
     "cpu": "where the output is at most a quarter of the weight, conv2d on the raw weight, its output scaled by "
            "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
-           "(oneDNN convolutions; fastinpaint's weight gradient for strided layers); the reference elsewhere, its "
+           "(oneDNN convolutions); the reference elsewhere, its "
            "convolution channels-last inside on NCHW maps, with fastinpaint's input gradient for inputs of few "
            "channels and weight gradient for strided layers (ops/_cpu_conv.py)",
     "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
@@ -222,14 +221,10 @@ def _fold_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: t
     if need_x or need_w:
         xr = _run_input(x, weight)
         gys = torch.mul(gy, inv, out=torch.empty_like(gy, memory_format=conv_output_format(xr, weight)))
-        # a strided layer's weight gradient by fastinpaint's kernel on the cpu (ops/_cpu_conv.py)
-        kernel_w = need_w and _cpu_conv.weight_grad_applies(xr, weight, stride, groups)
-        if need_x or not kernel_w:
-            gx, gw, _ = torch.ops.aten.convolution_backward(gys, xr, weight, None, stride, padding, dilation, False,
-                                                            [0, 0], groups, [need_x, need_w and not kernel_w, False])
-        if kernel_w:
-            gw = _cpu_conv.WEIGHT_GRAD("cpu", _cpu_conv.channels_last(gys), _cpu_conv.channels_last(xr),
-                                       list(weight.shape), stride, padding, dilation, is_channels_last(weight))
+        # torch's backward for both (fastinpaint's strided weight gradient, ops/_cpu_conv.py, made
+        # these small layers slower: two calls and the copies to channels-last cost more than it saves)
+        gx, gw, _ = torch.ops.aten.convolution_backward(gys, xr, weight, None, stride, padding,
+                                                        dilation, False, [0, 0], groups, [need_x, need_w, False])
     if need_w:
         gsigma = -_dot(weight, gw) * inv
         gw = _add_rank1(gw, u, v * gsigma).contiguous(memory_format=_weight_format(weight))
