@@ -62,13 +62,8 @@ def run(cases: dict, rounds: int) -> list[dict]:
         for grad in GRADS:
             with torch.no_grad():
                 timed = B.time_interleaved(calls[grad], "cpu", min_time_s=float("inf"), max_rounds=rounds, warmup=3)
-            base = timed[IMPLS[0]].get("ms")
-            for impl in IMPLS:
-                row = {"case": f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", "grad": grad,
-                       "impl": impl, **timed[impl]}
-                if base and "ms" in row:   # an implementation that failed is reported with its error, no ratio
-                    row["x_vs_torch"] = base / row["ms"]
-                rows.append(row)
+            rows += B.ratio_rows(timed, IMPLS[0], "impl", "x_vs_torch",
+                                 case=f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", grad=grad)
     return rows
 
 

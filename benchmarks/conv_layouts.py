@@ -64,13 +64,8 @@ def run(cases: dict, rounds: int) -> list[dict]:
         for mode, grad in (("fwd+bwd", True), ("fwd", False)):
             runs = {layout: _step(layout, x, w, b, stride, gy, grad) for layout in LAYOUTS}
             timed = B.time_interleaved(runs, "cpu", min_time_s=float("inf"), max_rounds=rounds, warmup=3)
-            base = timed["NCHW"].get("ms")
-            for layout in LAYOUTS:
-                row = {"case": f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", "mode": mode,
-                       "layout": layout, **timed[layout]}
-                if base and "ms" in row:   # a layout that failed is reported with its error, no ratio
-                    row["x_vs_NCHW"] = base / row["ms"]
-                rows.append(row)
+            rows += B.ratio_rows(timed, "NCHW", "layout", "x_vs_NCHW",
+                                 case=f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", mode=mode)
     return rows
 
 

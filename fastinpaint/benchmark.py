@@ -659,6 +659,20 @@ def write_results(path_json: str | None, path_md: str | None, rows, env, ceiling
 LAYER_SPEC = "CIN:COUT:KERNEL:STRIDE:SIZE:BATCH"
 
 
+def ratio_rows(timed: dict[str, dict], base: str, label_key: str, ratio_key: str, **fields) -> list[dict]:
+    """One result row per entry of ``timed`` (``{label: figures}``, as :func:`time_interleaved`
+    gives them): ``fields``, ``label_key``: the label, the figures, and ``ratio_key``: the time of
+    ``base`` over the row's (none where either failed: the row then reports its error)."""
+    base_ms = timed[base].get("ms")
+    rows = []
+    for label, figures in timed.items():
+        row = {**fields, label_key: label, **figures}
+        if base_ms and "ms" in row:
+            row[ratio_key] = base_ms / row["ms"]
+        rows.append(row)
+    return rows
+
+
 def layer_script_main(description: str, cases: dict, run: Callable[[dict, int], list],
                       columns: list[tuple[str, str, str | None]], argv=None,
                       before_run: Callable[[argparse.ArgumentParser], None] | None = None) -> int:

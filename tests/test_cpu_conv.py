@@ -69,19 +69,6 @@ def assert_close_scaled(got, want, rel, name):
     assert err <= rel * scale + 1e-12, f"{name}: max error {err:.3g} against a scale of {scale:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_kernel_matches_torch(case, fmt, dtype):
-    x, w, gy, stride, padding, dilation = _problem(case, dtype, fmt)
-    want = _torch_input_grad(x, w, gy, stride, padding, dilation)
-    for channels_last in (False, True):
-        got = CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), stride, padding, dilation, channels_last)
-        assert got.dtype == dtype
-        assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
-        assert_close_scaled(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "grad x")
-
-
 def test_kernel_on_strided_views():
     """A gradient and a weight that are views (every other column, a transposed weight) read as any tensor."""
     x = torch.randn(2, 4, 19, 23)
@@ -156,18 +143,31 @@ def _torch_weight_grad(x, w, gy, stride, padding, dilation):
                                                False, [0, 0], 1, [False, True, False])[1]
 
 
+def _kernel_grad(which, x, w, gy, stride, padding, dilation, channels_last):
+    """fastinpaint's kernel's gradient of the input or of the weight."""
+    if which == "input":
+        return CIG.INPUT_GRAD("cpu", gy, w, list(x.shape), stride, padding, dilation, channels_last)
+    return CIG.WEIGHT_GRAD("cpu", gy, x, list(w.shape), stride, padding, dilation, channels_last)
+
+
+# the input gradient kernel on the few-channel geometries, the weight gradient kernel on every one
+# (it takes any; the layers use it for strided ones of many channels)
+KERNEL_CASES = ([pytest.param("input", c, id=f"input-{i}") for c, i in zip(CASES, IDS)]
+                + [pytest.param("weight", c, id=f"weight-{i}") for c, i in zip(CASES + STRIDED_CASES,
+                                                                                 IDS + STRIDED_IDS)])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
-@pytest.mark.parametrize("case", CASES + STRIDED_CASES, ids=IDS + STRIDED_IDS)
-def test_weight_grad_kernel_matches_torch(case, fmt, dtype):
-    """Every geometry (the kernel takes any; the layers use it for strided ones of many channels)."""
+@pytest.mark.parametrize("which, case", KERNEL_CASES)
+def test_kernels_match_torch(which, case, fmt, dtype):
     x, w, gy, stride, padding, dilation = _problem(case, dtype, fmt)
-    want = _torch_weight_grad(x, w, gy, stride, padding, dilation)
+    want = (_torch_input_grad if which == "input" else _torch_weight_grad)(x, w, gy, stride, padding, dilation)
     for channels_last in (False, True):
-        got = CIG.WEIGHT_GRAD("cpu", gy, x, list(w.shape), stride, padding, dilation, channels_last)
+        got = _kernel_grad(which, x, w, gy, stride, padding, dilation, channels_last)
         assert got.dtype == dtype
         assert got.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
-        assert_close_scaled(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "grad weight")
+        assert_close_scaled(got, want, 1e-5 if dtype == torch.float32 else 1e-12, f"grad {which}")
 
 
 def test_weight_grad_kernel_on_strided_views():
@@ -550,6 +550,16 @@ def test_conv2d_channels_last_inside(channels):
         torch.testing.assert_close(call(), y.detach(), rtol=0, atol=0)
 
 
+def _assert_same_sn_gradients(x, y, ours, ref, theirs):
+    """The gradients of x, the weight and the bias through our SpectralNormConv2d (output y) and
+    torch's parametrization (output ref) agree."""
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, ours.parametrizations.weight.original, ours.bias), g)
+    want = torch.autograd.grad(ref, (x, theirs.parametrizations.weight.original, theirs.bias), g)
+    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
+        assert_close_scaled(a, e.double(), 2e-5, name)
+
+
 def test_spectral_norm_layer_runs_channels_last_inside():
     """An unfolded SpectralNormConv2d on an NCHW input on the cpu backend runs channels-last inside,
     with torch's parametrization's results; a channels-last input and torch.compile do not."""
@@ -571,11 +581,7 @@ def test_spectral_norm_layer_runs_channels_last_inside():
         torch.testing.assert_close(compiled(x), y, rtol=1e-4, atol=1e-4)
     ref = theirs(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, ours.parametrizations.weight.original, ours.bias), g)
-    want = torch.autograd.grad(ref, (x, theirs.parametrizations.weight.original, theirs.bias), g)
-    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
-        assert_close_scaled(a, e.double(), 2e-5, name)
+    _assert_same_sn_gradients(x, y, ours, ref, theirs)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
@@ -599,11 +605,7 @@ def test_folded_spectral_norm_layer_keeps_torchs_weight_gradient(fmt):
         y = ours(x)
     ref = theirs(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, ours.parametrizations.weight.original, ours.bias), g)
-    want = torch.autograd.grad(ref, (x, theirs.parametrizations.weight.original, theirs.bias), g)
-    for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
-        assert_close_scaled(a, e.double(), 2e-5, name)
+    _assert_same_sn_gradients(x, y, ours, ref, theirs)
 
 
 def test_runs_at_lower_cpu_capabilities():
