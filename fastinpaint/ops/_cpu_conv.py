@@ -10,15 +10,17 @@ op with its own gradient. A helper of the layers, not a public op.
   kernel (csrc/cpu/conv_input_grad.cpp) multiplies each band of the output gradient by the
   weight in one matrix product (vectorised over the output channels) and adds each product onto
   the input position it belongs to: 2.1-2.7x oneDNN's speed at these layers
-  (benchmarks/conv_grads.py; up to 4.0x in earlier runs). The weight's and the bias's gradients stay oneDNN's, on
-  channels-last copies (its weight gradient with 4 input channels took twice as long in NCHW).
+  (benchmarks/conv_grads.py; up to 4.0x in earlier runs). The weight's and the bias's
+  gradients stay oneDNN's, on channels-last copies (its weight gradient with 4 input channels
+  took twice as long in NCHW).
 * **Strided layers' weight gradient** (stride 2 or more in both directions, more than
   :data:`MAX_CHANNELS` input channels: the downsampling layers of DeepFill v2 and SN-PatchGAN),
   when the weight needs a gradient (not in the spectral-normalised convolution's folded form, on
-  small maps, where oneDNN's one call for both gradients was the faster). oneDNN's took about twice the time of the same matrix product
-  in torch's GEMM there; fastinpaint's kernel (csrc/cpu/conv_weight_grad.cpp) gathers each band's
-  patches into a buffer in cache and accumulates the band's product: 1.3-1.8x oneDNN's speed at
-  these layers, slower at stride 1 and at few channels (benchmarks/conv_grads.py).
+  small maps, where oneDNN's one call for both gradients was the faster). oneDNN's took about
+  twice the time of the same matrix product in torch's GEMM there; fastinpaint's kernel
+  (csrc/cpu/conv_weight_grad.cpp) gathers each band's patches into a buffer in cache and
+  accumulates the band's product: 1.3-1.8x oneDNN's speed at these layers, slower at stride 1
+  and at few channels (benchmarks/conv_grads.py).
 * **Channels-last inside an NCHW layer** (``channels_last_inside``: the spectral-normalised
   convolution's unfolded layers). oneDNN's channels-last convolution beat its NCHW one by up to
   1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
