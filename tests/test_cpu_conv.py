@@ -268,15 +268,17 @@ def test_gradcheck_and_double_backward():
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["as-given", "cl-inside"])
-def test_opcheck(inside):
+@pytest.mark.parametrize("inside,keep", [(False, False), (True, False), (True, True)],
+                         ids=["as-given", "cl-inside", "cl-inside-kept"])
+def test_opcheck(inside, keep):
     for fmt in ((torch.contiguous_format,) if inside else (torch.contiguous_format, CL)):
         x = torch.randn(2, 4, 11, 9).contiguous(memory_format=fmt).requires_grad_()
         w, b = torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(6, requires_grad=True)
         for channels_last in (False, True):
             torch.library.opcheck(torch.ops.fastinpaint.layout_copy.default, (x.detach(), channels_last))
-        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default, (x, w, b, [2, 1], [1, 1], [1, 2], inside))
-        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default, (x, w, None, [1, 1], [0, 0], [1, 1], inside))
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default, (x, w, b, [2, 1], [1, 1], [1, 2], inside, keep))
+        torch.library.opcheck(torch.ops.fastinpaint.conv2d_cpu.default,
+                              (x, w, None, [1, 1], [0, 0], [1, 1], inside, keep))
         gy = torch.randn(2, 6, 6, 7).contiguous(memory_format=fmt)   # the output of stride (2, 1), dilation (1, 2)
         for channels_last in (False, True):
             torch.library.opcheck(torch.ops.fastinpaint.conv2d_input_grad.default,
@@ -405,7 +407,7 @@ def test_compiled_strided_layer_runs_channels_last_inside():
     traced = torch.compile(layer, fullgraph=True, backend=recording)
     traced(x, w, b)
     (call,) = [n for g in graphs for n in g.graph.nodes if "conv2d_cpu" in str(n.target)]
-    assert call.args[-1] is True   # inside
+    assert call.args[-2] is True and call.args[-1] is False   # inside, the output copied back to NCHW
     compiled = torch.compile(layer, fullgraph=True)
     y = compiled(x, w, b)
     assert _ran(lambda: compiled(x, w, b).sum().backward(), "conv2d_weight_grad")

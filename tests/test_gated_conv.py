@@ -302,6 +302,7 @@ def test_opcheck_cpp_op():
     for fmt in (torch.contiguous_format, torch.channels_last):
         pre = torch.randn(2, 6, 5, 7).contiguous(memory_format=fmt).requires_grad_()
         torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_forward.default, (pre, 3, 0.2))
+        torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_forward_nchw.default, (pre, 2, 0.1))
         torch.library.opcheck(torch.ops.fastinpaint.gated_conv_act_backward.default,
                               (torch.randn(2, 3, 5, 7).contiguous(memory_format=fmt), pre.detach(), 2, 0.1))
 
@@ -521,8 +522,8 @@ def test_cpu_gating_split_across_threads_matches_reference(channels_last):
 @pytest.mark.parametrize("gating", ["aten", "kernel", "aten_nchw"])
 def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gating, channels_last):
     """Under torch.compile the cpu backend's gating of a plain convolution is aten ops
-    (COMPILED_GATING["cpu"] = "aten"; "aten_nchw", the default: for NCHW maps), which inductor
-    fuses with its neighbours, instead of the opaque fused kernel; the deconv's phase
+    (COMPILED_GATING["cpu"] = "aten"; "aten_nchw", the default: for NCHW Winograd layers), which
+    inductor fuses with its neighbours, instead of the opaque fused kernel; the deconv's phase
     convolution is visible, its gating and interleave stay fastinpaint's ops; the result is the
     eager call's."""
     from fastinpaint.ops.gated_conv import op as gop
@@ -555,8 +556,10 @@ def test_compiled_cpu_gating_is_left_to_inductor(monkeypatch, scale_factor, gati
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("conv" in t for t in targets), targets
-    # the plain convolution's gating is aten ops under compile; the deconv's phases keep the kernel
-    kernel_expected = gating == "kernel" or scale_factor != 1 or (gating == "aten_nchw" and channels_last)
+    # the plain convolution's gating is aten ops under compile where asked ("aten"); this NCHW layer
+    # (3 channels: not Winograd's) runs its convolution channels-last and its NCHW-writing gating
+    # kernel under "aten_nchw" too; the deconv's phases keep the kernel
+    kernel_expected = gating != "aten" or scale_factor != 1
     assert any("gated_conv_act_forward" in t for t in targets) == kernel_expected, targets
     assert any("interleave_phases" in t for t in targets) == (scale_factor != 1), targets
 
@@ -605,3 +608,92 @@ def test_cpu_gating_at_lower_instruction_sets():
         "            assert err <= tol * (1 + want.float().abs().max()), (dtype, act, err)\n"
         "print('ok', torch.backends.cpu.get_cpu_capability())\n")
     assert_runs_at_lower_cpu_capabilities(code)
+
+
+# ----------------------------------------------------------------------------- NCHW layers, channels-last inside (cpu)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 6, 9, 11), (1, 2, 1, 1), (3, 26, 8, 8), (1, 34, 13, 17), (2, 96, 3, 67),
+                                   (0, 4, 5, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_nchw_gating_kernel_matches_reference(shape, dtype):
+    """gated_conv_act_forward_nchw: a channels-last pre-activation gated into an NCHW-contiguous
+    output: the reference gating's values (float64) for every activation, odd channel counts and
+    positions (tile and 8x8-block edges), an empty batch, an NCHW pre (made channels-last first),
+    the same bits at 1, 2 and 3 threads."""
+    skip_unless_available("cpu", "cpu")
+    op = torch.ops.fastinpaint.gated_conv_act_forward_nchw.default
+    pre = (3 * torch.randn(shape)).to(dtype).contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 1e-2)
+    for code, act, slope in ((0, "none", 0.2), (1, "relu", 0.2), (2, "leaky_relu", 0.1), (3, "elu", 0.2)):
+        want = ref.gate(pre.double(), act, slope)
+        got = op(pre, code, slope)
+        assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        assert torch.equal(op(pre.contiguous(), code, slope), got)
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(op(pre, 3, 0.2))
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+def _ran(fn, name) -> bool:
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return any(name in e.name for e in prof.function_events)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("geometry", [dict(cin=5, cout=12, k=5, s=1, p=2, d=1), dict(cin=12, cout=9, k=3, s=2, p=1, d=1),
+                                      dict(cin=3, cout=5, k=3, s=(2, 1), p=2, d=2)], ids=["input", "strided", "dilated"])
+def test_cpu_nchw_layer_runs_convolution_channels_last(geometry, grad):
+    """An NCHW gated layer on the cpu backend (not Winograd's) runs its convolution on a
+    channels-last copy and gates into NCHW: the reference's output and gradients (float64
+    baseline), an NCHW output and input gradient, the weight's gradient in the weight's layout."""
+    skip_unless_available("cpu", "cpu")
+    torch.manual_seed(0)
+    g = geometry
+    x = torch.randn(2, g["cin"], 23, 30).requires_grad_(grad)
+    w = (torch.randn(2 * g["cout"], g["cin"], g["k"], g["k"]) / (g["k"] * g["cin"] ** 0.5)).requires_grad_(grad)
+    b = torch.randn(2 * g["cout"]).requires_grad_(grad)
+    kwargs = dict(stride=g["s"], padding=g["p"], dilation=g["d"], activation="elu")
+    with use_backend("cpu"):
+        assert _ran(lambda: FI.gated_conv2d(x, w, b, **kwargs), "gated_conv_act_forward_nchw")
+        y = FI.gated_conv2d(x, w, b, **kwargs)
+    want = ref.gated_conv2d(x.double(), w.double(), b.double(), kwargs["stride"], g["p"], g["d"], "elu")
+    assert y.is_contiguous() and y.shape == want.shape
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    if grad:
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w, b), gy)
+        expected = torch.autograd.grad(want, (x, w, b), gy.double())
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a.double(), e.double(), rtol=2e-5, atol=2e-5)
+        assert got[0].is_contiguous() and got[1].is_contiguous()
+
+
+def test_cpu_nchw_channels_last_route_applies_where_it_should(monkeypatch):
+    """Not for a channels-last input or weight (their output is channels-last, as conv2d's), a
+    Winograd layer (it writes NCHW itself), bfloat16, or with FASTINPAINT_CONV_CHANNELS_LAST=0;
+    each still gives the reference's output in conv2d's memory format."""
+    skip_unless_available("cpu", "cpu")
+    CL = torch.channels_last
+    x, w, b = torch.randn(1, 6, 12, 14), torch.randn(8, 6, 3, 3) / 6, torch.randn(8)
+    xw, ww, bw = torch.randn(1, 32, 24, 24), torch.randn(64, 32, 3, 3) / 17, torch.randn(64)
+    cases = [(x, w, b, True), (x.contiguous(memory_format=CL), w, b, False), (x, w.contiguous(memory_format=CL), b, False),
+             (xw, ww, bw, False), (x.bfloat16(), w.bfloat16(), b.bfloat16(), False)]
+    for xi, wi, bi, routed in cases:
+        with use_backend("cpu"):
+            assert _ran(lambda: FI.gated_conv2d(xi, wi, bi, padding=1), "gated_conv_act_forward_nchw") == routed
+            y = FI.gated_conv2d(xi, wi, bi, padding=1)
+        want = F.conv2d(xi, wi, bi, padding=1)
+        assert y.is_contiguous(memory_format=CL) == want.is_contiguous(memory_format=CL)
+        tol = 2e-2 if xi.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(y.float(), ref.gate(want.float()), rtol=tol, atol=tol)
+    monkeypatch.setenv("FASTINPAINT_CONV_CHANNELS_LAST", "0")
+    with use_backend("cpu"):
+        assert not _ran(lambda: FI.gated_conv2d(x, w, b, padding=1), "gated_conv_act_forward_nchw")

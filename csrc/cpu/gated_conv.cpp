@@ -1,6 +1,8 @@
 // CPU kernels of the gated convolution's fused gating (DeepFill v2):
 //   y = act(f) * sigmoid(g),  f = pre[:, :C], g = pre[:, C:]
-// and its backward (act and sigmoid are recomputed from pre).
+// and its backward (act and sigmoid are recomputed from pre); and the forward from a
+// channels-last pre into an NCHW y (gated_conv_act_forward_nchw: an NCHW layer whose
+// convolution ran channels-last), the gating of each tile of positions transposed on its way out.
 //
 // Both memory layouts are read as rows x {feature, gate} x inner (gated_conv.h, gate_layout).
 // The (rows x inner) problem is cut into tasks of whole or partial rows by the CPU kernels'
@@ -25,10 +27,13 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "gated_conv.h"
 #include "cpu/cpu_common.h"
+#include "cpu/transpose.h"
 
 namespace fastinpaint {
 namespace {
@@ -487,6 +492,60 @@ at::Tensor gated_conv_act_forward_cpu(const at::Tensor& pre, int64_t activation,
   return out;
 }
 
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols (transpose.h), by the
+// element size: float32 in registers, the other types by the scalar loop.
+template <typename T>
+void transpose_tile(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows, int64_t cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    static const transpose::F32Fn f32 = transpose::pick_f32();
+    f32(src, src_stride, dst, dst_stride, 0, rows, 0, cols);
+  } else {
+    transpose::block<T>(src, src_stride, dst, dst_stride, 0, rows, 0, cols);
+  }
+}
+
+// Positions per tile of the NCHW-writing forward: the tile's gated values (kTile x C) stay in
+// L1 between the gating loop that writes them and the transposition that reads them.
+constexpr int64_t kTile = 64;
+
+// y (B, C, H, W) NCHW-contiguous from a channels-last pre (B, 2C, H, W). The layer's
+// convolution ran channels-last (oneDNN's channels-last convolution beat its NCHW one by up to
+// 4x at DeepFill v2's first layers) and its caller wants NCHW back: per tile of kTile positions
+// of one image, the forward loop writes the tile's (positions x C) values into a buffer in L1,
+// which is then written transposed into y's C planes (transpose.h), instead of gating
+// channels-last and copying y to NCHW in a second pass.
+at::Tensor gated_conv_act_forward_nchw_cpu(const at::Tensor& pre, int64_t activation, double negative_slope) {
+  check_gate_forward(pre, activation, c10::DeviceType::CPU);
+  const at::Tensor p = pre.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t B = p.size(0), C = p.size(1) / 2, HW = p.size(2) * p.size(3);
+  at::Tensor out = at::empty({B, C, p.size(2), p.size(3)}, p.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const int64_t tiles = (HW + kTile - 1) / kTile;
+  dispatch_dtype(p.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const LoopFn fn = pick_forward<T>();
+    constexpr int64_t es = sizeof(T);
+    const T* pp = p.data_ptr<T>();
+    T* yp = out.data_ptr<T>();
+    // operands y (the tile buffer), f, g: inner stride one element; rows: a position each
+    const int64_t strides[6] = {es, es, es, C * es, 2 * C * es, 2 * C * es};
+    parallel_for(0, B * tiles, std::max<int64_t>(1, kGrain / (kTile * C)), [&](int64_t t0, int64_t t1) {
+      std::vector<T> buf(kTile * C);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / tiles, q0 = (t % tiles) * kTile, n = std::min(kTile, HW - q0);
+        const T* rows = pp + (b * HW + q0) * 2 * C;
+        char* data[3] = {reinterpret_cast<char*>(buf.data()), reinterpret_cast<char*>(const_cast<T*>(rows)),
+                         reinterpret_cast<char*>(const_cast<T*>(rows + C))};
+        fn(data, strides, C, n, activation, negative_slope);
+        transpose_tile(buf.data(), C, yp + b * C * HW + q0, HW, n, C);
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor gated_conv_act_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre,
                                   int64_t activation, double negative_slope) {
   GateOperands io = gate_backward_operands(grad_out, pre, activation, c10::DeviceType::CPU);
@@ -516,6 +575,7 @@ at::Tensor gated_conv_act_backward_cpu(const at::Tensor& grad_out, const at::Ten
 TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) {
   m.impl("gated_conv_act_forward", &gated_conv_act_forward_cpu);
   m.impl("gated_conv_act_backward", &gated_conv_act_backward_cpu);
+  m.impl("gated_conv_act_forward_nchw", &gated_conv_act_forward_nchw_cpu);
 }
 
 }  // namespace fastinpaint

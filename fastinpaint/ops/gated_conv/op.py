@@ -6,7 +6,11 @@ Paths per backend:
   cpu, cuda  torch's convolution -> fused gating kernel of fastinpaint._C
              (the gated deconv's upsampling folded into the convolution: upsample.py); on
              the cpu backend a 3x3, stride-1 float32 convolution of >= 32 channels in and out
-             is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too
+             is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too; the
+             other convolutions of an NCHW layer run channels-last (oneDNN's is up to 2x
+             as fast so at DeepFill v2's first and stride-2 layers) and one kernel gates
+             the channels-last pre-activation into an NCHW output
+             (gated_conv_act_forward_nchw), eager and under torch.compile
   triton     with autograd: torch's convolution -> fused Triton gating kernel;
              without (inference, no_grad): one implicit-GEMM Triton kernel with the
              gating in its epilogue, which never writes the 2*Cout pre-activation.
@@ -15,11 +19,13 @@ The fused gating saves only the pre-activation for backward (plus the x and weig
 the convolution itself saves) and recomputes act and sigmoid from it; the eager
 formulation also keeps act(f) and sigmoid(g).
 
-Under ``torch.compile`` the cpu backend gives the gating of NCHW maps to inductor as aten
-ops (:data:`COMPILED_GATING`): inductor fuses them into its own loops around the
+Under ``torch.compile`` the cpu backend gives the gating of NCHW Winograd layers to inductor
+as aten ops (:data:`COMPILED_GATING`): inductor fuses them into its own loops around the
 convolution, as it does for an eager model, so a compiled model on fastinpaint's layers is
 not slower than the same model on eager layers compiled. On channels_last maps the fused
 kernel stays: there it was as fast as inductor's loops or faster in the compiled model. The
+other NCHW layers keep their channels-last convolution and NCHW-writing gating (unless
+COMPILED_GATING says "aten"). The
 gated deconv keeps its phase-decomposed convolution (an aten convolution inductor sees),
 gated per phase by the fused kernel and interleaved by its own op (both opaque to inductor,
 which compiles either into slower loops). Eager calls use the fused kernel everywhere.
@@ -37,7 +43,7 @@ from .._common import autocast_cast, check_float_tensor, check_kernel_span, chec
     conv_output_size, needs_grad, pair
 from .._layout import conv_output_format, is_channels_last
 from .._registry import Op, differentiable, kernel
-from .. import _winograd
+from .. import _cpu_conv, _winograd
 from . import reference, upsample
 
 # ----------------------------------------------------------------------------- kernels
@@ -46,7 +52,8 @@ from . import reference, upsample
 #: their neighbours; a fused kernel is an opaque call to it), "kernel" (the fused kernel), or
 #: "aten_nchw" (aten ops on NCHW pre-activations, the kernel on channels_last ones: on the CPU
 #: inductor's loops won in NCHW, the kernel tied or won in channels_last;
-#: benchmarks/deepfill_v2_compiled_gating.py)
+#: benchmarks/deepfill_v2_compiled_gating.py; the cpu backend's NCHW layers that run their
+#: convolution channels-last have no NCHW pre-activation: they keep their kernel unless "aten")
 COMPILED_GATING = {"cpu": "aten_nchw", "cuda": "kernel", "triton": "kernel"}
 
 
@@ -58,6 +65,10 @@ def _gate_out_like(pre: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _gate_forward_fake(pre, activation, negative_slope):
     return _gate_out_like(pre, pre.shape[1] // 2)
+
+
+def _gate_forward_nchw_fake(pre, activation, negative_slope):
+    return pre.new_empty((pre.shape[0], pre.shape[1] // 2, pre.shape[2], pre.shape[3]))
 
 
 def _gate_backward_fake(grad_out, pre, activation, negative_slope):
@@ -78,6 +89,10 @@ GATE_FORWARD = kernel("gated_conv_act_forward", "(Tensor pre, int activation, fl
 GATE_BACKWARD = kernel("gated_conv_act_backward",
                        "(Tensor grad_out, Tensor pre, int activation, float negative_slope) -> Tensor",
                        _gate_backward_fake, triton="gate_backward")
+# cpu only: the gating of a channels-last pre-activation written NCHW (the convolution of an NCHW
+# layer run channels-last: _cpu_conv.conv2d_channels_last_out); the gradient is GATE_BACKWARD's
+GATE_FORWARD_NCHW = kernel("gated_conv_act_forward_nchw", "(Tensor pre, int activation, float negative_slope) -> Tensor",
+                           _gate_forward_nchw_fake)
 # inference only (Triton): implicit-GEMM convolution with the gating in its epilogue
 CONV_FORWARD = kernel("gated_conv2d",
                       "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
@@ -91,8 +106,9 @@ OP = Op("gated_conv2d", {
     "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp; "
            "fastinpaint's input gradient for inputs of few channels, csrc/cpu/conv_input_grad.cpp, and "
            "weight gradient for strided layers, csrc/cpu/conv_weight_grad.cpp), then "
-           "fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); under "
-           "torch.compile the gating is aten ops inductor fuses",
+           "fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); NCHW layers "
+           "not on Winograd's run the convolution channels-last and gate into NCHW in one kernel; under "
+           "torch.compile the gating of NCHW Winograd layers is aten ops inductor fuses",
 }, kernels=(GATE_FORWARD, GATE_BACKWARD))
 
 
@@ -110,6 +126,7 @@ def _backward(ctx, gate_backward, grad_out):
 
 
 differentiable(GATE_FORWARD, GATE_BACKWARD, _setup_context, _backward)
+differentiable(GATE_FORWARD_NCHW, GATE_BACKWARD, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -167,14 +184,36 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         return upsample.interleave(upsample.from_phase_rows(gated, scale_factor, phases.shape, plan[-1]), plan)
     if scale_factor != 1:
         x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
+    gating = COMPILED_GATING.get(backend, "kernel")
+    if (backend == "cpu" and not (torch.compiler.is_compiling() and gating == "aten")
+            and _gates_nchw_from_channels_last(x, weight, stride, padding, dilation)):
+        # an NCHW layer's convolution run channels-last, gated into NCHW by one kernel (under
+        # torch.compile too: 1.2-1.6x the compiled eager layer, where inductor's own channels-last
+        # convolution and fused gating back to NCHW tied with it)
+        pre = _cpu_conv.conv2d_channels_last_out(x, weight, bias, stride, padding, dilation)
+        return GATE_FORWARD_NCHW(backend, pre, code, float(negative_slope))
     if backend == "cpu":  # Winograd for 3x3 stride-1 layers, the few-channel input gradient (ops/_winograd.py)
         pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
     else:
         pre = F.conv2d(x, weight, bias, stride, padding, dilation)
-    gating = COMPILED_GATING.get(backend, "kernel")
     if torch.compiler.is_compiling() and (gating == "aten" or (gating == "aten_nchw" and not is_channels_last(pre))):
         return reference.gate(pre, activation, negative_slope)
     return GATE_FORWARD(backend, pre, code, float(negative_slope))
+
+
+@torch.compiler.assume_constant_result
+def _nchw_gating_built() -> bool:
+    """Whether the loaded fastinpaint._C has GATE_FORWARD_NCHW (a constant for torch.compile)."""
+    return GATE_FORWARD_NCHW.built_for("cpu")
+
+
+def _gates_nchw_from_channels_last(x, weight, stride, padding, dilation) -> bool:
+    """Whether the cpu backend runs an NCHW layer's convolution channels-last and gates it into NCHW
+    (GATE_FORWARD_NCHW): where :func:`_cpu_conv.runs_channels_last_out` (not under torch.compile) and
+    Winograd's convolution does not apply (it writes NCHW itself), conv2d's output would be NCHW (an
+    NCHW weight), the kernel built (ops/_cpu_conv.py says why channels-last)."""
+    return (_cpu_conv.runs_channels_last_out(x, weight) and conv_output_format(x, weight) == torch.contiguous_format
+            and not _winograd.applies(x, weight, stride, padding, dilation) and _nchw_gating_built())
 
 
 def gated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
