@@ -35,8 +35,9 @@ op with its own gradient. A helper of the layers, not a public op.
   convolution's layers not on Winograd's, any number of channels, under torch.compile too). As
   above, but the output stays channels-last: the gating kernel reads it so and writes the layer's
   NCHW output itself (gated_conv_act_forward_nchw), so no copy of the convolution's output is made.
-  oneDNN's channels-last forward ran 1.2x to 2.2x as fast as its NCHW one at DeepFill v2's
-  5-channel input layer and 2.0x at its stride-2 layer (benchmarks/conv_layouts.py).
+  oneDNN's channels-last forward ran 1.2x and 2.5x as fast as its NCHW one at DeepFill v2's
+  5-channel input layer, 2.0x and 2.4x at its stride-2 layer, in two runs
+  (benchmarks/conv_layouts.py, files cpu_conv_layouts_fp32_*20261207.md).
 
 Every output and gradient keeps its tensor's layout: the output is in torch's convolution's
 format for the input (NCHW for an NCHW one), the input's gradient in the input's, the weight's

@@ -7,7 +7,7 @@ Paths per backend:
              (the gated deconv's upsampling folded into the convolution: upsample.py); on
              the cpu backend a 3x3, stride-1 float32 convolution of >= 32 channels in and out
              is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too; the
-             other convolutions of an NCHW layer run channels-last (oneDNN's is up to 2x
+             other convolutions of an NCHW layer run channels-last (oneDNN's is up to 2.5x
              as fast so at DeepFill v2's first and stride-2 layers) and one kernel gates
              the channels-last pre-activation into an NCHW output
              (gated_conv_act_forward_nchw), eager and under torch.compile
