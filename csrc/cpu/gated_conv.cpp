@@ -509,11 +509,11 @@ void transpose_tile(const T* src, int64_t src_stride, T* dst, int64_t dst_stride
 constexpr int64_t kTile = 64;
 
 // y (B, C, H, W) NCHW-contiguous from a channels-last pre (B, 2C, H, W). The layer's
-// convolution ran channels-last (oneDNN's channels-last convolution beat its NCHW one by up to
-// 4x at DeepFill v2's first layers) and its caller wants NCHW back: per tile of kTile positions
-// of one image, the forward loop writes the tile's (positions x C) values into a buffer in L1,
-// which is then written transposed into y's C planes (transpose.h), instead of gating
-// channels-last and copying y to NCHW in a second pass.
+// convolution ran channels-last (oneDNN's channels-last forward was up to 2.5x as fast as its
+// NCHW one at DeepFill v2's first layers, benchmarks/conv_layouts.py) and its caller wants NCHW
+// back: per tile of kTile positions of one image, the forward loop writes the tile's
+// (positions x C) values into a buffer in L1, which is then written transposed into y's C
+// planes (transpose.h), instead of gating channels-last and copying y to NCHW in a second pass.
 at::Tensor gated_conv_act_forward_nchw_cpu(const at::Tensor& pre, int64_t activation, double negative_slope) {
   check_gate_forward(pre, activation, c10::DeviceType::CPU);
   const at::Tensor p = pre.contiguous(at::MemoryFormat::ChannelsLast);

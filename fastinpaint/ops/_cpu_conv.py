@@ -141,10 +141,9 @@ def runs_channels_last_out(x: torch.Tensor, weight: torch.Tensor, groups: int = 
     """Whether a layer that writes its NCHW output itself from a channels-last convolution (the
     gated convolution's gating, :func:`conv2d_channels_last_out`) runs its convolution so: as
     :func:`applies`, an NCHW input, any number of channels (no copy of the convolution's output back
-    to NCHW), enabled (``FASTINPAINT_CONV_CHANNELS_LAST``), not under torch.compile (inductor lays
-    out the convolution it traces)."""
-    return (_dense_float(x, weight, groups) and _nchw(x)
-            and _channels_last_enabled())
+    to NCHW), enabled (``FASTINPAINT_CONV_CHANNELS_LAST``); under torch.compile too (the layer's
+    kernel reads the channels-last output, so inductor has no layout left to choose)."""
+    return _dense_float(x, weight, groups) and _nchw(x) and _channels_last_enabled()
 
 
 def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
