@@ -172,8 +172,10 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding,
-                    dilation) -> torch.Tensor:
+                    dilation, channels_last: Optional[bool] = None) -> torch.Tensor:
     """The Winograd kernel's 3x3, stride-1 convolution (float32 CPU tensors, whatever
-    :func:`applies` says), written in conv2d's memory format."""
-    channels_last = conv_output_format(x, weight) == torch.channels_last
+    :func:`applies` says), written in conv2d's memory format, or channels-last where
+    ``channels_last`` (a caller that writes its own NCHW output from it: the gated layers)."""
+    if channels_last is None:
+        channels_last = conv_output_format(x, weight) == torch.channels_last
     return WINOGRAD_CONV("cpu", x, weight, bias, list(padding), list(dilation), False, channels_last)

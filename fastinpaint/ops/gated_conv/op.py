@@ -6,10 +6,10 @@ Paths per backend:
   cpu, cuda  torch's convolution -> fused gating kernel of fastinpaint._C
              (the gated deconv's upsampling folded into the convolution: upsample.py); on
              the cpu backend a 3x3, stride-1 float32 convolution of >= 32 channels in and out
-             is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too; the
-             other convolutions of an NCHW layer run channels-last (oneDNN's is up to 2.5x
-             as fast so at DeepFill v2's first and stride-2 layers) and one kernel gates
-             the channels-last pre-activation into an NCHW output
+             is Winograd's F(4x4, 3x3) (ops/_winograd.py), under torch.compile too; an
+             NCHW layer's convolution writes a channels-last pre-activation (oneDNN's runs
+             channels-last: up to 2.5x as fast so at DeepFill v2's first and stride-2
+             layers) and one kernel gates it into an NCHW output
              (gated_conv_act_forward_nchw), eager and under torch.compile
   triton     with autograd: torch's convolution -> fused Triton gating kernel;
              without (inference, no_grad): one implicit-GEMM Triton kernel with the
@@ -19,13 +19,12 @@ The fused gating saves only the pre-activation for backward (plus the x and weig
 the convolution itself saves) and recomputes act and sigmoid from it; the eager
 formulation also keeps act(f) and sigmoid(g).
 
-Under ``torch.compile`` the cpu backend gives the gating of NCHW Winograd layers to inductor
-as aten ops (:data:`COMPILED_GATING`): inductor fuses them into its own loops around the
-convolution, as it does for an eager model, so a compiled model on fastinpaint's layers is
-not slower than the same model on eager layers compiled. On channels_last maps the fused
-kernel stays: there it was as fast as inductor's loops or faster in the compiled model. The
-other NCHW layers keep their channels-last convolution and NCHW-writing gating (unless
-COMPILED_GATING says "aten"). The
+Under ``torch.compile`` the gating of an NCHW pre-activation can go to inductor as aten ops
+(:data:`COMPILED_GATING`), which fuses them into its own loops around the convolution, as it
+does for an eager model. On the cpu backend's float32 / float64 NCHW layers there is no NCHW
+pre-activation left (the NCHW-writing kernel above; "aten" turns it off), so this applies
+to the half types; on channels_last maps the fused kernel stays: there it was as fast as
+inductor's loops or faster in the compiled model. The
 gated deconv keeps its phase-decomposed convolution (an aten convolution inductor sees),
 gated per phase by the fused kernel and interleaved by its own op (both opaque to inductor,
 which compiles either into slower loops). Eager calls use the fused kernel everywhere.
@@ -52,8 +51,8 @@ from . import reference, upsample
 #: their neighbours; a fused kernel is an opaque call to it), "kernel" (the fused kernel), or
 #: "aten_nchw" (aten ops on NCHW pre-activations, the kernel on channels_last ones: on the CPU
 #: inductor's loops won in NCHW, the kernel tied or won in channels_last;
-#: benchmarks/deepfill_v2_compiled_gating.py; the cpu backend's NCHW layers that run their
-#: convolution channels-last have no NCHW pre-activation: they keep their kernel unless "aten")
+#: benchmarks/deepfill_v2_compiled_gating.py; the cpu backend's float NCHW layers write a
+#: channels-last pre-activation: they keep their kernel unless "aten")
 COMPILED_GATING = {"cpu": "aten_nchw", "cuda": "kernel", "triton": "kernel"}
 
 
@@ -106,9 +105,9 @@ OP = Op("gated_conv2d", {
     "cpu": "torch's conv2d (oneDNN; Winograd F(4x4, 3x3) for 3x3 stride-1 layers, csrc/cpu/winograd.cpp; "
            "fastinpaint's input gradient for inputs of few channels, csrc/cpu/conv_input_grad.cpp, and "
            "weight gradient for strided layers, csrc/cpu/conv_weight_grad.cpp), then "
-           "fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); NCHW layers "
-           "not on Winograd's run the convolution channels-last and gate into NCHW in one kernel; under "
-           "torch.compile the gating of NCHW Winograd layers is aten ops inductor fuses",
+           "fastinpaint's fused, vectorised C++ gating kernel (csrc/cpu/gated_conv.cpp); an NCHW layer's "
+           "convolution writes channels-last and one kernel gates it into NCHW; under torch.compile the "
+           "gating of an NCHW float16 / bfloat16 layer is aten ops inductor fuses",
 }, kernels=(GATE_FORWARD, GATE_BACKWARD))
 
 
@@ -186,11 +185,14 @@ def _forward(x, weight, bias, stride, padding, dilation, scale_factor, activatio
         x = F.interpolate(x, scale_factor=scale_factor, mode="nearest")
     gating = COMPILED_GATING.get(backend, "kernel")
     if (backend == "cpu" and not (torch.compiler.is_compiling() and gating == "aten")
-            and _gates_nchw_from_channels_last(x, weight, stride, padding, dilation)):
-        # an NCHW layer's convolution run channels-last, gated into NCHW by one kernel (under
-        # torch.compile too: 1.2-1.6x the compiled eager layer, where inductor's own channels-last
-        # convolution and fused gating back to NCHW tied with it)
-        pre = _cpu_conv.conv2d_channels_last_out(x, weight, bias, stride, padding, dilation)
+            and _gates_nchw_from_channels_last(x, weight)):
+        # an NCHW layer's convolution written channels-last, gated into NCHW by one kernel (under
+        # torch.compile too, where inductor's own channels-last convolution and fused gating back
+        # to NCHW were slower)
+        if _winograd.applies(x, weight, stride, padding, dilation):
+            pre = _winograd.winograd_conv2d(x, weight, bias, padding, dilation, channels_last=True)
+        else:
+            pre = _cpu_conv.conv2d_channels_last_out(x, weight, bias, stride, padding, dilation)
         return GATE_FORWARD_NCHW(backend, pre, code, float(negative_slope))
     if backend == "cpu":  # Winograd for 3x3 stride-1 layers, the few-channel input gradient (ops/_winograd.py)
         pre = _winograd.conv2d(x, weight, bias, stride, padding, dilation)
@@ -207,13 +209,14 @@ def _nchw_gating_built() -> bool:
     return GATE_FORWARD_NCHW.built_for("cpu")
 
 
-def _gates_nchw_from_channels_last(x, weight, stride, padding, dilation) -> bool:
-    """Whether the cpu backend runs an NCHW layer's convolution channels-last and gates it into NCHW
-    (GATE_FORWARD_NCHW): where :func:`_cpu_conv.runs_channels_last_out` (not under torch.compile) and
-    Winograd's convolution does not apply (it writes NCHW itself), conv2d's output would be NCHW (an
-    NCHW weight), the kernel built (ops/_cpu_conv.py says why channels-last)."""
+def _gates_nchw_from_channels_last(x, weight) -> bool:
+    """Whether the cpu backend writes an NCHW layer's convolution channels-last and gates it into
+    NCHW (GATE_FORWARD_NCHW): where :func:`_cpu_conv.runs_channels_last_out`, conv2d's output would
+    be NCHW (an NCHW weight), the kernel built. ops/_cpu_conv.py says why oneDNN's convolution runs
+    channels-last; Winograd's wrote its NCHW output per channel from each tile, scattered writes
+    that at dilation 16 took about as long as the rest of the layer."""
     return (_cpu_conv.runs_channels_last_out(x, weight) and conv_output_format(x, weight) == torch.contiguous_format
-            and not _winograd.applies(x, weight, stride, padding, dilation) and _nchw_gating_built())
+            and _nchw_gating_built())
 
 
 def gated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
