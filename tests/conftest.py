@@ -193,3 +193,13 @@ def assert_runs_at_lower_cpu_capabilities(code: str) -> None:
         env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.startswith("ok"), (capability, done.stdout, done.stderr[-2000:])
+
+
+def assert_close_scaled(got, want, rel, name, floor=1e-12):
+    """The error against ``want`` (float64) is at most ``rel`` of the reference's largest magnitude
+    (plus ``floor``): for sums over many terms (a convolution's weight gradient), whose error grows
+    with the scale of the sum, not with each element's."""
+    assert got.shape == want.shape, name
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rel * scale + floor, f"{name}: max error {err:.3g} against a scale of {scale:.3g}"

@@ -18,7 +18,7 @@ from fastinpaint import use_backend
 from fastinpaint.nn import SpectralNormConv2d
 from fastinpaint.ops import _cpu_conv as CIG
 
-from conftest import assert_runs_at_lower_cpu_capabilities, skip_unless_available
+from conftest import assert_close_scaled, assert_runs_at_lower_cpu_capabilities, skip_unless_available
 
 pytestmark = pytest.mark.usefixtures("_cpu_kernels")
 
@@ -59,14 +59,6 @@ def _torch_input_grad(x, w, gy, stride, padding, dilation):
     """torch's input gradient in float64."""
     return torch.ops.aten.convolution_backward(gy.double(), x.double(), w.double(), None, stride, padding, dilation,
                                                False, [0, 0], 1, [True, False, False])[0]
-
-
-def assert_close_scaled(got, want, rel, name):
-    """The error against float64 is at most ``rel`` of the reference's largest magnitude."""
-    assert got.shape == want.shape, name
-    err = (got.double() - want).abs().max().item()
-    scale = want.abs().max().item()
-    assert err <= rel * scale + 1e-12, f"{name}: max error {err:.3g} against a scale of {scale:.3g}"
 
 
 def test_kernel_on_strided_views():

@@ -28,7 +28,6 @@ import os
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _cpu_conv
 from ._layout import conv_output_format
