@@ -345,3 +345,39 @@ def test_compiled_op_does_not_recompile_after_an_eager_call():
     finally:
         OP._complete.update(saved)
         torch._dynamo.reset()
+
+
+def test_kernel_calls_without_a_gradient_skip_the_autograd_wrapper():
+    """``_registry.call`` (every Kernel call, the spectral-normalised fold, the phase interleave)
+    runs an op below the autograd keys in eager code where no argument needs a gradient, and
+    through them where one does, or while torch.compile traces it."""
+    from fastinpaint.ops import _registry
+
+    lib = torch.library.Library("fastinpaint_test_call", "DEF")
+    lib.define("double(Tensor x) -> Tensor")
+    autograd_calls = []
+
+    def double_autograd(x):   # what a Python autograd registration runs on every call
+        autograd_calls.append(x.requires_grad)
+        with torch._C._AutoDispatchBelowAutograd():
+            y = torch.ops.fastinpaint_test_call.double(x)
+        return y
+
+    lib.impl("double", lambda x: x * 2, "CPU")
+    lib.impl("double", double_autograd, "Autograd")
+    lib.impl("double", lambda x: torch.empty_like(x), "Meta")
+    op = torch.ops.fastinpaint_test_call.double.default
+    x = torch.randn(5)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(_registry.call(op, x.requires_grad_()), x * 2)
+        torch.testing.assert_close(_registry.call(op, x.detach()), x * 2)   # grad mode, no input needing one
+        assert autograd_calls == []
+        _registry.call(op, x)   # a gradient to record: through the autograd key
+        assert autograd_calls == [True]
+        autograd_calls.clear()
+        compiled = torch.compile(lambda t: _registry.call(op, t), backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x.detach()), x * 2)
+    finally:
+        lib._destroy()

@@ -540,8 +540,10 @@ def test_conv2d_channels_last_inside(channels):
     for name, a, e in zip(("grad x", "grad weight", "grad bias"), got, want):
         assert_close_scaled(a, e, 2e-5, name)
     assert got[0].is_contiguous() and got[1].is_contiguous()
-    with torch.no_grad():   # no gradient: the same output
-        torch.testing.assert_close(call(), y.detach(), rtol=0, atol=0)
+    with torch.no_grad():   # no gradient (the op's body, called directly): the same output, NCHW
+        y_nograd = call()
+    torch.testing.assert_close(y_nograd, y.detach(), rtol=0, atol=0)
+    assert y_nograd.is_contiguous() and y_nograd.grad_fn is None
 
 
 def _assert_same_sn_gradients(x, y, ours, ref, theirs):

@@ -55,8 +55,8 @@ class SpectralNormConv2d(nn.Conv2d):
         sn = chain[0]
         if self.training:
             power_iteration(weight, sn._u, sn._v, sn.n_power_iterations, sn.eps)
-        # copies: a later forward's power iteration must not change what this one's backward uses
-        u = sn._u.clone(memory_format=torch.contiguous_format)
-        v = sn._v.clone(memory_format=torch.contiguous_format)
+        u, v = sn._u, sn._v
+        if torch.is_grad_enabled():   # copies: a later forward's power iteration must not change this one's backward
+            u, v = u.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)
         x, padding = self._explicit_padding(x)
         return spectral_norm_conv2d(x, weight, self.bias, u, v, self.stride, padding, self.dilation, self.groups)

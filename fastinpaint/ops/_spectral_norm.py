@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import _cpu_conv
 from ._common import check_float_tensor, check_same_device, conv_output_size, pair
 from ._layout import conv_output_format, is_channels_last
-from ._registry import Op
+from ._registry import Op, call
 
 OP = Op("spectral_norm_conv2d", {
     "reference": "the weight divided by sigma, then conv2d, as torch.nn.utils.parametrizations.spectral_norm "
@@ -318,4 +318,5 @@ def spectral_norm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             or not folds(x, weight, stride, padding, dilation)):
         conv = _cpu_conv_channels_last_inside if backend == "cpu" else F.conv2d
         return reference_conv2d(x, weight, bias, u, v, stride, padding, dilation, groups, conv)
-    return _fold(x, weight, bias, u, v, list(stride), list(padding), list(dilation), groups)[0]
+    return call(torch.ops.fastinpaint.spectral_norm_conv2d_folded.default, x, weight, bias, u, v, list(stride),
+                list(padding), list(dilation), groups)[0]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._layout import conv_output_format, is_channels_last, suggest_memory_format
+from .._registry import call
 
 
 def _axis_plan(s: int, k: int, p: int, d: int):
@@ -181,7 +182,7 @@ def phase_conv2d(x: torch.Tensor, weight: torch.Tensor, bias, padding, dilation,
 def interleave(out: torch.Tensor, plan) -> torch.Tensor:
     """Phase-stacked (B, s*s*C, rows, cols) -> the (B, C, s*h, s*w) image (any C: the gated
     deconv interleaves the gated output, half the pre-activation's channels)."""
-    return interleave_phases(out, *plan)   # the copies read any strides
+    return call(torch.ops.fastinpaint.interleave_phases.default, out, *plan)   # the copies read any strides
 
 
 def phase_rows(out: torch.Tensor, s: int) -> torch.Tensor:
