@@ -614,11 +614,12 @@ def test_cpu_gating_at_lower_instruction_sets():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 6, 9, 11), (1, 2, 1, 1), (3, 26, 8, 8), (1, 34, 13, 17), (2, 96, 3, 67),
-                                   (0, 4, 5, 5)], ids=lambda s: "x".join(map(str, s)))
+                                   (2, 80, 3, 5), (0, 4, 5, 5)], ids=lambda s: "x".join(map(str, s)))
 def test_cpu_nchw_gating_kernel_matches_reference(shape, dtype):
     """gated_conv_act_forward_nchw: a channels-last pre-activation gated into an NCHW-contiguous
     output: the reference gating's values (float64) for every activation, odd channel counts and
-    positions (tile and 8x8-block edges), an empty batch, an NCHW pre (made channels-last first),
+    positions (tile and 8x8-block edges; more channels than positions, where the tile's transposition
+    walks the positions outside), an empty batch, an NCHW pre (made channels-last first),
     the same bits at 1, 2 and 3 threads."""
     skip_unless_available("cpu", "cpu")
     op = torch.ops.fastinpaint.gated_conv_act_forward_nchw.default
