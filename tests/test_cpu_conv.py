@@ -604,6 +604,39 @@ def test_folded_spectral_norm_layer_keeps_torchs_weight_gradient(fmt):
     _assert_same_sn_gradients(x, y, ours, ref, theirs)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
+def test_folded_spectral_norm_forward_runs_channels_last_inside(fmt):
+    """A folded SpectralNormConv2d on an NCHW input not small against its weight (SN-PatchGAN's
+    conv4) runs its forward on channels-last copies of the input and the weight, with torch's
+    parametrization's output (NCHW) and gradients; a channels-last input, a small input and
+    torch.compile's trace of the op keep their paths and numbers."""
+    from fastinpaint.ops import _spectral_norm
+
+    torch.manual_seed(5)
+    ours = SpectralNormConv2d(24, 24, 5, 2, 2).train()
+    theirs = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(24, 24, 5, 2, 2)).train()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 24, 13, 11).contiguous(memory_format=fmt).requires_grad_()
+    w = ours.parametrizations.weight.original
+    assert _spectral_norm.folds(x, w, (2, 2), (2, 2), (1, 1))
+    assert _spectral_norm._fold_channels_last_inside(x, w, 1) == (fmt == torch.contiguous_format)
+    assert not _spectral_norm._fold_channels_last_inside(x[:, :, :4, :4].contiguous(), w, 1)   # small input
+    with use_backend("cpu"):
+        y = ours(x)   # one power-iteration step each, from the same vectors
+    ref = theirs(x)
+    assert y.is_contiguous(memory_format=fmt)
+    assert_close_scaled(y, ref.double(), 1e-5, "output")
+    _assert_same_sn_gradients(x, y, ours, ref, theirs)
+    ours.eval()
+    theirs.eval()
+    torch._dynamo.reset()
+    with use_backend("cpu"):
+        with torch.no_grad():
+            assert _ran(lambda: ours(x), "layout_copy") == (fmt == torch.contiguous_format)
+        compiled = torch.compile(ours)
+        torch.testing.assert_close(compiled(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
 def test_runs_at_lower_cpu_capabilities():
     """The layout copy's float32 blocks (built per ISA level) and the input gradient at the
     baseline and AVX2 builds."""

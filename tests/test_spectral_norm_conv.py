@@ -91,10 +91,21 @@ def test_module_matches_torch_spectral_norm(index, dtype, layout, monkeypatch):
         run_nchw.append(xr.is_contiguous())
         return xr
 
+    inside = []   # per folded forward: whether it ran on channels-last copies of an NCHW input and weight
+    fold_inside = sn_op._fold_channels_last_inside
+
+    def recording_inside(x, w, groups):
+        inside.append(fold_inside(x, w, groups))
+        return inside[-1]
+
     monkeypatch.setattr(sn_op, "_run_input", recording)
+    monkeypatch.setattr(sn_op, "_fold_channels_last_inside", recording_inside)
     with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         got = _steps(ours, xs, gys)
-    assert len(run_nchw) == (4 if FOLDS[index] else 0)   # two steps, a forward and a backward each
+    # two steps, a forward and a backward each; geometry 0 on NCHW maps (16 channels in, the input a
+    # third of the weight) runs its forwards channels-last inside, the others on the input as given
+    assert sum(inside) == (2 if index == 0 and layout == "nchw" else 0), inside
+    assert len(run_nchw) + sum(inside) == (4 if FOLDS[index] else 0)
     if FOLDS[index]:   # NCHW, also on a channels_last input with an NCHW weight (no copy of the weight)
         assert all(run_nchw) == (layout != "channels_last"), run_nchw
     ran = {e.name for e in prof.function_events}

@@ -26,7 +26,9 @@ op with its own gradient. A helper of the layers, not a public op.
   1.5x at SN-PatchGAN's layers (benchmarks/conv_layouts.py), and inductor runs the compiled
   eager model's convolutions so, converting in its fused loops. Here the input is copied to
   channels-last and the output back by fastinpaint's transposing copy
-  (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took about 6x a plain copy); in the
+  (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took about 6x a plain copy), the
+  weight too in the forward (oneDNN reordered an NCHW weight for a channels-last convolution
+  more slowly than from this copy: 0.4 ms of 9-10 at SN-PatchGAN's conv4, 256x256x5x5); in the
   backward the output's gradient goes to channels-last, the input's copy is made again (not
   saved) and the input's gradient comes back NCHW. Not under torch.compile, where inductor lays
   out the traced convolution itself, except where the op runs for the strided weight gradient
@@ -128,7 +130,7 @@ def _channels_last_enabled() -> bool:
     return os.environ.get("FASTINPAINT_CONV_CHANNELS_LAST", "1") != "0"
 
 
-def _can_run_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+def can_run_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """As :func:`applies` but more than :data:`MAX_CHANNELS` input channels (with fewer, oneDNN's
     NCHW forward was as fast as compile(eager)'s, and channels-last inside measured 0.83x of it
     at SN-PatchGAN's first layer in an ad-hoc run: the copy of its large output back to NCHW), an
@@ -148,13 +150,13 @@ def runs_channels_last_out(x: torch.Tensor, weight: torch.Tensor, groups: int = 
 
 def runs_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
     """Whether a layer that asks for it runs channels-last inside: where it can
-    (:func:`_can_run_channels_last_inside`) and not under torch.compile, where inductor lays out the
+    (:func:`can_run_channels_last_inside`) and not under torch.compile, where inductor lays out the
     convolution it traces (:func:`conv2d` runs channels-last inside under torch.compile where the
     op hides the convolution from inductor)."""
-    return _can_run_channels_last_inside(x, weight, groups) and not torch.compiler.is_compiling()
+    return can_run_channels_last_inside(x, weight, groups) and not torch.compiler.is_compiling()
 
 
-def _to(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` in the layout asked (fastinpaint's copy where it has to move; ``t`` itself where it is in it)."""
     fmt = CL if channels_last else torch.contiguous_format
     return t if t.is_contiguous(memory_format=fmt) else LAYOUT_COPY("cpu", t, channels_last)
@@ -173,12 +175,13 @@ def _conv_fake(x, weight, bias, stride, padding, dilation, inside, keep_channels
 @torch.library.custom_op("fastinpaint::conv2d_cpu", mutates_args=())
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
           padding: List[int], dilation: List[int], inside: bool, keep_channels_last: bool) -> torch.Tensor:
-    """torch's convolution; ``inside``: on a channels-last copy of the (NCHW) input, the output copied
+    """torch's convolution; ``inside``: on channels-last copies of the (NCHW) input and the weight, the output copied
     back to NCHW unless ``keep_channels_last``."""
     if not inside:
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], 1)
-    y = torch.ops.aten.convolution(_to(x, True), weight, bias, stride, padding, dilation, False, [0, 0], 1)
-    return _to(y, keep_channels_last)
+    y = torch.ops.aten.convolution(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation, False,
+                                   [0, 0], 1)
+    return to_layout(y, keep_channels_last)
 
 
 _conv.register_fake(_conv_fake)
@@ -201,13 +204,13 @@ def _backward(ctx, grad):
         gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
                                                          False, [0, 0], 1, [need_x, need_w, need_b])
         return gx, gw, gb, None, None, None, None, None
-    grad = _to(grad, True)   # both the kernels and oneDNN read it channels-last
+    grad = to_layout(grad, True)   # both the kernels and oneDNN read it channels-last
     x_is_cl = suggest_memory_format(x) == CL
     kernel_x = need_x and applies(x, weight)
     kernel_w = need_w and weight_grad_applies(x, weight, stride)
     torch_x, torch_w = need_x and not kernel_x, need_w and not kernel_w
     gx = gw = gb = None
-    x_cl = _to(x, True) if torch_x or need_w else None
+    x_cl = to_layout(x, True) if torch_x or need_w else None
     if kernel_x:
         gx = INPUT_GRAD("cpu", grad, weight, list(x.shape), stride, padding, dilation, x_is_cl)
     if kernel_w:
@@ -219,7 +222,7 @@ def _backward(ctx, grad):
                                                                      padding, dilation, False, [0, 0], 1,
                                                                      [torch_x, torch_w, need_b and torch_w])
         if torch_x:
-            gx = _to(gx_torch, x_is_cl)
+            gx = to_layout(gx_torch, x_is_cl)
         if torch_w:
             gw = gw_torch.contiguous(memory_format=CL if is_channels_last(weight) else torch.contiguous_format)
     if need_b and gb is None:   # the bias's alone: a sum, no call of torch's backward
@@ -244,13 +247,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if torch.compiler.is_compiling():
         # the op is opaque to inductor, which would otherwise run the traced convolution of an
         # NCHW map channels-last: the op does so itself
-        inside = strided and _can_run_channels_last_inside(x, weight, groups)
+        inside = strided and can_run_channels_last_inside(x, weight, groups)
     else:
         inside = channels_last_inside and runs_channels_last_inside(x, weight, groups)
     if not (few or strided or inside):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if not (few or strided or needs_grad(x, weight, bias)):   # no gradient: the op's body, without its wrapper
-        return _to(F.conv2d(_to(x, True), weight, bias, stride, padding, dilation), False)
+        return to_layout(F.conv2d(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation), False)
     return _conv(x, weight, bias, list(stride), list(padding), list(dilation), inside, False)
 
 
@@ -261,4 +264,4 @@ def conv2d_channels_last_out(x: torch.Tensor, weight: torch.Tensor, bias: Option
     gradient, the op's (fastinpaint's input and weight gradients where they apply)."""
     if needs_grad(x, weight, bias):
         return _conv(x, weight, bias, list(stride), list(padding), list(dilation), True, True)
-    return F.conv2d(_to(x, True), weight, bias, stride, padding, dilation)
+    return F.conv2d(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation)
