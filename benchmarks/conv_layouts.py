@@ -5,7 +5,12 @@ backward, on an NCHW input in three ways, timed in one process with interleaved 
   channels_last, back   input and weight turned channels_last, the output turned back to NCHW
                         (what a layer that takes and returns NCHW can do inside);
   channels_last         input, weight, output and its gradient channels_last throughout (what a
-                        network that runs channels_last inside gets).
+                        network that runs channels_last inside gets);
+
+and, forward only, what fastinpaint's cpu backend does inside an NCHW layer (ops/_cpu_conv.py):
+
+  fastinpaint copies               input, weight and output moved by fastinpaint's layout copy;
+  fastinpaint copies, NCHW weight  the same with the weight left NCHW (for oneDNN to reorder).
 
 The default layers are the ones of the README's per-layer misses: SN-PatchGAN's first layer
 (4->64, 5x5, stride 2, batch 2 for real and fake) and DeepFill v2's gated input layer (5->48,
@@ -13,6 +18,7 @@ The default layers are the ones of the README's per-layer misses: SN-PatchGAN's 
 
     python benchmarks/conv_layouts.py --json out.json --markdown out.md
     python benchmarks/conv_layouts.py --cases 4:64:5:2:256:2 --rounds 20
+    python benchmarks/conv_layouts.py --cases 256:256:5:2:32:2 256:256:5:2:16:2   # SN-PatchGAN conv4, conv5
 """
 
 
@@ -20,11 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from fastinpaint import benchmark as B
+from fastinpaint.ops import _cpu_conv
 
 #: CIN:COUT:KERNEL:STRIDE:SIZE:BATCH
 CASES = {"SN-PatchGAN conv1": "4:64:5:2:256:2", "gated conv1 (2x24 filters)": "5:48:5:1:256:1",
          "gated down (2x48 filters)": "24:96:3:2:256:1"}
 LAYOUTS = ("NCHW", "channels_last, back", "channels_last")
+#: forward only (the layout copy records no gradient)
+COPY_LAYOUTS = ("fastinpaint copies", "fastinpaint copies, NCHW weight")
 COLUMNS = [("case", "case", None), ("mode", "mode", None), ("layout", "layout", None), ("ms", "ms", ".2f"),
            ("x vs NCHW", "x_vs_NCHW", ".2f")]
 CL = torch.channels_last
@@ -40,6 +49,11 @@ def _step(layout: str, x, w, b, stride: int, gy, grad: bool):
 
     def call():
         with torch.set_grad_enabled(grad):
+            if layout in COPY_LAYOUTS:
+                to_cl = _cpu_conv.to_layout
+                wi = to_cl(w, True) if layout == "fastinpaint copies" else w
+                to_cl(F.conv2d(to_cl(x, True), wi, b, stride, pad), False)
+                return
             if layout == "NCHW":
                 xi, wi = x, w
             else:
@@ -62,7 +76,8 @@ def run(cases: dict, rounds: int) -> list[dict]:
         ho = (size + 2 * (k // 2) - k) // stride + 1
         gy = torch.randn(batch, cout, ho, ho)
         for mode, grad in (("fwd+bwd", True), ("fwd", False)):
-            runs = {layout: _step(layout, x, w, b, stride, gy, grad) for layout in LAYOUTS}
+            runs = {layout: _step(layout, x, w, b, stride, gy, grad)
+                    for layout in LAYOUTS + (() if grad else COPY_LAYOUTS)}
             timed = B.time_interleaved(runs, "cpu", min_time_s=float("inf"), max_rounds=rounds, warmup=3)
             rows += B.ratio_rows(timed, "NCHW", "layout", "x_vs_NCHW",
                                  case=f"{name} {cin}->{cout} {k}x{k} s{stride} @{size} batch {batch}", mode=mode)

@@ -161,14 +161,16 @@ def test_conv_grads_bench_writes_its_files(tmp_path):
 
 
 def test_conv_layouts_bench_writes_its_files(tmp_path):
-    """benchmarks/conv_layouts.py on a tiny layer: three layouts per mode, each with its time and
-    its ratio to NCHW (1 for NCHW itself), the JSON and markdown files; a bad case is refused."""
+    """benchmarks/conv_layouts.py on a tiny layer: three layouts per mode and, forward only,
+    fastinpaint's two, each with its time and its ratio to NCHW (1 for NCHW itself), the JSON and
+    markdown files; a bad case is refused."""
     mod = _script("conv_layouts")
     out_json, out_md = tmp_path / "layouts.json", tmp_path / "layouts.md"
     assert mod.main(["--cases", "3:8:3:2:12:2", "--rounds", "1", "--json", str(out_json),
                      "--markdown", str(out_md)]) == 0
     rows = json.loads(out_json.read_text())["results"]
-    assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("fwd+bwd", "fwd") for lay in mod.LAYOUTS]
+    assert [(r["mode"], r["layout"]) for r in rows] == (
+        [("fwd+bwd", lay) for lay in mod.LAYOUTS] + [("fwd", lay) for lay in mod.LAYOUTS + mod.COPY_LAYOUTS])
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["x_vs_NCHW"] == 1 for r in rows if r["layout"] == "NCHW")
     assert "channels_last, back" in out_md.read_text()

@@ -27,8 +27,9 @@ op with its own gradient. A helper of the layers, not a public op.
   eager model's convolutions so, converting in its fused loops. Here the input is copied to
   channels-last and the output back by fastinpaint's transposing copy
   (csrc/cpu/layout_copy.cpp; torch's own copy to NCHW took about 6x a plain copy), the
-  weight too in the forward (oneDNN reordered an NCHW weight for a channels-last convolution
-  more slowly than from this copy: 0.4 ms of 9-10 at SN-PatchGAN's conv4, 256x256x5x5); in the
+  weight too in the forward (at SN-PatchGAN's conv4, a 256x256x5x5 weight, 8.56 ms against
+  8.73 ms with oneDNN reordering the NCHW weight itself, a tie at smaller weights:
+  benchmarks/conv_layouts.py, files cpu_conv_layouts_sn_patchgan_weight_fp32_20261207.*); in the
   backward the output's gradient goes to channels-last, the input's copy is made again (not
   saved) and the input's gradient comes back NCHW. Not under torch.compile, where inductor lays
   out the traced convolution itself, except where the op runs for the strided weight gradient

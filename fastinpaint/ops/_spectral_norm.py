@@ -205,9 +205,9 @@ def _fold_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: in
     weight, its output copied back (``_cpu_conv``'s copies): where ``_cpu_conv`` could run so and the
     input is not small against the weight (:data:`FOLD_CHANNELS_LAST_MIN_INPUT_SHARE`). At
     SN-PatchGAN's conv4 (256 channels, 32x32 maps, batch 2; the input a third of the weight)
-    that forward took 8.5-9.6 ms against 10.3-11.1 ms NCHW; at conv5 (a twelfth) the two tied, at
-    conv6 (8x8 maps) the weight's copy made it slower (2.9 ms against 2.1; ad-hoc timings, not
-    kept). The backward keeps oneDNN's one NCHW call."""
+    that forward ran 1.18x as fast as NCHW (8.56 against 10.13 ms); at conv5 (16x16, a twelfth)
+    0.94x, at conv6 (8x8) 0.66x (benchmarks/conv_layouts.py, files
+    cpu_conv_layouts_sn_patchgan_weight_fp32_20261207.*). The backward keeps oneDNN's one NCHW call."""
     return (_cpu_conv.can_run_channels_last_inside(x, weight, groups)
             and x.numel() >= FOLD_CHANNELS_LAST_MIN_INPUT_SHARE * weight.numel())
 
