@@ -49,10 +49,12 @@ def _step(layout: str, x, w, b, stride: int, gy, grad: bool):
 
     def call():
         with torch.set_grad_enabled(grad):
-            if layout in COPY_LAYOUTS:
+            if layout == "fastinpaint copies":   # the library's own channels-last-inside convolution
+                _cpu_conv.conv_channels_last(x, w, b, (stride, stride), (pad, pad), (1, 1))
+                return
+            if layout == "fastinpaint copies, NCHW weight":   # oneDNN reorders the weight itself
                 to_cl = _cpu_conv.to_layout
-                wi = to_cl(w, True) if layout == "fastinpaint copies" else w
-                to_cl(F.conv2d(to_cl(x, True), wi, b, stride, pad), False)
+                to_cl(F.conv2d(to_cl(x, True), w, b, stride, pad), False)
                 return
             if layout == "NCHW":
                 xi, wi = x, w

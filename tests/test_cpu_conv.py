@@ -546,6 +546,27 @@ def test_conv2d_channels_last_inside(channels):
     assert y_nograd.is_contiguous() and y_nograd.grad_fn is None
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["nchw-out", "cl-out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw-in", "cl-in"])
+def test_conv_channels_last_helper(keep, bias, fmt):
+    """The one channels-last convolution body (conv_channels_last): torch's output (float64) on odd
+    sizes, strides, paddings and dilations, in the layout asked; the layout copies run only where a
+    tensor has to move (none for a channels-last input and weight whose output stays so)."""
+    for B, C, O, H, W, k, s, p, d in [(2, 13, 11, 23, 17, (5, 3), (2, 1), (2, 1), (1, 2)),
+                                      (1, 9, 7, 6, 31, (3, 3), (1, 3), (0, 2), (2, 1))]:
+        x = torch.randn(B, C, H, W).contiguous(memory_format=fmt)
+        w = (torch.randn(O, C, *k) / (C * k[0] * k[1]) ** 0.5).contiguous(memory_format=fmt)
+        b = torch.randn(O) if bias else None
+        with torch.no_grad():
+            y = CIG.conv_channels_last(x, w, b, s, p, d, keep_channels_last=keep)
+            copies = _ran(lambda: CIG.conv_channels_last(x, w, b, s, p, d, keep_channels_last=keep), "layout_copy")
+        ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), s, p, d)
+        assert_close_scaled(y, ref, 1e-5, "output")
+        assert y.is_contiguous(memory_format=CL if keep else torch.contiguous_format)
+        assert copies == (fmt != CL or not keep)
+
+
 def _assert_same_sn_gradients(x, y, ours, ref, theirs):
     """The gradients of x, the weight and the bias through our SpectralNormConv2d (output y) and
     torch's parametrization (output ref) agree."""

@@ -163,6 +163,17 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else LAYOUT_COPY("cpu", t, channels_last)
 
 
+def conv_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                       dilation, keep_channels_last: bool = False) -> torch.Tensor:
+    """torch's convolution (one group) on channels-last copies of an NCHW input and of the weight
+    (:func:`to_layout`), its output copied back to NCHW unless ``keep_channels_last``: the one
+    body of every channels-last-inside or -out convolution here and of the spectral-normalised
+    fold's (ops/_spectral_norm.py)."""
+    y = torch.ops.aten.convolution(to_layout(x, True), to_layout(weight, True), bias, list(stride), list(padding),
+                                   list(dilation), False, [0, 0], 1)
+    return y if keep_channels_last else to_layout(y, False)
+
+
 def _conv_fake(x, weight, bias, stride, padding, dilation, inside, keep_channels_last):
     ho = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
@@ -180,9 +191,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s
     back to NCHW unless ``keep_channels_last``."""
     if not inside:
         return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], 1)
-    y = torch.ops.aten.convolution(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation, False,
-                                   [0, 0], 1)
-    return to_layout(y, keep_channels_last)
+    return conv_channels_last(x, weight, bias, stride, padding, dilation, keep_channels_last)
 
 
 _conv.register_fake(_conv_fake)
@@ -254,7 +263,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if not (few or strided or inside):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if not (few or strided or needs_grad(x, weight, bias)):   # no gradient: the op's body, without its wrapper
-        return to_layout(F.conv2d(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation), False)
+        return conv_channels_last(x, weight, bias, stride, padding, dilation)
     return _conv(x, weight, bias, list(stride), list(padding), list(dilation), inside, False)
 
 
@@ -265,4 +274,4 @@ def conv2d_channels_last_out(x: torch.Tensor, weight: torch.Tensor, bias: Option
     gradient, the op's (fastinpaint's input and weight gradients where they apply)."""
     if needs_grad(x, weight, bias):
         return _conv(x, weight, bias, list(stride), list(padding), list(dilation), True, True)
-    return F.conv2d(to_layout(x, True), to_layout(weight, True), bias, stride, padding, dilation)
+    return conv_channels_last(x, weight, bias, stride, padding, dilation, keep_channels_last=True)

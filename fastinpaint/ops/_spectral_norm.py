@@ -221,8 +221,7 @@ def _fold(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], u
     inv = torch.reciprocal(sigma)
     bc = None if bias is None else bias * sigma   # conv(x, W, b sigma) / sigma: one pass over the output
     if _fold_channels_last_inside(x, weight, groups):
-        y = torch.ops.aten.convolution(_cpu_conv.to_layout(x, True), _cpu_conv.to_layout(weight, True), bc, stride,
-                                       padding, dilation, False, [0, 0], groups)
+        y = _cpu_conv.conv_channels_last(x, weight, bc, stride, padding, dilation, keep_channels_last=True)
         return _cpu_conv.to_layout(y.mul_(inv), False), inv
     y = torch.ops.aten.convolution(_run_input(x, weight), weight, bc, stride, padding, dilation, False, [0, 0],
                                    groups)
