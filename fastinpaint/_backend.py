@@ -13,6 +13,11 @@ one; a forced backend that is unavailable raises ``BackendUnavailableError``
 naming what is missing. There is never a silent fallback.
 
 Under ``torch.compile`` the choice is made once, at trace time.
+
+Under forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) ``auto``
+picks ``reference``: the other backends' kernels have reverse-mode gradients only (torch.library
+registers no tangent formula for them, and their outputs would carry none, a zero tangent under
+``torch.func.jvp``), and a forced one raises ``BackendUnavailableError``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _extension
 
@@ -136,10 +142,29 @@ def _resolve(op: str, implemented: tuple, device_type: str, name: str, torch_onl
     return name
 
 
+def forward_mode_ad() -> bool:
+    """Whether forward-mode AD is on: a ``torch.autograd.forward_ad`` dual level open, or
+    ``torch.func.jvp`` (``jacfwd``, ``hessian``) among the active function transforms."""
+    if forward_ad._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
+
+
 def select(op: str, implemented: tuple, device: torch.device, torch_only: tuple = ()) -> str:
     """The backend that runs ``op`` on tensors of ``device``; ``torch_only``: its ``cpu`` / ``cuda``
-    backends that call no fastinpaint._C kernel (available wherever the device is)."""
-    return _resolve(op, tuple(implemented), device.type, requested(), tuple(torch_only))
+    backends that call no fastinpaint._C kernel (available wherever the device is). Under
+    forward-mode AD (:func:`forward_mode_ad`, outside torch.compile): ``reference``, or an error
+    for another backend forced."""
+    name = requested()
+    if not torch.compiler.is_compiling() and forward_mode_ad():
+        if name not in ("auto", "reference"):
+            raise BackendUnavailableError(
+                f"{op}: backend {name!r} has no forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): "
+                "its kernels have reverse-mode gradients only; use the 'reference' backend (or 'auto', which "
+                "picks it under forward-mode AD)")
+        return "reference"
+    return _resolve(op, tuple(implemented), device.type, name, tuple(torch_only))
 
 
 def backends() -> dict[str, dict[str, str]]:

@@ -381,3 +381,49 @@ def test_kernel_calls_without_a_gradient_skip_the_autograd_wrapper():
             torch.testing.assert_close(compiled(x.detach()), x * 2)
     finally:
         lib._destroy()
+
+
+def _ops_for_forward_ad(name):
+    """(f, x): a public op as a function of its input, float64, odd sizes."""
+    import fastinpaint.functional as FI
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if name == "channel_fc":
+        w, b = r(3, 15, 15) / 4, r(3, 15)
+        return (lambda a: FI.channel_fc(a, w, b, activation="leaky_relu")), r(2, 3, 3, 5)
+    w, b = r(8, 5, 3, 3) / 6, r(8)
+    return (lambda a: FI.gated_conv2d(a, w, b, padding=1)), r(1, 5, 9, 7)
+
+
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad.dual_level"])
+@pytest.mark.parametrize("name", ["channel_fc", "gated_conv2d"])
+def test_forward_mode_ad_runs_the_reference_or_refuses(name, mode):
+    """The cpu backend's kernels have no tangent formula (their outputs carried no tangent, a zero
+    one under torch.func.jvp): under forward-mode AD ``auto`` runs the reference, whose tangent
+    matches central differences, and a forced cpu backend raises, naming forward-mode AD; outside
+    it ``auto`` picks the cpu backend again."""
+    from torch.autograd import forward_ad
+
+    skip_unless_available("cpu", "cpu")
+    f, x = _ops_for_forward_ad(name)
+    t = torch.randn_like(x)
+    eps = 1e-6
+    with torch.no_grad():
+        want = (f(x + eps * t) - f(x - eps * t)) / (2 * eps)
+
+    def tangent():
+        if mode == "torch.func.jvp":
+            return torch.func.jvp(f, (x,), (t,))[1]
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(f(forward_ad.make_dual(x, t))).tangent
+
+    got = tangent()
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with use_backend("cpu"), pytest.raises(BackendUnavailableError, match="forward-mode AD"):
+        tangent()
+    assert not _backend.forward_mode_ad()
+    assert _backend.select(name, ("reference", "cpu"), torch.device("cpu")) == "cpu"
