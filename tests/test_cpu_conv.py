@@ -626,11 +626,12 @@ def test_folded_spectral_norm_layer_keeps_torchs_weight_gradient(fmt):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "cl"])
-def test_folded_spectral_norm_forward_runs_channels_last_inside(fmt):
-    """A folded SpectralNormConv2d on an NCHW input not small against its weight (SN-PatchGAN's
-    conv4) runs its forward on channels-last copies of the input and the weight, with torch's
-    parametrization's output (NCHW) and gradients; a channels-last input, a small input and
-    torch.compile's trace of the op keep their paths and numbers."""
+def test_folded_spectral_norm_forward_runs_channels_last_inside(fmt, monkeypatch):
+    """A folded SpectralNormConv2d on an NCHW input not small against its weight, of enough
+    channels (SN-PatchGAN's conv4), runs its forward on channels-last copies of the input and the
+    weight, with torch's parametrization's output (NCHW) and gradients; a channels-last input, a
+    small input, fewer channels and torch.compile's trace of the op keep their paths and numbers.
+    (24 channels, the minimum lowered to them: the path at a size that runs fast.)"""
     from fastinpaint.ops import _spectral_norm
 
     torch.manual_seed(5)
@@ -640,6 +641,8 @@ def test_folded_spectral_norm_forward_runs_channels_last_inside(fmt):
     x = torch.randn(2, 24, 13, 11).contiguous(memory_format=fmt).requires_grad_()
     w = ours.parametrizations.weight.original
     assert _spectral_norm.folds(x, w, (2, 2), (2, 2), (1, 1))
+    assert not _spectral_norm._fold_channels_last_inside(x.detach().contiguous(), w, 1)   # under 256 channels
+    monkeypatch.setattr(_spectral_norm, "FOLD_CHANNELS_LAST_MIN_CHANNELS", 24)
     assert _spectral_norm._fold_channels_last_inside(x, w, 1) == (fmt == torch.contiguous_format)
     assert not _spectral_norm._fold_channels_last_inside(x[:, :, :4, :4].contiguous(), w, 1)   # small input
     with use_backend("cpu"):

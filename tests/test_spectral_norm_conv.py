@@ -100,6 +100,7 @@ def test_module_matches_torch_spectral_norm(index, dtype, layout, monkeypatch):
 
     monkeypatch.setattr(sn_op, "_run_input", recording)
     monkeypatch.setattr(sn_op, "_fold_channels_last_inside", recording_inside)
+    monkeypatch.setattr(sn_op, "FOLD_CHANNELS_LAST_MIN_CHANNELS", 16)   # the path at this small size (default: 256)
     with use_backend("cpu"), torch.autograd.profiler.profile() as prof:
         got = _steps(ours, xs, gys)
     # two steps, a forward and a backward each; geometry 0 on NCHW maps (16 channels in, the input a

@@ -50,8 +50,8 @@ OP = Op("spectral_norm_conv2d", {
                  "(ops/_spectral_norm.py)",
     "cpu": "where the output is at most a quarter of the weight, conv2d on the raw weight, its output scaled by "
            "1/sigma: one autograd node, no weight-sized pass but a rank-1 update of the weight's gradient "
-           "(oneDNN convolutions; the forward channels-last inside an NCHW layer whose input is not small against "
-           "the weight); the reference elsewhere, its "
+           "(oneDNN convolutions; the forward channels-last inside an NCHW layer of 256 channels or more whose "
+           "input is not small against the weight); the reference elsewhere, its "
            "convolution channels-last inside on NCHW maps, with fastinpaint's input gradient for inputs of few "
            "channels and weight gradient for strided layers (ops/_cpu_conv.py)",
     "cuda": "the same folded form on cuDNN's convolutions; the reference elsewhere",
@@ -198,6 +198,8 @@ def _run_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 #: the folded forward of an NCHW layer runs channels-last inside where the input has at least this
 #: share of the weight's elements
 FOLD_CHANNELS_LAST_MIN_INPUT_SHARE = 0.25
+#: ... and at least this many channels
+FOLD_CHANNELS_LAST_MIN_CHANNELS = 256
 
 
 def _fold_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -207,8 +209,12 @@ def _fold_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: in
     SN-PatchGAN's conv4 (256 channels, 32x32 maps, batch 2; the input a third of the weight)
     that forward ran 1.18x as fast as NCHW (8.56 against 10.13 ms); at conv5 (16x16, a twelfth)
     0.94x, at conv6 (8x8) 0.66x (benchmarks/conv_layouts.py, files
-    cpu_conv_layouts_sn_patchgan_weight_fp32_20261207.*). The backward keeps oneDNN's one NCHW call."""
-    return (_cpu_conv.can_run_channels_last_inside(x, weight, groups)
+    cpu_conv_layouts_sn_patchgan_weight_fp32_20261207.*). With fewer than
+    :data:`FOLD_CHANNELS_LAST_MIN_CHANNELS` channels it lost: a training-mode layer's forward without
+    gradients (5x5, stride 2, 16 to 128 channels, 8x8 to 32x32 maps, batch 1 to 4) was 2-23% slower
+    channels-last inside in 9 of 11 ad-hoc timings (not kept), a tie in one, 15% faster in one (96
+    channels at 16x16, a tie when repeated). The backward keeps oneDNN's one NCHW call."""
+    return (_cpu_conv.can_run_channels_last_inside(x, weight, groups) and x.shape[1] >= FOLD_CHANNELS_LAST_MIN_CHANNELS
             and x.numel() >= FOLD_CHANNELS_LAST_MIN_INPUT_SHARE * weight.numel())
 
 
