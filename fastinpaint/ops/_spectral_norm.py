@@ -211,9 +211,10 @@ def _fold_channels_last_inside(x: torch.Tensor, weight: torch.Tensor, groups: in
     0.94x, at conv6 (8x8) 0.66x (benchmarks/conv_layouts.py, files
     cpu_conv_layouts_sn_patchgan_weight_fp32_20261207.*). With fewer than
     :data:`FOLD_CHANNELS_LAST_MIN_CHANNELS` channels it lost: a training-mode layer's forward without
-    gradients (5x5, stride 2, 16 to 128 channels, 8x8 to 32x32 maps, batch 1 to 4) was 2-23% slower
-    channels-last inside in 9 of 11 ad-hoc timings (not kept), a tie in one, 15% faster in one (96
-    channels at 16x16, a tie when repeated). The backward keeps oneDNN's one NCHW call."""
+    gradients (5x5, stride 2, 16 to 128 channels, 8x8 to 32x32 maps, batch 1 to 4) was 3-23% slower
+    channels-last inside in 12 of 15 ad-hoc timings (not kept), a tie in one, faster in two (2% at
+    128 channels, 15% at 96 channels and 16x16, a tie when repeated). The backward keeps oneDNN's
+    one NCHW call."""
     return (_cpu_conv.can_run_channels_last_inside(x, weight, groups) and x.shape[1] >= FOLD_CHANNELS_LAST_MIN_CHANNELS
             and x.numel() >= FOLD_CHANNELS_LAST_MIN_INPUT_SHARE * weight.numel())
 
