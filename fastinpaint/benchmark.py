@@ -124,6 +124,17 @@ def time_interleaved(runs: dict[str, Callable[[], object]], device: str, min_tim
     return {label: out[label] for label in runs}
 
 
+def time_implementations(runs: dict[str, Callable[[], object]], device: str, min_time_s: float = 0.5,
+                         **interleaved) -> dict[str, dict]:
+    """Each of ``runs`` timed as the op benchmarks time them: on the CPU in turns
+    (:func:`time_interleaved`, ``interleaved`` its options: a drifting machine slows every
+    implementation alike), on CUDA one after the other (:func:`measure`: events per call, the
+    peak memory). ``{label: {"ms", ...}}``, or ``{label: {"error"}}`` for one that fails."""
+    if device == "cpu":
+        return time_interleaved(runs, device, min_time_s, **interleaved)
+    return {label: measure(run, device, min_time_s) for label, run in runs.items()}
+
+
 def measure_ceilings(device: str, dtype=torch.bfloat16) -> dict:
     """The device's measured copy bandwidth (read + write) and dense matmul rate."""
     if device != "cuda":

@@ -1,5 +1,6 @@
 """Channel-wise fully connected layer at the Context Encoder's shapes: fastinpaint's
-backends against the eager reference and torch.compile of it, timed in the same run.
+backends against the eager reference and torch.compile of it, timed in the same run (on the
+CPU in turns, one call of each per round).
 
     python -m fastinpaint.ops.channel_fc.bench --device cpu --json out.json --markdown out.md
     python -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 ...
@@ -119,24 +120,26 @@ def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, 
         # the gradient in x's layout, as the next layer (the 1x1 mixing convolution) hands it
         # back; not randn_like(eager's output), whose batch-innermost strides only eager has
         gy = torch.randn_like(xs[0]) if grad else None
-        results = {}
+        runs = {}
         for label, fn in impls.items():
             next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
 
-            def run():
+            def run(fn=fn, next_x=next_x):
                 x = next_x()
                 B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
 
-            saved = (lambda: fn(xs[0], w, b), (xs[0], w, b)) if grad else None
-            row = B.measure(run, device, min_time_s, saved)
+            runs[label] = run
+        results = B.time_implementations(runs, device, min_time_s)
+        for label, row in results.items():
             if "error" in row:
-                results[label] = row
                 continue
+            if grad:
+                fn = impls[label]
+                row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
             row["TFLOPs"] = case.flops(grad) / (row["ms"] * 1e-3) / 1e12
             row["GBps"] = case.min_bytes(esize, grad) / (row["ms"] * 1e-3) / 1e9
             if copy_bw:
                 row["frac_of_copy_bw"] = row["GBps"] / copy_bw
-            results[label] = row
         ratios = B.baseline_ratios(results)
         for label, row in results.items():
             rows.append({"case": case.name, "mode": mode, "impl": label, "batch": case.batch,

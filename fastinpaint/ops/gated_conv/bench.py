@@ -153,10 +153,7 @@ def _run_case(case, device, dtype, batch, channels_last, modes, compile_baseline
             next_x = itertools.cycle(xs).__next__  # input sets in turn: not found in L2
             return lambda: B.fwd_bwd(fn, (next_x(), w, b), grad, gy)
 
-        if device == "cpu":   # in turns: a drifting machine slows every implementation alike
-            results = B.time_interleaved({label: runner(fn) for label, fn in impls.items()}, device, min_time_s)
-        else:
-            results = {label: B.measure(runner(fn), device, min_time_s) for label, fn in impls.items()}
+        results = B.time_implementations({label: runner(fn) for label, fn in impls.items()}, device, min_time_s)
         for label, fn in impls.items():
             row = results[label]
             for t in [*xs, w, b]:

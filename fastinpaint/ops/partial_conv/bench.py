@@ -1,6 +1,6 @@
 """Partial convolution benchmarks on the PConv U-Net's layers (Liu et al. 2018): fastinpaint's
 backends against the eager reference (the public formulation) and torch.compile of it, in the
-same run. Per case: median ms of forward+backward and of forward (no grad), the speed-ups,
+same run (on the CPU in turns, one call of each per round). Per case: median ms of forward+backward and of forward (no grad), the speed-ups,
 and the bytes saved for backward.
 
     python -m fastinpaint.ops.partial_conv.bench --device cpu --json out.json --markdown out.md
@@ -86,29 +86,34 @@ def run(cases=CASES, device="cpu", dtype=torch.float32, batch=1, channels_last=F
             for mode in modes:
                 grad = mode == "fwd+bwd"
                 x, m, w, b = _inputs(case, batch, device, dtype, channels_last, grad)
-                results = {}
+                runs, failed = {}, {}
                 for name, fn in impls.items():
-                    row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
-                           "batch": batch}
                     try:
                         if grad:
                             gy = torch.randn_like(fn(x, m, w, b).detach())
 
-                            def step():
+                            def step(fn=fn, gy=gy):
                                 for t in (x, w, b):
                                     t.grad = None
                                 fn(x, m, w, b).backward(gy)
-
-                            row["saved_MB"] = B.saved_bytes(lambda: fn(x, m, w, b), exclude=(x, m, w, b)) / 2**20
                         else:
-                            def step():
+                            def step(fn=fn):
                                 with torch.no_grad():
                                     fn(x, m, w, b)
-                        row["ms"] = B.time_fn(step, device, min_time_s=min_time_s)
-                        if device == "cuda":
-                            row["peak_MB"] = B.cuda_peak_mb(step)
+                        runs[name] = step
                     except Exception as e:  # report, keep going
-                        row["error"] = B.error_text(e, limit=None)
+                        failed[name] = {"error": B.error_text(e, limit=None)}
+                timed = {**B.time_implementations(runs, device, min_time_s), **failed}
+                results = {}
+                for name, fn in impls.items():
+                    row = {"case": case.name, "mode": mode, "impl": name, "dtype": B.dtype_name(dtype),
+                           "batch": batch, **timed[name]}
+                    if "error" not in row:
+                        if grad:
+                            row["saved_MB"] = B.saved_bytes(lambda fn=fn: fn(x, m, w, b),
+                                                            exclude=(x, m, w, b)) / 2**20
+                        if device == "cuda":
+                            row["peak_MB"] = B.cuda_peak_mb(runs[name])
                     results[name] = row
                     rows.append(row)
                 B.add_ratios(results)

@@ -1,5 +1,6 @@
 """Benchmarks of pixel attention and the attention-transfer loss against their baselines,
-timed in the same run, written as JSON + markdown.
+timed in the same run (on the CPU in turns, one call of each per round), written as JSON +
+markdown.
 
     python -m fastinpaint.ops.pixel_attention.bench --device cuda --dtype bfloat16 --batch 8 \
         --sizes 4096 16384 --json out.json --markdown out.md
@@ -157,6 +158,21 @@ def cpu_peak_mb(kind, impl, batch, n, dtype, grad) -> float | None:
 
 # ----------------------------------------------------------------------------- the run
 
+def _time_cuda(run, min_time_s) -> dict:
+    """``{"ms", "peak_MB"}`` of ``run`` on CUDA (the peak above what was allocated before it),
+    or ``{"error"}`` for an implementation that rejects the case or fails."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = B.time_fn(run, "cuda", min_time_s=min_time_s, max_reps=50, warmup=2)
+    except Exception as exc:  # noqa: BLE001 - a rejecting or failing implementation is a result
+        torch.cuda.empty_cache()
+        return {"error": B.error_text(exc, limit=200, first_line=True)}
+    return {"ms": ms, "peak_MB": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+
 def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype=torch.bfloat16, batch=8,
           modes=("fwd+bwd", "fwd"), compile_baseline=True, min_time_s=0.3, cpu_memory=True, progress=None):
     rows = []
@@ -169,35 +185,33 @@ def bench(kinds=("attention", "loss"), sizes=(4096, 16384), device="cuda", dtype
                 for mode in modes:
                     grad = mode == "fwd+bwd"
                     args = make(batch, n, device, dtype, grad)
-                    results = {}
-                    for label, fn in impls.items():
+
+                    def make_run(fn):
                         def run():
-                            if grad:
-                                out = fn(*args)
-                                out.float().sum().backward()
-                            else:
-                                with torch.no_grad():
-                                    fn(*args)
-                        if device == "cuda":
-                            torch.cuda.synchronize()
-                            torch.cuda.empty_cache()
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                        try:
-                            ms = B.time_fn(run, device, min_time_s=min_time_s, max_reps=50, warmup=2)
-                        except Exception as exc:  # noqa: BLE001 - a rejecting or failing implementation is a result
-                            results[label] = {"error": B.error_text(exc, limit=200, first_line=True)}
-                            if device == "cuda":
-                                torch.cuda.empty_cache()
+                            try:
+                                if grad:
+                                    fn(*args).float().sum().backward()
+                                else:
+                                    with torch.no_grad():
+                                        fn(*args)
+                            finally:
+                                for t in args:
+                                    if isinstance(t, torch.Tensor):
+                                        t.grad = None
+                        return run
+
+                    runs = {label: make_run(fn) for label, fn in impls.items()}
+                    if device == "cpu":   # in turns: a drifting machine slows every implementation alike
+                        timed = B.time_interleaved(runs, device, min_time_s, max_rounds=50, warmup=2)
+                    else:
+                        timed = {label: _time_cuda(run, min_time_s) for label, run in runs.items()}
+                    results = {}
+                    for label, row in timed.items():
+                        if "error" in row:
+                            results[label] = {"error": row["error"].splitlines()[0][:200]}
                             continue
-                        finally:
-                            for t in args:
-                                if isinstance(t, torch.Tensor):
-                                    t.grad = None
-                        row = {"ms": ms, "TFLOPs": flops(kind, batch, n, grad) / (ms * 1e-3) / 1e12}
-                        if device == "cuda":
-                            row["peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                        elif cpu_memory and not label.startswith("compile"):
+                        row = {**row, "TFLOPs": flops(kind, batch, n, grad) / (row["ms"] * 1e-3) / 1e12}
+                        if device == "cpu" and cpu_memory and not label.startswith("compile"):
                             peak = cpu_peak_mb(kind, label, batch, n, dtype, grad)
                             if peak is not None:
                                 row["peak_MB"] = peak
