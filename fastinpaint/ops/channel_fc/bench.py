@@ -5,6 +5,10 @@ CPU in turns, one call of each per round).
     python -m fastinpaint.ops.channel_fc.bench --device cpu --json out.json --markdown out.md
     python -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 ...
 
+The "layer:" cases time the layer as the Context Encoder runs it (``fastinpaint.nn.ChannelWiseFC``:
+the channel-wise layer, then the 1x1 convolution that mixes the channels): eager's channel-wise
+output is a view with the batch innermost, a layout whose cost only its reader pays.
+
 Per case and mode (fwd+bwd, fwd under no_grad): median ms, speed-up over each baseline,
 bytes saved for backward, peak memory (GPU), and the achieved bandwidth over the
 minimum traffic (every operand read once, every result written once: the weight
@@ -22,6 +26,7 @@ import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from ... import _backend
 from ... import benchmark as B
@@ -38,6 +43,7 @@ class Case:
     batch: int
     channels: int
     size: int  # H = W
+    mix: bool = False  # the layer as the Context Encoder uses it: the 1x1 mixing convolution after it
 
     @property
     def positions(self) -> int:
@@ -45,12 +51,15 @@ class Case:
 
     def flops(self, grad: bool) -> float:
         f = 2.0 * self.batch * self.channels * self.positions ** 2
+        if self.mix:
+            f += 2.0 * self.batch * self.positions * self.channels ** 2
         return 3 * f if grad else f
 
     def min_bytes(self, esize: int, grad: bool) -> float:
-        """Every operand read once, every result written once."""
+        """Every operand read once, every result written once (the mixing convolution's output
+        instead of the channel-wise layer's where there is one)."""
         act = self.batch * self.channels * self.positions
-        w = self.channels * self.positions ** 2
+        w = self.channels * self.positions ** 2 + (self.channels ** 2 + self.channels if self.mix else 0)
         b = self.channels * self.positions
         fwd = act + w + b + act  # x, W, bias in; y out
         if not grad:
@@ -63,14 +72,29 @@ CASES = [
     Case("B64 C512 4x4 (inpainting bottleneck)", 64, 512, 4),
     Case("B64 C256 8x8", 64, 256, 8),
     Case("B16 C64 32x32", 16, 64, 32),
+    # eager's output (permute + bmm) is a view with the batch innermost, which the op alone never
+    # pays for: the next layer does. These time ChannelWiseFC's forward, the mixing 1x1 convolution
+    # included, as the Context Encoder runs it.
+    Case("layer: B64 C512 4x4 + 1x1 mix", 64, 512, 4, mix=True),
+    Case("layer: B64 C256 8x8 + 1x1 mix", 64, 256, 8, mix=True),
+    Case("layer: B16 C64 32x32 + 1x1 mix", 16, 64, 32, mix=True),
 ]
+
+
+def _with_mix(fc):
+    """``fc(x, w, b)``, then, given its weight and bias, the 1x1 mixing convolution
+    (``fastinpaint.nn.ChannelWiseFC``'s forward without dropout)."""
+    def fn(x, w, b, mix_w=None, mix_b=None):
+        y = fc(x, w, b)
+        return y if mix_w is None else F.conv2d(y, mix_w, mix_b)
+    return fn
 
 
 def implementations(device: str, compile_baseline: bool = True) -> dict:
     def eager(x, w, b):
         return ref.channel_fc(x, w, b, ACTIVATION, SLOPE)
 
-    impls = {"eager": eager}
+    impls = {"eager": _with_mix(eager)}
     for backend in ("cpu", "cuda", "triton"):
         if _backend.unavailable_reason(backend, device) is None:
             if backend == "triton" and device == "cpu":
@@ -80,7 +104,7 @@ def implementations(device: str, compile_baseline: bool = True) -> dict:
                 with _backend.use_backend(backend):
                     return channel_fc(x, w, b, ACTIVATION, SLOPE)
 
-            impls[f"fastinpaint[{backend}]"] = fn
+            impls[f"fastinpaint[{backend}]"] = _with_mix(fn)
     return B.with_compiled(impls, compile_baseline)
 
 
@@ -92,6 +116,18 @@ def make_inputs(case: Case, device: str, dtype, grad: bool, channels_last: bool 
     xs = [torch.randn(case.batch, case.channels, case.size, case.size, device=device, dtype=dtype)
           .contiguous(memory_format=fmt).requires_grad_(grad) for _ in range(sets)]
     return xs, w, b
+
+
+def make_mix(case: Case, device: str, dtype, grad: bool) -> tuple:
+    """The mixing convolution's (weight, bias) for a ``mix`` case (nn.Conv2d's initialisation
+    scale), else ()."""
+    if not case.mix:
+        return ()
+    g = torch.Generator().manual_seed(2)
+    C = case.channels
+    w = (torch.rand(C, C, 1, 1, generator=g) * 2 - 1) / math.sqrt(C)
+    b = (torch.rand(C, generator=g) * 2 - 1) / math.sqrt(C)
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (w, b))
 
 
 def bench(cases=CASES, device="cpu", dtype=torch.float32, modes=("fwd+bwd", "fwd"), channels_last=False,
@@ -117,6 +153,7 @@ def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, 
         per_set = case.min_bytes(esize, False)
         sets = min(8, max(1, math.ceil(4 * l2 / per_set))) if device == "cuda" else 1
         xs, w, b = make_inputs(case, device, dtype, grad, channels_last, sets)
+        mix = make_mix(case, device, dtype, grad)
         # the gradient in x's layout, as the next layer (the 1x1 mixing convolution) hands it
         # back; not randn_like(eager's output), whose batch-innermost strides only eager has
         gy = torch.randn_like(xs[0]) if grad else None
@@ -126,7 +163,7 @@ def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, 
 
             def run(fn=fn, next_x=next_x):
                 x = next_x()
-                B.fwd_bwd(fn, (x, w, b), grad, gy, wrt=(x, w, b))
+                B.fwd_bwd(fn, (x, w, b, *mix), grad, gy, wrt=(x, w, b, *mix))
 
             runs[label] = run
         results = B.time_implementations(runs, device, min_time_s)
@@ -135,7 +172,7 @@ def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, 
                 continue
             if grad:
                 fn = impls[label]
-                row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b), exclude=(xs[0], w, b)) / 2**20
+                row["saved_MB"] = B.saved_bytes(lambda: fn(xs[0], w, b, *mix), exclude=(xs[0], w, b, *mix)) / 2**20
             row["TFLOPs"] = case.flops(grad) / (row["ms"] * 1e-3) / 1e12
             row["GBps"] = case.min_bytes(esize, grad) / (row["ms"] * 1e-3) / 1e9
             if copy_bw:
@@ -145,7 +182,7 @@ def _run_case(case, impls, device, dtype, modes, channels_last, min_time_s, l2, 
             rows.append({"case": case.name, "mode": mode, "impl": label, "batch": case.batch,
                          "dtype": B.dtype_name(dtype), "channels_last": channels_last, **row,
                          **ratios[label]})
-        del xs, w, b, gy
+        del xs, w, b, gy, mix
 
 
 COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None), ("dtype", "dtype", None),
@@ -157,14 +194,15 @@ COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None
 
 def markdown(rows, env, ceilings) -> str:
     note = (f"Activation {ACTIVATION}({SLOPE}); GB/s over the minimum traffic (each operand read once, "
-            "each result written once).")
+            "each result written once). Eager's output is a view with the batch innermost (permute + bmm): "
+            "the \"layer:\" rows add the 1x1 mixing convolution that reads it, as ChannelWiseFC runs.")
     return B.markdown_table(rows, COLUMNS, env, ceilings, notes=(note,))
 
 
 def capture_calls(dtype: torch.dtype) -> None:
     """Every Triton launch of the Context Encoder cases in ``dtype``, NCHW and channels_last,
     forward and backward (``ops/resources.py`` records them)."""
-    for case in CASES:
+    for case in (c for c in CASES if not c.mix):   # the layer cases: the same shapes
         for channels_last in (False, True):
             B.capture_steps(lambda x, w, b: channel_fc(x, w, b, ACTIVATION, SLOPE),
                             lambda grad, case=case, cl=channels_last: (lambda xs, w, b: (xs[0], w, b))(
