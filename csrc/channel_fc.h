@@ -107,6 +107,10 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& weight,
 //   backward_prologue(dy3, y3, d, activation, slope):
 //       d[b, c, p] = dy3[b, c, p] * act'(y3[b, c, p]);  d (B, C, P) contiguous (the GEMMs
 //       read it through its (C, B, P) view, leading dimension C*P, without a copy).
+//   streaming_grads(d, x, weight, need_x, need_weight, dx, dw) -> bool:
+//       where the device computes dx = d W and dW = d^T x itself (d the (C, B, P) view above):
+//       sets dx (in x's format; an empty tensor when not needed) and dw (likewise) and returns
+//       true; false leaves both to the batched GEMMs.
 template <typename Kernels>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, int64_t activation,
@@ -162,22 +166,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     d = d3.transpose(0, 1);
   }
   at::Tensor dx, dw, db;
-  if (need_x) {
-    dx = new_output({B, C, H, W}, x.options(), output_format(x));
-    if (dx.numel() > 0) {
-      if (P > B) {  // as in the forward: stream W row-major, (C, P, B) result
-        as_bcp(dx).copy_(at::bmm(weight.transpose(1, 2), d.transpose(1, 2)).permute({2, 0, 1}));
-      } else {
-        as_bcp(dx).copy_(at::bmm(d, weight).transpose(0, 1));
+  // both gradients in one pass over the weight where the device's kernels take them
+  if (!((need_x || need_weight) && Kernels::streaming_grads(d, x, weight, need_x, need_weight, dx, dw))) {
+    if (need_x) {
+      dx = new_output({B, C, H, W}, x.options(), output_format(x));
+      if (dx.numel() > 0) {
+        if (P > B) {  // as in the forward: stream W row-major, (C, P, B) result
+          as_bcp(dx).copy_(at::bmm(weight.transpose(1, 2), d.transpose(1, 2)).permute({2, 0, 1}));
+        } else {
+          as_bcp(dx).copy_(at::bmm(d, weight).transpose(0, 1));
+        }
       }
+    } else {
+      dx = at::empty({0}, x.options());
     }
-  } else {
-    dx = at::empty({0}, x.options());
-  }
-  if (need_weight) {
-    dw = at::bmm(d.transpose(1, 2), as_bcp(x).transpose(0, 1));  // (C, P, P)
-  } else {
-    dw = at::empty({0}, x.options());
+    dw = need_weight ? at::bmm(d.transpose(1, 2), as_bcp(x).transpose(0, 1))  // (C, P, P)
+                     : at::empty({0}, x.options());
   }
   if (need_bias) {
     db = d.sum(1);  // (C, P)

@@ -118,6 +118,43 @@ def test_cpu_small_maps_take_the_fused_pass(hw, fused):
     torch.testing.assert_close(run("cpu", x, w, b, "relu"), ref.channel_fc(x, w, b, "relu"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B,hw,layout,act,bias,tall,tall_grad", [
+    (1, (16, 16), "contiguous", "leaky_relu", True, True, True),     # 256 positions: a multiple of every block
+    (5, (17, 17), "contiguous", "elu", True, True, True),             # 289: a column and a row left over
+    (6, (13, 23), "contiguous", "leaky_relu", False, True, True),     # 299, no bias
+    (8, (13, 23), "contiguous", None, False, True, False),            # the backward: the GEMMs from 7 images
+    (3, (1, 300), "noncontig", "relu", True, False, False),           # positions not contiguous: the GEMMs
+    (2, (16, 16), "channels_last", "relu", True, False, False),       # likewise
+    (9, (16, 16), "contiguous", "relu", True, False, False),          # more images than the pass takes
+    (2, (15, 17), "contiguous", "relu", True, False, False),          # 255 positions: fewer than it takes
+])
+def test_cpu_large_maps_small_batch_take_the_streaming_pass(B, hw, layout, act, bias, tall, tall_grad):
+    """float32 maps of at least 256 positions and at most 8 images, positions contiguous: one pass
+    over the weight, no batched GEMM (and one pass for both gradients up to 6 images), forward and
+    backward against float64; the rest the GEMM."""
+    skip_unless_available("cpu", "cpu")
+    case = dict(B=B, C=3, H=hw[0], W=hw[1], bias=bias)
+    x, w, b = make_inputs(case, "cpu", torch.float32, requires_grad=False, layout=layout)
+    ops = _ops_called(lambda: run("cpu", x, w, b, act))
+    assert ("aten::bmm" not in ops) == tall, sorted(ops)
+    for t in leaves(x, w, b):
+        t.requires_grad_(True)
+    y = run("cpu", x, w, b, act)
+    y_ref = run("reference", x, w, b, act)
+    x64, w64, b64 = fp64(x), fp64(w), fp64(b)
+    y64 = run("reference", x64, w64, b64, act)
+    assert_close_to_reference(y, y_ref, y64, "cpu forward")
+    assert y.is_contiguous(memory_format=torch.channels_last if layout != "contiguous" else torch.contiguous_format)
+    gy = torch.randn_like(y_ref)
+    ops = _ops_called(lambda: torch.autograd.grad(run("cpu", x, w, b, act), leaves(x, w, b), gy))
+    assert ("aten::bmm" not in ops) == tall_grad, sorted(ops)
+    grads = torch.autograd.grad(y, leaves(x, w, b), gy)
+    grads_ref = torch.autograd.grad(y_ref, leaves(x, w, b), gy)
+    grads64 = torch.autograd.grad(y64, leaves(x64, w64, b64), gy.double())
+    for name, g, g_ref, g64 in zip(["x", "weight", "bias"], grads, grads_ref, grads64):
+        assert_close_to_reference(g, g_ref, g64, f"cpu grad {name} act={act}")
+
+
 def test_cpu_lower_instruction_sets_match_reference():
     """The C++ loops compiled for x86-64-v3 and the baseline (picked when torch runs at a lower
     CPU capability) against the reference, in fresh processes."""
@@ -127,13 +164,21 @@ def test_cpu_lower_instruction_sets_match_reference():
         "from fastinpaint import use_backend\n"
         "from fastinpaint.ops.channel_fc import reference as ref\n"
         "torch.manual_seed(0)\n"
-        "for B, C, H, W in [(67, 3, 4, 4), (5, 2, 3, 3), (3, 2, 3, 7)]:\n"
+        "for B, C, H, W in [(67, 3, 4, 4), (5, 2, 3, 3), (3, 2, 3, 7), (5, 2, 17, 17)]:\n"
         "    x = torch.randn(B, C, H, W); w = torch.randn(C, H * W, H * W) / (H * W) ** 0.5\n"
         "    b = torch.randn(C, H * W)\n"
         "    for act in (None, 'relu', 'leaky_relu', 'elu'):\n"
         "        with use_backend('cpu'):\n"
         "            y = FI.channel_fc(x, w, b, act)\n"
         "        torch.testing.assert_close(y, ref.channel_fc(x, w, b, act or 'none'), rtol=1e-5, atol=1e-5)\n"
+        "        ts = [t.detach().requires_grad_() for t in (x, w, b)]\n"
+        "        with use_backend('cpu'):\n"
+        "            y = FI.channel_fc(*ts, act)\n"
+        "        gy = torch.randn_like(y)\n"
+        "        g = torch.autograd.grad(y, ts, gy)\n"
+        "        g_ref = torch.autograd.grad(ref.channel_fc(*ts, act or 'none'), ts, gy)\n"
+        "        for a, r in zip(g, g_ref):\n"
+        "            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)\n"
         "print('ok', torch.backends.cpu.get_cpu_capability())\n")
     assert_runs_at_lower_cpu_capabilities(code)
 

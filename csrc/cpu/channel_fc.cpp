@@ -1,7 +1,9 @@
 // CPU kernels of the channel-wise fully connected layer (host code in csrc/channel_fc.h):
 // the forward of maps of at most 16 positions in float32 is one fused pass (below, "Small
-// maps"); otherwise the GEMMs run through at::bmm (MKL's batched GEMM on strided views, no copies of x for
-// NCHW input); this file holds the two fused elementwise passes, parallelised by
+// maps"); maps of at least 256 positions at batch 8 or less stream the weight once in the
+// forward and once for both gradients (below, "Large maps, small batch"); otherwise the GEMMs
+// run through at::bmm (MKL's batched GEMM on strided views, no copies of x for NCHW input);
+// this file holds the two fused elementwise passes, parallelised by
 // TensorIterator::for_each (torch's own parallel loop: at::parallel_for instantiated in
 // an extension built without -fopenmp would be serial, see gated_conv.cpp).
 //   forward_epilogue:  y[b, c, p] = act(t[b, c, p] + bias[c, p])  (t: the GEMM result's view)
@@ -237,7 +239,15 @@ void forward_transposed(const T* t, const T* bias, T* y, int64_t B, int64_t C, i
   });
 }
 
+bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
+                   bool need_weight, at::Tensor& dx, at::Tensor& dw);
+
 struct CpuKernels {
+  static bool streaming_grads(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
+                              bool need_weight, at::Tensor& dx, at::Tensor& dw) {
+    return tall_backward(d, x, weight, need_x, need_weight, dx, dw);
+  }
+
   static void forward_epilogue(const at::Tensor& t, const at::Tensor& bias, at::Tensor& y3,
                                int64_t activation, double slope) {
     const int64_t B = y3.size(0), C = y3.size(1), P = y3.size(2);
@@ -502,12 +512,367 @@ at::Tensor small_forward(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// ---------------------------------------------------------------------------------------
+// Large maps, small batch (P = H*W >= kTallMinP positions, at most kTallMaxB images, float32,
+// x's positions contiguous: inference, mostly): one pass that streams each W_c once. The
+// batched GEMM here is (P x P) @ (P x B) per channel with B a handful of columns, memory-bound
+// on the weight (each value used B times), where MKL's bmm took about twice the time of a plain
+// read of the weight (23.5 against 12.7 ms for the 256 MB of C64 32x32 at batch 1, ad-hoc
+// timing, not kept), and its (C, P, B) result then needed a transposing pass into y. Here each task takes a channel and a
+// band of rows of W_c: y[b, c, p] = act(bias[c, p] + W_c[p, :] . x[b, c, :]), R rows by NB
+// images at a time as R x NB dot products in 16-lane partial sums (a row of W_c and a row of x
+// are both contiguous), reduced at the end of the row; the task's rows stay in L1 across the
+// images, the channel's B rows of x (B * P floats) in L2.
+struct TallArgs {
+  const float* x;
+  int64_t sxb, sxc;  // x's (B, C, P) strides; along P: 1
+  const float* w;    // (C, P, P) contiguous
+  const float* bias;  // (C, P) contiguous, or null
+  float* y;
+  int64_t syb, syc, syp;  // y's (B, C, P) strides
+  int64_t B, C, P, rows;  // rows: rows of W_c per task
+  float slope;
+};
+
+FI_INLINE float hsum16(fv16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) {
+    s += v[i];
+  }
+  return s;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define FI_HAS_SHUFFLE 1
+typedef int iv16 __attribute__((vector_size(64)));
+
+// The lane sums of 16 vectors at once: four rounds that each add two vectors' halves, quarters,
+// pairs, then single lanes (30 shuffles and 15 adds, where one vector at a time takes about 8
+// operations, 16 scalar additions as written in hsum16). out[i] = the sum of v[i]'s lanes.
+FI_INLINE void hsum16x16(const fv16 (&v)[16], float* out) {
+  fv16 u[8], w[4], z[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7: v[2i]'s half sums, 8-15: v[2i+1]'s
+    u[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], iv16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], iv16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  }
+  for (int i = 0; i < 4; ++i) {  // groups of 4 lanes: v[4i], v[4i+2], v[4i+1], v[4i+3]
+    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], iv16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
+           __builtin_shuffle(u[2 * i], u[2 * i + 1], iv16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  }
+  for (int i = 0; i < 2; ++i) {  // pairs of lanes: v[8i + {0, 4, 2, 6, 1, 5, 3, 7}]
+    z[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], iv16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
+           __builtin_shuffle(w[2 * i], w[2 * i + 1], iv16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  }
+  // lane 2m: v[order[m]], lane 2m + 1: v[8 + order[m]]
+  const fv16 f = __builtin_shuffle(z[0], z[1], iv16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
+                 __builtin_shuffle(z[0], z[1], iv16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  constexpr int order[8] = {0, 4, 2, 6, 1, 5, 3, 7};
+  for (int m = 0; m < 8; ++m) {
+    out[order[m]] = f[2 * m];
+    out[8 + order[m]] = f[2 * m + 1];
+  }
+}
+#else
+#define FI_HAS_SHUFFLE 0
+#endif
+
+// Rows [p, p + R) of W_c by images [b, b + NB): whole 16-lane steps in vectors, the last
+// P % 16 columns scalar.
+template <int R, int NB, int A>
+FI_INLINE void tall_block(const TallArgs& a, const float* FI_RESTRICT wc, const float* FI_RESTRICT xc, float* yc,
+                          const float* bc, int64_t p, int64_t b) {
+  const int64_t P = a.P, P16 = P / 16 * 16;
+  fv16 acc[R][NB];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NB; ++j) {
+      acc[r][j] = fv16{};
+    }
+  }
+  for (int64_t k = 0; k < P16; k += 16) {
+    fv16 wv[R], xv[NB];
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(&wv[r], wc + (p + r) * P + k, sizeof(fv16));
+    }
+    for (int j = 0; j < NB; ++j) {
+      std::memcpy(&xv[j], xc + (b + j) * a.sxb + k, sizeof(fv16));
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < NB; ++j) {
+        acc[r][j] += wv[r] * xv[j];
+      }
+    }
+  }
+  float sums[R * NB];
+#if FI_HAS_SHUFFLE
+  if constexpr (R * NB == 16) {
+    hsum16x16(reinterpret_cast<const fv16(&)[16]>(acc), sums);
+  } else
+#endif
+  {
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < NB; ++j) {
+        sums[r * NB + j] = hsum16(acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* wr = wc + (p + r) * P;
+    for (int j = 0; j < NB; ++j) {
+      const float* xr = xc + (b + j) * a.sxb;
+      float v = sums[r * NB + j];
+      for (int64_t k = P16; k < P; ++k) {
+        v += wr[k] * xr[k];
+      }
+      if (bc != nullptr) {
+        v += bc[p + r];
+      }
+      yc[(b + j) * a.syb + (p + r) * a.syp] = act_fwd<A, float>(v, a.slope);
+    }
+  }
+}
+
+template <int R, int NB, int A>
+FI_INLINE void tall_tasks(const TallArgs& a, int64_t t0, int64_t t1) {
+  const int64_t bands = (a.P + a.rows - 1) / a.rows;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c = t / bands, p0 = (t % bands) * a.rows, p1 = std::min(a.P, p0 + a.rows);
+    const float* wc = a.w + c * a.P * a.P;
+    const float* xc = a.x + c * a.sxc;
+    float* yc = a.y + c * a.syc;
+    const float* bc = a.bias != nullptr ? a.bias + c * a.P : nullptr;
+    int64_t p = p0;
+    for (; p + R <= p1; p += R) {
+      int64_t b = 0;
+      for (; b + NB <= a.B; b += NB) {
+        tall_block<R, NB, A>(a, wc, xc, yc, bc, p, b);
+      }
+      for (; b < a.B; ++b) {
+        tall_block<R, 1, A>(a, wc, xc, yc, bc, p, b);
+      }
+    }
+    for (; p < p1; ++p) {
+      for (int64_t b = 0; b < a.B; ++b) {
+        tall_block<1, 1, A>(a, wc, xc, yc, bc, p, b);
+      }
+    }
+  }
+}
+
+using TallFn = void (*)(const TallArgs&, int64_t, int64_t);
+
+// 4 x 4 blocks (16 accumulators, one AVX-512 register each) for AVX-512; 2 x 2 where a 16-lane
+// vector is two AVX2 (or four SSE) registers.
+template <int A>
+void tall_default(const TallArgs& a, int64_t t0, int64_t t1) {
+  tall_tasks<2, 2, A>(a, t0, t1);
+}
+#if FI_X86_MULTIVERSION
+template <int A>
+FI_TARGET_V3 void tall_v3(const TallArgs& a, int64_t t0, int64_t t1) {
+  tall_tasks<2, 2, A>(a, t0, t1);
+}
+template <int A>
+FI_TARGET_V4 void tall_v4(const TallArgs& a, int64_t t0, int64_t t1) {
+  tall_tasks<4, 4, A>(a, t0, t1);
+}
+#endif
+
+template <int A>
+TallFn pick_tall() {
+#if FI_X86_MULTIVERSION
+  return pick_by_isa(&tall_default<A>, &tall_v3<A>, &tall_v4<A>);
+#endif
+  return &tall_default<A>;
+}
+
+// From 16 images the products, not the weight's reading, bound the time here (a 4x4 block of
+// rows by images is 8 loads per 16 FMAs), as they bound MKL's: B16 C64 32x32 took 23.6 ms
+// both ways, B32 37.3 against 29.9 ms, B1 12.4 against 23.5 ms, B4 13.6 against 24.4 ms
+// (ad-hoc timings, not kept; the channel_fc benchmark's "B1 C64 32x32" case times B1).
+constexpr int64_t kTallMinP = 256, kTallMaxB = 8, kTallRows = 64;
+
+bool tall_forward_applies(const at::Tensor& x) {
+  const int64_t P = x.size(2) * x.size(3);
+  return x.scalar_type() == at::kFloat && P >= kTallMinP && x.size(0) <= kTallMaxB && x.numel() > 0 &&
+         channel_fc::as_bcp(x).stride(2) == 1;
+}
+
+at::Tensor tall_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t activation, double negative_slope) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  at::Tensor y = new_output({B, C, H, W}, x.options(), channel_fc::output_format(x));
+  const at::Tensor x3 = channel_fc::as_bcp(x);
+  const at::Tensor y3 = channel_fc::as_bcp(y);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  TallArgs a{x3.data_ptr<float>(), x3.stride(0), x3.stride(1), w.data_ptr<float>(),
+             b.defined() ? b.data_ptr<float>() : nullptr, y3.data_ptr<float>(), y3.stride(0), y3.stride(1),
+             y3.stride(2), B, C, P, kTallRows, static_cast<float>(negative_slope)};
+  TallFn fn = nullptr;
+  dispatch_act(activation, [&](auto act) { fn = pick_tall<decltype(act)::value>(); });
+  const int64_t tasks = C * ((P + kTallRows - 1) / kTallRows);
+  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  return y;
+}
+
+// The backward of the same shapes: for each row p of W_c, in order, dW[c, p, :] = sum_b
+// d[b, c, p] x[b, c, :] (written once) and dx[b, c, :] += d[b, c, p] W[c, p, :] (the B rows of
+// dx accumulate in a per-task buffer of B * P floats, in L1/L2): one read of the weight and one
+// write of its gradient, where the two batched GEMMs read the weight, wrote dW and then copied
+// dx into x's layout. One task per channel (a channel's rows add into the same dx rows); the
+// sums over p run in order, whatever the threads.
+struct TallGradArgs {
+  const float* d;   // (C, B, P) view: strides sdc, sdb, 1
+  int64_t sdc, sdb;
+  const float* x;   // (B, C, P): strides sxb, sxc, 1
+  int64_t sxb, sxc;
+  const float* w;   // (C, P, P) contiguous
+  float* dx;        // (B, C, P): strides sgb, sgc, sgp; null when not needed
+  int64_t sgb, sgc, sgp;
+  float* dw;        // (C, P, P) contiguous; null when not needed
+  int64_t B, P;
+};
+
+template <int NB>
+FI_INLINE void tall_grad_channel(const TallGradArgs& a, int64_t c, float* FI_RESTRICT acc) {
+  const int64_t P = a.P, P16 = P / 16 * 16;
+  const float* dc = a.d + c * a.sdc;
+  const float* xc = a.x + c * a.sxc;
+  const float* wc = a.w + c * P * P;
+  float* dwc = a.dw != nullptr ? a.dw + c * P * P : nullptr;
+  if (a.dx != nullptr) {
+    std::fill(acc, acc + NB * P, 0.f);
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    float dv[NB];
+    for (int j = 0; j < NB; ++j) {
+      dv[j] = dc[j * a.sdb + p];
+    }
+    const float* wr = wc + p * P;
+    float* dwr = dwc != nullptr ? dwc + p * P : nullptr;
+    int64_t k = 0;
+    for (; k < P16; k += 16) {
+      fv16 xv[NB];
+      for (int j = 0; j < NB; ++j) {
+        std::memcpy(&xv[j], xc + j * a.sxb + k, sizeof(fv16));
+      }
+      if (dwr != nullptr) {
+        fv16 g = xv[0] * dv[0];
+        for (int j = 1; j < NB; ++j) {
+          g += xv[j] * dv[j];
+        }
+        std::memcpy(dwr + k, &g, sizeof(fv16));
+      }
+      if (a.dx != nullptr) {
+        fv16 wv;
+        std::memcpy(&wv, wr + k, sizeof(fv16));
+        for (int j = 0; j < NB; ++j) {
+          fv16 s;
+          std::memcpy(&s, acc + j * P + k, sizeof(fv16));
+          s += wv * dv[j];
+          std::memcpy(acc + j * P + k, &s, sizeof(fv16));
+        }
+      }
+    }
+    for (; k < P; ++k) {
+      if (dwr != nullptr) {
+        float g = xc[k] * dv[0];
+        for (int j = 1; j < NB; ++j) {
+          g += xc[j * a.sxb + k] * dv[j];
+        }
+        dwr[k] = g;
+      }
+      if (a.dx != nullptr) {
+        for (int j = 0; j < NB; ++j) {
+          acc[j * P + k] += wr[k] * dv[j];
+        }
+      }
+    }
+  }
+  if (a.dx != nullptr) {
+    for (int j = 0; j < NB; ++j) {
+      float* gr = a.dx + j * a.sgb + c * a.sgc;
+      for (int64_t k = 0; k < P; ++k) {
+        gr[k * a.sgp] = acc[j * P + k];
+      }
+    }
+  }
+}
+
+using TallGradFn = void (*)(const TallGradArgs&, int64_t, float*);
+
+template <int NB>
+void tall_grad_default(const TallGradArgs& a, int64_t c, float* acc) {
+  tall_grad_channel<NB>(a, c, acc);
+}
+#if FI_X86_MULTIVERSION
+template <int NB>
+FI_TARGET_V3 void tall_grad_v3(const TallGradArgs& a, int64_t c, float* acc) {
+  tall_grad_channel<NB>(a, c, acc);
+}
+template <int NB>
+FI_TARGET_V4 void tall_grad_v4(const TallGradArgs& a, int64_t c, float* acc) {
+  tall_grad_channel<NB>(a, c, acc);
+}
+#endif
+
+template <int NB>
+TallGradFn pick_tall_grad() {
+#if FI_X86_MULTIVERSION
+  return pick_by_isa(&tall_grad_default<NB>, &tall_grad_v3<NB>, &tall_grad_v4<NB>);
+#endif
+  return &tall_grad_default<NB>;
+}
+
+// The backward's limit: each chunk of 16 weights costs B loads and stores of dx's accumulators
+// and B of x's rows; at 8 images it measured as slow as the GEMMs (forward and backward of C64
+// 32x32: 180.5 against eager's 176.9 ms, the forward alone 8 ms faster; at 6 images 153.6
+// against 182.1 ms; ad-hoc timings, not kept).
+constexpr int64_t kTallGradMaxB = 6;
+
+bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
+                   bool need_weight, at::Tensor& dx, at::Tensor& dw) {
+  if (!tall_forward_applies(x) || x.size(0) > kTallGradMaxB || d.stride(2) != 1) {
+    return false;
+  }
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  const at::Tensor x3 = channel_fc::as_bcp(x);
+  const at::Tensor w = weight.contiguous();
+  dx = need_x ? new_output(x.sizes(), x.options(), channel_fc::output_format(x)) : at::empty({0}, x.options());
+  dw = need_weight ? at::empty({C, P, P}, x.options()) : at::empty({0}, x.options());
+  const at::Tensor dx3 = need_x ? channel_fc::as_bcp(dx) : at::Tensor();
+  TallGradArgs a{d.data_ptr<float>(), d.stride(0), d.stride(1), x3.data_ptr<float>(), x3.stride(0), x3.stride(1),
+                 w.data_ptr<float>(), need_x ? dx3.data_ptr<float>() : nullptr, need_x ? dx3.stride(0) : 0,
+                 need_x ? dx3.stride(1) : 0, need_x ? dx3.stride(2) : 0,
+                 need_weight ? dw.data_ptr<float>() : nullptr, B, P};
+  TallGradFn fn = nullptr;
+  switch (B) {  // the images in registers: one instance per count up to kTallGradMaxB
+    case 1: fn = pick_tall_grad<1>(); break;
+    case 2: fn = pick_tall_grad<2>(); break;
+    case 3: fn = pick_tall_grad<3>(); break;
+    case 4: fn = pick_tall_grad<4>(); break;
+    case 5: fn = pick_tall_grad<5>(); break;
+    default: fn = pick_tall_grad<6>(); break;
+  }
+  static_assert(kTallGradMaxB == 6, "one instance per image count");
+  parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> acc(need_x ? B * P : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      fn(a, c, acc.data());
+    }
+  });
+  return true;
+}
+
 at::Tensor channel_fc_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, int64_t activation,
                                   double negative_slope) {
   channel_fc::check_forward(x, weight, bias, activation, negative_slope, c10::DeviceType::CPU);
   if (small_forward_applies(x)) {
     return small_forward(x, weight, bias, activation, negative_slope);
+  }
+  if (tall_forward_applies(x)) {
+    return tall_forward(x, weight, bias, activation, negative_slope);
   }
   return channel_fc::forward<CpuKernels>(x, weight, bias, activation, negative_slope,
                                          c10::DeviceType::CPU);

@@ -72,6 +72,7 @@ CASES = [
     Case("B64 C512 4x4 (inpainting bottleneck)", 64, 512, 4),
     Case("B64 C256 8x8", 64, 256, 8),
     Case("B16 C64 32x32", 16, 64, 32),
+    Case("B1 C64 32x32 (inference)", 1, 64, 32),
     # eager's output (permute + bmm) is a view with the batch innermost, which the op alone never
     # pays for: the next layer does. These time ChannelWiseFC's forward, the mixing 1x1 convolution
     # included, as the Context Encoder runs it.

@@ -11,7 +11,11 @@ Paths per backend:
              cpu, float32 maps of at most 16 positions (the Context Encoder's 4x4 bottleneck):
              the forward is one fused pass instead (per channel and block of batch rows,
              the products accumulated in registers, bias and activation applied on the
-             way out, x's layout read and y's written in place)
+             way out, x's layout read and y's written in place); float32 maps of at least
+             256 positions and at most 8 images (inference on large maps), positions
+             contiguous: the forward is one pass over the weight (dot products of its rows
+             with the images' rows), and up to 6 images both gradients are one more
+             (dW's rows written and dx's rows accumulated as the weight streams past)
   triton     batched GEMM kernels that read and write NCHW, channels_last and strided
              views in place, bias and activation fused in the forward's epilogue and
              act' recomputed in the backward's operand loads (triton.py)
@@ -71,7 +75,8 @@ OP = Op("channel_fc", {
             "activation and the transposition into y's layout (csrc/cuda/channel_fc.cu)",
     "cpu": "one strided batched GEMM over channels (at::bmm, MKL/oneDNN), then one fused C++ pass for bias, "
            "activation and the transposition into y's layout; float32 maps of at most 16 positions: the "
-           "forward in one fused C++ pass, products in registers (csrc/cpu/channel_fc.cpp)",
+           "forward in one fused C++ pass, products in registers; float32 maps of at least 256 positions and "
+           "at most 8 images (6 for the backward): one pass over the weight, no GEMM (csrc/cpu/channel_fc.cpp)",
 }, kernels=(FORWARD, BACKWARD))
 
 
