@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "cpu_common.h"
+#include "layout_copy.h"
 #include "transpose.h"
 
 namespace fastinpaint {
@@ -45,7 +46,10 @@ void transpose_all(const T* src, T* dst, int64_t matrices, int64_t rows, int64_t
   });
 }
 
-at::Tensor layout_copy_cpu(const at::Tensor& x, bool channels_last) {
+
+}  // namespace
+
+at::Tensor layout_copy(const at::Tensor& x, bool channels_last) {
   TORCH_CHECK(x.dim() == 4, "layout_copy: x must be (B, C, H, W), got ", x.dim(), " dimensions");
   const at::MemoryFormat want = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::MemoryFormat other = channels_last ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
@@ -72,8 +76,7 @@ at::Tensor layout_copy_cpu(const at::Tensor& x, bool channels_last) {
   return out;
 }
 
-}  // namespace
 
-TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) { m.impl("layout_copy", &layout_copy_cpu); }
+TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) { m.impl("layout_copy", &layout_copy); }
 
 }  // namespace fastinpaint

@@ -34,6 +34,7 @@
 
 #include "common.h"
 #include "cpu/cpu_common.h"
+#include "cpu/layout_copy.h"
 
 namespace fastinpaint {
 namespace {
@@ -540,7 +541,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, c
   if (g.C == 0) {
     return bp != nullptr ? out.copy_(b.view({1, g.O, 1, 1}).expand_as(out)) : out.zero_();
   }
-  const at::Tensor xin = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xin = to_channels_last(x);
   const at::Tensor U = transform_weight(weight, transposed);
   const int64_t T = static_cast<int64_t>(g.tiles.size() / 3);
   const std::vector<float> zeros(g.C, 0.0f);
@@ -598,8 +599,8 @@ at::Tensor winograd_conv3x3_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   if (T == 0 || g.C == 0 || g.O == 0) {
     return dW.zero_();
   }
-  const at::Tensor xin = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor gin = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xin = to_channels_last(x);
+  const at::Tensor gin = to_channels_last(grad);
   const std::vector<float> zeros(std::max(g.C, g.O), 0.0f);
   const float* xp = xin.data_ptr<float>();
   const float* gp = gin.data_ptr<float>();

@@ -88,7 +88,7 @@ def _backward(ctx, _kernel, grad):
         return gx, gw, gb, None, None, None, None
     gx = gw = gb = None
     if wants_x or wants_w:  # both kernels read it channels-last: one copy at most
-        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad = _cpu_conv.to_layout(grad, True)
     if wants_x:
         back_padding = [2 * d - p for p, d in zip(ctx.padding, ctx.dilation)]
         # channels-last as the kernel writes it: the layer below (a gating kernel, or this one's
