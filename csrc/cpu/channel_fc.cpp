@@ -112,13 +112,6 @@ FI_TARGET_V4 void dense_forward_v4(float* y, const float* t, const float* b, int
   dense_forward_body<A, kBias>(y, t, b, n, slope);
 }
 #endif
-template <int A, bool kBias>
-DenseForwardFn pick_dense_forward() {
-#if FI_X86_MULTIVERSION
-  return pick_by_isa(&dense_forward_default<A, kBias>, &dense_forward_v3<A, kBias>, &dense_forward_v4<A, kBias>);
-#endif
-  return &dense_forward_default<A, kBias>;
-}
 
 // Operands: y (out), t, [bias]. A contiguous inner dimension (the usual case: p) takes a
 // plain pointer loop that the compiler vectorises.
@@ -129,7 +122,7 @@ void forward_loop(at::TensorIterator& iter, double slope_d) {
   constexpr int nt = kBias ? 3 : 2;
   DenseForwardFn dense_float = nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    dense_float = pick_dense_forward<A, kBias>();
+    dense_float = FI_PICK_ISA_T(dense_forward, A, kBias);
   }
   iter.for_each(
       [slope_m = slope, dense_float](char** data, const int64_t* strides, int64_t n, int64_t m) {
@@ -468,13 +461,6 @@ FI_TARGET_V4 void small_v4(const SmallArgs& a, int64_t t0, int64_t t1) {
 }
 #endif
 
-template <int NP, int A>
-SmallFn pick_small() {
-#if FI_X86_MULTIVERSION
-  return pick_by_isa(&small_default<NP, A>, &small_v3<NP, A>, &small_v4<NP, A>);
-#endif
-  return &small_default<NP, A>;
-}
 
 constexpr int64_t kSmallMaxP = 16;
 
@@ -504,7 +490,7 @@ at::Tensor small_forward(const at::Tensor& x, const at::Tensor& weight,
   SmallFn fn = nullptr;
   dispatch_act(activation, [&](auto act) {
     constexpr int A = decltype(act)::value;
-    fn = pick_small<16, A>();
+    fn = FI_PICK_ISA_T(small, 16, A);
   });
   // rows * cb * P^2 multiply-adds a task: tasks of at least ~64K each
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, a.rows * cb * P * P));
@@ -677,13 +663,6 @@ FI_TARGET_V4 void tall_v4(const TallArgs& a, int64_t t0, int64_t t1) {
 }
 #endif
 
-template <int A>
-TallFn pick_tall() {
-#if FI_X86_MULTIVERSION
-  return pick_by_isa(&tall_default<A>, &tall_v3<A>, &tall_v4<A>);
-#endif
-  return &tall_default<A>;
-}
 
 // From 16 images the products, not the weight's reading, bound the time here (a 4x4 block of
 // rows by images is 8 loads per 16 FMAs), as they bound MKL's: B16 C64 32x32 took 23.6 ms
@@ -709,7 +688,7 @@ at::Tensor tall_forward(const at::Tensor& x, const at::Tensor& weight, const c10
              b.defined() ? b.data_ptr<float>() : nullptr, y3.data_ptr<float>(), y3.stride(0), y3.stride(1),
              y3.stride(2), B, C, P, kTallRows, static_cast<float>(negative_slope)};
   TallFn fn = nullptr;
-  dispatch_act(activation, [&](auto act) { fn = pick_tall<decltype(act)::value>(); });
+  dispatch_act(activation, [&](auto act) { fn = FI_PICK_ISA_T(tall, decltype(act)::value); });
   const int64_t tasks = C * ((P + kTallRows - 1) / kTallRows);
   parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   return y;
@@ -816,13 +795,6 @@ FI_TARGET_V4 void tall_grad_v4(const TallGradArgs& a, int64_t c, float* acc) {
 }
 #endif
 
-template <int NB>
-TallGradFn pick_tall_grad() {
-#if FI_X86_MULTIVERSION
-  return pick_by_isa(&tall_grad_default<NB>, &tall_grad_v3<NB>, &tall_grad_v4<NB>);
-#endif
-  return &tall_grad_default<NB>;
-}
 
 // The backward's limit: each chunk of 16 weights costs B loads and stores of dx's accumulators
 // and B of x's rows; at 8 images it measured as slow as the GEMMs (forward and backward of C64
@@ -847,12 +819,12 @@ bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w
                  need_weight ? dw.data_ptr<float>() : nullptr, B, P};
   TallGradFn fn = nullptr;
   switch (B) {  // the images in registers: one instance per count up to kTallGradMaxB
-    case 1: fn = pick_tall_grad<1>(); break;
-    case 2: fn = pick_tall_grad<2>(); break;
-    case 3: fn = pick_tall_grad<3>(); break;
-    case 4: fn = pick_tall_grad<4>(); break;
-    case 5: fn = pick_tall_grad<5>(); break;
-    default: fn = pick_tall_grad<6>(); break;
+    case 1: fn = FI_PICK_ISA_T(tall_grad, 1); break;
+    case 2: fn = FI_PICK_ISA_T(tall_grad, 2); break;
+    case 3: fn = FI_PICK_ISA_T(tall_grad, 3); break;
+    case 4: fn = FI_PICK_ISA_T(tall_grad, 4); break;
+    case 5: fn = FI_PICK_ISA_T(tall_grad, 5); break;
+    default: fn = FI_PICK_ISA_T(tall_grad, 6); break;
   }
   static_assert(kTallGradMaxB == 6, "one instance per image count");
   parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {

@@ -190,10 +190,14 @@ Fn pick_by_isa(Fn baseline, Fn v3, Fn v4) {
   const int level = isa_level();
   return level == 2 ? v4 : (level == 1 ? v3 : baseline);
 }
-// FI_PICK_ISA(name): name_default, name_v3 or name_v4 (name_default alone without multiversioning).
+// FI_PICK_ISA(name): name_default, name_v3 or name_v4 (name_default alone without multiversioning);
+// FI_PICK_ISA_T(name, template arguments...): the same of function templates.
 #define FI_PICK_ISA(name) ::fastinpaint::pick_by_isa(&name##_default, &name##_v3, &name##_v4)
+#define FI_PICK_ISA_T(name, ...) \
+  ::fastinpaint::pick_by_isa(&name##_default<__VA_ARGS__>, &name##_v3<__VA_ARGS__>, &name##_v4<__VA_ARGS__>)
 #else
 #define FI_PICK_ISA(name) (&name##_default)
+#define FI_PICK_ISA_T(name, ...) (&name##_default<__VA_ARGS__>)
 #endif  // FI_X86_MULTIVERSION
 
 }  // namespace fastinpaint

@@ -46,7 +46,6 @@ void transpose_all(const T* src, T* dst, int64_t matrices, int64_t rows, int64_t
   });
 }
 
-
 }  // namespace
 
 at::Tensor layout_copy(const at::Tensor& x, bool channels_last) {
@@ -75,7 +74,6 @@ at::Tensor layout_copy(const at::Tensor& x, bool channels_last) {
   }
   return out;
 }
-
 
 TORCH_LIBRARY_IMPL(fastinpaint, CPU, m) { m.impl("layout_copy", &layout_copy); }
 
