@@ -47,6 +47,7 @@ timeout 60 $PY -m fastinpaint.cli bench pixel_attention --device cuda --dtype bf
     --json "$RESULTS/pixel_attention_bf16_${tag}.json" --markdown "$RESULTS/pixel_attention_bf16_${tag}.md" || status=1
 step "benchmarks: channel-wise fully connected layer (Context Encoder shapes), bfloat16, vs eager and compile(eager)"
 timeout 60 $PY -m fastinpaint.cli bench channel_fc --device cuda --dtype bfloat16 --min-time 0.1 \
+    --cases "B64 C512" "B64 C256" "B16 C64" \
     --json "$RESULTS/channel_fc_bf16_${tag}.json" --markdown "$RESULTS/channel_fc_bf16_${tag}.md" || status=1
 step "benchmarks: partial convolution (PConv U-Net layers), bfloat16, channels_last, batch 8"
 timeout 60 $PY -m fastinpaint.cli bench partial_conv --device cuda --dtype bfloat16 --min-time 0.2 \

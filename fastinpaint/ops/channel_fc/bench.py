@@ -5,7 +5,7 @@ CPU in turns, one call of each per round).
     python -m fastinpaint.ops.channel_fc.bench --device cpu --json out.json --markdown out.md
     python -m fastinpaint.ops.channel_fc.bench --device cuda --dtype bfloat16 ...
 
-The "layer:" cases time the layer as the Context Encoder runs it (``fastinpaint.nn.ChannelWiseFC``:
+The "layer" cases time the layer as the Context Encoder runs it (``fastinpaint.nn.ChannelWiseFC``:
 the channel-wise layer, then the 1x1 convolution that mixes the channels): eager's channel-wise
 output is a view with the batch innermost, a layout whose cost only its reader pays.
 
@@ -76,9 +76,10 @@ CASES = [
     # eager's output (permute + bmm) is a view with the batch innermost, which the op alone never
     # pays for: the next layer does. These time ChannelWiseFC's forward, the mixing 1x1 convolution
     # included, as the Context Encoder runs it.
-    Case("layer: B64 C512 4x4 + 1x1 mix", 64, 512, 4, mix=True),
-    Case("layer: B64 C256 8x8 + 1x1 mix", 64, 256, 8, mix=True),
-    Case("layer: B16 C64 32x32 + 1x1 mix", 16, 64, 32, mix=True),
+    # (named so that no part of an op case's name selects them: --cases selects by substring)
+    Case("layer 4x4, 512 maps, batch 64, + 1x1 mix", 64, 512, 4, mix=True),
+    Case("layer 8x8, 256 maps, batch 64, + 1x1 mix", 64, 256, 8, mix=True),
+    Case("layer 32x32, 64 maps, batch 16, + 1x1 mix", 16, 64, 32, mix=True),
 ]
 
 
@@ -196,7 +197,7 @@ COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None
 def markdown(rows, env, ceilings) -> str:
     note = (f"Activation {ACTIVATION}({SLOPE}); GB/s over the minimum traffic (each operand read once, "
             "each result written once). Eager's output is a view with the batch innermost (permute + bmm): "
-            "the \"layer:\" rows add the 1x1 mixing convolution that reads it, as ChannelWiseFC runs.")
+            "the \"layer\" rows add the 1x1 mixing convolution that reads it, as ChannelWiseFC runs.")
     return B.markdown_table(rows, COLUMNS, env, ceilings, notes=(note,))
 
 
