@@ -469,15 +469,27 @@ bool small_forward_applies(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && P <= kSmallMaxP && x.numel() > 0;
 }
 
+// The operands of the fused forwards (small maps, large maps): y in x's format, x and y as
+// (B, C, P) views, the weight and the bias (undefined without one) contiguous.
+struct FusedOperands {
+  int64_t B, C, P;
+  at::Tensor y, x3, y3, w, b;
+};
+
+FusedOperands fused_operands(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor y = new_output({B, C, H, W}, x.options(), channel_fc::output_format(x));
+  at::Tensor y3 = channel_fc::as_bcp(y);
+  return {B, C, H * W, y, channel_fc::as_bcp(x), y3, weight.contiguous(),
+          (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor()};
+}
+
 at::Tensor small_forward(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, int64_t activation,
                          double negative_slope) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  at::Tensor y = new_output({B, C, H, W}, x.options(), channel_fc::output_format(x));
-  const at::Tensor x3 = channel_fc::as_bcp(x);
-  const at::Tensor y3 = channel_fc::as_bcp(y);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  const FusedOperands o = fused_operands(x, weight, bias);
+  const int64_t B = o.B, C = o.C, P = o.P;
+  const at::Tensor &y = o.y, &x3 = o.x3, &y3 = o.y3, &w = o.w, &b = o.b;
   SmallArgs a{x3.data_ptr<float>(), x3.stride(0), x3.stride(1), x3.stride(2),
               w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
               y3.data_ptr<float>(), y3.stride(0), y3.stride(1), y3.stride(2),
@@ -678,12 +690,9 @@ bool tall_forward_applies(const at::Tensor& x) {
 
 at::Tensor tall_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         int64_t activation, double negative_slope) {
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  at::Tensor y = new_output({B, C, H, W}, x.options(), channel_fc::output_format(x));
-  const at::Tensor x3 = channel_fc::as_bcp(x);
-  const at::Tensor y3 = channel_fc::as_bcp(y);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  const FusedOperands o = fused_operands(x, weight, bias);
+  const int64_t B = o.B, C = o.C, P = o.P;
+  const at::Tensor &y = o.y, &x3 = o.x3, &y3 = o.y3, &w = o.w, &b = o.b;
   TallArgs a{x3.data_ptr<float>(), x3.stride(0), x3.stride(1), w.data_ptr<float>(),
              b.defined() ? b.data_ptr<float>() : nullptr, y3.data_ptr<float>(), y3.stride(0), y3.stride(1),
              y3.stride(2), B, C, P, kTallRows, static_cast<float>(negative_slope)};
