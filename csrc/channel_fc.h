@@ -111,6 +111,11 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& weight,
 //       where the device computes dx = d W and dW = d^T x itself (d the (C, B, P) view above):
 //       sets dx (in x's format; an empty tensor when not needed) and dw (likewise) and returns
 //       true; false leaves both to the batched GEMMs.
+//   weight_major(B, P, for_dx) -> bool:
+//       the batched GEMM's orientation for B images of P positions: true computes
+//       W_c @ X_c^T (P x B; for dx, W_c^T @ D_c^T), streaming W_c in its row-major layout,
+//       with a (C, P, B) result; false X_c @ W_c^T (B x P; for dx, D_c @ W_c) with a (C, B, P)
+//       result. Either result is then read through a (B, C, P) view.
 template <typename Kernels>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
                    const c10::optional<at::Tensor>& bias, int64_t activation,
@@ -122,11 +127,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
     return y;
   }
   const at::Tensor xt = as_bcp(x).transpose(0, 1);  // (C, B, P)
-  // The GEMM's orientation: for maps larger than the batch, W_c @ X_c^T (P x B), which
-  // streams the large weight in its row-major layout (as eager's bmm does); otherwise
-  // X_c @ W_c^T (B x P). Either way t3 is a (B, C, P) view of the result.
-  at::Tensor t3;
-  if (P > B) {
+  at::Tensor t3;  // a (B, C, P) view of the GEMM's result
+  if (Kernels::weight_major(B, P, false)) {
     t3 = at::bmm(weight, xt.transpose(1, 2)).permute({2, 0, 1});  // from (C, P, B)
   } else {
     t3 = at::bmm(xt, weight.transpose(1, 2)).transpose(0, 1);  // from (C, B, P)
@@ -171,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     if (need_x) {
       dx = new_output({B, C, H, W}, x.options(), output_format(x));
       if (dx.numel() > 0) {
-        if (P > B) {  // as in the forward: stream W row-major, (C, P, B) result
+        if (Kernels::weight_major(B, P, true)) {  // (C, P, B) result
           as_bcp(dx).copy_(at::bmm(weight.transpose(1, 2), d.transpose(1, 2)).permute({2, 0, 1}));
         } else {
           as_bcp(dx).copy_(at::bmm(d, weight).transpose(0, 1));

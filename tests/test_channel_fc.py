@@ -29,8 +29,8 @@ CASES = [
     # more than 64 positions, odd map sizes
     dict(B=3, C=2, H=9, W=8, act="leaky_relu", bias=True, layout="channels_last"),
     dict(B=2, C=3, H=5, W=13, act="elu", bias=False, layout="contiguous"),
-    # the CPU's fused small-map pass (at most 16 positions): two batch blocks (64 + 3 rows);
-    # and 64 positions
+    # the CPU's fused small-map pass (at most 64 positions, which all the cases above but 72
+    # and 65 take): two batch blocks (64 + 3 rows); and 64 positions
     dict(B=67, C=5, H=4, W=4, act="relu", bias=True, layout="noncontig"),
     dict(B=6, C=3, H=8, W=8, act="leaky_relu", bias=False, layout="channels_last"),
 ]
@@ -105,12 +105,15 @@ def _ops_called(fn) -> set:
     return {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.parametrize("hw,fused", [((4, 4), True), ((3, 5), True), ((1, 16), True), ((1, 17), False),
-                                      ((8, 8), False)])
+@pytest.mark.parametrize("hw,fused", [((4, 4), True), ((3, 5), True), ((1, 16), True), ((1, 17), True),
+                                      ((5, 6), True), ((6, 6), True), ((7, 7), True), ((7, 9), True),
+                                      ((8, 8), True), ((5, 13), False), ((9, 8), False)])
 def test_cpu_small_maps_take_the_fused_pass(hw, fused):
-    """float32 maps of at most 16 positions: one fused pass, no batched GEMM (and the
-    larger ones still the GEMM)."""
+    """float32 maps of at most 64 positions: one fused pass, no batched GEMM (and the
+    larger ones still the GEMM). Padded to 16, 32, 48 and 64 columns; 9 images: whole
+    register blocks of rows and a remainder. Beyond 16 positions the pass needs AVX-512."""
     skip_unless_available("cpu", "cpu")
+    fused = fused and (hw[0] * hw[1] <= 16 or torch.backends.cpu.get_cpu_capability() == "AVX512")
     case = dict(B=9, C=6, H=hw[0], W=hw[1], bias=True)
     x, w, b = make_inputs(case, "cpu", torch.float32, requires_grad=False, layout="contiguous")
     ops = _ops_called(lambda: run("cpu", x, w, b, "relu"))
@@ -119,19 +122,23 @@ def test_cpu_small_maps_take_the_fused_pass(hw, fused):
 
 
 @pytest.mark.parametrize("B,hw,layout,act,bias,tall,tall_grad", [
-    (1, (16, 16), "contiguous", "leaky_relu", True, True, True),     # 256 positions: a multiple of every block
-    (5, (17, 17), "contiguous", "elu", True, True, True),             # 289: a column and a row left over
-    (6, (13, 23), "contiguous", "leaky_relu", False, True, True),     # 299, no bias
-    (8, (13, 23), "contiguous", None, False, True, False),            # the backward: the GEMMs from 7 images
-    (3, (1, 300), "noncontig", "relu", True, False, False),           # positions not contiguous: the GEMMs
-    (2, (16, 16), "channels_last", "relu", True, False, False),       # likewise
-    (9, (16, 16), "contiguous", "relu", True, False, False),          # more images than the pass takes
-    (2, (15, 17), "contiguous", "relu", True, False, False),          # 255 positions: fewer than it takes
+    (4, (16, 32), "contiguous", "leaky_relu", True, True, False),    # 512 positions: a multiple of every block
+    (5, (23, 23), "contiguous", "elu", True, True, False),            # 529: a column and a row left over
+    (8, (17, 31), "contiguous", "leaky_relu", False, True, False),    # 527, no bias, the most images
+    (1, (16, 16), "contiguous", "leaky_relu", True, False, True),     # the backward from 256 positions
+    (3, (17, 17), "contiguous", "elu", True, False, True),            # 289, its most images
+    (2, (13, 23), "contiguous", "relu", False, False, True),          # 299, no bias
+    (3, (1, 600), "noncontig", "relu", True, False, False),           # positions not contiguous: the GEMMs
+    (4, (16, 32), "channels_last", "relu", True, False, False),       # likewise
+    (9, (16, 32), "contiguous", "relu", True, False, False),          # more images than the pass takes
+    (3, (16, 32), "contiguous", "relu", True, False, True),           # fewer (the GEMM reads W at 1-3)
+    (4, (15, 34), "contiguous", "relu", True, False, False),          # 510 positions: fewer than it takes
+    (4, (15, 17), "contiguous", "relu", True, False, False),          # 255: the backward's GEMMs too
 ])
 def test_cpu_large_maps_small_batch_take_the_streaming_pass(B, hw, layout, act, bias, tall, tall_grad):
-    """float32 maps of at least 256 positions and at most 8 images, positions contiguous: one pass
-    over the weight, no batched GEMM (and one pass for both gradients up to 6 images), forward and
-    backward against float64; the rest the GEMM."""
+    """float32 maps, positions contiguous: from 512 positions at 4 to 8 images the forward is one
+    pass over the weight, no batched GEMM; from 256 positions at 1 to 3 images both gradients are
+    one pass; forward and backward against float64; the rest the GEMMs."""
     skip_unless_available("cpu", "cpu")
     case = dict(B=B, C=3, H=hw[0], W=hw[1], bias=bias)
     x, w, b = make_inputs(case, "cpu", torch.float32, requires_grad=False, layout=layout)
@@ -146,7 +153,7 @@ def test_cpu_large_maps_small_batch_take_the_streaming_pass(B, hw, layout, act, 
     assert_close_to_reference(y, y_ref, y64, "cpu forward")
     assert y.is_contiguous(memory_format=torch.channels_last if layout != "contiguous" else torch.contiguous_format)
     gy = torch.randn_like(y_ref)
-    ops = _ops_called(lambda: torch.autograd.grad(run("cpu", x, w, b, act), leaves(x, w, b), gy))
+    ops = _ops_called(lambda: torch.autograd.grad(y, leaves(x, w, b), gy, retain_graph=True))
     assert ("aten::bmm" not in ops) == tall_grad, sorted(ops)
     grads = torch.autograd.grad(y, leaves(x, w, b), gy)
     grads_ref = torch.autograd.grad(y_ref, leaves(x, w, b), gy)
@@ -164,7 +171,8 @@ def test_cpu_lower_instruction_sets_match_reference():
         "from fastinpaint import use_backend\n"
         "from fastinpaint.ops.channel_fc import reference as ref\n"
         "torch.manual_seed(0)\n"
-        "for B, C, H, W in [(67, 3, 4, 4), (5, 2, 3, 3), (3, 2, 3, 7), (5, 2, 17, 17)]:\n"
+        "for B, C, H, W in [(67, 3, 4, 4), (5, 2, 3, 3), (3, 2, 3, 7), (9, 2, 6, 6), (7, 2, 8, 8), (2, 2, 17, 17),\n"
+        "                   (5, 2, 23, 23)]:\n"
         "    x = torch.randn(B, C, H, W); w = torch.randn(C, H * W, H * W) / (H * W) ** 0.5\n"
         "    b = torch.randn(C, H * W)\n"
         "    for act in (None, 'relu', 'leaky_relu', 'elu'):\n"

@@ -1,8 +1,10 @@
 // CPU kernels of the channel-wise fully connected layer (host code in csrc/channel_fc.h):
-// the forward of maps of at most 16 positions in float32 is one fused pass (below, "Small
-// maps"); maps of at least 256 positions at batch 8 or less stream the weight once in the
-// forward and once for both gradients (below, "Large maps, small batch"); otherwise the GEMMs
-// run through at::bmm (MKL's batched GEMM on strided views, no copies of x for NCHW input);
+// the forward of maps of at most 16 positions in float32 (at most 64 from 4 images) is one fused
+// pass (below, "Small maps"); maps of at least 512 positions at 4 to 8 images stream the weight
+// once in the forward, and of at least 256 positions at 1 to 3 images once for both gradients
+// (below, "Large maps, small batch"); otherwise the GEMMs run through at::bmm (MKL's batched
+// GEMM on strided views, no copies of x for NCHW input; CpuKernels::weight_major picks their
+// orientation);
 // this file holds the two fused elementwise passes, parallelised by
 // TensorIterator::for_each (torch's own parallel loop: at::parallel_for instantiated in
 // an extension built without -fopenmp would be serial, see gated_conv.cpp).
@@ -236,6 +238,16 @@ bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w
                    bool need_weight, at::Tensor& dx, at::Tensor& dw);
 
 struct CpuKernels {
+  // MKL's batched GEMM with the batch as its narrow dimension (W_c @ X_c^T, N = B) measured
+  // slower than X_c @ W_c^T up to a batch of 16 at 256 positions and of 4 at 1024 (64
+  // channels: 1.55 against 0.44 ms at batch 1 and 256 positions, 1.58 against 1.75 at batch
+  // 32; 20.9 against 23.7 ms at batch 16 and 1024), and at every batch up to 64 below 256
+  // positions; for dx, D_c @ W_c was faster at every shape measured (to batch 64 at 256
+  // positions, batch 16 at 1024). Ad-hoc timings of at::bmm alone.
+  static bool weight_major(int64_t B, int64_t P, bool for_dx) {
+    return !for_dx && P >= 256 && B * P >= 8192;
+  }
+
   static bool streaming_grads(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
                               bool need_weight, at::Tensor& dx, at::Tensor& dw) {
     return tall_backward(d, x, weight, need_x, need_weight, dx, dw);
@@ -298,17 +310,17 @@ struct CpuKernels {
 };
 
 // ---------------------------------------------------------------------------------------
-// Small maps (P = H*W <= 16, float32): one fused pass instead of the batched GEMM. For the
+// Small maps (P = H*W <= 64, float32): one fused pass instead of the batched GEMM. For the
 // Context Encoder's 4x4 bottleneck (512 channels) a batched GEMM of 16x16 matrices spends
 // its time in per-matrix overhead, and the bias/activation/layout pass then reads its
-// result again. Each task takes a block of channels and of batch rows: it transposes each
-// W_c into a zero-padded (P x NP) buffer (NP = 16: one AVX-512 register per row), then for
-// R batch rows at a time accumulates y[b, c, :] = bias_c + sum_k x[b, c, k] * W_c[:, k] in
-// registers (a broadcast and an FMA per k and row, as explicit vectors: left to itself the
-// compiler vectorised across the rows instead), and stores act(...) straight into y's
-// layout. The sum runs over k in order, one multiply-add per term, as a GEMM's inner
-// product does. Measured on 8x8 maps (64 positions) the batched GEMM was faster (the 64x64
-// transposition per channel costs as much as the products), so those keep it.
+// result again; at 8x8 (64 positions) the GEMM's (C, B, P) result needs that pass too. Each
+// task takes a block of channels and of batch rows: it transposes each W_c into a
+// zero-padded (P x NP) buffer (NP = P rounded up to 16, 32, 48 or 64: whole AVX-512
+// registers per row), then for R batch rows at a time accumulates
+// y[b, c, :] = bias_c + sum_k x[b, c, k] * W_c[:, k] in registers (a broadcast and an FMA
+// per k, row and vector, as explicit vectors: left to itself the compiler vectorised across
+// the rows instead), and stores act(...) straight into y's layout. The sum runs over k in
+// order, one multiply-add per term, as a GEMM's inner product does.
 struct SmallArgs {
   const float* x;
   int64_t sxb, sxc, sxp;  // x's (B, C, P) strides
@@ -324,10 +336,82 @@ struct SmallArgs {
 // whatever the loop is compiled for; arithmetic with a float broadcasts it.
 typedef float fv16 __attribute__((vector_size(64)));
 
-// Rows of a register block: 8 accumulator vectors in flight (the FMA's latency times its
-// ports), R rows of NP / 16 vectors each.
+// GCC's __builtin_shuffle of two vectors by a constant index vector (one vpermt2ps in AVX-512);
+// Clang spells it differently, and takes the scalar forms below.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FI_HAS_SHUFFLE 1
+typedef int iv16 __attribute__((vector_size(64)));
+#else
+#define FI_HAS_SHUFFLE 0
+#endif
+
+// Transposes W_c (P x P, row-major) into wt (P rows of NP floats): wt[k * NP + i] = W_c[i, k],
+// zero for i >= P. With shuffles: in 16 x 16 blocks, each transposed in registers by four
+// rounds that swap one bit of the row index with the same bit of the column index (rows r and
+// r | 2^b exchange their blocks of 2^b columns: 8 pairs, two shuffles a pair). The
+// element-by-element copy (the form without shuffles) reads W_c down its columns, P floats
+// apart: with it the pass took 0.94 ms at B16 C256 8x8, with the shuffles 0.42 ms (ad hoc).
+#if FI_HAS_SHUFFLE
+template <int b>
+FI_INLINE void transpose_round(fv16 (&m)[16]) {
+  constexpr iv16 lo = b == 0 ? iv16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
+                    : b == 1 ? iv16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+                    : b == 2 ? iv16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+                             : iv16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  constexpr iv16 hi = lo + (1 << b);
+  for (int r = 0; r < 16; ++r) {
+    if ((r & (1 << b)) == 0) {
+      const fv16 a = m[r], c = m[r | (1 << b)];
+      m[r] = __builtin_shuffle(a, c, lo);
+      m[r | (1 << b)] = __builtin_shuffle(a, c, hi);
+    }
+  }
+}
+#endif
+
 template <int NP>
+FI_INLINE void small_transpose(const float* FI_RESTRICT w, int64_t P, float* FI_RESTRICT wt) {
+#if FI_HAS_SHUFFLE
+  for (int64_t kb = 0; kb < P; kb += 16) {
+    for (int64_t ib = 0; ib < NP; ib += 16) {
+      fv16 m[16];  // m[r][j] = W_c[ib + r, kb + j], zero outside
+      for (int r = 0; r < 16; ++r) {
+        const int64_t i = ib + r;
+        if (i < P && kb + 16 <= P) {
+          std::memcpy(&m[r], w + i * P + kb, sizeof(fv16));
+        } else {
+          for (int j = 0; j < 16; ++j) {
+            m[r][j] = (i < P && kb + j < P) ? w[i * P + kb + j] : 0.f;
+          }
+        }
+      }
+      transpose_round<0>(m);
+      transpose_round<1>(m);
+      transpose_round<2>(m);
+      transpose_round<3>(m);  // m[j][r] = W_c[ib + r, kb + j]
+      for (int64_t j = 0; j < 16 && kb + j < P; ++j) {
+        std::memcpy(wt + (kb + j) * NP + ib, &m[j], sizeof(fv16));
+      }
+    }
+  }
+#else
+  for (int64_t k = 0; k < P; ++k) {
+    for (int64_t i = 0; i < NP; ++i) {
+      wt[k * NP + i] = i < P ? w[i * P + k] : 0.f;
+    }
+  }
+#endif
+}
+
+// Rows of a register block: R rows of NP / 16 accumulator vectors. Baseline and x86-64-v3
+// builds (16 vector registers, an fv16 taking two or four; 16 columns only, see
+// small_wide_available): 8 fv16 accumulators in flight (the FMA's latency times its ports).
+// v4 (32 zmm registers), wider rows: 16, so that each weight vector loaded serves more rows.
+template <int NP, bool kWide>
 constexpr int small_block_rows() {
+  if constexpr (kWide && NP > 16) {
+    return NP == 32 ? 8 : (NP == 48 ? 5 : 4);
+  }
   return 128 / NP;
 }
 
@@ -389,8 +473,7 @@ FI_INLINE void small_rows(const float* FI_RESTRICT x, int64_t sxb, int64_t sxp,
 // stay in the L1/L2 cache while the task's batch rows stream past them.
 constexpr int64_t kSmallWeightFloats = 8192;
 
-template <int NP>
-int64_t small_channel_block(int64_t P) {
+inline int64_t small_channel_block(int64_t P, int64_t NP) {
   return std::max<int64_t>(1, kSmallWeightFloats / (P * NP));
 }
 
@@ -399,25 +482,20 @@ int64_t small_channel_block(int64_t P) {
 // its channels in order: x[b, c, :] and y[b, c, :] of neighbouring channels are neighbours
 // in NCHW memory, so every row is read and written as a stream (one channel's rows lie
 // C*P floats apart: walking them first hits one cache set over and over).
-template <int NP, int A>
+template <int NP, int A, bool kWide>
 FI_INLINE void small_tasks(const SmallArgs& a, int64_t t0, int64_t t1) {
   const int64_t P = a.P, blocks = (a.B + a.rows - 1) / a.rows;
-  const int64_t cb = small_channel_block<NP>(P);
+  const int64_t cb = small_channel_block(P, NP);
   // per channel W_c^T's P rows, then the bias: cb * (P + 1) * NP <= 2 * kSmallWeightFloats
   alignas(64) float wt_all[2 * kSmallWeightFloats];
   int64_t loaded = -1;
-  constexpr int R = small_block_rows<NP>();
+  constexpr int R = small_block_rows<NP, kWide>();
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = (t / blocks) * cb, c1 = std::min(a.C, c0 + cb);
     if (c0 != loaded) {
       for (int64_t c = c0; c < c1; ++c) {
         float* wt = wt_all + (c - c0) * (P * NP + NP);
-        const float* w = a.w + c * P * P;
-        for (int64_t k = 0; k < P; ++k) {
-          for (int i = 0; i < NP; ++i) {
-            wt[k * NP + i] = i < P ? w[i * P + k] : 0.f;
-          }
-        }
+        small_transpose<NP>(a.w + c * P * P, P, wt);
         for (int i = 0; i < NP; ++i) {
           wt[P * NP + i] = (a.bias != nullptr && i < P) ? a.bias[c * P + i] : 0.f;
         }
@@ -448,25 +526,46 @@ using SmallFn = void (*)(const SmallArgs&, int64_t, int64_t);
 
 template <int NP, int A>
 void small_default(const SmallArgs& a, int64_t t0, int64_t t1) {
-  small_tasks<NP, A>(a, t0, t1);
+  small_tasks<NP, A, false>(a, t0, t1);
 }
 #if FI_X86_MULTIVERSION
 template <int NP, int A>
 FI_TARGET_V3 void small_v3(const SmallArgs& a, int64_t t0, int64_t t1) {
-  small_tasks<NP, A>(a, t0, t1);
+  small_tasks<NP, A, false>(a, t0, t1);
 }
 template <int NP, int A>
 FI_TARGET_V4 void small_v4(const SmallArgs& a, int64_t t0, int64_t t1) {
-  small_tasks<NP, A>(a, t0, t1);
+  small_tasks<NP, A, true>(a, t0, t1);
 }
 #endif
 
 
-constexpr int64_t kSmallMaxP = 16;
+// Up to 16 positions the pass wins at every batch (a 16 x 16 transposition is cheap next to the
+// per-matrix overhead it saves). From 17 to 64 positions the transposition of each W_c is paid
+// per call, and below 4 images the batched GEMM, which reads W_c as it lies, stays faster
+// (8x8, 256 channels, leaky_relu: 0.55x of it at batch 1, 1.13x at 4, 1.21x at 8; ad-hoc timing).
+// Those maps take the pass in its AVX-512 build alone: the x86-64-v3 and baseline builds took
+// 21.9 and 19.1 ms at B64 C256 8x8 against 1.9 ms (ATEN_CPU_CAPABILITY=avx2 / default on an
+// AVX-512 machine; the cause was not established), slower than the GEMM.
+constexpr int64_t kSmallMaxP = 64, kSmallFullP = 16, kSmallMinB = 4;
+
+bool small_wide_available() {
+#if FI_X86_MULTIVERSION
+  return isa_level() == 2;
+#else
+  return false;
+#endif
+}
+
+// P rounded up to whole 16-float vectors.
+int64_t small_padded(int64_t P) {
+  return (P + 15) / 16 * 16;
+}
 
 bool small_forward_applies(const at::Tensor& x) {
   const int64_t P = x.size(2) * x.size(3);
-  return x.scalar_type() == at::kFloat && P <= kSmallMaxP && x.numel() > 0;
+  return x.scalar_type() == at::kFloat && x.numel() > 0 &&
+         (P <= kSmallFullP || (P <= kSmallMaxP && x.size(0) >= kSmallMinB && small_wide_available()));
 }
 
 // The operands of the fused forwards (small maps, large maps): y in x's format, x and y as
@@ -497,12 +596,19 @@ at::Tensor small_forward(const at::Tensor& x, const at::Tensor& weight,
   // Batch blocks of 64 rows: enough tasks to share out even for few channels, and the
   // transposed W_c reused over a block.
   a.rows = std::min<int64_t>(B, 64);
-  const int64_t cb = small_channel_block<16>(P);
+  const int64_t NP = small_padded(P);
+  const int64_t cb = small_channel_block(P, NP);
   const int64_t tasks = ((C + cb - 1) / cb) * ((B + a.rows - 1) / a.rows);
   SmallFn fn = nullptr;
   dispatch_act(activation, [&](auto act) {
     constexpr int A = decltype(act)::value;
-    fn = FI_PICK_ISA_T(small, 16, A);
+    if (NP == 16) {
+      fn = FI_PICK_ISA_T(small, 16, A);
+    } else {  // small_wide_available()
+#if FI_X86_MULTIVERSION
+      fn = NP == 32 ? &small_v4<32, A> : (NP == 48 ? &small_v4<48, A> : &small_v4<64, A>);
+#endif
+    }
   });
   // rows * cb * P^2 multiply-adds a task: tasks of at least ~64K each
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, a.rows * cb * P * P));
@@ -511,16 +617,16 @@ at::Tensor small_forward(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // ---------------------------------------------------------------------------------------
-// Large maps, small batch (P = H*W >= kTallMinP positions, at most kTallMaxB images, float32,
-// x's positions contiguous: inference, mostly): one pass that streams each W_c once. The
-// batched GEMM here is (P x P) @ (P x B) per channel with B a handful of columns, memory-bound
-// on the weight (each value used B times), where MKL's bmm took about twice the time of a plain
-// read of the weight (23.5 against 12.7 ms for the 256 MB of C64 32x32 at batch 1, ad-hoc
-// timing, not kept), and its (C, P, B) result then needed a transposing pass into y. Here each task takes a channel and a
-// band of rows of W_c: y[b, c, p] = act(bias[c, p] + W_c[p, :] . x[b, c, :]), R rows by NB
-// images at a time as R x NB dot products in 16-lane partial sums (a row of W_c and a row of x
-// are both contiguous), reduced at the end of the row; the task's rows stay in L1 across the
-// images, the channel's B rows of x (B * P floats) in L2.
+// Large maps, small batch (float32, x's positions contiguous; the limits below): one pass that
+// streams each W_c once. The batched GEMM here is (B x P) @ (P x P) per channel with B a handful
+// of rows, memory-bound on the weight (each value used B times); MKL's bmm reads it at nearly
+// the rate of a plain copy at 1 to 3 images, but from 4 images on its time jumps (C64 32x32:
+// 9.7 ms at batch 1, 11.2 at 3, 20.0 at 4; the W_c @ X_c^T orientation took 20-26 ms at every
+// batch to 8). Here each task takes a channel and a band of rows of W_c:
+// y[b, c, p] = act(bias[c, p] + W_c[p, :] . x[b, c, :]), R rows by NB images at a time as R x NB
+// dot products in 16-lane partial sums (a row of W_c and a row of x are both contiguous), reduced
+// at the end of the row; the task's rows stay in L1 across the images, the channel's B rows of x
+// (B * P floats) in L2.
 struct TallArgs {
   const float* x;
   int64_t sxb, sxc;  // x's (B, C, P) strides; along P: 1
@@ -540,9 +646,7 @@ FI_INLINE float hsum16(fv16 v) {
   return s;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#define FI_HAS_SHUFFLE 1
-typedef int iv16 __attribute__((vector_size(64)));
+#if FI_HAS_SHUFFLE
 
 // The lane sums of 16 vectors at once: four rounds that each add two vectors' halves, quarters,
 // pairs, then single lanes (30 shuffles and 15 adds, where one vector at a time takes about 8
@@ -570,8 +674,6 @@ FI_INLINE void hsum16x16(const fv16 (&v)[16], float* out) {
     out[8 + order[m]] = f[2 * m + 1];
   }
 }
-#else
-#define FI_HAS_SHUFFLE 0
 #endif
 
 // Rows [p, p + R) of W_c by images [b, b + NB): whole 16-lane steps in vectors, the last
@@ -676,16 +778,22 @@ FI_TARGET_V4 void tall_v4(const TallArgs& a, int64_t t0, int64_t t1) {
 #endif
 
 
-// From 16 images the products, not the weight's reading, bound the time here (a 4x4 block of
-// rows by images is 8 loads per 16 FMAs), as they bound MKL's: B16 C64 32x32 took 23.6 ms
-// both ways, B32 37.3 against 29.9 ms, B1 12.4 against 23.5 ms, B4 13.6 against 24.4 ms
-// (ad-hoc timings, not kept; the channel_fc benchmark's "B1 C64 32x32" case times B1).
-constexpr int64_t kTallMinP = 256, kTallMaxB = 8, kTallRows = 64;
+// The forward's limits, from timings of this pass against the GEMM path (X_c @ W_c^T and the
+// epilogue) in alternation, 64 channels, leaky_relu (ad hoc, not kept): at 1024 positions 0.86x
+// of the GEMM path's speed at 1 and 2 images, 0.81x at 3, 1.66x at 4, 1.44x at 6; at 576
+// positions 0.86x at 1 and 2, 1.22x at 4; at 256 positions 0.71x-0.94x at every batch to 8.
+// From 16 images the products, not the weight's reading, bound the time (a 4x4 block of rows by
+// images is 8 loads per 16 FMAs), as they bound MKL's.
+constexpr int64_t kTallMinP = 512, kTallMinB = 4, kTallMaxB = 8, kTallRows = 64;
+
+// x's layout and type as the streaming passes read it: float32, positions contiguous.
+bool tall_layout(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && x.numel() > 0 && channel_fc::as_bcp(x).stride(2) == 1;
+}
 
 bool tall_forward_applies(const at::Tensor& x) {
-  const int64_t P = x.size(2) * x.size(3);
-  return x.scalar_type() == at::kFloat && P >= kTallMinP && x.size(0) <= kTallMaxB && x.numel() > 0 &&
-         channel_fc::as_bcp(x).stride(2) == 1;
+  const int64_t B = x.size(0), P = x.size(2) * x.size(3);
+  return P >= kTallMinP && B >= kTallMinB && B <= kTallMaxB && tall_layout(x);
 }
 
 at::Tensor tall_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -805,15 +913,15 @@ FI_TARGET_V4 void tall_grad_v4(const TallGradArgs& a, int64_t c, float* acc) {
 #endif
 
 
-// The backward's limit: each chunk of 16 weights costs B loads and stores of dx's accumulators
-// and B of x's rows; at 8 images it measured as slow as the GEMMs (forward and backward of C64
-// 32x32: 180.5 against eager's 176.9 ms, the forward alone 8 ms faster; at 6 images 153.6
-// against 182.1 ms; ad-hoc timings, not kept).
-constexpr int64_t kTallGradMaxB = 6;
+// The backward's limits: each chunk of 16 weights costs B loads and stores of dx's accumulators
+// and B of x's rows. Timed against the GEMMs (D_c @ W_c for dx, D_c^T @ X_c for dW) in
+// alternation, 64 channels, leaky_relu (ad hoc, not kept): at 1024 positions 1.09x and 1.12x at
+// 1 and 2 images, 0.95x at 4, 0.87x at 6; at 256 positions 1.01x, 1.29x and 1.07x at 1, 2 and 4.
+constexpr int64_t kTallGradMinP = 256, kTallGradMaxB = 3;
 
 bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
                    bool need_weight, at::Tensor& dx, at::Tensor& dw) {
-  if (!tall_forward_applies(x) || x.size(0) > kTallGradMaxB || d.stride(2) != 1) {
+  if (x.size(2) * x.size(3) < kTallGradMinP || x.size(0) > kTallGradMaxB || !tall_layout(x) || d.stride(2) != 1) {
     return false;
   }
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -830,12 +938,9 @@ bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w
   switch (B) {  // the images in registers: one instance per count up to kTallGradMaxB
     case 1: fn = FI_PICK_ISA_T(tall_grad, 1); break;
     case 2: fn = FI_PICK_ISA_T(tall_grad, 2); break;
-    case 3: fn = FI_PICK_ISA_T(tall_grad, 3); break;
-    case 4: fn = FI_PICK_ISA_T(tall_grad, 4); break;
-    case 5: fn = FI_PICK_ISA_T(tall_grad, 5); break;
-    default: fn = FI_PICK_ISA_T(tall_grad, 6); break;
+    default: fn = FI_PICK_ISA_T(tall_grad, 3); break;
   }
-  static_assert(kTallGradMaxB == 6, "one instance per image count");
+  static_assert(kTallGradMaxB == 3, "one instance per image count");
   parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(need_x ? B * P : 0);
     for (int64_t c = c0; c < c1; ++c) {

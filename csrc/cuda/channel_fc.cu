@@ -126,6 +126,9 @@ void launch_bcp(int64_t n, int64_t C, int64_t P, const Launch& launch) {
 }
 
 struct CudaKernels {
+  // maps larger than the batch stream the large weight in its row-major layout
+  static bool weight_major(int64_t B, int64_t P, bool /*for_dx*/) { return P > B; }
+
   // the batched GEMMs (cuBLAS) for both gradients
   static bool streaming_grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool, at::Tensor&,
                               at::Tensor&) {

@@ -8,14 +8,14 @@ Paths per backend:
   cpu, cuda  one strided batched GEMM over channels on x where it lies (at::bmm: MKL /
              cuBLAS), then one fused pass (bias, activation, transposition into y's
              layout) in fastinpaint._C; the backward's act' pass is fused likewise.
-             cpu, float32 maps of at most 16 positions (the Context Encoder's 4x4 bottleneck):
-             the forward is one fused pass instead (per channel and block of batch rows,
-             the products accumulated in registers, bias and activation applied on the
-             way out, x's layout read and y's written in place); float32 maps of at least
-             256 positions and at most 8 images (inference on large maps), positions
+             cpu, float32 maps of at most 16 positions (the Context Encoder's 4x4 bottleneck),
+             and of at most 64 (8x8) from 4 images: the forward is one fused pass instead
+             (per channel and block of batch rows, the products accumulated in registers,
+             bias and activation applied on the way out, x's layout read and y's written in
+             place); float32 maps of at least 512 positions at 4 to 8 images, positions
              contiguous: the forward is one pass over the weight (dot products of its rows
-             with the images' rows), and up to 6 images both gradients are one more
-             (dW's rows written and dx's rows accumulated as the weight streams past)
+             with the images' rows); from 256 positions at 1 to 3 images both gradients are
+             one pass (dW's rows written and dx's rows accumulated as the weight streams past)
   triton     batched GEMM kernels that read and write NCHW, channels_last and strided
              views in place, bias and activation fused in the forward's epilogue and
              act' recomputed in the backward's operand loads (triton.py)
@@ -74,9 +74,10 @@ OP = Op("channel_fc", {
     "cuda": "one strided cuBLAS batched GEMM over channels (at::bmm), then one fused CUDA pass for bias, "
             "activation and the transposition into y's layout (csrc/cuda/channel_fc.cu)",
     "cpu": "one strided batched GEMM over channels (at::bmm, MKL/oneDNN), then one fused C++ pass for bias, "
-           "activation and the transposition into y's layout; float32 maps of at most 16 positions: the "
-           "forward in one fused C++ pass, products in registers; float32 maps of at least 256 positions and "
-           "at most 8 images (6 for the backward): one pass over the weight, no GEMM (csrc/cpu/channel_fc.cpp)",
+           "activation and the transposition into y's layout; float32 maps of at most 16 positions (64 from 4 "
+           "images): the forward in one fused C++ pass, products in registers; float32 maps of at least 512 "
+           "positions at 4 to 8 images (the backward: 256 positions, 1 to 3 images): one pass over the weight, "
+           "no GEMM (csrc/cpu/channel_fc.cpp)",
 }, kernels=(FORWARD, BACKWARD))
 
 
