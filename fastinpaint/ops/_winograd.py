@@ -13,8 +13,9 @@ the transformed output gradient, then G^T dU G); the bias's is a sum. A double b
 
 Accuracy: the transforms round more than a direct convolution does in float32 (about 1e-5
 of the output's scale at 96 to 192 channels, against about 1e-6; tests/test_winograd.py
-bounds it against float64). ``FASTINPAINT_WINOGRAD=0`` in the environment (read at each call)
-or :func:`set_enabled` (False) keeps oneDNN's direct convolution everywhere.
+bounds it against float64). ``FASTINPAINT_WINOGRAD=0`` in the environment (read at each eager call;
+a torch.compile'd graph keeps what it saw when traced) or :func:`set_enabled` (False) keeps
+oneDNN's direct convolution everywhere.
 
 The output is written in the memory format ``torch.nn.functional.conv2d`` gives (the kernel
 reads a channels-last copy of an NCHW input), so a layer's output format does not change; the
