@@ -14,7 +14,7 @@ from torch import nn
 
 from fastinpaint import cli
 from fastinpaint.errors import InvalidInputError
-from fastinpaint.export import ExportError, InpaintingNetwork, to_onnx, to_torch_export
+from fastinpaint.export import ExportError, InpaintingNetwork, least_sides, to_onnx, to_torch_export
 from fastinpaint.models import MODELS, build_model
 from fastinpaint.nn import GatedConv2d
 
@@ -73,7 +73,11 @@ def test_torch_export_matches_eager_at_other_sizes(name, options):
     assert _graph_namespaces(program) <= {"aten"}   # fastinpaint's ops in their reference formulation
     assert not recipe.generator.training            # the mode it had (eval, from net) is kept
     run = program.module()
-    for batch, h, w in sizes:
+    least = least_sides(program)   # and the program runs there
+    m = recipe.size_multiple
+    if m > 1:   # one multiple, or two where a side of 1 pixel deep inside is specialised
+        assert all(s in (m, 2 * m) for s in least), least
+    for batch, h, w in sizes + [(1, *least)]:
         x = _inputs(recipe, batch, h, w, seed=1)
         with torch.no_grad():
             expected = net(*x)                      # eager, on fastinpaint's kernels (auto backend)
