@@ -29,8 +29,9 @@ CASES = [
     # more than 64 positions, odd map sizes
     dict(B=3, C=2, H=9, W=8, act="leaky_relu", bias=True, layout="channels_last"),
     dict(B=2, C=3, H=5, W=13, act="elu", bias=False, layout="contiguous"),
-    # the CPU's fused small-map pass (at most 64 positions, which all the cases above but 72
-    # and 65 take): two batch blocks (64 + 3 rows); and 64 positions
+    # the CPU's fused small-map pass (at most 16 positions, or 17 to 64 from 4 images with
+    # AVX-512: the cases above but 72, 65 and 35 at batch 3): two batch blocks (64 + 3 rows);
+    # and 64 positions
     dict(B=67, C=5, H=4, W=4, act="relu", bias=True, layout="noncontig"),
     dict(B=6, C=3, H=8, W=8, act="leaky_relu", bias=False, layout="channels_last"),
 ]
