@@ -279,10 +279,10 @@ def least_sides(program) -> tuple[int, int]:
 
     first = program.graph_signature.user_inputs[0]
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == first)
+    ranges = program.range_constraints
     sides = []
     for size in node.meta["val"].shape[2:]:
         expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
-        ranges = program.range_constraints
         sides.append(int(expr.subs({s: ranges[s].lower for s in expr.free_symbols if s in ranges})))
     return sides[0], sides[1]
 

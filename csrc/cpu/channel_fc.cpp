@@ -352,18 +352,28 @@ typedef int iv16 __attribute__((vector_size(64)));
 // element-by-element copy (the form without shuffles) reads W_c down its columns, P floats
 // apart: with it the pass took 0.94 ms at B16 C256 8x8, with the shuffles 0.42 ms (ad hoc).
 #if FI_HAS_SHUFFLE
+// Two vectors a, c in blocks of 2^b lanes: swap_lo<b> takes a's even blocks and c's even blocks
+// alternately (a0 c0 a2 c2 ...), swap_hi<b> their odd ones (a1 c1 a3 c3 ...). The transposition
+// below and the lane sums of hsum16x16 are both built of these.
+template <int b>
+FI_INLINE iv16 swap_lo() {
+  return b == 0 ? iv16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
+       : b == 1 ? iv16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+       : b == 2 ? iv16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+                : iv16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+}
+template <int b>
+FI_INLINE iv16 swap_hi() {
+  return swap_lo<b>() + (1 << b);
+}
+
 template <int b>
 FI_INLINE void transpose_round(fv16 (&m)[16]) {
-  constexpr iv16 lo = b == 0 ? iv16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
-                    : b == 1 ? iv16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
-                    : b == 2 ? iv16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
-                             : iv16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  constexpr iv16 hi = lo + (1 << b);
   for (int r = 0; r < 16; ++r) {
     if ((r & (1 << b)) == 0) {
       const fv16 a = m[r], c = m[r | (1 << b)];
-      m[r] = __builtin_shuffle(a, c, lo);
-      m[r | (1 << b)] = __builtin_shuffle(a, c, hi);
+      m[r] = __builtin_shuffle(a, c, swap_lo<b>());
+      m[r | (1 << b)] = __builtin_shuffle(a, c, swap_hi<b>());
     }
   }
 }
@@ -654,20 +664,19 @@ FI_INLINE float hsum16(fv16 v) {
 FI_INLINE void hsum16x16(const fv16 (&v)[16], float* out) {
   fv16 u[8], w[4], z[2];
   for (int i = 0; i < 8; ++i) {  // lanes 0-7: v[2i]'s half sums, 8-15: v[2i+1]'s
-    u[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], iv16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
-           __builtin_shuffle(v[2 * i], v[2 * i + 1], iv16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    u[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], swap_lo<3>()) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], swap_hi<3>());
   }
   for (int i = 0; i < 4; ++i) {  // groups of 4 lanes: v[4i], v[4i+2], v[4i+1], v[4i+3]
-    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], iv16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}) +
-           __builtin_shuffle(u[2 * i], u[2 * i + 1], iv16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], swap_lo<2>()) +
+           __builtin_shuffle(u[2 * i], u[2 * i + 1], swap_hi<2>());
   }
   for (int i = 0; i < 2; ++i) {  // pairs of lanes: v[8i + {0, 4, 2, 6, 1, 5, 3, 7}]
-    z[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], iv16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}) +
-           __builtin_shuffle(w[2 * i], w[2 * i + 1], iv16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    z[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], swap_lo<1>()) +
+           __builtin_shuffle(w[2 * i], w[2 * i + 1], swap_hi<1>());
   }
   // lane 2m: v[order[m]], lane 2m + 1: v[8 + order[m]]
-  const fv16 f = __builtin_shuffle(z[0], z[1], iv16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}) +
-                 __builtin_shuffle(z[0], z[1], iv16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  const fv16 f = __builtin_shuffle(z[0], z[1], swap_lo<0>()) + __builtin_shuffle(z[0], z[1], swap_hi<0>());
   constexpr int order[8] = {0, 4, 2, 6, 1, 5, 3, 7};
   for (int m = 0; m < 8; ++m) {
     out[order[m]] = f[2 * m];
