@@ -177,3 +177,20 @@ def test_conv_layouts_bench_writes_its_files(tmp_path):
     for bad in ("3:8:3:2:12", "3:8:0:2:12:2", "a:8:3:2:12:2"):
         with pytest.raises(SystemExit):
             mod.main(["--cases", bad])
+
+
+def test_channel_fc_gemm_orientation_bench_writes_its_files(tmp_path):
+    """benchmarks/channel_fc_gemm_orientation.py on a tiny case: both orientations of both GEMMs,
+    each with its time and its ratio to the weight-major one (1 for itself), the JSON and markdown
+    files; a bad case is refused."""
+    mod = _script("channel_fc_gemm_orientation")
+    out_json, out_md = tmp_path / "orientation.json", tmp_path / "orientation.md"
+    assert mod.main(["--cases", "3:2:20", "--rounds", "1", "--json", str(out_json), "--markdown", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["mode"], r["orientation"]) for r in rows] == [(m, o) for m in ("forward", "dx") for o in mod.ORIENTATIONS]
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["x_vs_weight-major"] == 1 for r in rows if r["orientation"] == "weight-major")
+    assert "batch-major" in out_md.read_text()
+    for bad in ("3:2", "3:0:20", "a:2:20"):
+        with pytest.raises(SystemExit):
+            mod.main(["--cases", bad])

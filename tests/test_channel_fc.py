@@ -18,7 +18,7 @@ from conftest import (assert_close_to_reference, assert_runs_at_lower_cpu_capabi
 ACTS = [None, "relu", "leaky_relu", "elu"]
 
 # H*W is never a multiple of a block (16) but in the two small-map cases: 35, 9, 6, 4, 17, 18,
-# 72, 65, 16, 64; C = 1 and 512; batch 1 to 67.
+# 72, 65, 65, 16, 64; C = 1 and 512; batch 1 to 70.
 CASES = [
     dict(B=3, C=2, H=5, W=7, act="elu", bias=True, layout="contiguous"),
     dict(B=1, C=1, H=3, W=3, act="relu", bias=True, layout="channels_last"),
@@ -29,6 +29,8 @@ CASES = [
     # more than 64 positions, odd map sizes
     dict(B=3, C=2, H=9, W=8, act="leaky_relu", bias=True, layout="channels_last"),
     dict(B=2, C=3, H=5, W=13, act="elu", bias=False, layout="contiguous"),
+    # at least as many images as positions: the CPU's weight-major GEMM (W_c @ X_c^T)
+    dict(B=70, C=2, H=5, W=13, act="leaky_relu", bias=True, layout="contiguous"),
     # the CPU's fused small-map pass (at most 16 positions, or 17 to 64 from 4 images with
     # AVX-512: the cases above but 72, 65 and 35 at batch 3): two batch blocks (64 + 3 rows);
     # and 64 positions

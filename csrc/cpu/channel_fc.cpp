@@ -238,14 +238,16 @@ bool tall_backward(const at::Tensor& d, const at::Tensor& x, const at::Tensor& w
                    bool need_weight, at::Tensor& dx, at::Tensor& dw);
 
 struct CpuKernels {
-  // MKL's batched GEMM with the batch as its narrow dimension (W_c @ X_c^T, N = B) measured
-  // slower than X_c @ W_c^T up to a batch of 16 at 256 positions and of 4 at 1024 (64
-  // channels: 1.55 against 0.44 ms at batch 1 and 256 positions, 1.58 against 1.75 at batch
-  // 32; 20.9 against 23.7 ms at batch 16 and 1024), and at every batch up to 64 below 256
-  // positions; for dx, D_c @ W_c was faster at every shape measured (to batch 64 at 256
-  // positions, batch 16 at 1024). Ad-hoc timings of at::bmm alone.
+  // From benchmarks/channel_fc_gemm_orientation.py (at::bmm alone, interleaved; files
+  // benchmarks/results/cpu_channel_fc_gemm_orientation_fp32_20261207.*): the forward's
+  // weight-major GEMM (W_c @ X_c^T) was the faster from as many images as positions (B64 P64:
+  // 1.18x; B64 P36, B128 P64, B128 P100: 1.56x) and, from 256 positions, from B * P = 8192 (B32
+  // P256: 1.09x, B8 P1024: 1.25x, B16 P1024: 1.05x); below those the batch-major one
+  // (X_c @ W_c^T: 4.02x at B1 P64, 2.63x at B1 P256, 2.07x at B1 P1024, 1.12x at B4 P1024,
+  // 1.28x-1.62x at B8-B64 with fewer images than positions). For dx the batch-major D_c @ W_c
+  // was the faster at every shape (1.14x-4.79x) but B128 at 64 and 100 positions (0.96x, 0.92x).
   static bool weight_major(int64_t B, int64_t P, bool for_dx) {
-    return !for_dx && P >= 256 && B * P >= 8192;
+    return !for_dx && (B >= P || (P >= 256 && B * P >= 8192));
   }
 
   static bool streaming_grads(const at::Tensor& d, const at::Tensor& x, const at::Tensor& weight, bool need_x,
